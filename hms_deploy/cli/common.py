@@ -1,0 +1,73 @@
+"""What every CLI shares: one-line errors, exit codes, ``--debug``."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from hms_deploy.errors import HMSError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet_third_party_warnings() -> None:
+    """fvcore/pytorchvideo and torch.onnx print FutureWarnings that users cannot act on."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+
+
+def fail(prog: str, message: str, code: int = 1) -> None:
+    """Print ``prog: error: message`` (one line) on stderr and exit with ``code``."""
+    first = " ".join(str(message).split())
+    click.echo(f"{prog}: error: {first}", err=True)
+    sys.exit(code)
+
+
+def debug_option(f: F) -> F:
+    return click.option(
+        "--debug", is_flag=True, default=False, help="Show tracebacks instead of one-line errors."
+    )(f)
+
+
+def handle_errors(prog: str) -> Callable[[F], F]:
+    """Turn library errors (and OSError / KeyboardInterrupt) into one line and an exit code.
+
+    The wrapped click command must accept ``debug``. Unexpected exceptions also print one
+    line (with the exception type) unless ``--debug`` is given.
+    """
+
+    def wrap(f: F) -> F:
+        @functools.wraps(f)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            debug = kwargs.get("debug", False)
+            quiet_third_party_warnings()
+            try:
+                return f(*args, **kwargs)
+            except click.exceptions.Exit:
+                raise
+            except (click.ClickException, click.Abort):
+                raise
+            except KeyboardInterrupt:
+                fail(prog, "interrupted", 130)
+            except HMSError as e:
+                if debug:
+                    raise
+                fail(prog, str(e))
+            except OSError as e:
+                if debug:
+                    raise
+                fail(prog, f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+            except Exception as e:  # noqa: BLE001 - the CLI promises one line without --debug
+                if debug:
+                    raise
+                fail(prog, f"internal error ({type(e).__name__}: {e}); rerun with --debug")
+
+        return inner  # type: ignore[return-value]
+
+    return wrap

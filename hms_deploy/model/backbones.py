@@ -1,0 +1,195 @@
+"""Backbone builders (a literal table) and the encoders that wrap them.
+
+An *encoder* maps a part's raw input to the raw backbone feature x (before projection):
+
+- audio:      ``mel`` (N, 1, 96, 64) float32 log-mel        -> (N, feat_dim)
+- appearance: ``frame`` (N, 3, S, S) uint8 RGB, resized+cropped -> (N, feat_dim)
+- motion:     ``clip`` (N, 3, 32, S, S) uint8 RGB             -> (N, feat_dim)
+
+Visual encoders normalise inside (uint8 -> [0, 1] -> mean/std), so normalisation exists
+once and travels into the exported graphs. The motion encoder does SlowFast's PackPathway
+(8 slow frames chosen by linspace over the 32) inside.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hms_deploy.config import BackboneConfig, MotionClip
+from hms_deploy.errors import ConfigError
+
+
+def _pytorchvideo_compat() -> None:
+    """pytorchvideo 0.1.5 imports a torchvision module that was renamed."""
+    if "torchvision.transforms.functional_tensor" not in sys.modules:
+        import torchvision.transforms._functional_tensor as ft
+
+        sys.modules["torchvision.transforms.functional_tensor"] = ft
+
+
+# ---------------------------------------------------------------------------- paper nets
+
+
+def _timm(name: str, in_chans: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0)
+
+
+def _slowfast_r50() -> nn.Module:
+    """pytorchvideo SlowFast R50 8x8 returning the 2304-d pooled feature."""
+    _pytorchvideo_compat()
+    from pytorchvideo.models.hub import slowfast_r50
+    from pytorchvideo.models.net import MultiPathWayWithFuse
+
+    net = slowfast_r50(pretrained=False)
+    net.blocks[-1].proj = nn.Identity()
+    for m in net.modules():
+        # inplace=True overwrites the caller's pathway list (a second call crashes).
+        if isinstance(m, MultiPathWayWithFuse):
+            m.inplace = False
+    return net
+
+
+# ----------------------------------------------------------------------------- tiny nets
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class TinyConvNet(nn.Module):
+    """A small 2-D CNN: four stride-2 conv blocks, global average pool, linear to feat_dim."""
+
+    def __init__(self, in_chans: int, width: int, feat_dim: int):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(in_chans, w, 2), _conv_bn(w, 2 * w, 2), _conv_bn(2 * w, 4 * w, 2),
+            _conv_bn(4 * w, 8 * w, 2),
+        )
+        self.fc = nn.Linear(8 * w, feat_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class _Pathway3d(nn.Module):
+    def __init__(self, cin: int, width: int, t_kernel: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = cin
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            layers += [
+                nn.Conv3d(c, cout, (t_kernel, 3, 3), (1, 2, 2), (t_kernel // 2, 1, 1), bias=False),
+                nn.BatchNorm3d(cout),
+                nn.ReLU(),
+            ]
+            c = cout
+        self.net = nn.Sequential(*layers)
+        self.out_chans = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(2, 3, 4))
+
+
+class TinySlowFast(nn.Module):
+    """A two-pathway 3-D CNN with SlowFast's interface: ``forward([slow, fast])``.
+
+    The slow pathway is wide with a temporal kernel of 1; the fast one is narrow
+    (1/4 width) with a temporal kernel of 3, like SlowFast's channel ratio.
+    """
+
+    def __init__(self, width: int, feat_dim: int):
+        super().__init__()
+        self.slow = _Pathway3d(3, 4 * width, 1)
+        self.fast = _Pathway3d(3, width, 3)
+        self.fc = nn.Linear(self.slow.out_chans + self.fast.out_chans, feat_dim)
+
+    def forward(self, pathways: list[torch.Tensor]) -> torch.Tensor:
+        slow, fast = pathways
+        return self.fc(torch.cat([self.slow(slow), self.fast(fast)], dim=1))
+
+
+# --------------------------------------------------------------------------- the table
+
+BUILDERS: dict[str, Callable[[BackboneConfig], nn.Module]] = {
+    "mobilenetv1_100": lambda cfg: _timm("mobilenetv1_100", 1),
+    "efficientnet_b3": lambda cfg: _timm("efficientnet_b3", 3),
+    "slowfast_r50": lambda cfg: _slowfast_r50(),
+    "tiny_audio": lambda cfg: TinyConvNet(1, cfg.width, cfg.feat_dim),
+    "tiny_appearance": lambda cfg: TinyConvNet(3, cfg.width, cfg.feat_dim),
+    "tiny_slowfast": lambda cfg: TinySlowFast(cfg.width, cfg.feat_dim),
+}
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    try:
+        builder = BUILDERS[cfg.arch]
+    except KeyError:
+        raise ConfigError(
+            f"unknown backbone arch {cfg.arch!r}, expected one of {sorted(BUILDERS)}"
+        ) from None
+    return builder(cfg)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class _Normalize(nn.Module):
+    """uint8 RGB -> float in [0, 1] -> (x - mean) / std, channel axis 1."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], ndim: int):
+        super().__init__()
+        shape = (1, 3) + (1,) * (ndim - 2)
+        scale = torch.tensor(std, dtype=torch.float32).reshape(shape) * 255.0
+        self.register_buffer("mean255", torch.tensor(mean).reshape(shape) * 255.0, False)
+        self.register_buffer("scale255", scale, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean255.dtype) - self.mean255) / self.scale255
+
+
+class AudioEncoder(nn.Module):
+    """``mel`` (N, 1, 96, 64) float32 -> x^A (N, feat_dim); the log-mel goes in as is."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.net = build_backbone(cfg)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.net(mel)
+
+
+class FrameEncoder(nn.Module):
+    """``frame`` (N, 3, S, S) uint8 -> x^I (N, feat_dim)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.normalize = _Normalize(cfg.mean, cfg.std, 4)
+        self.net = build_backbone(cfg)
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(frame))
+
+
+class ClipEncoder(nn.Module):
+    """``clip`` (N, 3, 32, S, S) uint8 -> x^M (N, feat_dim), PackPathway inside."""
+
+    def __init__(self, cfg: BackboneConfig, clip: MotionClip):
+        super().__init__()
+        self.normalize = _Normalize(cfg.mean, cfg.std, 5)
+        self.net = build_backbone(cfg)
+        slow = torch.linspace(0, clip.frames - 1, clip.slow_frames).long()
+        self.register_buffer("slow_index", slow, False)
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        fast = self.normalize(clip)
+        slow = fast.index_select(2, self.slow_index)
+        return self.net([slow, fast])
