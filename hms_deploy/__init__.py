@@ -18,8 +18,4 @@ def __getattr__(name: str) -> Any:
         from hms_deploy.data.audio import log_mel_spectrogram
 
         return log_mel_spectrogram
-    if name == "metrics":
-        import importlib
-
-        return importlib.import_module("hms_deploy.eval.metrics")
     raise AttributeError(f"module 'hms_deploy' has no attribute {name!r}")
