@@ -1,0 +1,137 @@
+"""The engine contract every backend implements (one file per backend in ``backends/``).
+
+An :class:`Engine` runs one HMS part: it takes a dict of named torch tensors and returns a
+dict of named torch tensors, in the order the part's spec (and the manifest) gives.
+Construction is cheap; resources (sessions, plans, CUDA buffers) are acquired in
+``__enter__`` and freed in ``__exit__``. Every engine counts its calls, so tests and
+benchmarks can prove that a skipped modality launched nothing.
+
+Input checking and output shapes are shared code (here), exercised by every backend,
+so the TensorRT backend only adds TensorRT calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from hms_deploy.errors import EngineError
+from hms_deploy.parts import PartSpec
+
+Tensor = torch.Tensor
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+def check_inputs(spec: PartSpec, inputs: dict[str, Tensor]) -> int:
+    """Validate named inputs against a part spec; return the batch size N.
+
+    Raises :class:`EngineError` naming the part, the input, what was received and what
+    was expected, e.g. ``motion_cell: input 'h' has shape (1, 1024), expected (N, 2048)``.
+    """
+    names = spec.input_names
+    if set(inputs) != set(names):
+        missing = [n for n in names if n not in inputs]
+        extra = [n for n in inputs if n not in names]
+        raise EngineError(
+            f"{spec.name}: inputs {sorted(inputs)} do not match the part's inputs {names}"
+            f" (missing {missing}, unexpected {extra})"
+        )
+    n: int | None = None
+    for t in spec.inputs:
+        x = inputs[t.name]
+        if not isinstance(x, torch.Tensor):
+            raise EngineError(f"{spec.name}: input '{t.name}' is a {type(x).__name__}, expected a torch.Tensor")
+        want = TORCH_DTYPES[t.dtype]
+        if x.dtype != want:
+            raise EngineError(f"{spec.name}: input '{t.name}' has dtype {x.dtype}, expected {want}")
+        if x.ndim != len(t.shape) + 1 or tuple(x.shape[1:]) != t.shape:
+            raise EngineError(
+                f"{spec.name}: input '{t.name}' has shape {tuple(x.shape)}, expected {t.describe()}"
+            )
+        if n is None:
+            n = x.shape[0]
+        elif x.shape[0] != n:
+            raise EngineError(
+                f"{spec.name}: input '{t.name}' has batch {x.shape[0]}, but '{spec.inputs[0].name}' has {n}"
+            )
+    if not n:
+        raise EngineError(f"{spec.name}: empty batch (N = 0)")
+    return n
+
+
+def output_shapes(spec: PartSpec, n: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the part's outputs at batch ``n`` (for preallocating output buffers)."""
+    return {t.name: t.with_batch(n) for t in spec.outputs}
+
+
+class Engine(ABC):
+    """One part, one backend. ``engine(inputs) -> outputs`` with named torch tensors."""
+
+    backend: str = "abstract"
+
+    def __init__(self, spec: PartSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.calls = 0
+        self._open = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.spec.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.spec.output_names
+
+    def __enter__(self) -> "Engine":
+        if not self._open:
+            self.open()
+            self._open = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._open:
+            self.close()
+            self._open = False
+
+    def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self._open:
+            raise EngineError(f"{self.name}: engine used outside its 'with' block")
+        n = check_inputs(self.spec, inputs)
+        self.calls += 1
+        out = self.run(inputs, n)
+        return {k: out[k] for k in self.output_names}
+
+    @abstractmethod
+    def open(self) -> None:
+        """Acquire resources (session, plan, buffers)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free resources."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        """Run on validated inputs (batch ``n``); tensors on ``self.device``."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"part": self.name, "backend": self.backend, "device": str(self.device), "calls": self.calls}
