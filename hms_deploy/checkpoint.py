@@ -90,17 +90,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "Unsupported" in ln or "GLOBAL" in ln), first[0] if first else "")
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled objects that weights_only loading "
-            f"does not allow ({why.strip()[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+    payload = safe_torch_load(path, CheckpointError, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an hms-deploy checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -126,20 +116,43 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # --------------------------------------------------------------------- pretrained weights
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
+    """``torch.load(weights_only=True)``; pickled objects are refused without running them.
+
+    A file that asks to import a global (a class, a function) is refused as "holds
+    pickled objects"; anything unreadable is "not a readable <what>".
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        glob = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if glob:
+            raise error(
+                f"{path}: refused: the file holds pickled objects that weights_only loading "
+                f"does not allow ({glob[:160]})"
+            ) from None
+        raise error(f"{path}: not a readable {what} (corrupt pickle data)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError) as e:
+        raise error(f"{path}: not a readable {what} ({_first_line(e)})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
 
             obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise WeightsError(f"{path}: refused: holds pickled objects (weights_only loading)") from None
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad weights file
-        raise WeightsError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:120]})") from None
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad weights file
+            raise WeightsError(f"{path}: not a readable weights file ({_first_line(e)})") from None
+    else:
+        obj = safe_torch_load(path, WeightsError, "weights file")
     # timm: plain state dict or {'state_dict'|'model'|'state_dict_ema': ...};
     # pytorchvideo .pyth: {'model_state': ...}
     for key in ("model_state", "state_dict_ema", "state_dict", "model"):

@@ -37,10 +37,11 @@ def gumbel_decide(logits: Tensor, tau: float, generator: torch.Generator | None 
     Forward value is exactly 0.0 or 1.0; the gradient is that of the soft sample.
     """
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    g = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
-    soft = F.softmax((logits + g) / tau, dim=-1)
+    gumbel = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
+    soft = F.softmax((logits + gumbel) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
-    return (hard - soft.detach() + soft)[..., 1]
+    # hard + (soft - soft) is exactly hard in value, with the soft sample's gradient
+    return (hard + (soft - soft.detach()))[..., 1]
 
 
 def hierarchy(g_appearance: Tensor, g_motion: Tensor) -> Tensor:

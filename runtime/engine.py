@@ -6,6 +6,14 @@ Construction is cheap; resources (sessions, plans, CUDA buffers) are acquired in
 ``__enter__`` and freed in ``__exit__``. Every engine counts its calls, so tests and
 benchmarks can prove that a skipped modality launched nothing.
 
+Output lifetime (the same rule on every backend): an engine's outputs are valid until
+the next call of the same engine with the same batch size N. The GPU backends write
+into output buffers allocated once per (part, N) and reused; keep a result longer by
+cloning or copying it into your own state. An engine never writes into one of its own
+inputs: feeding a cell its previous ``h_next`` is safe (a second buffer set is used).
+On CUDA, engines run on one caller-owned non-default stream; outputs are ordered before
+later work on the caller's current stream, so reading them needs no extra sync.
+
 Input checking and output shapes are shared code (here), exercised by every backend,
 so the TensorRT backend only adds TensorRT calls.
 """
@@ -72,6 +80,24 @@ def check_inputs(spec: PartSpec, inputs: dict[str, Tensor]) -> int:
     return n
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are the same device; ``cpu`` is ``cpu``."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+
+
+def check_devices(spec: PartSpec, inputs: dict[str, Tensor], device: torch.device) -> None:
+    """Every input on ``device``, else :class:`EngineError` naming the part and the input."""
+    for name in spec.input_names:
+        x = inputs[name]
+        if x.device != device and not same_device(x.device, device):
+            raise EngineError(f"{spec.name}: input '{name}' is on {x.device}, expected {device}")
+
+
 def output_shapes(spec: PartSpec, n: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the part's outputs at batch ``n`` (for preallocating output buffers)."""
     return {t.name: t.with_batch(n) for t in spec.outputs}
@@ -117,6 +143,7 @@ class Engine(ABC):
         if not self._open:
             raise EngineError(f"{self.name}: engine used outside its 'with' block")
         n = check_inputs(self.spec, inputs)
+        check_devices(self.spec, inputs, self.device)
         self.calls += 1
         out = self.run(inputs, n)
         return {k: out[k] for k in self.output_names}

@@ -65,7 +65,9 @@ class VideoInfo:
             (from the stream's display matrix, rounded to a multiple of 90).
         has_audio: whether the file has an audio stream with at least one packet.
         audio_start_s: first audio packet time minus first video frame time, seconds
-            (0.0 without audio).
+            (0.0 without audio). From the packet scan, so it can include the codec's
+            priming samples (AAC: 1024); :func:`decode_audio` aligns with the decoded
+            frames' timestamps instead.
         frame_pts: ``(F,)`` int64 sorted pts of the frames in ``time_base`` units.
         keyframe_indices: ``(K,)`` int64 indices of the keyframes into ``frame_times``.
         time_base: the video stream's time base (seconds per pts unit).
