@@ -122,6 +122,8 @@ def test_frame_count_and_short_input() -> None:
 def test_bad_rank_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"expected \(samples,\) or \(channels, samples\)"):
         log_mel_spectrogram(np.zeros((1, 2, 400)))
+    with pytest.raises(ValueError, match="more channels than samples"):
+        log_mel_spectrogram(np.zeros((16000, 2)))  # (samples, channels) by mistake
 
 
 def test_centre_frame_convention() -> None:

@@ -63,12 +63,18 @@ def mel_matrix(front_end: AudioFrontEnd | None = None) -> np.ndarray:
 def to_mono(waveform: Any) -> np.ndarray:
     """A 1-D ``(samples,)`` or 2-D ``(channels, samples)`` numpy/torch array -> float64 mono.
 
-    Channels are averaged. Raises ``ValueError`` for any other rank.
+    Channels are averaged. Raises ``ValueError`` for any other rank, and for a 2-D array
+    with more rows than columns (which looks like ``(samples, channels)``).
     """
     if hasattr(waveform, "detach"):  # torch.Tensor, without importing torch here
         waveform = waveform.detach().cpu().numpy()
     x = np.asarray(waveform, dtype=np.float64)
     if x.ndim == 2:
+        if x.shape[0] > x.shape[1]:
+            raise ValueError(
+                f"waveform has shape {x.shape}: more channels than samples, "
+                "expected (channels, samples)"
+            )
         x = x.mean(axis=0)
     elif x.ndim != 1:
         raise ValueError(

@@ -7,6 +7,7 @@ time is 0).
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hms_deploy.config import MotionClip
 from hms_deploy.errors import ConfigError
@@ -38,7 +39,7 @@ def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
     return (np.arange(clip.frames, dtype=np.float64) - (clip.frames - 1) / 2.0) * clip.stride_s
 
 
-def clip_times(tau: float | np.ndarray, clip: MotionClip | None = None) -> np.ndarray:
+def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> np.ndarray:
     """Timestamps of the motion clip(s) centred at ``tau``.
 
     Args:
@@ -51,7 +52,7 @@ def clip_times(tau: float | np.ndarray, clip: MotionClip | None = None) -> np.nd
     return tau[..., None] + clip_offsets(clip)
 
 
-def nearest_frames(frame_times: np.ndarray, query_times: float | np.ndarray) -> np.ndarray:
+def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray:
     """Index of the decoded frame whose presentation time is nearest each query time.
 
     Args:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,8 @@ def write_video(
         frame_times_s: ``(F,)`` increasing presentation times in seconds for variable
             frame rate output (millisecond resolution); overrides ``duration_s * fps``.
         rotation: display rotation to store, degrees counter-clockwise (0, 90, 180, 270).
-        preset, crf: x264 speed preset and quality.
+        preset, crf: x264 speed preset and quality (macroblock-tree rate control is off so
+            that the same input gives the same bytes).
 
     Returns:
         ``Path(path)``. Raises :class:`VideoError` if the encoder fails.
@@ -117,11 +119,14 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001)
     try:
         with av.open(str(path), mode="w") as container:
-            vs = container.add_stream(codec, rate=rate)
+            vs: Any = container.add_stream(codec, rate=rate)  # a VideoStream
             vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
             options: dict[str, str] = {}
             if codec == "libx264":
-                options.update(preset=preset, crf=str(crf))
+                # x264's macroblock-tree rate control made identical input encode to
+                # different bytes from run to run here (160x120, PyAV 18's x264); without
+                # it the output is reproducible.
+                options.update({"preset": preset, "crf": str(crf), "x264-params": "mbtree=0"})
             if gop is not None:
                 vs.codec_context.gop_size = int(gop)
                 options.update(sc_threshold="0", keyint_min=str(int(gop)))
@@ -130,7 +135,8 @@ def write_video(
             vs.codec_context.time_base = tb
             if rotation:
                 vs.set_display_rotation(rotation)
-            aus, wave, done = None, np.zeros(0, np.float32), 0
+            aus: Any = None
+            wave, done = np.zeros(0, np.float32), 0
             if audio_fn is not None:
                 aus = container.add_stream("aac", rate=sample_rate)
                 aus.layout = "mono"
@@ -436,7 +442,9 @@ def make_reference_video(
             d = np.hypot(xs[y0:y1, x0:x1] - cx, ys[y0:y1, x0:x1] - cy) - r
             alpha = np.clip(0.5 - d, 0.0, 1.0)[..., None]
             patch = img[y0:y1, x0:x1].astype(np.float32)
-            img[y0:y1, x0:x1] = (patch + alpha * (np.float32(col) - patch) + 0.5).astype(np.uint8)
+            img[y0:y1, x0:x1] = (
+                patch + alpha * (np.asarray(col, np.float32) - patch) + 0.5
+            ).astype(np.uint8)
         return img
 
     def audio_fn(t: np.ndarray) -> np.ndarray:

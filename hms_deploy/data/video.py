@@ -477,7 +477,8 @@ class FrameSource:
             i = self._frame_index(frame)
             self.stats.frames_decoded += 1
             if check_landing is not None:
-                check_landing, landed_after = None, i > check_landing
+                landed_after = i > check_landing
+                check_landing = None
                 if landed_after:
                     # The demuxer landed after the target (broken index): stop seeking,
                     # reopen and decode from the start instead.
@@ -522,12 +523,12 @@ def _resize_crop_nhwc(frames: np.ndarray, resize_short: int, crop: int) -> np.nd
         )
     _, h, w, _ = frames.shape
     nh, nw = resized_size(h, w, resize_short)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    # (N, H, W, 3) memory viewed as channels-last NCHW: torch's native uint8 kernel
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = round((nh - crop) / 2.0), round((nw - crop) / 2.0)
-    x = x[:, :, top : top + crop, left : left + crop]
-    return x.round_().clamp_(0, 255).to(torch.uint8).contiguous().numpy()
+    return x[:, :, top : top + crop, left : left + crop].contiguous().numpy()
 
 
 def _check_hwc(frame: np.ndarray, what: str = "frame") -> None:
@@ -538,9 +539,11 @@ def _check_hwc(frame: np.ndarray, what: str = "frame") -> None:
 def resize_center_crop(frame: np.ndarray, resize_short: int, crop: int) -> np.ndarray:
     """Short-side resize then centre crop of one RGB frame.
 
-    Bilinear ``torch.nn.functional.interpolate(antialias=True, align_corners=False)`` on
-    the frame as float, rounded back to uint8 (torchvision ``Resize(resize_short)`` +
-    ``CenterCrop(crop)`` semantics on tensors).
+    Bilinear ``torch.nn.functional.interpolate(antialias=True, align_corners=False)``
+    run directly on uint8 (torch's native uint8 kernel, the one torchvision's
+    ``Resize(resize_short, antialias=True)`` uses on uint8 tensors; it is ~15x faster than
+    the float path and differs from float-then-round by at most 1), then
+    ``CenterCrop(crop)``. The long side becomes ``int(resize_short * long / short)``.
 
     Args:
         frame: ``(H, W, 3)`` uint8 RGB.
