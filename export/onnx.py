@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hms_deploy.export.parts import ONNX_ELEM_TYPES, ExportPart, random_inputs
 
 from hms_deploy.errors import ExportError
-from hms_deploy.export.parts import ONNX_ELEM_TYPES, ExportPart, random_inputs
 from hms_deploy.parts import PartSpec
 
 DEFAULT_OPSET = 17
@@ -143,7 +143,7 @@ def export_part(
         exporter = "torch.onnx dynamo"
         try:
             _torch_export(part, path, opset, dynamo=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ExportError(
                 f"{part.name}: ONNX export failed (legacy exporter: {_one_line(legacy_error)}; "
                 f"dynamo exporter: {_one_line(e)})"
@@ -234,7 +234,7 @@ def check_onnx(path: Path, spec: PartSpec, *, precision: str = "fp32") -> dict[s
     name = spec.name
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # noqa: BLE001 - checker and shape inference raise several types
+    except Exception as e:
         raise ExportError(f"{name}: ONNX checker failed ({_one_line(e)})") from e
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hms_deploy.errors import ExportError
+from hms_deploy.model.hms import HMS
 from hms_deploy.parts import PART_NAMES, PartSpec, TensorSpec, part_specs
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ class ExportPart:
     gmac: float  # per sample
 
 
-def export_parts(model: nn.Module, costs: dict[str, float]) -> dict[str, ExportPart]:
+def export_parts(model: HMS, costs: dict[str, float]) -> dict[str, ExportPart]:
     """The nine parts of ``model`` (an HMS in eval mode), in :data:`PART_NAMES` order.
 
     ``costs`` are the checkpoint's GMAC per sample per part (HMS_SPEC.md 5).

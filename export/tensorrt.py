@@ -1,0 +1,341 @@
+"""Build (and check) TensorRT plans from the exported ONNX parts.
+
+Written against the TensorRT 10 and 11 Python API (names that exist in both; see
+``TRT_NOTES.md``): no ``EXPLICIT_BATCH`` (flags 0), no implicit INT8, and the precision
+flags that 11 removed are only touched behind ``hasattr``. fp16 comes from the ONNX
+file (``hms-export --precision fp16`` converts it with fp32 I/O) and is built as a
+strongly typed network, which TensorRT 11 requires and 10.x supports.
+
+One plan per part, ``<part>.plan``, each with one optimisation profile over batch
+1..max_batch for every input, a workspace limit, and a timing cache file in the export
+directory (``trt_timing.cache``) reused across parts and rebuilds. The manifest records,
+per plan, the TensorRT version, the GPU name and compute capability, flags, profile
+ranges and the sha256 of the ONNX file it was built from (:mod:`.trt_plan`).
+
+``import tensorrt`` happens only inside these functions: a missing TensorRT (or only
+``tensorrt-stubs`` installed, which makes ``import tensorrt`` succeed as an empty
+namespace package) raises :class:`~hms_deploy.errors.BackendUnavailable` with an install
+hint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from hms_deploy.export import manifest as mf
+from hms_deploy.export.trt_plan import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_WORKSPACE_BYTES,
+    PLAN_SUFFIX,
+    TIMING_CACHE_NAME,
+    default_opt_batch,
+    plan_metadata,
+    profile_shapes,
+    trt_dtype_name,
+)
+from hms_deploy.export.trt_plan import torch_dtype as _torch_dtype
+
+from hms_deploy.config import HMSConfig
+from hms_deploy.errors import BackendUnavailable, EngineError, ExportError
+from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+    import torch
+
+INSTALL_HINT = (
+    "install TensorRT >= 10 for your CUDA version (pip install 'hms-deploy[gpu]', i.e. "
+    "tensorrt from NVIDIA's index) on a machine with an NVIDIA GPU"
+)
+
+
+def require_tensorrt() -> ModuleType:
+    """The real ``tensorrt`` module (>= 10), or :class:`BackendUnavailable`.
+
+    Callers then ``import tensorrt as trt`` themselves (so that mypy checks their calls
+    against the stubs).
+    """
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendUnavailable(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
+    if not hasattr(tensorrt, "Builder"):
+        raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are); {INSTALL_HINT}")
+    version = str(getattr(tensorrt, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 10:
+        raise BackendUnavailable(f"TensorRT {version} is too old; {INSTALL_HINT}")
+    return tensorrt
+
+
+def gpu_info() -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of the current CUDA device, or :class:`BackendUnavailable`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False)")
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), (int(major), int(minor))
+
+
+def check_available() -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability; :class:`BackendUnavailable` if absent."""
+    trt_mod = require_tensorrt()
+    name, cc = gpu_info()
+    return {"tensorrt": str(trt_mod.__version__), "gpu": name, "compute_capability": f"{cc[0]}.{cc[1]}"}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_batch: int | None = None
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    precision: str = "fp32"
+
+
+def _parser_errors(parser: trt.OnnxParser) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        lines.append(f"{err.node_name() or '?'} ({err.node_operator() or '?'}): {err.desc()}")
+    return "; ".join(lines) or "no details"
+
+
+def build_plan(
+    onnx_path: Path,
+    spec: PartSpec,
+    plan_path: Path,
+    options: BuildOptions,
+    *,
+    onnx_sha256: str,
+    timing_cache: Path | None = None,
+) -> dict[str, Any]:
+    """Build one plan from ``onnx_path``; returns its manifest metadata (:func:`plan_metadata`).
+
+    Raises :class:`ExportError` naming the part with the parser's errors, or when the
+    build fails; :class:`BackendUnavailable` without TensorRT or a GPU.
+    """
+    require_tensorrt()
+    import tensorrt as trt_mod
+
+    gpu_name, cc = gpu_info()
+    logger = trt_mod.Logger(trt_mod.Logger.WARNING)
+    builder = trt_mod.Builder(logger)
+    strongly_typed = options.precision == "fp16"
+    net_flags = 0
+    if strongly_typed:
+        net_flags = 1 << int(trt_mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(net_flags)
+    parser = trt_mod.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise ExportError(f"{spec.name}: TensorRT cannot parse {onnx_path.name}: {_parser_errors(parser)}")
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if inputs != spec.input_names:
+        raise ExportError(f"{spec.name}: TensorRT network inputs {inputs}, expected {spec.input_names}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, int(options.workspace_bytes))
+    flags: list[str] = []
+    if strongly_typed:
+        flags.append("STRONGLY_TYPED")
+    else:
+        # fp32 parity: TF32 (on by default in 10.x) rounds matmul/conv inputs to 10 bits
+        tf32 = getattr(trt_mod.BuilderFlag, "TF32", None)
+        if tf32 is not None:
+            config.clear_flag(tf32)
+            flags.append("no TF32")
+    opt = options.opt_batch or default_opt_batch(options.max_batch)
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile_shapes(spec, options.max_batch, opt).items():
+        profile.set_shape(name, trt_mod.Dims(list(lo)), trt_mod.Dims(list(mid)), trt_mod.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+    old_cache = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(old_cache)
+    config.set_timing_cache(cache, False)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{spec.name}: TensorRT build failed (see the TensorRT log above)")
+    seconds = time.perf_counter() - t0
+    tmp = plan_path.with_name(plan_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(serialized))
+    os.replace(tmp, plan_path)
+    if timing_cache is not None:
+        ctmp = timing_cache.with_name(timing_cache.name + ".tmp")
+        with open(ctmp, "wb") as f:
+            f.write(memoryview(config.get_timing_cache().serialize()))
+        os.replace(ctmp, timing_cache)
+    io_dtypes = {network.get_input(i).name: trt_dtype_name(network.get_input(i).dtype)
+                 for i in range(network.num_inputs)}
+    io_dtypes.update({network.get_output(i).name: trt_dtype_name(network.get_output(i).dtype)
+                      for i in range(network.num_outputs)})
+    return plan_metadata(
+        spec=spec, plan_file=plan_path.name, onnx_sha256=onnx_sha256,
+        tensorrt_version=str(trt_mod.__version__), gpu_name=gpu_name, compute_capability=cc,
+        max_batch=options.max_batch, opt_batch=opt, workspace_bytes=options.workspace_bytes,
+        precision=options.precision, flags=flags, strongly_typed=strongly_typed,
+        build_seconds=round(seconds, 2), io_dtypes=io_dtypes,
+    )
+
+
+class PlanRunner:
+    """Minimal runner of one plan over torch tensors (for the export's parity check).
+
+    The runtime has its own TensorRT backend; this one allocates per call and syncs.
+    """
+
+    def __init__(self, plan_path: Path, spec: PartSpec):
+        import torch
+
+        require_tensorrt()
+        import tensorrt as trt_mod
+
+        self.spec = spec
+        self._logger = trt_mod.Logger(trt_mod.Logger.WARNING)
+        self._runtime = trt_mod.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{plan_path}: TensorRT cannot load this plan (wrong TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
+        keep: list[torch.Tensor] = []
+        with torch.cuda.stream(self.stream):
+            for t in self.spec.inputs:
+                dtype = _torch_dtype(self.engine.get_tensor_dtype(t.name))
+                x = inputs[t.name].to("cuda", dtype).contiguous()
+                keep.append(x)
+                self.context.set_input_shape(t.name, tuple(x.shape))
+                self.context.set_tensor_address(t.name, x.data_ptr())
+            outs: dict[str, torch.Tensor] = {}
+            for t in self.spec.outputs:
+                dims = self.context.get_tensor_shape(t.name)
+                shape = tuple(int(dims[i]) for i in range(len(dims)))
+                dtype = _torch_dtype(self.engine.get_tensor_dtype(t.name))
+                y = torch.empty(shape, dtype=dtype, device="cuda")
+                outs[t.name] = y
+                self.context.set_tensor_address(t.name, y.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError(f"{self.spec.name}: TensorRT execution failed")
+        self.stream.synchronize()
+        return {k: v.cpu() for k, v in outs.items()}
+
+
+def validate_plans(
+    export_dir: Path, data: dict[str, Any], max_batch: int, precision: str,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Plans vs ONNX Runtime (CPU) on random inputs at N = 1 and N = min(3, max_batch), and
+    gate agreement on 1000 random states; fp16 is reported as not validated."""
+    from hms_deploy.export.validate import (
+        OrtRunner,
+        Tolerance,
+        gate_agreement,
+        random_parity,
+    )
+
+    cfg = HMSConfig.from_dict(data["config"])
+    specs = part_specs(cfg)
+    parts = data["parts"]
+    ort_runner = OrtRunner({n: export_dir / parts[n]["files"]["onnx"] for n in PART_NAMES}, specs)
+    plans = {n: PlanRunner(export_dir / parts[n]["files"]["trt"], specs[n]) for n in PART_NAMES}
+
+    def trt_runner(part: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        return plans[part](inputs)
+
+    tol = Tolerance(rtol=1e-3, atol=1e-5, cosine_min=0.999)
+    batches = sorted({1, min(3, max_batch)})
+    enforce = precision == "fp32"
+    report: dict[str, Any] = {"reference": "onnxruntime CPUExecutionProvider", "batches": batches,
+                              "tolerances": {"rtol": tol.rtol, "atol": tol.atol,
+                                             "cosine_min": tol.cosine_min}, "parts": {}, "gates": {}}
+    failure = None
+    for name in PART_NAMES:
+        r = random_parity(ort_runner, trt_runner, specs[name], batches, tol, seed=11)
+        for out, f in r["outputs"].items():
+            ok = f.pop("ok")
+            f["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
+            if not ok and failure is None:
+                failure = f"{name}: TensorRT output '{out}' out of tolerance ({f})"
+        report["parts"][name] = r
+    for name in ("appearance_gate", "motion_gate"):
+        g = gate_agreement(ort_runner, trt_runner, specs[name], 1000, tol, seed=12, chunk=max_batch)
+        ok = g.pop("ok")
+        g.pop("logits", None)
+        g["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
+        if not ok and failure is None:
+            failure = f"{name}: TensorRT decisions differ on {g['disagree_outside_ties']} of 1000 states"
+        report["gates"][name] = g
+    report["status"] = ("passed" if failure is None else "failed") if enforce else "not validated"
+    if failure and enforce:
+        raise ExportError(f"TensorRT parity check failed: {failure}")
+    return report
+
+
+def add_plans_to_data(
+    export_dir: Path, data: dict[str, Any], options: BuildOptions,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Build a plan for every part of the export described by ``data`` (the manifest dict,
+    updated in place: ``parts[*].files/sha256/trt``, ``tensorrt``, ``producer``,
+    ``parity.tensorrt``). New plans are written as ``*.plan`` only after all built; on
+    failure they are removed and ``data`` is unchanged."""
+    say = log or (lambda s: None)
+    info = check_available()
+    cfg_specs = part_specs(HMSConfig.from_dict(data["config"]))
+    cache = export_dir / TIMING_CACHE_NAME
+    staged: dict[str, Path] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    try:
+        for name in PART_NAMES:
+            rec = data["parts"][name]
+            onnx_path = export_dir / rec["files"]["onnx"]
+            tmp_plan = export_dir / f".{name}{PLAN_SUFFIX}.building"
+            staged[name] = tmp_plan
+            say(f"building TensorRT plan for {name}")
+            metas[name] = build_plan(onnx_path, cfg_specs[name], tmp_plan, options,
+                                     onnx_sha256=rec["sha256"]["onnx"], timing_cache=cache)
+        for name, tmp_plan in staged.items():
+            final = export_dir / f"{name}{PLAN_SUFFIX}"
+            os.replace(tmp_plan, final)
+            metas[name]["plan"] = final.name
+            staged[name] = final
+        new_parts = {}
+        for name in PART_NAMES:
+            rec = dict(data["parts"][name])
+            rec["files"] = {**rec["files"], "trt": f"{name}{PLAN_SUFFIX}"}
+            rec["sha256"] = {**rec["sha256"], "trt": mf.sha256_file(export_dir / f"{name}{PLAN_SUFFIX}")}
+            rec["trt"] = metas[name]
+            new_parts[name] = rec
+        trial = {**data, "parts": new_parts}
+        report = validate_plans(export_dir, trial, options.max_batch, options.precision, say)
+    except BaseException:
+        for p in staged.values():
+            p.unlink(missing_ok=True)
+        raise
+    data["parts"] = new_parts
+    opt = options.opt_batch or default_opt_batch(options.max_batch)
+    data["tensorrt"] = {
+        "version": info["tensorrt"], "gpu": info["gpu"],
+        "compute_capability": info["compute_capability"], "max_batch": options.max_batch,
+        "opt_batch": opt, "workspace_bytes": options.workspace_bytes,
+        "precision": options.precision, "timing_cache": TIMING_CACHE_NAME,
+    }
+    data["producer"] = {**data.get("producer", {}), "tensorrt": info["tensorrt"],
+                        "gpu": info["gpu"], "compute_capability": info["compute_capability"]}
+    data["parity"] = {**(data.get("parity") or {}), "tensorrt": report}

@@ -1,0 +1,191 @@
+"""TensorRT logic that needs no TensorRT: profiles, plan metadata, compatibility, dtypes.
+
+Everything here is pure Python (and torch dtypes), so it is tested on machines without
+TensorRT; :mod:`hms_deploy.export.tensorrt` builds and runs plans with it.
+
+A TensorRT plan loads only on the TensorRT build and the GPU (compute capability) it was
+built for, and TensorRT offers no pre-check. So every plan's manifest entry records the
+TensorRT version, the GPU name and compute capability, the builder flags, the profile
+ranges and the sha256 of the ONNX file it was built from; :func:`check_plan_compatible`
+compares them with the running machine and says how to rebuild on a mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hms_deploy.parts import PartSpec
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_WORKSPACE_BYTES = 4 << 30
+PLAN_SUFFIX = ".plan"
+TIMING_CACHE_NAME = "trt_timing.cache"
+
+# TensorRT DataType member name -> torch dtype (read dtypes from the engine, never assume)
+TRT_TO_TORCH: dict[str, torch.dtype] = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT8": torch.int8,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "FP8": torch.float8_e4m3fn,
+}
+
+Shape = tuple[int, ...]
+
+
+def trt_dtype_name(trt_dtype: Any) -> str:
+    """``trt.DataType.HALF`` (or its name, or ``"DataType.HALF"``) -> ``"HALF"``."""
+    name = getattr(trt_dtype, "name", None)
+    if not isinstance(name, str):
+        name = str(trt_dtype)
+    return name.rsplit(".", 1)[-1].upper()
+
+
+def torch_dtype(trt_dtype: Any) -> torch.dtype:
+    """The torch dtype of a TensorRT DataType (or its name); ValueError for unknown ones."""
+    name = trt_dtype_name(trt_dtype)
+    try:
+        return TRT_TO_TORCH[name]
+    except KeyError:
+        raise ValueError(
+            f"TensorRT dtype {name} has no torch equivalent here (known: {sorted(TRT_TO_TORCH)})"
+        ) from None
+
+
+def default_opt_batch(max_batch: int) -> int:
+    """The profile's optimisation batch: the middle of 1..max_batch (rounded up).
+
+    HMS sub-batches vary from step to step (only the videos whose gate fired), so the
+    kernels are tuned for a typical, not the largest, batch.
+    """
+    return max(1, (max_batch + 1) // 2)
+
+
+def profile_shapes(
+    spec: PartSpec, max_batch: int, opt_batch: int | None = None
+) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """``{input name: (min, opt, max)}`` over batch 1..max_batch for every input of ``spec``."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    opt = default_opt_batch(max_batch) if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise ValueError(f"opt_batch must be in 1..{max_batch}, got {opt}")
+    return {t.name: (t.with_batch(1), t.with_batch(opt), t.with_batch(max_batch)) for t in spec.inputs}
+
+
+def parse_cc(cc: Any) -> tuple[int, int]:
+    """Compute capability from ``(8, 9)``, ``"8.9"``, ``"sm_89"`` or ``89`` -> ``(8, 9)``."""
+    if isinstance(cc, (tuple, list)) and len(cc) == 2:
+        return int(cc[0]), int(cc[1])
+    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if "." in s:
+        major, minor = s.split(".", 1)
+        return int(major), int(minor)
+    if s.isdigit() and len(s) >= 2:
+        return int(s[:-1]), int(s[-1])
+    raise ValueError(f"not a compute capability: {cc!r}")
+
+
+def cc_string(cc: Any) -> str:
+    major, minor = parse_cc(cc)
+    return f"{major}.{minor}"
+
+
+def sm_name(cc: Any) -> str:
+    major, minor = parse_cc(cc)
+    return f"sm_{major}{minor}"
+
+
+def plan_metadata(
+    *,
+    spec: PartSpec,
+    plan_file: str,
+    onnx_sha256: str,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: Any,
+    max_batch: int,
+    opt_batch: int,
+    workspace_bytes: int,
+    precision: str,
+    flags: list[str],
+    strongly_typed: bool,
+    build_seconds: float | None = None,
+    io_dtypes: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``parts[name]["trt"]`` entry of the manifest for one plan (plain JSON types)."""
+    profile = {
+        name: {"min": list(a), "opt": list(b), "max": list(c)}
+        for name, (a, b, c) in profile_shapes(spec, max_batch, opt_batch).items()
+    }
+    return {
+        "plan": plan_file,
+        "tensorrt_version": tensorrt_version,
+        "gpu": gpu_name,
+        "compute_capability": cc_string(compute_capability),
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "flags": sorted(flags),
+        "workspace_bytes": int(workspace_bytes),
+        "max_batch": int(max_batch),
+        "opt_batch": int(opt_batch),
+        "profile": profile,
+        "io_dtypes": dict(io_dtypes or {}),
+        "build_seconds": build_seconds,
+    }
+
+
+def rebuild_hint(export_dir: Any = None) -> str:
+    where = str(export_dir) if export_dir is not None else "DIR"
+    return f"rebuild with `hms-export --engines {where} --engine trt`"
+
+
+def check_plan_compatible(
+    entry: Any,
+    trt_version: str,
+    gpu_cc: Any,
+    *,
+    gpu_name: str | None = None,
+    export_dir: Any = None,
+) -> str | None:
+    """None if ``entry``'s plan can load here; otherwise one line that says how to rebuild.
+
+    ``entry`` is a :class:`~hms_deploy.export.manifest.PartEntry` (or its JSON dict).
+    A plan loads only on the exact TensorRT version and compute capability it was built
+    for, and only if it was built from the ONNX file now in the export (same sha256).
+    """
+    name = getattr(entry, "name", None) or (entry.get("name") if isinstance(entry, dict) else None)
+    meta = getattr(entry, "trt", None) if not isinstance(entry, dict) else entry.get("trt")
+    hashes = getattr(entry, "sha256", None) if not isinstance(entry, dict) else entry.get("sha256")
+    label = f"{name}: " if name else ""
+    if not meta:
+        return f"{label}no TensorRT plan in the export: build one with `hms-export --engines " \
+               f"{export_dir if export_dir is not None else 'DIR'} --engine trt`"
+    built_v = str(meta.get("tensorrt_version", "?"))
+    built_gpu = str(meta.get("gpu", "?"))
+    try:
+        built_cc = sm_name(meta.get("compute_capability", ""))
+    except ValueError:
+        built_cc = "sm_?"
+    here_cc = sm_name(gpu_cc)
+    here_gpu = f"GPU {gpu_name} " if gpu_name else "a GPU "
+    mismatch = built_v != str(trt_version) or built_cc != here_cc
+    if mismatch:
+        return (
+            f"{label}plan built for TensorRT {built_v} on GPU {built_gpu} ({built_cc}); this "
+            f"machine has TensorRT {trt_version} on {here_gpu}({here_cc}): {rebuild_hint(export_dir)}"
+        )
+    onnx_hash = (hashes or {}).get("onnx") if isinstance(hashes, dict) else None
+    if onnx_hash and meta.get("onnx_sha256") and meta["onnx_sha256"] != onnx_hash:
+        return (
+            f"{label}plan was built from a different ONNX file than the one in the export: "
+            f"{rebuild_hint(export_dir)}"
+        )
+    return None

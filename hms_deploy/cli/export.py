@@ -1,0 +1,113 @@
+"""``hms-export``: export a checkpoint's nine parts to ONNX (and TensorRT plans), validated."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ckpt.pt to export (not needed with --engines).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
+              show_default=True, help="Export directory (must be empty or absent unless --force).")
+@click.option("--engine", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
+              help="onnx: ONNX files only; trt: also build TensorRT plans on this GPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: half-precision graphs with fp32 inputs/outputs (validate on a GPU).")
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="With --engine trt: add TensorRT plans to this existing ONNX export.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="TensorRT profile: largest batch N (smallest is 1).")
+@click.option("--opt-batch", type=int, default=None,
+              help="TensorRT profile: batch to tune for (default: half of --max-batch).")
+@click.option("--workspace-gb", type=float, default=4.0, show_default=True,
+              help="TensorRT builder workspace limit in GiB.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17-20).")
+@click.option("--steps", type=int, default=10, show_default=True,
+              help="Steps T of the end-to-end parity check.")
+@click.option("--video", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Video for the realistic and end-to-end checks (default: a generated clip).")
+@click.option("--force", is_flag=True, default=False,
+              help="Replace an existing export in --out.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the summary line.")
+@debug_option
+@handle_errors("hms-export")
+def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
+         opset, steps, video, force, quiet, debug):
+    """Export the nine HMS parts of a checkpoint to DIR (ONNX, optional TensorRT plans),
+    check them against PyTorch, and write DIR/manifest.json."""
+
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=True)
+
+    with _interrupt_on_sigterm():
+        _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
+              opset, steps, video, force, log)
+
+
+def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
+          opset, steps, video, force, log) -> None:
+    from hms_deploy.errors import ConfigError
+    from hms_deploy.export.pipeline import ExportOptions, add_trt_plans, export_checkpoint
+    from hms_deploy.export.validate import ValidationOptions
+
+    workspace = int(workspace_gb * (1 << 30))
+    if engines_dir is not None:
+        if engine != "trt":
+            raise ConfigError("--engines DIR adds TensorRT plans to an export: use it with --engine trt")
+        if checkpoint is not None:
+            raise ConfigError("--engines DIR works on an existing export: drop --checkpoint")
+        man = add_trt_plans(engines_dir, max_batch=max_batch, opt_batch=opt_batch,
+                            workspace_bytes=workspace, log=log)
+        trt = man.tensorrt or {}
+        click.echo(f"added TensorRT {trt.get('version')} plans for {trt.get('gpu')} "
+                   f"(sm {trt.get('compute_capability')}) to {man.dir}; manifest {man.sha256[:12]}")
+        return
+    if checkpoint is None:
+        raise ConfigError("--checkpoint is required (or --engines DIR --engine trt)")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    options = ExportOptions(
+        engine=engine, precision=precision, opset=opset, max_batch=max_batch, opt_batch=opt_batch,
+        workspace_bytes=workspace, force=force,
+        validation=ValidationOptions(steps=steps, video=video),
+    )
+    man = export_checkpoint(checkpoint, out, options, log=log)
+    parity = man.parity
+    kinds = "ONNX + TensorRT" if man.has("trt") else "ONNX"
+    gm = {n: man.parts[f"{n}_backbone"].gmac for n in ("audio", "appearance", "motion")}
+    click.echo(
+        f"wrote {man.dir} ({kinds}, {man.precision}, opset {man.producer.get('opset')}, "
+        f"{len(man.labels)} classes, T={man.steps}); parity {parity.get('status')}; "
+        f"GMAC/sample audio {gm['audio']:.3g}, appearance {gm['appearance']:.3g}, "
+        f"motion {gm['motion']:.3g}; manifest {man.sha256[:12]}"
+    )
+    sys.stdout.flush()
