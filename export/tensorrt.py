@@ -28,8 +28,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from hms_deploy.export import manifest as mf
-from hms_deploy.export.trt_plan import (
+from hms_deploy.config import HMSConfig
+from hms_deploy.errors import BackendUnavailable, EngineError, ExportError
+from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
+
+from . import manifest as mf
+from .trt_plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WORKSPACE_BYTES,
     PLAN_SUFFIX,
@@ -39,11 +43,7 @@ from hms_deploy.export.trt_plan import (
     profile_shapes,
     trt_dtype_name,
 )
-from hms_deploy.export.trt_plan import torch_dtype as _torch_dtype
-
-from hms_deploy.config import HMSConfig
-from hms_deploy.errors import BackendUnavailable, EngineError, ExportError
-from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
+from .trt_plan import torch_dtype as _torch_dtype
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -209,7 +209,7 @@ class PlanRunner:
         if self.engine is None:
             raise EngineError(f"{plan_path}: TensorRT cannot load this plan (wrong TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch

@@ -24,23 +24,14 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from hms_deploy.runtime.engine import same_device
 
 from hms_deploy.errors import EngineError
+from hms_deploy.export.trt_plan import TRT_TO_TORCH
 
-Tensor = torch.Tensor
+from .engine import same_device
 
-# TensorRT ``DataType`` member names -> torch (FP8, INT4, FP4 have no torch equivalent we bind).
-TRT_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-}
+# TensorRT ``DataType`` member names -> torch: the export's table (one table for both sides)
+TRT_TORCH_DTYPES: dict[str, torch.dtype] = TRT_TO_TORCH
 
 # ONNX Runtime ``NodeArg.type`` strings -> torch.
 ORT_TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -98,7 +89,7 @@ def numpy_dtype(dtype: torch.dtype, *, where: str) -> type[np.generic]:
         raise EngineError(f"{where} has dtype {dtype}, which ONNX Runtime cannot bind from numpy") from None
 
 
-def bindable(part: str, name: str, x: Tensor, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+def bindable(part: str, name: str, x: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a tensor an engine may read by pointer: on ``device``, of ``dtype``, contiguous.
 
     Wrong device raises :class:`EngineError` (binding a host pointer to a GPU engine
@@ -116,14 +107,19 @@ def bindable(part: str, name: str, x: Tensor, *, device: torch.device, dtype: to
     return x
 
 
-def _span(t: Tensor) -> tuple[int, int]:
+def new_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new non-default CUDA stream on ``device`` (the one stream an engine set runs on)."""
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
     """Byte range [start, end) of the memory ``t`` can reach (its whole storage)."""
     s = t.untyped_storage()
     start = s.data_ptr()
     return start, start + s.nbytes()
 
 
-def overlaps(a: Tensor, b: Tensor) -> bool:
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors' storages share memory (same device)."""
     if a.device != b.device:
         return False
@@ -152,7 +148,7 @@ class OutputBuffers:
         self.max_shapes = max_shapes
         # shapes -> [(buffers, their byte spans)]
         self._sets: OrderedDict[
-            tuple[tuple[int, ...], ...], list[tuple[dict[str, Tensor], list[tuple[int, int]]]]
+            tuple[tuple[int, ...], ...], list[tuple[dict[str, torch.Tensor], list[tuple[int, int]]]]
         ] = OrderedDict()
         self.allocations = 0  # buffer sets allocated so far (for tests and benchmarks)
 
@@ -164,9 +160,12 @@ class OutputBuffers:
         self._sets.clear()
 
     def get(
-        self, shapes: Mapping[str, tuple[int, ...]], *, avoid: Iterable[Tensor] = ()
-    ) -> dict[str, Tensor]:
-        key = tuple(tuple(shapes[name]) for name in self.dtypes)
+        self, shapes: Mapping[str, tuple[int, ...]], *, avoid: Iterable[torch.Tensor] = ()
+    ) -> dict[str, torch.Tensor]:
+        try:
+            key = tuple(tuple(shapes[name]) for name in self.dtypes)
+        except KeyError:
+            key = ()
         sets = self._sets.get(key)
         if sets is None:
             if set(shapes) != set(self.dtypes):

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hms_deploy.errors import EngineError
 from hms_deploy.parts import PartSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 Tensor = torch.Tensor
 
@@ -107,6 +110,9 @@ class Engine(ABC):
     """One part, one backend. ``engine(inputs) -> outputs`` with named torch tensors."""
 
     backend: str = "abstract"
+    spec: PartSpec
+    device: torch.device
+    calls: int
 
     def __init__(self, spec: PartSpec, device: torch.device):
         self.spec = spec
@@ -126,7 +132,7 @@ class Engine(ABC):
     def output_names(self) -> list[str]:
         return self.spec.output_names
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         if not self._open:
             self.open()
             self._open = True

@@ -9,7 +9,10 @@ CPU
     as ``torch.from_numpy`` views of the arrays ONNX Runtime allocated: no copies. This
     is faster on the small parts than binding preallocated outputs with an IOBinding
     (tiny model, 2 threads: ~9-35 us per call vs ~11-53 us; the per-call binding costs
-    more than the allocation it saves). Outputs are fresh arrays on every call.
+    more than the allocation it saves), so outputs are fresh arrays on every call.
+    ``iobinding=True`` binds preallocated, reused outputs on CPU too: the GPU backends'
+    output lifetime (valid until the next call with the same N), for testing callers
+    on a machine without a GPU.
 
 CUDA (``onnxruntime-gpu``)
     Torch CUDA tensors are bound by pointer with an IOBinding; outputs are preallocated
@@ -27,19 +30,21 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from hms_deploy.runtime.bindings import (
-    OutputBuffers,
-    bindable,
-    numpy_dtype,
-    torch_dtype_from_ort,
-)
-from hms_deploy.runtime.engine import TORCH_DTYPES, Engine, Tensor, output_shapes
 
 from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
+
+from ..bindings import (
+    OutputBuffers,
+    bindable,
+    new_stream,
+    numpy_dtype,
+    torch_dtype_from_ort,
+)
+from ..engine import TORCH_DTYPES, Engine, output_shapes
 
 if TYPE_CHECKING:
     from hms_deploy.export.manifest import Manifest
@@ -56,7 +61,7 @@ PROVIDER_ALIASES = {
     "trt": TRT_EP,
 }
 
-DEFAULT_MAX_BATCH = 64  # TensorRT EP profile: N in [1, max_batch]
+DEFAULT_MAX_BATCH = 64  # TensorRT EP profile: N in [1, max_batch]; larger N rebuilds its engine
 
 
 def import_onnxruntime() -> ModuleType:
@@ -68,7 +73,7 @@ def import_onnxruntime() -> ModuleType:
             f"ONNX Runtime is not installed ({e}): pip install onnxruntime (CPU), "
             "or onnxruntime-gpu for CUDA"
         ) from None
-    return onnxruntime
+    return cast(ModuleType, onnxruntime)
 
 
 def default_threads() -> int:
@@ -123,20 +128,21 @@ def check_available(ort: ModuleType, providers: Sequence[str]) -> None:
     )
 
 
-def profile_shapes(spec: PartSpec, max_batch: int) -> dict[str, str]:
-    """TensorRT EP ``trt_profile_{min,opt,max}_shapes`` strings for every input of a part.
+def trt_profile_options(spec: PartSpec, max_batch: int) -> dict[str, str]:
+    """TensorRT EP ``trt_profile_{min,opt,max}_shapes`` for every input of a part.
 
-    N is the only dynamic axis: min 1, opt 1 (the step loop runs one video at a time
-    most often), max ``max_batch``. E.g. ``"x_a:1x512,h:1x128,c:1x128"``.
+    The same profile as the export's TensorRT plans (:func:`hms_deploy.export.trt_plan.
+    profile_shapes`: N from 1 to ``max_batch``, tuned for the middle), e.g.
+    ``"x_a:1x32,h:1x32,c:1x32"``, so a new N never triggers an engine rebuild.
     """
+    from hms_deploy.export.trt_plan import profile_shapes
 
-    def shapes(n: int) -> str:
-        return ",".join(f"{t.name}:{'x'.join(map(str, t.with_batch(n)))}" for t in spec.inputs)
-
+    ranges = profile_shapes(spec, max_batch)
     return {
-        "trt_profile_min_shapes": shapes(1),
-        "trt_profile_opt_shapes": shapes(1),
-        "trt_profile_max_shapes": shapes(max_batch),
+        f"trt_profile_{kind}_shapes": ",".join(
+            f"{name}:{'x'.join(map(str, shapes[i]))}" for name, shapes in ranges.items()
+        )
+        for i, kind in enumerate(("min", "opt", "max"))
     }
 
 
@@ -157,8 +163,12 @@ class OnnxEngine(Engine):
         trt_fp16: bool = False,
         trt_cache_dir: str | os.PathLike[str] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        iobinding: bool | None = None,
     ):
         super().__init__(spec, device)
+        self.iobinding = device.type == "cuda" if iobinding is None else iobinding
+        if device.type == "cuda" and not self.iobinding:
+            raise EngineError(f"{spec.name}: CUDA engines bind torch tensors; iobinding=False is CPU only")
         self.path = Path(onnx_path)
         self.providers = resolve_providers(providers, device)
         self.threads = threads
@@ -173,7 +183,9 @@ class OnnxEngine(Engine):
         self._buffers: OutputBuffers | None = None
         self._io: Any = None  # IOBinding (CUDA)
         self._np_dtypes: dict[str, Any] = {}  # element types to bind, inputs and outputs (CUDA)
-        self._held: list[Tensor] = []  # inputs the device may still read (CUDA)
+        self._held: list[torch.Tensor] = []  # inputs the device may still read (CUDA)
+        self._out_names: list[str] = []
+        self._casts: list[tuple[str, torch.dtype]] = []  # outputs whose graph dtype differs
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,7 +210,7 @@ class OnnxEngine(Engine):
                     trt_engine_cache_path=str(cache),
                     trt_timing_cache_enable="1",
                     trt_timing_cache_path=str(cache),
-                    **profile_shapes(self.spec, self.max_batch),
+                    **trt_profile_options(self.spec, self.max_batch),
                 )
             opts.append(o)
         return opts
@@ -212,7 +224,7 @@ class OnnxEngine(Engine):
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             if self.stream is None:
-                self.stream = torch.cuda.Stream(self.device)
+                self.stream = new_stream(self.device)
             if self.stream.cuda_stream == 0:
                 raise EngineError(
                     f"{self.name}: ONNX Runtime treats the default CUDA stream as 'no stream'; "
@@ -240,11 +252,17 @@ class OnnxEngine(Engine):
             )
         self._in_dtypes = self._check_io(session.get_inputs(), self.spec.inputs, "input")
         self._out_dtypes = self._check_io(session.get_outputs(), self.spec.outputs, "output")
+        self._out_names = self.spec.output_names
+        self._casts = [
+            (t.name, TORCH_DTYPES[t.dtype]) for t in self.spec.outputs
+            if self._out_dtypes[t.name] != TORCH_DTYPES[t.dtype]
+        ]
         self._session = session
-        if self.device.type == "cuda":
+        if self.iobinding:
             run_options = ort.RunOptions()
-            # enqueue on the caller's stream and return; readers order on that stream
-            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            if self.device.type == "cuda":
+                # enqueue on the caller's stream and return; readers order on that stream
+                run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             self._run_options = run_options
             self._buffers = OutputBuffers(self.name, self._out_dtypes, self.device)
             self._io = session.io_binding()
@@ -278,6 +296,8 @@ class OnnxEngine(Engine):
         return dtypes
 
     def close(self) -> None:
+        if self._session is not None and self.device.type == "cuda" and self.stream is not None:
+            self.stream.synchronize()  # kernels still queued may use the session's memory
         self._session = None
         self._run_options = None
         self._held = []
@@ -288,32 +308,30 @@ class OnnxEngine(Engine):
 
     # ------------------------------------------------------------------ running
 
-    def run(self, inputs: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-        if self.device.type == "cuda":
-            out = self._run_cuda(inputs, n)
-        else:
-            out = self._run_cpu(inputs)
-        for t in self.spec.outputs:  # plans with other output precision: back to the spec's
-            want = TORCH_DTYPES[t.dtype]
-            if out[t.name].dtype != want:
-                out[t.name] = out[t.name].to(want)
+    def run(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        out = self._run_bound(inputs, n) if self.iobinding else self._run_cpu(inputs)
+        for name, want in self._casts:  # a graph with other output precision: the spec's dtype
+            out[name] = out[name].to(want)
         return out
 
-    def _run_cpu(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        held = {
-            name: bindable(self.name, name, inputs[name], device=self.device, dtype=dtype)
-            for name, dtype in self._in_dtypes.items()
-        }
-        feeds = {name: x.detach().numpy() for name, x in held.items()}
+    def _run_cpu(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {}
+        for name, dtype in self._in_dtypes.items():
+            x = inputs[name]
+            if x.dtype != dtype or not x.is_contiguous():
+                x = bindable(self.name, name, x, device=self.device, dtype=dtype)
+            # a view of the tensor's memory; held by ``inputs`` until run() returns
+            feeds[name] = x.detach().numpy() if x.requires_grad else x.numpy()
         try:
-            arrays = self._session.run(self.output_names, feeds)
+            arrays = self._session.run(self._out_names, feeds)
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"{self.name}: ONNX Runtime failed: {_first_line(e)}") from None
-        return {name: torch.from_numpy(a) for name, a in zip(self.output_names, arrays)}
+        return dict(zip(self._out_names, map(torch.from_numpy, arrays)))
 
-    def _run_cuda(self, inputs: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-        assert self.stream is not None and self._buffers is not None  # set by open()
-        stream, dev_id = self.stream, self.device.index
+    def _run_bound(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        assert self._buffers is not None  # set by open()
+        kind = self.device.type
+        dev_id = self.device.index or 0
         held = [
             bindable(self.name, name, inputs[name], device=self.device, dtype=dtype)
             for name, dtype in self._in_dtypes.items()
@@ -322,22 +340,30 @@ class OnnxEngine(Engine):
         outs = self._buffers.get(shapes, avoid=held)
         io, np_dtypes = self._io, self._np_dtypes
         for name, x in zip(self._in_dtypes, held):
-            io.bind_input(name, "cuda", dev_id, np_dtypes[name], tuple(x.shape), x.data_ptr())
+            io.bind_input(name, kind, dev_id, np_dtypes[name], tuple(x.shape), x.data_ptr())
         for name, y in outs.items():
-            io.bind_output(name, "cuda", dev_id, np_dtypes[name], tuple(y.shape), y.data_ptr())
+            io.bind_output(name, kind, dev_id, np_dtypes[name], tuple(y.shape), y.data_ptr())
+        if kind != "cuda":
+            self._run_iobinding(io)
+            return dict(outs)
+        stream = self.stream
+        assert stream is not None  # set by open()
         caller = torch.cuda.current_stream(self.device)
         if caller != stream:
             stream.wait_stream(caller)  # inputs written on the caller's stream come first
-        try:
-            self._session.run_with_iobinding(io, self._run_options)
-        except Exception as e:  # noqa: BLE001
-            raise EngineError(f"{self.name}: ONNX Runtime failed: {_first_line(e)}") from None
+        self._run_iobinding(io)
         for x in held:
             x.record_stream(stream)  # the allocator keeps them until the stream is past this run
         self._held = held
         if caller != stream:
             caller.wait_stream(stream)  # readers on the caller's stream see finished outputs
         return dict(outs)
+
+    def _run_iobinding(self, io: Any) -> None:
+        try:
+            self._session.run_with_iobinding(io, self._run_options)
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"{self.name}: ONNX Runtime failed: {_first_line(e)}") from None
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -359,6 +385,7 @@ def onnx_engines(
     stream: torch.cuda.Stream | None = None,
     trt_fp16: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
+    iobinding: bool | None = None,
 ) -> dict[str, Engine]:
     """The nine parts of an export as ONNX Runtime engines (sessions open on ``__enter__``).
 
@@ -367,11 +394,14 @@ def onnx_engines(
     intra-op threads per session (default: all cores). ``stream``: the non-default torch
     CUDA stream all nine sessions run on (default: a new one, shared). ``trt_fp16`` and
     ``max_batch`` configure the TensorRT execution provider (engine cache in
-    ``<export dir>/ort_trt_cache``).
+    ``<export dir>/ort_trt_cache``). ``iobinding``: bind preallocated outputs (always
+    on CUDA; on CPU it gives the GPU's output lifetime, for tests).
     """
-    resolve_providers(providers, device)  # bad combinations fail here, not on open
-    if device.type == "cuda" and stream is None:
-        stream = torch.cuda.Stream(device)
+    names = resolve_providers(providers, device)  # bad combinations fail here, not on open
+    if device.type == "cuda":
+        check_available(import_onnxruntime(), names)  # the install hint before any CUDA call
+        if stream is None:
+            stream = new_stream(device)
     specs = part_specs(manifest.config)
     engines: dict[str, Engine] = {}
     for name in PART_NAMES:
@@ -379,5 +409,6 @@ def onnx_engines(
         engines[name] = OnnxEngine(
             specs[name], path, device, providers=providers, threads=threads, stream=stream,
             trt_fp16=trt_fp16, trt_cache_dir=path.parent / "ort_trt_cache", max_batch=max_batch,
+            iobinding=iobinding,
         )
     return engines

@@ -1,0 +1,453 @@
+"""The TensorRT backend (TensorRT 10 and 11): one plan and one execution context per part.
+
+``tensorrt`` is imported when an engine opens (or :func:`trt_engines` is called), never
+when this module is imported. Only API that TensorRT 10.x and 11.x share is used
+(``execute_async_v3``, ``set_input_shape``, ``set_tensor_address``, the
+``get_tensor_*`` queries); see TRT_NOTES.md.
+
+Per call (:meth:`TrtEngine.run`):
+
+1. each input is made bindable (right device and the dtype the plan declares,
+   contiguous; a copy when not) and held alive: ``record_stream`` on the engines' stream
+   plus a reference until the next call, so memory is not reused while TensorRT reads it;
+2. the input shapes are set on the context only when N changed since the last call;
+3. outputs are preallocated per (part, N) and reused
+   (:class:`~hms_deploy.runtime.bindings.OutputBuffers`; a second set when an input
+   aliases the first), with the dtype read from the engine (``decision`` is INT64);
+4. ``execute_async_v3`` on the one caller-owned non-default stream shared by the nine
+   engines; that stream first waits for the caller's current stream, and the caller's
+   stream then waits for it, so results are ordered without any host sync.
+
+Optional CUDA graphs (``cuda_graphs=True``) for cells, gates and head: one graph per N
+over static buffers, eager fallback when capture fails (:mod:`hms_deploy.runtime.cuda_graphs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hms_deploy.errors import BackendUnavailable, EngineError
+from hms_deploy.export.trt_plan import (
+    DEFAULT_MAX_BATCH,
+    check_plan_compatible,
+    rebuild_hint,
+)
+from hms_deploy.parts import PART_NAMES, PartSpec
+
+from ..bindings import OutputBuffers, bindable, new_stream, torch_dtype_from_trt
+from ..cuda_graphs import GRAPH_PARTS, StaticGraph, capture
+from ..engine import TORCH_DTYPES, Engine
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+    from hms_deploy.export.manifest import Manifest
+
+TRT_MISSING = "TensorRT is not installed: pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
+BUILD_LOCK = ".trt_build.lock"
+MAX_GRAPHS = 16  # CUDA graphs per engine (one context and one set of static buffers each)
+
+_LOGGER: trt.Logger | None = None  # one logger per process (TensorRT warns about a second one)
+
+
+def require_tensorrt() -> str:
+    """The TensorRT version, or :class:`BackendUnavailable` with the install hint.
+
+    ``tensorrt-stubs`` (type stubs) and NVIDIA's PyPI placeholder both make ``import
+    tensorrt`` succeed without a runtime: those count as not installed.
+    """
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendUnavailable(TRT_MISSING) from None
+    version = getattr(tensorrt, "__version__", None)
+    if not hasattr(tensorrt, "Runtime") or not isinstance(version, str):
+        raise BackendUnavailable(TRT_MISSING)
+    return version
+
+
+def require_cuda(device: torch.device) -> torch.device:
+    """``device`` with its index, or :class:`BackendUnavailable` if it is not a usable GPU."""
+    if device.type != "cuda":
+        raise BackendUnavailable(f"TensorRT runs on an NVIDIA GPU; got device {device} (use --device cuda)")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs CUDA, but torch sees no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _logger() -> trt.Logger:
+    global _LOGGER
+    import tensorrt as trt
+
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+class TrtEngine(Engine):
+    """One part as a TensorRT plan; the context and buffers live between enter and exit."""
+
+    backend = "trt"
+
+    def __init__(
+        self,
+        spec: PartSpec,
+        plan_path: str | os.PathLike[str],
+        device: torch.device,
+        *,
+        stream: torch.cuda.Stream,
+        cuda_graphs: bool = False,
+        export_dir: str | os.PathLike[str] | None = None,
+    ):
+        super().__init__(spec, device)
+        self.path = Path(plan_path)
+        self.stream = stream
+        self.cuda_graphs = cuda_graphs and spec.name in GRAPH_PARTS
+        self.export_dir = export_dir
+        self._runtime: trt.Runtime | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
+        self._in_dtypes: dict[str, torch.dtype] = {}
+        self._out_dtypes: dict[str, torch.dtype] = {}
+        self._max_batch = 0
+        self._buffers: OutputBuffers | None = None
+        self._n: int | None = None  # batch size whose input shapes are set on the context
+        self._out_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._addresses: dict[str, int] = {}  # last address bound per tensor
+        self._held: list[torch.Tensor] = []  # inputs of the last launch (kept until the next one)
+        self._graphs: dict[int, StaticGraph | None] = {}  # N -> graph (None: capture failed)
+        self._casts: list[tuple[str, torch.dtype]] = []  # outputs whose plan dtype differs from the spec
+        self._cuda = True
+
+    @property
+    def max_batch(self) -> int:
+        """Largest N of the plan's optimisation profile (0 before open); larger batches run
+        in chunks of it."""
+        return self._max_batch
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        require_tensorrt()
+        import tensorrt as trt
+
+        self.device = require_cuda(self.device)
+        self._cuda = self.device.type == "cuda"  # False only under tests' fake TensorRT on CPU
+        if not self.path.is_file():
+            raise EngineError(f"{self.name}: TensorRT plan {self.path} not found; {rebuild_hint(self.export_dir)}")
+        runtime = trt.Runtime(_logger())
+        with torch.cuda.device(self.device) if self._cuda else contextlib.nullcontext():
+            engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if engine is None:
+                raise EngineError(
+                    f"{self.name}: TensorRT {trt.__version__} cannot load {self.path.name} (built by "
+                    f"another TensorRT version or for another GPU?): {rebuild_hint(self.export_dir)}"
+                )
+            context: trt.IExecutionContext | None = engine.create_execution_context()
+            if context is None:
+                raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+        self._in_dtypes, self._out_dtypes = self._read_io(engine)
+        self._casts = [
+            (t.name, TORCH_DTYPES[t.dtype]) for t in self.spec.outputs
+            if self._out_dtypes[t.name] != TORCH_DTYPES[t.dtype]
+        ]
+        first = self.spec.inputs[0].name
+        self._max_batch = _dims(engine.get_tensor_profile_shape(first, 0)[2])[0]
+        self._runtime, self._engine, self._context = runtime, engine, context
+        self._buffers = OutputBuffers(self.name, self._out_dtypes, self.device)
+
+    def _read_io(self, engine: trt.ICudaEngine) -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
+        """The plan's I/O checked against the part spec; dtypes by name, in spec order."""
+        import tensorrt as trt
+
+        found: dict[str, tuple[bool, torch.dtype, tuple[int, ...]]] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            where = f"{self.name}: {'input' if is_input else 'output'} '{name}' of {self.path.name}"
+            dtype = torch_dtype_from_trt(engine.get_tensor_dtype(name).name, where=where)
+            found[name] = (is_input, dtype, _dims(engine.get_tensor_shape(name)))
+        want_in, want_out = self.spec.input_names, self.spec.output_names
+        got_in = [n for n, v in found.items() if v[0]]
+        got_out = [n for n, v in found.items() if not v[0]]
+        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
+            raise EngineError(
+                f"{self.name}: plan {self.path.name} has inputs {got_in} and outputs {got_out}, "
+                f"expected {want_in} and {want_out}: {rebuild_hint(self.export_dir)}"
+            )
+        ins: dict[str, torch.dtype] = {}
+        outs: dict[str, torch.dtype] = {}
+        for t in (*self.spec.inputs, *self.spec.outputs):
+            is_input, dtype, shape = found[t.name]
+            kind = "input" if is_input else "output"
+            if len(shape) != len(t.shape) + 1 or shape[1:] != t.shape:
+                raise EngineError(
+                    f"{self.name}: {kind} '{t.name}' of {self.path.name} has shape {shape}, "
+                    f"expected {t.describe()}: {rebuild_hint(self.export_dir)}"
+                )
+            want = TORCH_DTYPES[t.dtype]
+            # other float precision at the I/O is bridged by a cast; anything else is wrong
+            if dtype != want and not (dtype.is_floating_point and want.is_floating_point) and not (
+                t.dtype == "int64" and dtype == torch.int32
+            ):
+                raise EngineError(f"{self.name}: {kind} '{t.name}' of {self.path.name} has dtype {dtype}, expected {want}")
+            (ins if is_input else outs)[t.name] = dtype
+        return ins, outs
+
+    def close(self) -> None:
+        if self._context is not None:
+            self.stream.synchronize()  # nothing may still read or write what is freed below
+        self._graphs.clear()
+        self._held = []
+        self._addresses = {}
+        self._out_shapes = {}
+        self._n = None
+        if self._buffers is not None:
+            self._buffers.clear()
+        self._buffers = None
+        self._context = None  # context before engine before runtime
+        self._engine = None
+        self._runtime = None
+
+    # ------------------------------------------------------------------ running
+
+    def _set_batch(self, n: int) -> dict[str, tuple[int, ...]]:
+        """Set every input shape for batch ``n`` on the context; the output shapes at ``n``."""
+        ctx = self._context
+        assert ctx is not None and 0 < n <= self._max_batch  # open; run() chunks larger batches
+        if self._n != n:
+            for t in self.spec.inputs:
+                if not ctx.set_input_shape(t.name, t.with_batch(n)):
+                    raise EngineError(f"{self.name}: TensorRT refused input '{t.name}' shape {t.with_batch(n)}")
+            self._n = n
+        shapes = self._out_shapes.get(n)
+        if shapes is None:
+            shapes = {t.name: _dims(ctx.get_tensor_shape(t.name)) for t in self.spec.outputs}
+            for t in self.spec.outputs:
+                if shapes[t.name] != t.with_batch(n):
+                    raise EngineError(
+                        f"{self.name}: plan gives output '{t.name}' shape {shapes[t.name]} at N={n}, "
+                        f"expected {t.with_batch(n)}"
+                    )
+            self._out_shapes[n] = shapes
+        return shapes
+
+    def _bind(self, name: str, x: torch.Tensor) -> None:
+        ptr = x.data_ptr()
+        if self._addresses.get(name) != ptr:
+            assert self._context is not None
+            if not self._context.set_tensor_address(name, ptr):
+                raise EngineError(f"{self.name}: TensorRT refused the address of '{name}'")
+            self._addresses[name] = ptr
+
+    def _launch(self) -> None:
+        assert self._context is not None
+        if not self._context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+
+    def run(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        assert self._buffers is not None  # open
+        held = [
+            bindable(self.name, name, inputs[name], device=self.device, dtype=dtype)
+            for name, dtype in self._in_dtypes.items()
+        ]
+        with self._ordered() as stream:
+            graphs = self.cuda_graphs and n <= self._max_batch
+            out = self._run_graph(dict(zip(self._in_dtypes, held)), n) if graphs else None
+            if out is None:
+                out = self._run_eager(held, n, stream)
+            self._record(held, stream)  # not reused by the allocator before the stream is past here
+            self._held = held
+        return self._as_spec(dict(out))
+
+    def _run_eager(self, held: list[torch.Tensor], n: int, stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+        """Launch on the stream; batches above the plan's maximum run in chunks of it, each
+        chunk reading and writing contiguous row slices of the same tensors (no copies)."""
+        assert self._buffers is not None  # open
+        step = min(n, self._max_batch)
+        allocated = self._buffers.allocations
+        outs = self._buffers.get(
+            {t.name: t.with_batch(n) for t in self.spec.outputs}, avoid=held
+        )
+        if self._buffers.allocations != allocated:  # freed only after the stream passed its last use
+            self._record(outs.values(), stream)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            self._set_batch(stop - start)
+            whole = stop - start == n
+            for name, x in zip(self._in_dtypes, held):
+                self._bind(name, x if whole else x[start:stop])
+            for name, y in outs.items():
+                self._bind(name, y if whole else y[start:stop])
+            self._launch()
+        return outs
+
+    def _record(self, tensors: Iterable[torch.Tensor], stream: torch.cuda.Stream) -> None:
+        """Tell torch's allocator that ``stream`` uses these tensors (see ``record_stream``)."""
+        if self._cuda:
+            for x in tensors:
+                x.record_stream(stream)
+
+    @contextlib.contextmanager
+    def _ordered(self) -> Iterator[torch.cuda.Stream]:
+        """Order the engines' stream after the caller's current stream, and back."""
+        stream = self.stream
+        if not self._cuda:
+            yield stream
+            return
+        caller = torch.cuda.current_stream(self.device)
+        if caller == stream:
+            yield stream
+            return
+        stream.wait_stream(caller)
+        try:
+            yield stream
+        finally:
+            caller.wait_stream(stream)
+
+    def _run_graph(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor] | None:
+        """Replay N's graph (captured on first use); None: run eagerly (capture failed, or
+        :data:`MAX_GRAPHS` batch sizes already have one)."""
+        if n not in self._graphs:
+            if len(self._graphs) >= MAX_GRAPHS:
+                return None
+            self._graphs[n] = self._capture(n)
+        graph = self._graphs[n]
+        return None if graph is None else graph.replay(inputs, self.stream)
+
+    def _capture(self, n: int) -> StaticGraph | None:
+        """A graph for batch ``n`` on a context of its own.
+
+        The graph bakes in the shapes and addresses set at capture (and any host-side
+        shape data TensorRT copies in), so its context is never touched again: the eager
+        context may switch batch sizes freely.
+        """
+        assert self._engine is not None  # open
+        ctx: trt.IExecutionContext | None = self._engine.create_execution_context()
+        if ctx is None:
+            return None
+        static_in = {
+            t.name: torch.zeros(t.with_batch(n), dtype=self._in_dtypes[t.name], device=self.device)
+            for t in self.spec.inputs
+        }
+        static_out = {
+            t.name: torch.empty(t.with_batch(n), dtype=self._out_dtypes[t.name], device=self.device)
+            for t in self.spec.outputs
+        }
+        for t in self.spec.inputs:
+            if not ctx.set_input_shape(t.name, t.with_batch(n)):
+                return None
+        for name, x in (*static_in.items(), *static_out.items()):
+            if not ctx.set_tensor_address(name, x.data_ptr()):
+                return None
+
+        def launch() -> None:
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed while capturing N={n}")
+
+        graph = capture(launch, self.stream, static_in, static_out)
+        if graph is not None:
+            graph.owner = ctx  # the context lives as long as its graph
+        return graph
+
+    def _as_spec(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs in the spec's dtypes (a plan with INT32 indices or fp16 outputs is cast)."""
+        for name, want in self._casts:
+            out[name] = out[name].to(want)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(file=str(self.path), max_batch=self._max_batch, cuda_graphs=self.cuda_graphs)
+        return d
+
+
+# ---------------------------------------------------------------------------- the set
+
+
+def trt_engines(
+    manifest: Manifest,
+    device: torch.device,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    stream: torch.cuda.Stream | None = None,
+    cuda_graphs: bool = False,
+    build: bool = True,
+) -> dict[str, Engine]:
+    """The nine parts of an export as TensorRT engines (plans load on ``__enter__``).
+
+    Plans listed in the manifest are checked against this machine (TensorRT version, GPU
+    compute capability, source ONNX hash) first: a mismatch raises :class:`EngineError`
+    with the rebuild command. If the export has no plans at all and ``build`` is true,
+    they are built once from its ONNX files (``max_batch``: the profile's largest N) and
+    cached in the export dir, the manifest updated atomically (under a file lock, so
+    concurrent runs build once); ``manifest`` is refreshed in place.
+
+    ``stream``: the caller-owned, non-default CUDA stream all nine engines run on
+    (default: a new one). ``cuda_graphs``: replay cells, gates and head from CUDA graphs.
+    """
+    version = require_tensorrt()
+    device = require_cuda(device)
+    if stream is None:
+        stream = new_stream(device)
+    if stream.cuda_stream == 0:
+        raise EngineError("TensorRT engines need a non-default CUDA stream (the default one adds device syncs)")
+    if not any("trt" in manifest.parts[name].files for name in PART_NAMES):
+        if not build:
+            raise EngineError(f"{manifest.dir}: the export has no TensorRT plans: {rebuild_hint(manifest.dir)}")
+        _build_plans(manifest, device, max_batch)
+    cc = torch.cuda.get_device_capability(device)
+    gpu = torch.cuda.get_device_name(device)
+    problems = [
+        p for name in PART_NAMES
+        if (p := check_plan_compatible(
+            manifest.parts[name], version, cc, gpu_name=gpu, export_dir=manifest.dir)) is not None
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more parts)" if len(problems) > 1 else ""
+        raise EngineError(problems[0] + more)
+    specs = {name: manifest.parts[name].spec for name in PART_NAMES}
+    return {
+        name: TrtEngine(
+            specs[name], manifest.path(name, "trt"), device, stream=stream, cuda_graphs=cuda_graphs,
+            export_dir=manifest.dir,
+        )
+        for name in PART_NAMES
+    }
+
+
+def _build_plans(manifest: Manifest, device: torch.device, max_batch: int) -> None:
+    """Build every part's plan from its ONNX file into the export dir; refresh ``manifest``.
+
+    Under an exclusive lock on ``DIR/.trt_build.lock``: a second process waits, then finds
+    the plans built and loads them.
+    """
+    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.export.pipeline import add_trt_plans
+
+    root = Path(manifest.dir)
+    try:
+        lock = open(root / BUILD_LOCK, "a+b")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise EngineError(
+            f"{root}: the export has no TensorRT plans and they cannot be built there ({e}); "
+            f"{rebuild_hint(root)} where the directory is writable"
+        ) from None
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        fresh = load_manifest(root, verify=True)
+        if not any("trt" in fresh.parts[name].files for name in PART_NAMES):  # nobody built meanwhile
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                fresh = add_trt_plans(root, max_batch=max_batch)
+    vars(manifest).update(vars(fresh))  # callers keep their object; it now lists the plans
