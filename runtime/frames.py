@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.data.video import FrameSource, StepSampler, VideoInfo, decode_audio, probe
+from hms_deploy.data.video import (
+    FrameSource,
+    StepSampler,
+    VideoInfo,
+    decode_audio,
+    probe,
+    resize_center_crop_batch,
+)
 
 RETAIN_BYTES = 256 * 2**20  # cap of the decoded-frame window per video
 
@@ -103,6 +110,9 @@ class VideoInputs:
         self.appearance_frames = 0
         self.motion_clips = 0
         self.has_audio: bool | None = None
+        # resized motion frames: neighbouring clips overlap, so each frame is resized once
+        self._motion_frames: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._motion_keep = 2 * config.clip.frames
 
     def decode_audio(self) -> np.ndarray:
         """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`)."""
@@ -123,9 +133,23 @@ class VideoInputs:
 
     def motion(self, t: int) -> np.ndarray:
         """``(3, 32, S, S)`` uint8: the motion clip of step t, resized and centre-cropped."""
-        x = self.sampler.motion_inputs(self.source, [t])[0]
+        idx = self.sampler.motion_frame_indices(t)
+        cache = self._motion_frames
+        need = [i for i in np.unique(idx).tolist() if i not in cache]
+        if need:
+            frames = self.source.read(need)
+            resized = resize_center_crop_batch(
+                [frames[i] for i in need], self.sampler.motion_resize, self.sampler.motion_crop
+            )
+            for i, x in zip(need, resized):
+                cache[i] = x
+        for i in idx.tolist():
+            cache.move_to_end(i)
+        clip = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
+        while len(cache) > self._motion_keep:
+            cache.popitem(last=False)
         self.motion_clips += 1
-        return x
+        return clip
 
     @property
     def decode_stats(self) -> dict[str, int]:

@@ -91,7 +91,7 @@ class Policy:
 
 def _round_half_up(x: float) -> int:
     """round() without banker's rounding, so rates:0.5 of 5 steps is 3, not 2."""
-    return int(math.floor(x + 0.5 + 1e-9))
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def _positive_int(text: str, what: str, policy: str) -> int:

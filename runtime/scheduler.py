@@ -37,8 +37,8 @@ Forced policies are charged the cost model's per-step gate cost although they la
 gate (a few kMAC; it keeps costs comparable across policies).
 
 Timing (``timing_ms``; INTERFACES.md): ``decode`` = probe + audio decode + frame decode,
-RGB conversion, resize/crop and host-to-device copies; ``audio`` = log-mel front end +
-audio backbone + aLSTM; ``appearance``/``motion`` = that backbone engine; ``cells_gates``
+RGB conversion, resize/crop and the frames' host-to-device copies; ``audio`` = log-mel
+front end (and its copy to the device) + audio backbone + aLSTM; ``appearance``/``motion`` = that backbone engine; ``cells_gates``
 = iLSTM, mLSTM, gates and head (including the decision reads); ``other`` = total minus
 the rest. On CUDA the engine categories are measured with CUDA events on the stream
 (resolved once at the end), so ``other`` may be negative where the host decoded while
@@ -47,6 +47,7 @@ the device computed. With N > 1 videos every record carries the batch's timing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -206,7 +207,7 @@ class EngineStepOps:
     ``active`` maps the rows of the current sub-batch to indices into ``videos``.
     """
 
-    def __init__(self, run: "_BatchRun"):
+    def __init__(self, run: _BatchRun):
         self.run = run
         self.active = torch.arange(len(run.videos))
 
@@ -218,8 +219,8 @@ class EngineStepOps:
         run = self.run
         with run.timer.device_section("cells_gates"):
             out = run.es.engines[part](inputs)
-        with run.timer.host_section("cells_gates"):
-            d = out["decision"].to("cpu", torch.int64)  # THE host read of this gate
+            # THE host read of this gate (a copy: the budget veto edits it)
+            d = out["decision"].to("cpu", torch.int64, copy=True)
         run.host_reads += 1
         return d
 
@@ -341,51 +342,54 @@ class _BatchRun:
         k = T - t
         if self.opts.budget is not None:
             dense_step = self.costs["base"] + self.costs["appearance"] + self.costs["motion"]
+            if self.opts.online:
+                dense_step += self.costs["head"]
             room = min(self.opts.budget - self.videos[v].used - self.costs["head"] for v in active)
-            k = min(k, max(1, int(math.floor(room / dense_step * (1 + _EPS)))))
+            k = min(k, max(1, math.floor(room / dense_step * (1 + _EPS))))
         t1 = t + k
-        idx = torch.tensor(active)
         dev = self.es.device
+        full = len(active) == len(self.videos)
+        didx = None if full else _to_device(np.asarray(active, dtype=np.int64), dev)
+        n = len(active)
         with self.timer.host_section("audio"):
             mel = np.stack([self.patches[v][t:t1] for v in active], axis=1)  # (k, n, 1, 96, 64)
-            mel = mel.reshape(-1, *mel.shape[2:])
-        x = _to_device(mel, dev)
-        feats = []
+            x = _to_device(mel.reshape(-1, *mel.shape[2:]), dev)
+        # engine outputs live until the engine's next call: copy what is kept
+        p = torch.empty(k * n, self.p_a.shape[2], device=dev)
+        hs = torch.empty(k, n, self.h_a.shape[2], device=dev)
+        b = self.opts.audio_batch
         with self.timer.device_section("audio"):
-            for s in range(0, mel.shape[0], self.opts.audio_batch):
-                feats.append(self.es.engines["audio_backbone"]({"mel": x[s:s + self.opts.audio_batch]})["feat"])
+            for s in range(0, k * n, b):
+                p[s:s + b].copy_(self.es.engines["audio_backbone"]({"mel": x[s:s + b]})["feat"])
                 self.audio_calls += 1
-            p = torch.cat(feats).reshape(k, len(active), -1)
-            h, c = (s.index_select(0, idx.to(dev)) for s in self.audio_state)
+            p = p.reshape(k, n, -1)
+            h, c = self.audio_state if full else (z.index_select(0, didx) for z in self.audio_state)
             cell = self.es.engines["audio_cell"]
-            hs = []
             for j in range(k):
                 out = cell({"x_a": p[j], "h": h, "c": c})
                 h, c = out["h_next"], out["c_next"]
-                hs.append(h)
-            full = len(active) == len(self.videos)
-            if full:
+                hs[j].copy_(h)
+            if didx is None:
                 self.p_a[t:t1] = p
-                self.h_a[t:t1] = torch.stack(hs)
-                self.audio_state = (h, c)
+                self.h_a[t:t1] = hs
+                self.audio_state = (h.clone(), c.clone())
             else:
-                didx = idx.to(dev)
                 self.p_a[t:t1].index_copy_(1, didx, p)
-                self.h_a[t:t1].index_copy_(1, didx, torch.stack(hs))
+                self.h_a[t:t1].index_copy_(1, didx, hs)
                 self.audio_state = tuple(
-                    s.index_copy(0, didx, new) for s, new in zip(self.audio_state, (h, c))
+                    z.index_copy(0, didx, new) for z, new in zip(self.audio_state, (h, c))
                 )
         self.audio_done = t1
 
     # -- head ----------------------------------------------------------------------------
     def head(self, rows: list[int]) -> Tensor:
         """Probabilities (len(rows), C) on the host after the current step of ``rows``."""
-        idx = torch.tensor(rows, device=self.es.device)
-        h_m = self.state.h_m if len(rows) == len(self.videos) else self.state.h_m.index_select(0, idx)
+        h_m = self.state.h_m
+        if len(rows) != len(self.videos):
+            h_m = h_m.index_select(0, _to_device(np.asarray(rows, dtype=np.int64), self.es.device))
         with self.timer.device_section("cells_gates"):
             probs = self.es.engines["head"]({"h": h_m})["probs"]
-        with self.timer.host_section("cells_gates"):
-            out = probs.float().cpu()  # the prediction read
+            out = probs.to("cpu", torch.float32, copy=True)  # the prediction read
         self.prediction_reads += 1
         return out
 
@@ -404,9 +408,9 @@ class _BatchRun:
                 self.videos[v].used += base
             n = len(self.videos)
             full = len(active) == n
-            idx = torch.tensor(active)
-            didx = idx.to(self.es.device)
-            self.ops.active = idx
+            self.ops.active = torch.tensor(active)
+            if not full:
+                didx = _to_device(np.asarray(active, dtype=np.int64), self.es.device)
             if full:
                 x_a, h_a, state = self.p_a[t], self.h_a[t], self.state
             else:
@@ -446,7 +450,7 @@ class _BatchRun:
         es, opts, video = self.es, self.opts, self.videos[v]
         k = min(opts.topk, probs.numel())
         top = torch.topk(probs, k)
-        top_list = [[es.labels[i], round(float(p), 6)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        top_list = [[es.labels[i], float(p)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
         a, m = video.appearance, video.motion
         predictions = video.steps_done if opts.online else 1
         used = video_cost(es.costs, steps=video.steps_done, appearance=sum(a), motion=sum(m),
@@ -460,8 +464,7 @@ class _BatchRun:
             "steps": video.steps_done,
             "decisions": {"appearance": list(a), "motion": list(m)},
             "usage": {"appearance": sum(a), "motion": sum(m)},
-            "gflops": {"used": round(used, 6), "dense": round(dense_cost(es.costs, opts.steps), 6),
-                       "unit": UNIT},
+            "gflops": {"used": used, "dense": dense_cost(es.costs, opts.steps), "unit": UNIT},
             "has_audio": bool(video.inputs.has_audio),
             "engine": es.backend,
             "device": str(es.device),
@@ -486,8 +489,19 @@ class _BatchRun:
         return rec
 
 
+def engine_stream(engine_set: EngineSet) -> Any:
+    """The CUDA stream the engines run on (theirs if they have one, else a new one); None on CPU."""
+    if engine_set.device.type != "cuda":
+        return None
+    for e in engine_set.engines.values():
+        stream = getattr(e, "stream", None)
+        if stream is not None:
+            return stream
+    return torch.cuda.Stream(engine_set.device)
+
+
 def run_batch(
-    engine_set: EngineSet, videos: Sequence[str], options: RunOptions
+    engine_set: EngineSet, videos: Sequence[str], options: RunOptions, *, stream: Any = None
 ) -> Iterator[list[dict[str, Any]]]:
     """Classify ``videos`` in lockstep; yield lists of records.
 
@@ -496,20 +510,41 @@ def run_batch(
     record of every video, in input order. Raises :class:`~hms_deploy.errors.VideoError`
     (or another :class:`~hms_deploy.errors.HMSError`) if any video fails; the caller
     retries the others (see :class:`hms_deploy.runtime.session.Session`).
+
+    On CUDA all work is issued on one stream: ``stream`` (default
+    :func:`engine_stream`), made current only while this generator runs, never across
+    a ``yield``.
     """
-    timer = Timer(engine_set.device)
-    run = _BatchRun(engine_set, videos, options, timer)
+    if engine_set.device.type == "cuda":
+        cuda_stream = stream if stream is not None else engine_stream(engine_set)
+
+        def on_stream() -> Any:
+            return torch.cuda.stream(cuda_stream)
+    else:
+        on_stream = contextlib.nullcontext
+    with on_stream():
+        timer = Timer(engine_set.device)
+        run = _BatchRun(engine_set, videos, options, timer)
     try:
-        for active in run.steps():
+        steps = run.steps()
+        while True:
+            with on_stream():
+                active = next(steps, None)
+                if active is not None and options.online:
+                    timing = timer.result()
+                    partial = [run.record(v, run.videos[v].probs, timing, partial=True) for v in active]
+            if active is None:
+                break
             if options.online:
-                timing = timer.result()
-                yield [run.record(v, run.videos[v].probs, timing, partial=True) for v in active]
-        if options.online:
-            final = {v: run.videos[v].probs for v in range(len(run.videos))}
-        else:
-            probs = run.head(list(range(len(run.videos))))
-            final = dict(enumerate(probs))
-        timing = timer.result()
-        yield [run.record(v, final[v], timing, partial=False) for v in range(len(run.videos))]
+                yield partial
+        with on_stream():
+            if options.online:
+                final = {v: run.videos[v].probs for v in range(len(run.videos))}
+            else:
+                probs = run.head(list(range(len(run.videos))))
+                final = dict(enumerate(probs))
+            timing = timer.result()
+            records = [run.record(v, final[v], timing, partial=False) for v in range(len(run.videos))]
     finally:
         run.close()
+    yield records

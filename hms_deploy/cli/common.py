@@ -71,3 +71,14 @@ def handle_errors(prog: str) -> Callable[[F], F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: torch intra-op threads of this process (None leaves torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
+    import torch
+
+    torch.set_num_threads(threads)

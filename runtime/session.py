@@ -1,0 +1,231 @@
+"""The Python inference API: open an export (or a checkpoint) once, classify many videos.
+
+Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
+
+    from hms_deploy.runtime import Session
+
+    with Session(engines_dir="engines/") as session:          # ONNX Runtime, CPU
+        rec = session.classify("a.mp4")                       # one video -> one record
+        print(rec["label"], rec["score"], rec["usage"], rec["gflops"]["used"])
+
+        for rec in session.classify_many(["a.mp4", "b.mp4"], budget=200.0):
+            if "error" in rec:                                # a failed video does not stop the others
+                print(rec["video"], rec["error"])
+
+    with Session(checkpoint="ckpt.pt", engine="torch", device="cuda") as session:
+        for rec in session.classify_many(["a.mp4"], online=True):
+            ...  # partial records ("partial": True) after every step, then the final one
+
+``Session(engines_dir=None, checkpoint=None, engine=None, device="cpu", **engine_options)``:
+``engine`` is ``"onnx"`` (default), ``"trt"`` (both need ``engines_dir``, default
+``engines/``) or ``"torch"`` (needs ``checkpoint``; the default when only a checkpoint
+is given). ``engine_options`` go to the backend (e.g. ONNX Runtime ``providers``).
+Opening verifies the export's hashes; the engines are created once, on ``__enter__``
+(or on first use) and freed by ``close()`` / ``__exit__``.
+
+``classify(video, *, steps=None, policy="learned", budget=None, online=False, topk=5)``:
+``steps`` = T (default: the model's); ``policy`` = ``learned | dense | audio-only |
+every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`); ``budget`` in
+GMAC (:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head
+after every step (``classify`` returns only the final record; ``classify_many`` yields
+the partial ones too); ``topk`` = how many (label, probability) pairs. Raises
+:class:`~hms_deploy.errors.ConfigError` for bad options and
+:class:`~hms_deploy.errors.VideoError` for a video that cannot be read.
+
+``classify_many(videos, *, ..., batch_size=1)`` validates the options first (raising at
+the call, not at the first ``next``), then yields one record per video, in order;
+a failed video yields ``{"video": ..., "error": "one line"}`` and the rest go on.
+``batch_size > 1`` steps that many videos in lockstep, each skipping on its own
+(records then carry the batch's timing and engine-call counts); if one video of a batch
+fails, the others are rerun one by one.
+
+Record fields beyond INTERFACES.md (additions, never changes):
+
+- ``checkpoint``: sha256 of the checkpoint file (torch engine only; ``export`` is null
+  there, as the record has no export).
+- ``partial``: ``true`` on the running records of ``online`` mode (absent otherwise).
+- ``stats``: ``host_reads`` (gate decisions read from the device: one per gate
+  evaluated), ``prediction_reads`` (head outputs read: 1, or one per step online),
+  ``batch`` (videos in lockstep), ``vetoed`` ({modality: gate fires refused by the
+  budget}), ``appearance_frames`` / ``motion_clips`` (inputs handed to each backbone),
+  ``frames_decoded`` / ``frames_converted`` (RGB) / ``seeks`` / ``window_hits`` (the
+  decoder's counters), ``engine_calls`` ({part: calls during this run}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from typing_extensions import Self
+
+from hms_deploy.errors import ConfigError, HMSError
+from hms_deploy.runtime.engines import EngineSet, open_engine_set
+from hms_deploy.runtime.policy import Policy
+from hms_deploy.runtime.scheduler import RunOptions, engine_stream, resolve_options, run_batch
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, HMSError) and text else f"{type(e).__name__}: {text}"
+
+
+class Session:
+    """An opened model (EngineSet) that classifies videos; see the module docstring."""
+
+    def __init__(
+        self,
+        engines_dir: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        engine: str | None = None,
+        device: str = "cpu",
+        **engine_options: object,
+    ):
+        if engine is None:
+            engine = "torch" if checkpoint is not None and engines_dir is None else "onnx"
+        if checkpoint is not None and engines_dir is not None:
+            raise ConfigError("give an export dir (--engines) or a checkpoint, not both")
+        if engine != "torch" and checkpoint is None:
+            d = Path(engines_dir if engines_dir is not None else "engines")
+            if not d.is_dir():
+                raise ConfigError(
+                    f"engines directory '{d}' not found; export a checkpoint with "
+                    f"`hms-export --checkpoint CK --out {d}`, or run it with --checkpoint CK"
+                )
+            engines_dir = d
+        self.engine_set: EngineSet = open_engine_set(
+            engine, engines_dir=engines_dir, checkpoint=checkpoint, device=device, **engine_options
+        )
+        self.checkpoint_sha256 = _sha256(checkpoint) if engine == "torch" and checkpoint else None
+        self._open = False
+        self._stream: object = None
+
+    # -- lifetime ------------------------------------------------------------------------
+    def open(self) -> Session:
+        if not self._open:
+            self.engine_set.__enter__()
+            self._stream = engine_stream(self.engine_set)  # CUDA: the one stream of every run
+            self._open = True
+        return self
+
+    def close(self) -> None:
+        if self._open:
+            self.engine_set.__exit__(None, None, None)
+            self._open = False
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return self.engine_set.labels
+
+    @property
+    def steps(self) -> int:
+        """The model's default T."""
+        return self.engine_set.config.steps
+
+    def options(
+        self,
+        *,
+        steps: int | None = None,
+        policy: str | Policy = "learned",
+        budget: float | None = None,
+        online: bool = False,
+        topk: int = 5,
+    ) -> RunOptions:
+        """Validated options (:class:`ConfigError` if bad), for reuse across calls."""
+        return resolve_options(
+            self.engine_set, steps=steps, policy=policy, budget=budget, online=online, topk=topk
+        )
+
+    # -- classify ------------------------------------------------------------------------
+    def _finish(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.checkpoint_sha256 is not None:
+            rec["checkpoint"] = self.checkpoint_sha256
+        return rec
+
+    def classify(
+        self,
+        video: str | Path,
+        *,
+        steps: int | None = None,
+        policy: str | Policy = "learned",
+        budget: float | None = None,
+        online: bool = False,
+        topk: int = 5,
+    ) -> dict[str, Any]:
+        """Classify one video; the final record (errors raise)."""
+        opts = self.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk)
+        self.open()
+        final: list[dict[str, Any]] = []
+        for recs in run_batch(self.engine_set, [str(video)], opts, stream=self._stream):
+            final = recs
+        return self._finish(final[0])
+
+    def classify_many(
+        self,
+        videos: Iterable[str | Path],
+        *,
+        steps: int | None = None,
+        policy: str | Policy = "learned",
+        budget: float | None = None,
+        online: bool = False,
+        topk: int = 5,
+        batch_size: int = 1,
+        options: RunOptions | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield one record per video (error records included); see the module docstring."""
+        opts = options or self.options(
+            steps=steps, policy=policy, budget=budget, online=online, topk=topk
+        )
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.open()
+        return self._many(videos, opts, batch_size)
+
+    def _many(self, videos: Iterable[str | Path], opts: RunOptions, batch_size: int) -> Iterator[dict[str, Any]]:
+        batch: list[str] = []
+        for v in videos:
+            batch.append(str(v))
+            if len(batch) == batch_size:
+                yield from self._run(batch, opts)
+                batch = []
+        if batch:
+            yield from self._run(batch, opts)
+
+    def _run(self, batch: list[str], opts: RunOptions) -> Iterator[dict[str, Any]]:
+        if len(batch) > 1:
+            held: list[dict[str, Any]] = []  # partials of a batch are released only if it succeeds
+            try:
+                for recs in run_batch(self.engine_set, batch, opts, stream=self._stream):
+                    held.extend(self._finish(r) for r in recs)
+            except (HMSError, OSError, RuntimeError, ValueError, IndexError):
+                for v in batch:
+                    yield from self._run([v], opts)
+                return
+            yield from held
+            return
+        try:
+            for recs in run_batch(self.engine_set, batch, opts, stream=self._stream):
+                for r in recs:
+                    yield self._finish(r)
+        except (HMSError, OSError, RuntimeError, ValueError, IndexError) as e:
+            yield {"video": batch[0], "error": _one_line(e)}

@@ -1,0 +1,203 @@
+"""``hms-run``: inputs, output formats, failures, resume after a kill, every bad option."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from runtime_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
+    STEPS,
+    assets,
+    make_videos,
+    one_torch_thread,
+)
+
+from hms_deploy.cli.run import expand_inputs, main, strip
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def test_human_summary_and_json(tmp_path):
+    a = assets()
+    r = run(a.video, "--engines", a.engines)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"{a.video}: ") and "GMAC" in lines[0]
+    assert lines[1].startswith("  top: ")
+    r2 = run(a.video, "--engines", a.engines, "--json")
+    rec = _json_lines(r2.stdout)[0]
+    assert lines[2] == "  A/I/M: " + strip(rec["decisions"])
+    assert len(strip(rec["decisions"])) == STEPS
+    assert set(strip(rec["decisions"])) <= {".", "i", "M"}
+    assert rec["engine"] == "onnx" and rec["label"] in lines[0]
+    # --checkpoint alone means the torch engine; same decisions and top-1
+    r3 = run(a.video, "--checkpoint", a.checkpoint, "--json", "--topk", "6")
+    rt = _json_lines(r3.stdout)[0]
+    assert rt["engine"] == "torch" and len(rt["topk"]) == 6
+    assert rt["decisions"] == rec["decisions"] and rt["label"] == rec["label"]
+
+
+def test_strip():
+    assert strip({"appearance": [0, 1, 1, 0], "motion": [0, 0, 1, 0]}) == ".iM."
+
+
+def test_online_json(tmp_path):
+    a = assets()
+    out = tmp_path / "r.jsonl"
+    r = run(a.video, "--engines", a.engines, "--json", "--online", "--steps", "4",
+            "--output", out)
+    assert r.exit_code == 0, r.stderr
+    recs = _json_lines(r.stdout)
+    assert [x.get("partial", False) for x in recs] == [True] * 4 + [False]
+    assert len(_json_lines(out.read_text())) == 1  # partial lines never go to --output
+
+
+def test_inputs_dirs_and_lists(tmp_path):
+    videos = make_videos(tmp_path / "d" / "sub", 2)
+    (tmp_path / "d" / "notes.txt").write_text("not a video")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# a comment\n\n{videos[1]}\n{tmp_path / 'd'}\n")
+    assert expand_inputs((str(tmp_path / "d"),)) == [str(v) for v in videos]
+    assert expand_inputs((f"@{lst}", "x.mp4")) == [str(videos[1])] + [str(v) for v in videos] + ["x.mp4"]
+    r = run(f"@{lst}", "--engines", assets().engines, "--json", "--policy", "audio-only")
+    assert r.exit_code == 0, r.stderr
+    assert len(_json_lines(r.stdout)) == 3
+
+
+def test_twenty_videos_two_corrupt(tmp_path):
+    videos = make_videos(tmp_path / "v", 20, corrupt=(5, 12))
+    out = tmp_path / "r.jsonl"
+    r = run(tmp_path / "v", "--engines", assets().engines, "--json", "--output", out,
+            "--policy", "every:4")
+    assert r.exit_code != 0
+    recs = _json_lines(r.stdout)
+    assert len(recs) == 20
+    errors = [x for x in recs if "error" in x]
+    assert sorted(x["video"] for x in errors) == [str(videos[5]), str(videos[12])]
+    assert all(set(x) == {"video", "error"} for x in errors)
+    assert "2 of 20 video(s) failed" in r.stderr
+    assert _json_lines(out.read_text()) == recs
+    # rerun: the 18 results are skipped, the 2 errors retried (fixed one now succeeds)
+    videos[5].write_bytes(assets().video.read_bytes())
+    r = run(tmp_path / "v", "--engines", assets().engines, "--json", "--output", out,
+            "--policy", "every:4")
+    assert r.exit_code != 0  # video 12 is still broken
+    assert "18 video(s) already in" in r.stderr
+    recs = _json_lines(r.stdout)
+    assert [x["video"] for x in recs] == [str(videos[5]), str(videos[12])]
+    assert "error" not in recs[0] and "error" in recs[1]
+    assert len(_json_lines(out.read_text())) == 22
+
+
+def test_killed_midway_then_resumed(tmp_path):
+    videos = make_videos(tmp_path / "v", 20)
+    out = tmp_path / "r.jsonl"
+    args = [str(tmp_path / "v"), "--engines", str(assets().engines), "--output", str(out),
+            "--json", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hms_deploy.cli.run", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    first = out.read_text().count("\n")
+    assert 3 <= first < 20
+    r = run(*args)
+    assert r.exit_code == 0, r.stderr
+    lines = _json_lines(out.read_text())
+    assert sorted(x["video"] for x in lines) == sorted(str(v) for v in videos)  # once each
+    assert all("error" not in x for x in lines)
+    assert len(_json_lines(r.stdout)) == 20 - first
+
+
+def test_torn_output_line_is_ignored(tmp_path):
+    a = assets()
+    out = tmp_path / "r.jsonl"
+    out.write_text(f'{{"video": "{a.video}", "label": "x", "sc')
+    r = run(a.video, "--engines", a.engines, "--output", out)
+    assert r.exit_code == 0, r.stderr
+    lines = _json_lines(out.read_text())
+    assert len(lines) == 1 and lines[0]["video"] == str(a.video) and lines[0]["label"] != "x"
+
+
+def _bad(args, match):
+    r = CliRunner().invoke(main, [str(x) for x in args])
+    assert r.exit_code != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1, r.stderr
+    assert err[0].startswith("hms-run: error: ") and match in err[0], err[0]
+
+
+def test_bad_options(tmp_path):
+    a = assets()
+    v, e, ck = a.video, a.engines, a.checkpoint
+    _bad([v, "--engines", e, "--policy", "sometimes"], "unknown policy 'sometimes'")
+    _bad([v, "--engines", e, "--policy", "every:0"], "KI must be an integer >= 1")
+    _bad([v, "--engines", e, "--policy", "rates:0.1,0.5"], "must be <= PI")
+    _bad([v, "--engines", e, "--budget-gflops", "0"], "budget must be a number of GMAC > 0")
+    _bad([v, "--engines", e, "--budget-gmacs", "-1"], "budget must be a number of GMAC > 0")
+    _bad([v, "--engines", e, "--budget-gflops", "1e-9"], "cannot afford one step (base")
+    _bad([v, "--engines", e, "--steps", "0"], "steps must be an integer >= 1, got 0")
+    _bad([v, "--engines", e, "--topk", "0"], "topk must be an integer >= 1")
+    _bad([v, "--engines", e, "--batch-size", "0"], "--batch-size must be >= 1")
+    _bad([v, "--engines", tmp_path / "nope"], "engines directory")
+    _bad([v, "--engine", "torch"], "--engine torch needs --checkpoint")
+    _bad([v, "--checkpoint", ck, "--engine", "onnx"], "--engine onnx runs an export dir")
+    _bad([v, "--engines", e, "--checkpoint", ck], "not both")
+    _bad([v, "--checkpoint", tmp_path / "missing.pt"], "checkpoint not found")
+    _bad([f"@{tmp_path / 'nolist.txt'}", "--engines", e], "list file")
+    (tmp_path / "empty").mkdir()
+    _bad([tmp_path / "empty", "--engines", e], "holds no video files")
+    _bad([v, "--engines", e, "--device", "tpu"], "unknown device 'tpu'")
+    if not torch.cuda.is_available():
+        _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device")
+        _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device")
+    _bad([v, "--engines", e, "--output", tmp_path], "is a directory")
+
+
+def test_help():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for opt in ("--engines", "--checkpoint", "--engine", "--device", "--steps", "--budget-gflops",
+                "--budget-gmacs", "--policy", "--online", "--json", "--output", "--topk", "--debug"):
+        assert opt in r.stdout
+
+
+def test_missing_video_is_an_error_line_not_a_crash(tmp_path):
+    a = assets()
+    r = run(tmp_path / "missing.mp4", a.video, "--engines", a.engines)
+    assert r.exit_code == 1
+    assert "missing.mp4" in r.stderr and "no such file" in r.stderr
+    assert r.stdout.startswith(f"{a.video}: ")
+
+
+@pytest.mark.parametrize("flag", ["--progress", "--no-progress"])
+def test_progress_bar_goes_to_stderr(tmp_path, flag):
+    a = assets()
+    r = run(a.video, "--engines", a.engines, "--json", flag, "--policy", "audio-only")
+    assert r.exit_code == 0
+    assert len(_json_lines(r.stdout)) == 1  # stdout stays clean JSON
+    assert ("video/s" in r.stderr or "1/1" in r.stderr) == (flag == "--progress")
