@@ -236,6 +236,8 @@ class OnnxEngine(Engine):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: node placement notices are not ours to fix
+        # Spinning pool threads steal the cores that decoding (PyAV) needs between calls.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 str(self.path), sess_options=so, providers=self.providers,
