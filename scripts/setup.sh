@@ -12,10 +12,13 @@ fi
 stamp=.venv/.hms-deploy-installed
 want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/pip install --quiet --no-deps "tensorrt-stubs>=10.13" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "setup: installing into .venv (a few minutes the first time; log in .venv/setup.log)"
+  {
+    .venv/bin/pip install --upgrade pip &&
+    .venv/bin/pip install -e ".[dev]" &&
+    .venv/bin/pip install --no-deps "tensorrt-stubs>=10.13"
+  } > .venv/setup.log 2>&1 || { tail -30 .venv/setup.log >&2; echo "setup: pip failed" >&2; exit 1; }
   .venv/bin/python -c "import hms_deploy, torch, torchvision, timm, pytorchvideo, onnx, onnxruntime, av" \
-    || { echo "setup: the environment does not import; see pip output above" >&2; exit 1; }
+    || { echo "setup: the environment does not import; see .venv/setup.log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
