@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, fail, handle_errors
+from hms_deploy.cli.common import debug_option, fail, handle_errors, set_threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,10 +26,13 @@ from hms_deploy.cli.common import debug_option, fail, handle_errors
               help="Steps per backbone call.")
 @click.option("--shard-size", type=int, default=256, show_default=True,
               help="Videos per shard file (new stores only).")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads in this process (default: torch's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
 @handle_errors("hms-extract")
-def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_size, quiet, debug):
+def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_size, threads, quiet,
+         debug):
     """Extract per-step raw audio/appearance/motion features for every video of a CSV.
 
     A rerun skips videos already in the store and retries failed ones. Videos that fail
@@ -40,6 +43,7 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
     from hms_deploy.data.datasets import read_list
     from hms_deploy.data.features import extract
 
+    set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     dataset = read_list(list_path)
     report = extract(

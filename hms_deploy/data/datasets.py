@@ -280,3 +280,49 @@ def fcvid_to_csv(
     labp = Path(labels_out) if labels_out else out.parent / "labels.txt"
     labp.write_text("".join(f"{c}\n" for c in names))
     return AdapterReport(out, labp, len(rows), n_classes, dict(skipped))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hms_deploy.data.datasets {activitynet,fcvid} ...``: write a dataset CSV."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m hms_deploy.data.datasets",
+                                 description="Write a path,label CSV for hms-extract.")
+    sub = ap.add_subparsers(dest="dataset", required=True)
+    a = sub.add_parser("activitynet", help="ActivityNet v1.3 JSON")
+    a.add_argument("annotations")
+    a.add_argument("video_dir")
+    a.add_argument("out_csv")
+    a.add_argument("--subset", default="training", help="training | validation")
+    a.add_argument("--labels-out", default=None)
+    a.add_argument("--keep-missing", action="store_true", help="list videos without a file")
+    f = sub.add_parser("fcvid", help="FCVID split + label files")
+    f.add_argument("split_file", help="FCVID_VideoName_TrainTestSplit.txt")
+    f.add_argument("label_file", help="FCVID_Label.txt")
+    f.add_argument("video_dir")
+    f.add_argument("out_csv")
+    f.add_argument("--subset", default="train", help="train | test")
+    f.add_argument("--categories", default=None, help="one class name a line, column order")
+    f.add_argument("--labels-out", default=None)
+    f.add_argument("--keep-missing", action="store_true", help="list videos without a file")
+    args = ap.parse_args(argv)
+    try:
+        if args.dataset == "activitynet":
+            rep = activitynet_to_csv(args.annotations, args.video_dir, args.out_csv,
+                                     subset=args.subset, labels_out=args.labels_out,
+                                     require_files=not args.keep_missing)
+        else:
+            rep = fcvid_to_csv(args.split_file, args.label_file, args.video_dir, args.out_csv,
+                               subset=args.subset, categories=args.categories,
+                               labels_out=args.labels_out, require_files=not args.keep_missing)
+    except (DatasetError, OSError) as e:
+        print(f"{ap.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(f"wrote {rep.csv} ({rep.rows} videos, {rep.classes} classes in {rep.labels}); "
+          f"skipped: {rep.skipped or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,9 @@ class FeatureStore:
         # a record whose features are not all on disk (should not happen) is ignored
         self.records: list[VideoRecord] = [r for r in records if self._complete(r)]
         self._by_key = {r.key: i for i, r in enumerate(self.records)}
+        self._slots: dict[int, int] = {}  # shard -> indexed slots
+        for r in self.records:
+            self._slots[r.shard] = max(self._slots.get(r.shard, 0), r.slot + 1)
         self._maps: dict[tuple[str, int], np.memmap] = {}
         self._writer = _writer
         self._lock_fd: int | None = None
@@ -265,7 +268,7 @@ class FeatureStore:
 
     def _map(self, modality: str, shard: int) -> np.memmap:
         key = (modality, shard)
-        slots = 1 + max(r.slot for r in self.records if r.shard == shard)
+        slots = self._slots[shard]
         m = self._maps.get(key)
         if m is None or m.shape[0] < slots:
             m = np.memmap(
@@ -369,9 +372,7 @@ class FeatureStore:
             tmp = index.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.records))
             os.replace(tmp, index)
-        slots: dict[int, int] = {}
-        for r in self.records:
-            slots[r.shard] = max(slots.get(r.shard, 0), r.slot + 1)
+        slots = self._slots
         for m in self.modalities:
             d = self.root / "features" / m
             d.mkdir(parents=True, exist_ok=True)
@@ -387,12 +388,12 @@ class FeatureStore:
         self._maps.clear()
 
     def _next_slot(self) -> tuple[int, int]:
-        if not self.records:
+        if not self._slots:
             return 0, 0
-        last = max(self.records, key=lambda r: (r.shard, r.slot))
-        if last.slot + 1 < self.meta.shard_size:
-            return last.shard, last.slot + 1
-        return last.shard + 1, 0
+        shard = max(self._slots)
+        if self._slots[shard] < self.meta.shard_size:
+            return shard, self._slots[shard]
+        return shard + 1, 0
 
     def write_features(self, feats: dict[str, np.ndarray]) -> tuple[int, int]:
         """Append one video's features (not yet indexed) and fsync; returns (shard, slot).
@@ -432,6 +433,7 @@ class FeatureStore:
             os.fsync(f.fileno())
         self._by_key[key] = len(self.records)
         self.records.append(rec)
+        self._slots[rec.shard] = max(self._slots.get(rec.shard, 0), rec.slot + 1)
         return rec
 
     def add(self, *, feats: dict[str, np.ndarray], **fields: Any) -> VideoRecord:
@@ -612,6 +614,51 @@ def _prepare_job(key: str, path: str, config_json: str, steps: int) -> tuple[str
 # -- main side ------------------------------------------------------------------------
 
 
+def iter_inputs(
+    entries: Sequence[Any], config: HMSConfig, steps: int, workers: int = 1
+) -> Iterator[tuple[Any, VideoInputs | None, str | None]]:
+    """Decode ``entries`` (objects with ``key`` and ``path``) in ``workers`` processes.
+
+    Yields ``(entry, inputs, None)`` or ``(entry, None, one-line error)`` in the order of
+    ``entries`` (at most ``2 * workers`` videos in flight). ``workers=0`` decodes here.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    config_json = json.dumps(config.to_dict())
+    if workers == 0:
+        for e in entries:
+            _, inputs, error = _prepare_job(e.key, str(e.path), config_json, steps)
+            yield e, inputs, error
+        return
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        window: list[tuple[Any, cf.Future]] = []
+        it = iter(entries)
+        try:
+            while True:
+                while len(window) < 2 * workers:
+                    e = next(it, None)
+                    if e is None:
+                        break
+                    window.append(
+                        (e, pool.submit(_prepare_job, e.key, str(e.path), config_json, steps)))
+                if not window:
+                    break
+                e, fut = window.pop(0)  # in list order: a reproducible store
+                try:
+                    _, inputs, error = fut.result()
+                except cf.process.BrokenProcessPool:
+                    raise DatasetError(
+                        "a decoding worker died (out of memory?); rerun to resume, with fewer "
+                        "--workers"
+                    ) from None
+                yield e, inputs, error
+        finally:
+            for _, f in window:
+                f.cancel()
+
+
 @dataclass
 class ExtractReport:
     """Outcome of :func:`extract`: counts, failures (key, one-line error) and timing."""
@@ -667,11 +714,6 @@ def extract(
     labels, missing or undecodable files) are recorded in ``errors.jsonl`` and returned,
     and the other videos still run.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from hms_deploy.config import HMSConfig  # noqa: F401 - re-exported type in signature
-
     if dtype not in DTYPES:
         raise DatasetError(f"dtype {dtype!r}, expected one of {DTYPES}")
     if workers < 0 or batch_size < 1:
@@ -709,7 +751,6 @@ def extract(
                 todo.append(e)
         total = len(dataset.entries) + len(dataset.problems)
         encoders = build_encoders(cfg, ckpt.state_dict)
-        config_json = json.dumps(cfg.to_dict())
         bar = _progress(total, skipped + len(failed), progress)
 
         def finish(entry: Any, inputs: Any, error: str | None) -> None:
@@ -735,39 +776,8 @@ def extract(
             bar.update(1)
             bar.set_postfix(failed=len(failed), refresh=False)
 
-        if workers == 0:
-            for e in todo:
-                _, inputs, error = _prepare_job(e.key, str(e.path), config_json, steps)
-                finish(e, inputs, error)
-        else:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                window: list[tuple[Any, cf.Future]] = []
-                it = iter(todo)
-                try:
-                    while True:
-                        while len(window) < 2 * workers:
-                            e = next(it, None)
-                            if e is None:
-                                break
-                            window.append(
-                                (e, pool.submit(_prepare_job, e.key, str(e.path), config_json, steps))
-                            )
-                        if not window:
-                            break
-                        e, fut = window.pop(0)  # commit in list order: a reproducible store
-                        try:
-                            _, inputs, error = fut.result()
-                        except cf.process.BrokenProcessPool:
-                            raise DatasetError(
-                                "a decoding worker died (out of memory?); rerun to resume, "
-                                "with fewer --workers"
-                            ) from None
-                        finish(e, inputs, error)
-                except BaseException:
-                    for _, f in window:
-                        f.cancel()
-                    raise
+        for e, inputs, error in iter_inputs(todo, cfg, steps, workers):
+            finish(e, inputs, error)
         bar.close()
     finally:
         store.close()

@@ -1,0 +1,260 @@
+"""The synthetic quality study: does HMS learn to spend motion where motion matters?
+
+Pipeline (library calls, the same functions as hms-init / hms-extract / hms-train /
+hms-eval):
+
+1. generate the synthetic dataset (:func:`hms_deploy.data.synthetic.make_dataset`: six
+   classes in three groups, each separable by one modality only) with a per-class
+   train / val / test split;
+2. initialise a ``tiny`` checkpoint;
+3. fine-tune backbones on the training split (:func:`hms_deploy.train.finetune.
+   finetune_backbones`). Frozen random tiny backbones already separate the audio and
+   appearance groups (single-step linear probe: 1.00), but not the motion group's
+   left/right drift (0.73 per step), so the motion encoder is fine-tuned; the audio and
+   appearance encoders stay random. ``--no-finetune`` skips this step;
+4. extract features of the three splits (same T), train HMS and the early-fusion
+   A+I+M baseline on train (model selection on val);
+5. evaluate both on test and write the result JSON with the targets checked:
+   HMS mAP >= early-fusion mAP - 1 point at <= 60 % of its GMAC/video; motion-group
+   classes run motion on >= 10 % of steps and >= 2x as often as audio-group classes.
+
+``--small`` is a CI-sized run (a few videos, short clips, few epochs; < 60 s) that checks
+the pipeline, not the targets.
+
+    python benchmarks/synthetic_quality.py                # full study (~10-20 min, 2 CPU cores)
+    python benchmarks/synthetic_quality.py --small --out /tmp/q.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "synthetic_quality.json"
+
+
+@dataclass
+class Settings:
+    """Everything the study's numbers depend on (stored in the result JSON)."""
+
+    per_class: int = 50  # 60/20/20 split -> 30 train, 10 val, 10 test videos per class
+    duration_s: float = 4.0
+    fps: float = 15.0
+    steps: int = 8  # T for HMS and early fusion alike (the paper also uses T = 10)
+    seed: int = 0
+    workers: int = 2  # decoding processes (decoding, not the tiny backbones, is the bottleneck)
+    finetune: dict = field(default_factory=lambda: {
+        "modalities": ["motion"], "epochs": 5, "steps_per_video": 4, "batch_size": 8,
+        "lr": 3e-3, "head": "joint", "focus": True})
+    hms: dict = field(default_factory=lambda: {
+        "epochs": 60, "batch_size": 32, "lr": 1e-3, "lr_decay": 0.97, "tau": 5.0,
+        "tau_decay": 0.965, "lam": 5.0, "gamma_i": 0.6, "gamma_m": 0.05})
+    early_fusion: dict = field(default_factory=lambda: {
+        "epochs": 40, "batch_size": 32, "lr": 1e-3, "lr_decay": 0.97})
+
+
+def small_settings() -> Settings:
+    return Settings(
+        per_class=3, duration_s=1.5, fps=8.0, steps=4, workers=0,
+        finetune={"modalities": ["motion"], "epochs": 1, "steps_per_video": 1,
+                  "batch_size": 8, "lr": 1e-3},
+        hms={"epochs": 3, "batch_size": 8, "lr": 1e-3},
+        early_fusion={"epochs": 3, "batch_size": 8, "lr": 1e-3},
+    )
+
+
+def _versions() -> dict[str, str]:
+    import av
+    import numpy
+    import torch
+
+    from hms_deploy.version import __version__
+
+    return {"hms_deploy": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "av": av.__version__, "python": platform.python_version()}
+
+
+def _device() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
+
+
+def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool = True) -> dict:
+    import torch
+
+    from hms_deploy.checkpoint import init_checkpoint, read_labels, save_checkpoint
+    from hms_deploy.config import tiny_config
+    from hms_deploy.data.datasets import read_list
+    from hms_deploy.data.features import extract, open_store
+    from hms_deploy.data.synthetic import make_dataset
+    from hms_deploy.eval.evaluate import evaluate
+    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones
+    from hms_deploy.train.loop import TrainConfig, train
+
+    s = settings
+    timings: dict[str, float] = {}
+    work.mkdir(parents=True, exist_ok=True)
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        if progress:
+            print(f"[study] {name}: {timings[name]} s", file=sys.stderr, flush=True)
+
+    t = time.perf_counter()
+    data = work / "data"
+    if not (data / "test.csv").is_file():
+        make_dataset(data, per_class=s.per_class, seed=s.seed, duration_s=s.duration_s,
+                     fps=s.fps, split=True)
+    step("dataset", t)
+    labels = read_labels(data / "labels.txt")
+    groups = json.loads((data / "groups.json").read_text())
+    splits = {name: read_list(data / f"{name}.csv") for name in ("train", "val", "test")}
+
+    t = time.perf_counter()
+    ckpt = init_checkpoint(tiny_config(len(labels), steps=s.steps), labels=labels, seed=s.seed)
+    finetune_report = None
+    if finetune:
+        ft = FinetuneConfig(**s.finetune, seed=s.seed, workers=s.workers)
+        ckpt, finetune_report = finetune_backbones(
+            ckpt, splits["train"].entries, ft, val_entries=splits["val"].entries,
+            progress=progress)
+    save_checkpoint(ckpt, work / "backbones.pt")
+    step("init_and_finetune", t)
+
+    t = time.perf_counter()
+    stores = {}
+    for name, lst in splits.items():
+        rep = extract(ckpt, lst, work / f"store_{name}", workers=s.workers, progress=progress)
+        if rep.failed:
+            raise RuntimeError(f"extraction failed for {rep.failed[:3]}")
+        stores[name] = open_store(work / f"store_{name}")
+    step("extract", t)
+    n_videos = sum(len(st) for st in stores.values())
+    extract_rate = 60.0 * n_videos / timings["extract"]
+
+    torch.set_num_threads(1)  # small models: one thread is faster than two contending
+    t = time.perf_counter()
+    hms = train(ckpt, stores["train"], TrainConfig(policy="hms", seed=s.seed, **s.hms),
+                val_store=stores["val"], out=work / "hms.pt", log_path=work / "hms_log.json",
+                progress=progress)
+    step("train_hms", t)
+    t = time.perf_counter()
+    ef = train(ckpt, stores["train"], TrainConfig(policy="early_fusion", seed=s.seed,
+                                                 **s.early_fusion),
+               val_store=stores["val"], out=work / "early_fusion.pt",
+               log_path=work / "early_fusion_log.json", progress=progress)
+    step("train_early_fusion", t)
+
+    t = time.perf_counter()
+    r_hms = evaluate(hms.checkpoint, stores["test"], groups=groups)
+    r_ef = evaluate(ef.checkpoint, stores["test"])
+    step("evaluate", t)
+    try:
+        from hms_deploy.eval.plots import write_plots
+
+        write_plots(r_ef, work / "eval_early_fusion")
+        write_plots(r_hms, work / "eval_hms", [r_ef], groups)
+        (work / "eval_hms" / "eval.json").write_text(json.dumps(r_hms, indent=2))
+        (work / "eval_early_fusion" / "eval.json").write_text(json.dumps(r_ef, indent=2))
+    except Exception as e:  # noqa: BLE001 - plots are a convenience here
+        print(f"[study] plots failed: {e}", file=sys.stderr)
+
+    by_group = {g: v["motion"] for g, v in r_hms["usage_by_group"].items()}
+    ratio = by_group["motion"] / by_group["audio"] if by_group["audio"] > 0 else float("inf")
+    targets = {
+        "hms_map_within_1pt_of_early_fusion": r_hms["map"] >= r_ef["map"] - 0.01,
+        "hms_gmacs_at_most_60pct_of_early_fusion":
+            r_hms["gmacs_per_video"] <= 0.6 * r_ef["gmacs_per_video"],
+        "motion_group_motion_usage_at_least_10pct": by_group["motion"] >= 0.10,
+        "motion_group_at_least_2x_audio_group": ratio >= 2.0,
+    }
+    return {
+        "hms": {"map": r_hms["map"], "gmacs_per_video": r_hms["gmacs_per_video"],
+                "top1": r_hms["top1"], "usage": r_hms["usage"],
+                "dense_gmacs_per_video": r_hms["dense_gmacs_per_video"],
+                "best_epoch": hms.best_epoch,
+                "budget_curve": [{k: c[k] for k in ("budget", "map", "gmacs_per_video",
+                                                    "mean_steps")}
+                                 for c in r_hms["budget_curve"]]},
+        "early_fusion": {"map": r_ef["map"], "gmacs_per_video": r_ef["gmacs_per_video"],
+                         "top1": r_ef["top1"], "modalities": r_ef["modalities"],
+                         "best_epoch": ef.best_epoch},
+        "motion_usage_by_group": by_group,
+        "appearance_usage_by_group": {g: v["appearance"]
+                                      for g, v in r_hms["usage_by_group"].items()},
+        "usage_per_class": r_hms["usage_per_class"],
+        "gmac_ratio_hms_to_early_fusion": r_hms["gmacs_per_video"] / r_ef["gmacs_per_video"],
+        "motion_ratio_motion_to_audio_group": ratio,
+        "targets": targets,
+        "targets_met": all(targets.values()),
+        "unit": "GMAC",
+        "test_videos": len(stores["test"]),
+        "split_videos": {k: len(v) for k, v in stores.items()},
+        "finetune": None if finetune_report is None else {
+            k: v for k, v in finetune_report.items() if k != "decode_errors"},
+        "extraction_videos_per_min": extract_rate,
+        "timings_s": timings,
+        "settings": asdict(s),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="CI-sized run (< 60 s), no targets")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="working folder (dataset, stores, checkpoints, plots); "
+                         "default: <system temp>/hms_synthetic_quality[_small]")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"result JSON (default: {DEFAULT_OUT.relative_to(HERE.parent)}; "
+                         "--small: <work>/synthetic_quality.json)")
+    ap.add_argument("--no-finetune", action="store_true", help="keep the random backbones")
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    settings = small_settings() if args.small else Settings()
+    settings.seed = args.seed
+    if args.workers is not None:
+        settings.workers = args.workers
+    work = args.work or Path(tempfile.gettempdir()) / (
+        "hms_synthetic_quality_small" if args.small else "hms_synthetic_quality")
+    out = args.out or (work / "synthetic_quality.json" if args.small else DEFAULT_OUT)
+    t0 = time.perf_counter()
+    result = run(settings, work, finetune=not args.no_finetune, progress=not args.quiet)
+    result = {
+        "mode": "small" if args.small else "full",
+        **result,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": _device(),
+        "versions": _versions(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    h, e = result["hms"], result["early_fusion"]
+    print(f"HMS mAP {100 * h['map']:.2f}% at {h['gmacs_per_video']:.4g} GMAC/video; early fusion "
+          f"A+I+M {100 * e['map']:.2f}% at {e['gmacs_per_video']:.4g} GMAC/video; motion usage "
+          f"by group {json.dumps({k: round(v, 3) for k, v in result['motion_usage_by_group'].items()})}; "
+          f"targets met: {result['targets_met']} ({result['total_seconds']} s) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``hms-bench``: measured latency and throughput (the scripts in ``benchmarks/``).
+
+``hms-bench`` runs the end-to-end benchmark (HMS policies vs dense stepped, dense
+batched and compute-then-mask on the reference video); ``--suite parts`` the per-part
+latency per backend; ``--suite all`` both. ``--smoke`` is the seconds-long CI mode
+(tiny variant, 8 steps, a 6 s video). The benchmark scripts live in the source tree's
+``benchmarks/`` folder (results are committed there), so this command runs from a
+source checkout (an editable install), like ``python -m benchmarks.bench_e2e``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.errors import ConfigError
+
+
+def _bench_module(name: str) -> ModuleType:
+    """``benchmarks.<name>`` from the source tree this hms_deploy was installed from."""
+    root = Path(__file__).resolve().parents[2]  # <root>/hms_deploy/cli/bench.py
+    if not (root / "benchmarks" / f"{name}.py").is_file():
+        raise ConfigError(
+            f"hms-bench needs the source tree's benchmarks/ folder (looked in {root}); run it "
+            "from an editable install of a checkout (pip install -e .)"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--suite", type=click.Choice(["e2e", "parts", "all"]), default="e2e",
+              show_default=True, help="End-to-end, per-part, or both.")
+@click.option("--variant", type=click.Choice(["paper", "tiny"]), default=None,
+              help="Model variant (default paper; tiny with --smoke).")
+@click.option("--engine", type=click.Choice(["onnx", "torch", "trt"]), default=None,
+              help="e2e: the engines every run uses (default onnx).")
+@click.option("--backends", default=None,
+              help="parts: comma-separated backends (default torch,onnx,trt where available).")
+@click.option("--device", default=None, help="cpu (default), cuda or cuda:N.")
+@click.option("--steps", type=int, default=None, help="e2e: steps T (default 128; 8 with --smoke).")
+@click.option("--repeats", type=int, default=None,
+              help="Repeats of the cheap runs (e2e default 5) / per part case (default 10).")
+@click.option("--heavy-repeats", type=int, default=None,
+              help="e2e: repeats of runs costing > 25% of dense GMAC (default 3).")
+@click.option("--batch", type=int, default=None,
+              help="e2e: steps per backbone call of the batched baselines (default 4).")
+@click.option("--throughput-videos", type=int, default=None,
+              help="e2e: copies of the video for the throughput figures (default 4).")
+@click.option("--throughput-repeats", type=int, default=None,
+              help="e2e: repeats of each throughput figure (default 1).")
+@click.option("--video", type=click.Path(dir_okay=False), default=None,
+              help="e2e: the video (default: the reference video, generated once).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint (default: an untrained one of the variant, made once).")
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None,
+              help="Export dir (default: the checkpoint exported once).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Cache for generated media and models (default benchmarks/media).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Results dir (default benchmarks/results; benchmarks/media/smoke with --smoke).")
+@click.option("--name", default=None, help="Results file stem.")
+@click.option("--smoke", is_flag=True, default=False,
+              help="Seconds-long: tiny variant, few steps, one repeat (what CI runs).")
+@click.option("--no-plot", is_flag=True, default=False, help="e2e: skip the PNG.")
+@click.option("--ort-spinning", type=click.Choice(["on", "off"]), default=None,
+              help="e2e experiment: force ONNX Runtime intra-op spinning (default: the backend's).")
+@debug_option
+@handle_errors("hms-bench")
+def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats, batch,
+         throughput_videos, throughput_repeats, video, checkpoint, engines_dir, work_dir, out,
+         name, smoke, no_plot, ort_spinning, debug):
+    """Measure HMS against dense and compute-then-mask baselines; write JSON, Markdown, PNG."""
+    common: dict[str, Any] = {
+        "variant": variant, "device": device, "checkpoint": checkpoint,
+        "engines_dir": engines_dir, "work_dir": work_dir, "out": out, "name": name,
+    }
+    common = {k: v for k, v in common.items() if v is not None}
+    for opt, value in (("--steps", steps), ("--repeats", repeats), ("--batch", batch),
+                       ("--heavy-repeats", heavy_repeats),
+                       ("--throughput-videos", throughput_videos),
+                       ("--throughput-repeats", throughput_repeats)):
+        if value is not None and value < (0 if opt == "--throughput-videos" else 1):
+            raise ConfigError(f"{opt} must be >= 1, got {value}")
+    if suite in ("e2e", "all"):
+        e2e = _bench_module("bench_e2e")
+        given = dict(common)
+        for k, v in (("engine", engine), ("steps", steps), ("repeats", repeats),
+                     ("heavy_repeats", heavy_repeats), ("batch", batch),
+                     ("throughput_videos", throughput_videos),
+                     ("throughput_repeats", throughput_repeats), ("video", video)):
+            if v is not None:
+                given[k] = v
+        if no_plot:
+            given["plot"] = False
+        if ort_spinning is not None:
+            given["ort_spinning"] = ort_spinning == "on"
+        if suite == "all" and name:
+            given["name"] = f"{name}_e2e"
+        if smoke:
+            given.setdefault("out", str(Path(e2e.MEDIA_DIR) / "smoke"))
+            settings = e2e.smoke_settings(**given)
+        else:
+            settings = e2e.E2ESettings(**given)
+        e2e.run(settings, log=click.echo)
+    if suite in ("parts", "all"):
+        parts = _bench_module("bench_parts")
+        given = dict(common)
+        if repeats is not None:
+            given["repeats"] = repeats
+        if backends:
+            given["backends"] = tuple(b.strip() for b in backends.split(",") if b.strip())
+        if suite == "all" and name:
+            given["name"] = f"{name}_parts"
+        if smoke:
+            given.setdefault("out", str(Path(parts.MEDIA_DIR) / "smoke"))
+            settings = parts.smoke_settings(**given)
+        else:
+            settings = parts.PartsSettings(**given)
+        parts.run(settings, log=click.echo)

@@ -1,0 +1,86 @@
+"""``hms-train``: train HMS (or an early-fusion baseline) on a feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Feature store written by hms-extract.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The checkpoint the store was extracted with (its backbones are kept).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the trained ckpt.pt (the best validation epoch).")
+@click.option("--policy", type=click.Choice(["hms", "early_fusion"]), default="hms",
+              show_default=True, help="HMS, or an LSTM over concatenated features (baseline).")
+@click.option("--modalities", default="A+I+M", show_default=True,
+              help="early_fusion: '+'-joined subset of A (audio), I (appearance), M (motion).")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--lr-decay", type=float, default=0.92, show_default=True,
+              help="lr multiplier after every epoch.")
+@click.option("--tau", type=float, default=5.0, show_default=True,
+              help="Initial Gumbel-softmax temperature.")
+@click.option("--tau-decay", type=float, default=0.965, show_default=True,
+              help="Temperature multiplier per epoch.")
+@click.option("--lambda", "lam", type=float, default=2.0, show_default=True,
+              help="Weight of the usage loss.")
+@click.option("--gamma-i", type=float, default=0.6, show_default=True,
+              help="Target fraction of steps that run appearance.")
+@click.option("--gamma-m", type=float, default=0.05, show_default=True,
+              help="Target fraction of steps that run motion.")
+@click.option("--hidden", type=int, default=None,
+              help="early_fusion: LSTM hidden size (default: the model's H_M).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Stratified fraction of the store held out for validation.")
+@click.option("--val-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Validate on this store instead of a split of --store.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON log, one entry per epoch (loss, CE, usage, val mAP, val GMAC/video).")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads in this process (default: torch's choice).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@debug_option
+@handle_errors("hms-train")
+def main(store, checkpoint, out, policy, modalities, epochs, batch_size, lr, lr_decay, tau,
+         tau_decay, lam, gamma_i, gamma_m, hidden, val_fraction, val_store, seed, log_path,
+         threads, quiet, debug):
+    """Train projections, cells, gates and head on frozen features; keep the best epoch."""
+    from hms_deploy.checkpoint import load_checkpoint
+    from hms_deploy.data.features import open_store
+    from hms_deploy.model.baselines import modalities_tag, parse_modalities
+    from hms_deploy.train.loop import TrainConfig, train
+
+    set_threads(threads)
+    cfg = TrainConfig(
+        policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"
+        else ["audio", "appearance", "motion"],
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, tau=tau,
+        tau_decay=tau_decay, lam=lam, gamma_i=gamma_i, gamma_m=gamma_m,
+        val_fraction=val_fraction, seed=seed, hidden=hidden,
+    )
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.policy != "hms":
+        from hms_deploy.errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint}: train from an HMS checkpoint (hms-init or "
+                              f"hms-train output), not a {ckpt.policy!r} baseline")
+    result = train(
+        ckpt, open_store(store), cfg,
+        val_store=open_store(val_store) if val_store else None,
+        out=out, log_path=log_path, progress=not quiet,
+    )
+    best = result.log[result.best_epoch - 1]
+    what = policy if policy == "hms" else f"early_fusion {modalities_tag(cfg.modalities)}"
+    click.echo(
+        f"wrote {out} ({what}): best epoch {result.best_epoch}/{epochs}, val mAP "
+        f"{best['val_map']:.4f}, top-1 {best['val_top1']:.4f}, "
+        f"{best['val_gmacs_per_video']:.4g} GMAC/video"
+    )

@@ -1,0 +1,188 @@
+"""``hms-eval`` as a library: metrics, costs, usage and the test-time budget curve
+(HMS_SPEC.md 5-6) of a checkpoint on a feature store."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hms_deploy.checkpoint import Checkpoint
+from hms_deploy.costs import UNIT, dense_cost, step_costs
+from hms_deploy.data.features import FeatureStore, backbone_hash
+from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.eval.predict import (
+    Predictions,
+    predict_budgeted,
+    predict_early_fusion,
+    predict_hms,
+)
+from hms_deploy.metrics import average_precision_per_class, top1_accuracy
+from hms_deploy.train.data import FeatureSource
+from hms_deploy.version import __version__
+
+
+def _metrics(pred: Predictions, labels: np.ndarray, interpolated: bool) -> dict[str, Any]:
+    ap = average_precision_per_class(pred.scores, labels, interpolated=interpolated)
+    return {
+        "map": ap.mean,
+        "n_classes_excluded": ap.n_excluded,
+        "top1": top1_accuracy(pred.scores, labels),
+        "gmacs_per_video": float(pred.gmacs.mean()) if pred.gmacs.size else float("nan"),
+        "mean_steps": float(pred.steps.mean()) if pred.steps.size else float("nan"),
+    }
+
+
+def _usage_fractions(pred: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """Per video: fraction of *processed* steps that ran appearance / motion."""
+    steps = np.maximum(pred.steps, 1)
+    return pred.appearance.sum(1) / steps, pred.motion.sum(1) / steps
+
+
+def default_budgets(costs: dict[str, float], used: float) -> list[float]:
+    """Eight budgets, geometric from 5% to 150% of the unbudgeted GMAC/video ``used``
+    (never below what one step costs)."""
+    s = step_costs(costs)
+    lo = max(s["base"] + s["head"], 0.05 * used)
+    hi = max(1.5 * used, 2 * lo)
+    return [float(b) for b in np.geomspace(lo, hi, 8)]
+
+
+def evaluate(
+    ckpt: Checkpoint,
+    store: FeatureStore,
+    *,
+    budgets: Sequence[float] | None = None,
+    interpolated: bool = False,
+    groups: dict[str, str] | None = None,
+    sample_videos: int = 12,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Evaluate ``ckpt`` (HMS or early fusion) on every video of ``store``.
+
+    Returns a JSON-ready dict: ``map`` (non-interpolated unless ``interpolated``),
+    ``n_classes_excluded``, ``top1``, ``gmacs_per_video`` (mean GMAC used, cost model on
+    the argmax decisions), ``dense_gmacs_per_video``; for HMS also ``usage`` (fraction of
+    steps running appearance / motion), ``usage_per_class``, ``budget_curve`` (one entry
+    per budget, plus ``inf``), ``samples`` (per-step decisions of some videos) and, with
+    ``groups`` ({class: group}), ``usage_by_group``.
+    """
+    t0 = time.perf_counter()
+    store.check_backbones(backbone_hash(ckpt.config, ckpt.state_dict))
+    if store.labels != list(ckpt.labels):
+        raise DatasetError(f"{store.root}: store labels differ from the checkpoint's")
+    if len(store) == 0:
+        raise DatasetError(f"{store.root}: the store holds no video")
+    steps = store.steps
+    labels = store.label_indices()
+    costs = dict(ckpt.costs)
+    result: dict[str, Any] = {
+        "store": str(store.root), "videos": len(store), "steps": steps,
+        "policy": ckpt.policy, "modalities": list(ckpt.modalities), "unit": UNIT,
+        "interpolated": bool(interpolated), "labels": list(ckpt.labels),
+    }
+    if ckpt.policy == "early_fusion":
+        from hms_deploy.model.baselines import build_early_fusion, modalities_tag
+
+        model = build_early_fusion(ckpt)
+        source = FeatureSource(store, None, model.modalities)
+        pred = predict_early_fusion(model, source, costs, batch_size)
+        result.update(_metrics(pred, labels, interpolated))
+        result["name"] = f"early fusion {modalities_tag(model.modalities)}"
+        result["dense_gmacs_per_video"] = result["gmacs_per_video"]
+    elif ckpt.policy == "hms":
+        model = ckpt.build_model()
+        source = FeatureSource(store)
+        pred = predict_hms(model, source, costs, batch_size)
+        result.update(_metrics(pred, labels, interpolated))
+        result["name"] = "HMS"
+        result["dense_gmacs_per_video"] = dense_cost(costs, steps)
+        result.update(_usage(pred, labels, list(ckpt.labels), groups))
+        result["samples"] = _samples(pred, labels, store, sample_videos)
+        if budgets is None:
+            budgets = default_budgets(costs, result["gmacs_per_video"])
+        result["budget_curve"] = budget_curve(model, source, costs, labels, budgets,
+                                              interpolated, batch_size)
+    else:
+        raise ConfigError(f"cannot evaluate a {ckpt.policy!r} checkpoint")
+    result["seconds"] = time.perf_counter() - t0
+    result["versions"] = _versions()
+    return result
+
+
+def budget_curve(model, source: FeatureSource, costs: dict[str, float], labels: np.ndarray,
+                 budgets: Sequence[float], interpolated: bool = False,
+                 batch_size: int = 64) -> list[dict[str, Any]]:
+    """mAP etc. at each budget (GMAC per video, ``inf`` allowed); sorted, ``inf`` last."""
+    s = step_costs(costs)
+    floor = s["base"] + s["head"]
+    out = []
+    for b in sorted({float(x) for x in budgets} | {math.inf}):
+        if b < floor * (1 - 1e-9):
+            raise ConfigError(
+                f"budget {b:g} GMAC cannot afford one step (base {s['base']:.4g} + head "
+                f"{s['head']:.4g} GMAC)"
+            )
+        pred = predict_budgeted(model, source, costs, b, batch_size)
+        if pred.gmacs.max(initial=0.0) > b * (1 + 1e-9):
+            raise RuntimeError(f"budget {b} exceeded: {pred.gmacs.max()}")  # the rule's guarantee
+        ui, um = _usage_fractions(pred)
+        out.append({"budget": None if math.isinf(b) else b, **_metrics(pred, labels, interpolated),
+                    "max_gmacs": float(pred.gmacs.max()),
+                    "usage": {"appearance": float(ui.mean()), "motion": float(um.mean())}})
+    return out
+
+
+def _usage(pred: Predictions, labels: np.ndarray, names: list[str],
+           groups: dict[str, str] | None) -> dict[str, Any]:
+    ui, um = _usage_fractions(pred)
+    per_class = {}
+    for c, name in enumerate(names):
+        sel = labels == c
+        if sel.any():
+            per_class[name] = {"appearance": float(ui[sel].mean()), "motion": float(um[sel].mean()),
+                               "videos": int(sel.sum())}
+    out: dict[str, Any] = {
+        "usage": {"appearance": float(ui.mean()), "motion": float(um.mean())},
+        "usage_per_class": per_class,
+    }
+    if groups:
+        by_group: dict[str, dict[str, float]] = {}
+        for g in sorted(set(groups.values())):
+            sel = np.isin(labels, [c for c, n in enumerate(names) if groups.get(n) == g])
+            if sel.any():
+                by_group[g] = {"appearance": float(ui[sel].mean()), "motion": float(um[sel].mean()),
+                               "videos": int(sel.sum())}
+        out["usage_by_group"] = by_group
+    return out
+
+
+def _samples(pred: Predictions, labels: np.ndarray, store: FeatureStore,
+             k: int) -> list[dict[str, Any]]:
+    """Per-step decisions of up to ``k`` videos, spread over the classes (for Fig. 6)."""
+    order: list[int] = []
+    per_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    while len(order) < k and any(per_class):
+        for lst in per_class:
+            if lst and len(order) < k:
+                order.append(int(lst.pop(0)))
+    out = []
+    for i in order:
+        r = store.records[i]
+        out.append({
+            "key": r.key, "label": r.label,
+            "predicted": store.labels[int(pred.scores[i].argmax())],
+            "appearance": pred.appearance[i].tolist(), "motion": pred.motion[i].tolist(),
+        })
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    return {"hms_deploy": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,184 @@
+"""Predictions over stored features: HMS (argmax decisions), HMS under a GMAC budget, and
+early-fusion baselines, with the GMAC each video used (HMS_SPEC.md 5).
+
+The budgeted forward is :func:`hms_deploy.spec.gated_step` over :class:`BudgetStepOps`,
+a :class:`~hms_deploy.model.hms.FeatureStepOps` whose ``decide_*`` veto a firing gate
+when its tier no longer fits: the decisions, hierarchy and fusion are spec.py's.
+
+Budget rule (the runtime's, ``hms_deploy.runtime.scheduler``): with ``used`` the GMAC
+spent so far on a video and ``head`` the head's cost, step t starts only if
+``used + base + head <= B``; a modality whose gate fires runs only if
+``used + its tier + head <= B`` (otherwise it is recorded 0 and fused); once a step
+cannot start, the prediction after the last finished step is the video's. So
+``used = video_cost(...) <= B`` always. Comparisons allow a relative 1e-9 of float slack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hms_deploy import spec
+from hms_deploy.costs import step_costs, video_cost
+from hms_deploy.model.hms import HMS, FeatureStepOps
+from hms_deploy.train.data import FeatureSource
+
+Tensor = torch.Tensor
+_EPS = 1e-9
+
+
+@dataclass
+class Predictions:
+    """Per-video outputs.
+
+    scores (N, C) class probabilities; appearance / motion (N, T) int8 0/1 decisions
+    (None for a baseline; steps past ``steps[i]`` are 0); steps (N,) finished steps;
+    gmacs (N,) GMAC used per video.
+    """
+
+    scores: np.ndarray
+    appearance: np.ndarray | None
+    motion: np.ndarray | None
+    steps: np.ndarray
+    gmacs: np.ndarray
+
+
+def _hms_gmacs(costs: dict[str, float], steps: np.ndarray, g_i: np.ndarray,
+               g_m: np.ndarray) -> np.ndarray:
+    return np.array([
+        video_cost(costs, steps=int(s), appearance=int(a), motion=int(m))
+        for s, a, m in zip(steps, g_i.sum(1), g_m.sum(1))
+    ])
+
+
+@torch.no_grad()
+def predict_hms(model: HMS, source: FeatureSource, costs: dict[str, float],
+                batch_size: int = 64) -> Predictions:
+    """Argmax decisions over all T steps, via the masked forward (same logits as the
+    skipping reference, HMS_SPEC.md 3)."""
+    model.eval()
+    scores, gi, gm = [], [], []
+    for _, feats, _ in source.batches(batch_size):
+        out = model.masked_forward(feats, tau=None)
+        scores.append(torch.softmax(out.logits, dim=1).numpy())
+        gi.append(out.appearance.numpy().astype(np.int8))
+        gm.append(out.motion.numpy().astype(np.int8))
+    g_i, g_m = np.concatenate(gi), np.concatenate(gm)
+    steps = np.full(len(source), g_i.shape[1], dtype=np.int64)
+    return Predictions(np.concatenate(scores), g_i, g_m, steps, _hms_gmacs(costs, steps, g_i, g_m))
+
+
+class BudgetStepOps(FeatureStepOps):
+    """:class:`FeatureStepOps` under a GMAC budget (rule in the module docstring).
+
+    ``used`` (N,) float64 GMAC spent per video, ``active`` (N,) bool: videos still
+    stepping (an inactive video's gates are answered 0 without being evaluated).
+    """
+
+    def __init__(self, model: HMS, feats: dict[str, Tensor], costs: dict[str, float],
+                 budget: float):
+        super().__init__(model, feats)
+        n = feats["audio"].shape[0]
+        self.tiers = step_costs(costs)
+        self.budget = float(budget)
+        self.used = np.zeros(n, dtype=np.float64)
+        self.active = np.ones(n, dtype=bool)
+        self.vetoed = {"appearance": 0, "motion": 0}
+
+    def fits(self, rows: np.ndarray, extra: float) -> np.ndarray:
+        if math.isinf(self.budget):
+            return np.ones(rows.size, dtype=bool)
+        return self.used[rows] + extra + self.tiers["head"] <= self.budget * (1 + _EPS)
+
+    def start_step(self) -> np.ndarray:
+        """Charge the base cost of the next step to every video that can still afford it."""
+        rows = np.flatnonzero(self.active)
+        self.active[rows[~self.fits(rows, self.tiers["base"])]] = False
+        self.used[self.active] += self.tiers["base"]
+        return self.active.copy()
+
+    def _veto(self, tier: str, rows: Tensor, fired: Tensor) -> Tensor:
+        r = rows.numpy()
+        want = fired.numpy().astype(bool) & self.active[r]
+        ok = want & self.fits(r, self.tiers[tier])
+        self.vetoed[tier] += int((want & ~ok).sum())
+        self.used[r[ok]] += self.tiers[tier]
+        return torch.from_numpy(ok.astype(np.int64))
+
+    def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self._veto("appearance", rows, super().decide_appearance(t, rows, x_a, h, c))
+
+    def decide_motion(self, t: int, rows: Tensor, x_a: Tensor, x_i: Tensor, h: Tensor,
+                      c: Tensor) -> Tensor:
+        return self._veto("motion", rows, super().decide_motion(t, rows, x_a, x_i, h, c))
+
+
+@torch.no_grad()
+def budgeted_forward(model: HMS, feats: dict[str, Tensor], costs: dict[str, float],
+                     budget: float) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """N videos in lockstep under ``budget`` GMAC each (``math.inf``: no budget).
+
+    Returns (logits (N, C) after each video's last finished step, G^I (N, T) int8,
+    G^M (N, T) int8, finished steps (N,), used GMAC (N,)).
+    """
+    model.eval()
+    p_a = model.project("audio", feats["audio"])
+    h_a = model.audio_path(p_a)
+    n, steps, _ = p_a.shape
+    ops = BudgetStepOps(model, feats, costs, budget)
+    state = spec.GatedState.zeros(n, model.cfg.hidden_appearance, model.cfg.hidden_motion)
+    g_i = np.zeros((n, steps), dtype=np.int8)
+    g_m = np.zeros((n, steps), dtype=np.int8)
+    finished = np.zeros(n, dtype=np.int64)
+    for t in range(steps):
+        active = ops.start_step()
+        if not active.any():
+            break
+        new, d_i, d_m = spec.gated_step(ops, t, p_a[:, t], h_a[:, t], state)
+        if active.all():
+            state = new
+        else:  # videos that stopped keep the state of their last finished step
+            keep = torch.from_numpy(active).unsqueeze(1)
+            state = spec.GatedState(*(torch.where(keep, a, b) for a, b in (
+                (new.h_i, state.h_i), (new.c_i, state.c_i),
+                (new.h_m, state.h_m), (new.c_m, state.c_m))))
+        g_i[:, t], g_m[:, t] = d_i.numpy(), d_m.numpy()
+        finished += active
+    used = ops.used + np.where(finished > 0, ops.tiers["head"], 0.0)
+    return model.head.logits(state.h_m), g_i, g_m, finished, used
+
+
+@torch.no_grad()
+def predict_budgeted(model: HMS, source: FeatureSource, costs: dict[str, float], budget: float,
+                     batch_size: int = 64) -> Predictions:
+    """:func:`budgeted_forward` over a feature source, batch by batch."""
+    scores, gi, gm, st, us = [], [], [], [], []
+    for _, feats, _ in source.batches(batch_size):
+        logits, g_i, g_m, finished, used = budgeted_forward(model, feats, costs, budget)
+        scores.append(torch.softmax(logits, dim=1).numpy())
+        gi.append(g_i)
+        gm.append(g_m)
+        st.append(finished)
+        us.append(used)
+    return Predictions(np.concatenate(scores), np.concatenate(gi), np.concatenate(gm),
+                       np.concatenate(st), np.concatenate(us))
+
+
+@torch.no_grad()
+def predict_early_fusion(model, source: FeatureSource, costs: dict[str, float],
+                         batch_size: int = 64) -> Predictions:
+    """An early-fusion baseline: every step of its modalities, one prediction."""
+    from hms_deploy.model.baselines import early_fusion_cost
+
+    model.eval()
+    scores = []
+    steps = source.store.steps
+    for _, feats, _ in source.batches(batch_size):
+        scores.append(torch.softmax(model(feats), dim=1).numpy())
+    n = len(source)
+    cost = early_fusion_cost(costs, model.modalities, steps)
+    return Predictions(np.concatenate(scores) if scores else np.zeros((0, model.cfg.num_classes)),
+                       None, None, np.full(n, steps, dtype=np.int64), np.full(n, cost))

@@ -1,0 +1,289 @@
+"""Training on frozen features (HMS_SPEC.md 4): HMS or an early-fusion baseline.
+
+Only projections, cells, gates and head are trained; the encoders of the source
+checkpoint are carried into the output unchanged. Features are standardised per
+dimension with statistics of the training videos; the standardisation is folded into the
+projections' Linear layers when a checkpoint is written, so the model graph (and every
+export) is unchanged and the checkpoint consumes raw features. Adam, lr multiplied by ``lr_decay``
+after every epoch, Gumbel temperature ``tau * tau_decay**epoch``; after every epoch the
+model is validated with argmax decisions and the checkpoint with the best validation mAP
+(ties: the lower validation GMAC/video, then the earlier epoch) is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hms_deploy.checkpoint import Checkpoint, save_checkpoint
+from hms_deploy.config import MODALITIES
+from hms_deploy.data.features import FeatureStore, backbone_hash
+from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.metrics import mean_average_precision, top1_accuracy
+from hms_deploy.train.data import FeatureSource, stratified_split
+from hms_deploy.train.losses import hms_loss
+
+POLICIES = ("hms", "early_fusion")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``hms-train`` (defaults: HMS_SPEC.md 4)."""
+
+    policy: str = "hms"
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-4
+    lr_decay: float = 0.92
+    tau: float = 5.0
+    tau_decay: float = 0.965
+    lam: float = 2.0
+    gamma_i: float = 0.6
+    gamma_m: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+    hidden: int | None = None  # early fusion: LSTM width (default H_M)
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy {self.policy!r}, expected one of {POLICIES}")
+        if self.policy == "hms" and list(self.modalities) != list(MODALITIES):
+            raise ConfigError("--modalities applies to --policy early_fusion; HMS uses A+I+M")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "tau"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gamma_i", "gamma_m"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    best_epoch: int
+    best_val_map: float
+    log: list[dict[str, Any]]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _encoder_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt.state_dict.items() if ".encoder." in k}
+
+
+def build_trainable(ckpt: Checkpoint, cfg: TrainConfig):
+    """The model to train: HMS (weights from ``ckpt``) or a fresh early-fusion baseline."""
+    if cfg.policy == "hms":
+        from hms_deploy.model.hms import HMS
+
+        model = HMS(ckpt.config)
+        model.load_state_dict(ckpt.state_dict, strict=False)
+        for m in MODALITIES:
+            getattr(model, f"{m}_backbone").encoder.requires_grad_(False)
+        return model
+    from hms_deploy.model.baselines import EarlyFusion
+
+    return EarlyFusion(ckpt.config, cfg.modalities, cfg.hidden)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".encoder." not in n and p.requires_grad]
+
+
+def validate(model, source: FeatureSource, costs: dict[str, float], policy: str) -> dict[str, Any]:
+    """mAP, top-1, GMAC/video and usage with argmax decisions."""
+    from hms_deploy.eval.predict import predict_early_fusion, predict_hms
+
+    if policy == "hms":
+        pred = predict_hms(model, source, costs)
+    else:
+        pred = predict_early_fusion(model, source, costs)
+    labels = source.labels.numpy()
+    out = {
+        "val_map": mean_average_precision(pred.scores, labels),
+        "val_top1": top1_accuracy(pred.scores, labels),
+        "val_gmacs_per_video": float(pred.gmacs.mean()),
+    }
+    if pred.appearance is not None:
+        out["val_usage"] = {"appearance": float(pred.appearance.mean()),
+                            "motion": float(pred.motion.mean())}
+    return out
+
+
+def fold_normalization(state_dict: dict[str, torch.Tensor], key: str,
+                       stats: tuple[np.ndarray, np.ndarray]) -> None:
+    """Fold ``x_n = (x - mean) / std`` into the Linear ``key`` (``key.weight``, ``key.bias``),
+    in place: ``W x_n + b = (W / std) x + (b - (W / std) mean)``, computed in float64."""
+    mu, sd = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in stats)
+    w = state_dict[f"{key}.weight"].double()
+    b = state_dict[f"{key}.bias"].double()
+    w_raw = w / sd.unsqueeze(0)
+    state_dict[f"{key}.weight"] = w_raw.float()
+    state_dict[f"{key}.bias"] = (b - w_raw @ mu).float()
+
+
+def make_checkpoint(ckpt: Checkpoint, model, cfg: TrainConfig, store: FeatureStore,
+                    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+                    extra: dict[str, Any]) -> Checkpoint:
+    """The output checkpoint: trained weights (feature standardisation folded into the
+    projections) + the source encoders unchanged; T = the store's."""
+    config = ckpt.config.replace(steps=store.steps)
+    info = {"training": {**asdict(cfg), **extra}, "store_backbone_hash": store.meta.backbone_hash}
+    if cfg.policy == "hms":
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for m, st in stats.items():
+            fold_normalization(sd, f"{m}_backbone.projection.linear", st)
+        for k, v in _encoder_state(ckpt).items():  # the encoders travel unchanged
+            if not torch.equal(sd[k], v):
+                raise RuntimeError(f"encoder weight {k} changed during training")
+            sd[k] = v
+        return Checkpoint(config=config, state_dict=sd, labels=list(ckpt.labels),
+                          costs=dict(ckpt.costs), policy="hms", modalities=list(MODALITIES),
+                          extra={**ckpt.extra, **info})
+    from hms_deploy.model.baselines import early_fusion_state_dict
+
+    costs = {**ckpt.costs, **model.measure_costs()}
+    sd = early_fusion_state_dict(model, _encoder_state(ckpt))
+    for m, st in stats.items():
+        fold_normalization(sd, f"early_fusion.projection.{m}.linear", st)
+    return Checkpoint(config=config, state_dict=sd,
+                      labels=list(ckpt.labels), costs=costs, policy="early_fusion",
+                      modalities=list(model.modalities),
+                      extra={**info, "early_fusion_hidden": model.hidden})
+
+
+def train(
+    ckpt: Checkpoint,
+    store: FeatureStore,
+    cfg: TrainConfig,
+    *,
+    val_store: FeatureStore | None = None,
+    out: str | os.PathLike | None = None,
+    log_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on ``store`` (features extracted with ``ckpt``'s backbones); see the module doc.
+
+    Validation uses ``val_store`` if given, else a stratified ``cfg.val_fraction`` of
+    ``store``. With ``out`` the best checkpoint is written (atomically) whenever it
+    improves; with ``log_path`` the per-epoch log is rewritten after every epoch.
+    """
+    from tqdm import tqdm
+
+    cfg.check()
+    want = backbone_hash(ckpt.config, ckpt.state_dict)
+    store.check_backbones(want)
+    if store.labels != list(ckpt.labels):
+        raise DatasetError(f"{store.root}: store labels differ from the checkpoint's")
+    if len(store) == 0:
+        raise DatasetError(f"{store.root}: the store holds no video")
+    torch.manual_seed(cfg.seed)
+    labels = store.label_indices()
+    if val_store is not None:
+        val_store.check_backbones(want, "checkpoint (--val-store)")
+        if val_store.steps != store.steps or val_store.labels != store.labels:
+            raise DatasetError(f"{val_store.root}: T or labels differ from the training store")
+        train_idx = np.arange(len(store))
+        val_src = FeatureSource(val_store, None, _mods(cfg))
+    else:
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        val_src = FeatureSource(store, val_idx, _mods(cfg))
+    train_src = FeatureSource(store, train_idx, _mods(cfg))
+    # Standardise features with training statistics; folded into the projections on save.
+    stats = train_src.statistics()
+    train_src.set_normalizer(stats)
+    val_src.set_normalizer(stats)
+
+    model = build_trainable(ckpt, cfg)
+    costs = dict(ckpt.costs)
+    if cfg.policy == "early_fusion":
+        costs.update(model.measure_costs())
+    params = trainable_parameters(model)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log: list[dict[str, Any]] = []
+    best: tuple[float, float] | None = None  # (val mAP, -GMAC)
+    best_epoch, best_ckpt = -1, None
+    bar = tqdm(total=cfg.epochs, unit="epoch", desc=f"train {cfg.policy}", disable=not progress,
+               dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        tau = cfg.tau * cfg.tau_decay ** epoch
+        lr = opt.param_groups[0]["lr"]
+        model.train()
+        sums = {"loss": 0.0, "ce": 0.0, "usage": 0.0, "appearance": 0.0, "motion": 0.0}
+        seen = 0
+        for _, feats, y in train_src.batches(cfg.batch_size, shuffle=True, generator=rng):
+            if cfg.policy == "hms":
+                out_ = model.masked_forward(feats, tau=tau, generator=gen)
+                loss, ce, usage = hms_loss(out_.logits, y, out_.appearance, out_.motion,
+                                           lam=cfg.lam, gamma_i=cfg.gamma_i, gamma_m=cfg.gamma_m)
+                sums["appearance"] += float(out_.appearance.detach().mean()) * len(y)
+                sums["motion"] += float(out_.motion.detach().mean()) * len(y)
+            else:
+                ce = torch.nn.functional.cross_entropy(model(feats), y)
+                loss, usage = ce, torch.zeros(())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in (("loss", loss), ("ce", ce), ("usage", usage)):
+                sums[k] += float(v.detach()) * len(y)
+            seen += len(y)
+        sched.step()
+        model.eval()
+        val = validate(model, val_src, costs, cfg.policy)
+        entry: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": lr, "tau": tau if cfg.policy == "hms" else None,
+            "loss": sums["loss"] / seen, "ce": sums["ce"] / seen, "usage": sums["usage"] / seen,
+        }
+        if cfg.policy == "hms":
+            entry["train_usage"] = {"appearance": sums["appearance"] / seen,
+                                    "motion": sums["motion"] / seen}
+        entry.update(val)
+        score = (val["val_map"] if not math.isnan(val["val_map"]) else -1.0,
+                 -val["val_gmacs_per_video"])
+        improved = best is None or score > best
+        entry["best"] = improved
+        entry["time_s"] = time.perf_counter() - t0
+        log.append(entry)
+        if improved:
+            best, best_epoch = score, epoch + 1
+            best_ckpt = make_checkpoint(ckpt, model, cfg, store, stats, {
+                "best_epoch": best_epoch, "val_map": val["val_map"],
+                "val_gmacs_per_video": val["val_gmacs_per_video"],
+            })
+            if out is not None:
+                save_checkpoint(best_ckpt, out)
+        if log_path is not None:
+            _write_json_atomic(Path(log_path), {"config": asdict(cfg), "epochs": log,
+                                                "best_epoch": best_epoch})
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", val_map=f"{val['val_map']:.3f}",
+                        gmac=f"{val['val_gmacs_per_video']:.3g}", refresh=False)
+    bar.close()
+    assert best_ckpt is not None and best is not None
+    return TrainResult(best_ckpt, best_epoch, best[0], log)
+
+
+def _mods(cfg: TrainConfig) -> list[str]:
+    return list(MODALITIES) if cfg.policy == "hms" else list(cfg.modalities)
