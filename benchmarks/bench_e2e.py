@@ -80,6 +80,7 @@ class E2ESettings:
     plot: bool = True
     extra_runs: tuple[str, ...] = field(default_factory=tuple)
     ort_spinning: bool | None = None  # experiment: force ORT intra-op spinning on/off
+    threads: int | None = None  # intra-op threads (ORT sessions, torch); None: all cores
 
     @property
     def stem(self) -> str:
@@ -87,7 +88,8 @@ class E2ESettings:
             return self.name
         dev = self.device.split(":")[0]
         spin = {None: "", True: "_spin", False: "_nospin"}[self.ort_spinning]
-        return f"{'smoke_' if self.smoke else ''}{dev}_{self.variant}_{self.engine}{spin}"
+        thr = f"_t{self.threads}" if self.threads else ""
+        return f"{'smoke_' if self.smoke else ''}{dev}_{self.variant}_{self.engine}{thr}{spin}"
 
 
 def smoke_settings(**overrides: Any) -> E2ESettings:
@@ -209,7 +211,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     load: dict[str, list[float]] = {sp.name: [] for sp in specs}
     starts: dict[str, list[float]] = {sp.name: [] for sp in specs}
     records: dict[str, dict[str, Any]] = {}
-    session = open_session(s.engine, ck, eng, s.device)
+    session = open_session(s.engine, ck, eng, s.device, s.threads)
     with ort_spinning(s.ort_spinning):
         session.open()  # the engines (ORT sessions) are created here
     with session:
@@ -440,6 +442,10 @@ def markdown(out: dict[str, Any]) -> str:
         *header_lines(out),
         (f"- video: {Path(v['path']).name}, {v['duration_s']} s, {v['size'][0]}x{v['size'][1]}, "
         f"{v['fps']} fps, keyframe every {v['keyframe_interval_s']} s"),
+        f"- intra-op threads: {out['settings'].get('threads') or 'default (all usable cores)'}",
+        *([(f"- experiment: ONNX Runtime intra-op spinning forced "
+           f"{'on' if out['settings']['ort_spinning'] else 'off'} in every session")]
+          if out["settings"].get("ort_spinning") is not None else []),
         (f"- dense baselines batch {out['settings']['batch']} steps per backbone call; "
         f"medians over repeats after a warm-up (n per row); costs in GMAC"),
         "",
@@ -590,6 +596,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long: tiny, T=8, 6 s video, 1 repeat (what CI runs)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads per ORT session and for torch (default: all cores)")
     ap.add_argument("--ort-spinning", choices=("on", "off"), default=None,
                     help="experiment: force ONNX Runtime intra-op spinning (default: backend's)")
 

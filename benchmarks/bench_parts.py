@@ -23,10 +23,12 @@ from typing import Any
 from benchmarks.common import (
     MEDIA_DIR,
     RESULTS_DIR,
+    engine_options,
     ensure_model,
     fmt_ms,
     header_lines,
     provenance,
+    set_threads,
     summarize,
     write_json,
 )
@@ -51,12 +53,15 @@ class PartsSettings:
     out: str = str(RESULTS_DIR)
     name: str | None = None
     smoke: bool = False
+    threads: int | None = None  # intra-op threads (ORT sessions, torch); None: all cores
 
     @property
     def stem(self) -> str:
         if self.name:
             return self.name
-        return f"{'smoke_' if self.smoke else ''}parts_{self.device.split(':')[0]}_{self.variant}"
+        thr = f"_t{self.threads}" if self.threads else ""
+        dev = self.device.split(":")[0]
+        return f"{'smoke_' if self.smoke else ''}parts_{dev}_{self.variant}{thr}"
 
     def batches(self, part: str) -> tuple[int, ...]:
         if part in BACKBONES:
@@ -96,15 +101,14 @@ def time_engine(engine: Any, inputs: dict[str, Any], s: PartsSettings) -> list[f
     return times
 
 
-def _open(backend: str, ck: Path, eng: Path | None, device: str) -> Any:
+def _open(backend: str, ck: Path, eng: Path | None, device: str, threads: int | None) -> Any:
     from hms_deploy.runtime.engines import open_engine_set
 
+    set_threads(threads)
     if backend == "torch":
         return open_engine_set("torch", checkpoint=ck, device=device)
-    options: dict[str, Any] = {}
-    if backend == "onnx" and device.startswith("cuda"):
-        options["providers"] = ("cuda",)
-    return open_engine_set(backend, engines_dir=eng, device=device, **options)
+    return open_engine_set(backend, engines_dir=eng, device=device,
+                           **engine_options(backend, device, threads))
 
 
 def run(s: PartsSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def run(s: PartsSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     costs: dict[str, float] = {}
     for backend in s.backends:
         try:
-            es = _open(backend, ck, eng, s.device)
+            es = _open(backend, ck, eng, s.device, s.threads)
             es.__enter__()
         except (HMSError, ImportError, OSError) as e:
             skipped[backend] = " ".join(str(e).split())[:300]
@@ -178,6 +182,7 @@ def markdown(out: dict[str, Any]) -> str:
         f"# Per-part latency: {out['variant']} variant",
         "",
         *header_lines(out),
+        f"- intra-op threads: {out['settings'].get('threads') or 'default (all usable cores)'}",
         "- median per call (IQR); per-sample = median / N; GMAC per sample from the cost model",
         "",
         "| part | GMAC | N | " + " | ".join(f"{b} (per call)" for b in backends)
@@ -216,13 +221,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None, help=f"results dir (default {RESULTS_DIR})")
     ap.add_argument("--name", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny, few batches and repeats")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads per ORT session and for torch (default: all cores)")
 
 
 def settings_from_args(args: argparse.Namespace) -> PartsSettings:
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     given: dict[str, Any] = {"backends": backends}
     for k in ("variant", "device", "repeats", "max_seconds", "checkpoint", "engines_dir",
-              "work_dir", "out", "name"):
+              "work_dir", "out", "name", "threads"):
         v = getattr(args, k)
         if v is not None:
             given[k] = v

@@ -183,16 +183,39 @@ def ensure_model(
     return ck, eng
 
 
-def open_session(engine: str, checkpoint: Path, engines_dir: Path | None, device: str):
-    """A :class:`~hms_deploy.runtime.session.Session` on ``engine`` (torch: the checkpoint)."""
-    from hms_deploy.runtime.session import Session
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads of torch (CPU) for this process; None leaves the default."""
+    if threads:
+        import torch
 
-    if engine == "torch":
-        return Session(checkpoint=checkpoint, engine="torch", device=device)
+        torch.set_num_threads(threads)
+
+
+def engine_options(engine: str, device: str, threads: int | None) -> dict[str, Any]:
+    """Backend options: ORT CUDA provider on a GPU; ``threads`` per ORT session."""
     options: dict[str, Any] = {}
     if engine == "onnx" and device.startswith("cuda"):
         options["providers"] = ("cuda",)
-    return Session(engines_dir=engines_dir, engine=engine, device=device, **options)
+    if engine == "onnx" and threads:
+        options["threads"] = threads
+    return options
+
+
+def open_session(engine: str, checkpoint: Path, engines_dir: Path | None, device: str,
+                 threads: int | None = None):
+    """A :class:`~hms_deploy.runtime.session.Session` on ``engine`` (torch: the checkpoint).
+
+    ``threads``: intra-op threads per ONNX Runtime session and for torch (None: defaults,
+    all usable cores). On a shared machine, 1 thread keeps other jobs from stalling a
+    thread pool's barriers, so times scale with the CPU share and CPU time stays exact.
+    """
+    from hms_deploy.runtime.session import Session
+
+    set_threads(threads)
+    if engine == "torch":
+        return Session(checkpoint=checkpoint, engine="torch", device=device)
+    return Session(engines_dir=engines_dir, engine=engine, device=device,
+                   **engine_options(engine, device, threads))
 
 
 @contextlib.contextmanager

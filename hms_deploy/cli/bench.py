@@ -70,23 +70,25 @@ def _bench_module(name: str) -> ModuleType:
 @click.option("--smoke", is_flag=True, default=False,
               help="Seconds-long: tiny variant, few steps, one repeat (what CI runs).")
 @click.option("--no-plot", is_flag=True, default=False, help="e2e: skip the PNG.")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads per ORT session and for torch (default: all usable cores).")
 @click.option("--ort-spinning", type=click.Choice(["on", "off"]), default=None,
               help="e2e experiment: force ONNX Runtime intra-op spinning (default: the backend's).")
 @debug_option
 @handle_errors("hms-bench")
 def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats, batch,
          throughput_videos, throughput_repeats, video, checkpoint, engines_dir, work_dir, out,
-         name, smoke, no_plot, ort_spinning, debug):
+         name, smoke, no_plot, threads, ort_spinning, debug):
     """Measure HMS against dense and compute-then-mask baselines; write JSON, Markdown, PNG."""
     common: dict[str, Any] = {
-        "variant": variant, "device": device, "checkpoint": checkpoint,
+        "variant": variant, "device": device, "checkpoint": checkpoint, "threads": threads,
         "engines_dir": engines_dir, "work_dir": work_dir, "out": out, "name": name,
     }
     common = {k: v for k, v in common.items() if v is not None}
     for opt, value in (("--steps", steps), ("--repeats", repeats), ("--batch", batch),
                        ("--heavy-repeats", heavy_repeats),
                        ("--throughput-videos", throughput_videos),
-                       ("--throughput-repeats", throughput_repeats)):
+                       ("--throughput-repeats", throughput_repeats), ("--threads", threads)):
         if value is not None and value < (0 if opt == "--throughput-videos" else 1):
             raise ConfigError(f"{opt} must be >= 1, got {value}")
     if suite in ("e2e", "all"):

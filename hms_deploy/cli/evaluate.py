@@ -48,7 +48,8 @@ def _read_json(path: Path, what: str) -> dict:
               help="Directory for eval.json and the PNG plots (default: print JSON only).")
 @click.option("--budgets", default=None,
               help="Comma-separated GMAC budgets per video for the budget curve "
-                   "(default: 8 from 5%% to 150%% of the unbudgeted cost; 'inf' is always added).")
+                   "(default: 8 from 5% of the mean unbudgeted cost to the largest per-video cost; "
+                   "'inf' is always added).")
 @click.option("--interpolated", is_flag=True,
               help="ActivityNet interpolated AP instead of scikit-learn's non-interpolated AP.")
 @click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), multiple=True,

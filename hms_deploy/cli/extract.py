@@ -51,6 +51,8 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
         shard_size=shard_size, progress=not quiet,
     )
     click.echo(f"{out}: {report.summary()}")
+    for w in report.warnings:
+        click.echo(f"hms-extract: warning: {w}", err=True)
     if report.failed:
         for key, error in report.failed[:10]:
             click.echo(f"  failed: {error}", err=True)

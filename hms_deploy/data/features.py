@@ -37,7 +37,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,7 @@ class FeatureStore:
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{self.root / 'index.jsonl'}: malformed record ({e})") from None
         # a record whose features are not all on disk (should not happen) is ignored
+        self._sizes: dict[tuple[str, int], int] = {}
         self.records: list[VideoRecord] = [r for r in records if self._complete(r)]
         self._by_key = {r.key: i for i, r in enumerate(self.records)}
         self._slots: dict[int, int] = {}  # shard -> indexed slots
@@ -246,9 +247,14 @@ class FeatureStore:
         return self.root / "features" / modality / f"{shard:05d}.bin"
 
     def _complete(self, r: VideoRecord) -> bool:
+        """Whether every modality's shard file holds the record's row (sizes cached)."""
+        sizes = self._sizes
         for m in self.modalities:
-            p = self.shard_path(m, r.shard)
-            if not p.is_file() or p.stat().st_size < (r.slot + 1) * self._row_bytes(m):
+            key = (m, r.shard)
+            if key not in sizes:
+                p = self.shard_path(m, r.shard)
+                sizes[key] = p.stat().st_size if p.is_file() else -1
+            if sizes[key] < (r.slot + 1) * self._row_bytes(m):
                 return False
         return True
 
@@ -669,6 +675,7 @@ class ExtractReport:
     skipped: int
     failed: list[tuple[str, str]]
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def videos_per_min(self) -> float:
@@ -733,6 +740,7 @@ def extract(
     label_index = {name: i for i, name in enumerate(ckpt.labels)}
     store = FeatureStore.open_for_writing(out, meta)
     failed: list[tuple[str, str]] = []
+    warnings: list[str] = []
     skipped = extracted = 0
     try:
         for prob in dataset.problems:
@@ -764,6 +772,8 @@ def extract(
                 failed.append((entry.key, error))
                 store.record_error(entry.key, str(entry.path), error)
             else:
+                if extracted == 0 and dtype == "float16":
+                    warnings.extend(_float16_warnings(feats))
                 shard, slot = store.write_features(feats)
                 if extracted == crash_after:
                     os._exit(137)
@@ -781,7 +791,21 @@ def extract(
         bar.close()
     finally:
         store.close()
-    return ExtractReport(Path(out), total, extracted, skipped, failed, time.perf_counter() - t0)
+    return ExtractReport(Path(out), total, extracted, skipped, failed, time.perf_counter() - t0,
+                         warnings)
+
+
+def _float16_warnings(feats: dict[str, np.ndarray]) -> list[str]:
+    """Modalities whose typical |feature| is below float16's smallest normal number
+    (6.1e-5), where float16 storage keeps only a few significant bits (e.g. random-init
+    EfficientNet-B3 features, ~1e-5)."""
+    out = []
+    for m, a in feats.items():
+        typical = float(np.median(np.abs(a)))
+        if 0.0 < typical < float(np.finfo(np.float16).tiny):
+            out.append(f"{m} features are ~{typical:.1e}, below float16's normal range: "
+                       "stored with few significant bits; use --dtype float32")
+    return out
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

@@ -43,12 +43,12 @@ def _usage_fractions(pred: Predictions) -> tuple[np.ndarray, np.ndarray]:
     return pred.appearance.sum(1) / steps, pred.motion.sum(1) / steps
 
 
-def default_budgets(costs: dict[str, float], used: float) -> list[float]:
-    """Eight budgets, geometric from 5% to 150% of the unbudgeted GMAC/video ``used``
-    (never below what one step costs)."""
+def default_budgets(costs: dict[str, float], used: np.ndarray) -> list[float]:
+    """Eight budgets, geometric from 5 % of the mean unbudgeted GMAC/video to the most any
+    video used (where the curve meets the unbudgeted point); never below one step."""
     s = step_costs(costs)
-    lo = max(s["base"] + s["head"], 0.05 * used)
-    hi = max(1.5 * used, 2 * lo)
+    lo = max(s["base"] + s["head"], 0.05 * float(np.mean(used)))
+    hi = max(float(np.max(used)), 2 * lo)
     return [float(b) for b in np.geomspace(lo, hi, 8)]
 
 
@@ -99,12 +99,13 @@ def evaluate(
         source = FeatureSource(store)
         pred = predict_hms(model, source, costs, batch_size)
         result.update(_metrics(pred, labels, interpolated))
+        result["max_gmacs_per_video"] = float(pred.gmacs.max())
         result["name"] = "HMS"
         result["dense_gmacs_per_video"] = dense_cost(costs, steps)
         result.update(_usage(pred, labels, list(ckpt.labels), groups))
         result["samples"] = _samples(pred, labels, store, sample_videos)
         if budgets is None:
-            budgets = default_budgets(costs, result["gmacs_per_video"])
+            budgets = default_budgets(costs, pred.gmacs)
         result["budget_curve"] = budget_curve(model, source, costs, labels, budgets,
                                               interpolated, batch_size)
     else:
