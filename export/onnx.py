@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hms_deploy.export.parts import ONNX_ELEM_TYPES, ExportPart, random_inputs
 
 from hms_deploy.errors import ExportError
+from hms_deploy.export.parts import ONNX_ELEM_TYPES, ExportPart, random_inputs
 from hms_deploy.parts import PartSpec
 
 DEFAULT_OPSET = 17

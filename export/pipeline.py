@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hms_deploy.errors import ExportError
 from hms_deploy.export import manifest as mf
 from hms_deploy.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 from hms_deploy.export.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
 from hms_deploy.export.validate import ValidationOptions
-
-from hms_deploy.errors import ExportError
 
 ENGINES = ("onnx", "trt")
 Log = Callable[[str], None]
@@ -135,11 +134,10 @@ def export_checkpoint(
     out-of-tolerance parity figure, :class:`~hms_deploy.errors.BackendUnavailable` for
     ``engine="trt"`` without TensorRT or a GPU. Nothing is left at ``out`` on failure.
     """
+    from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.export.onnx import export_part
     from hms_deploy.export.parts import export_parts
     from hms_deploy.export.validate import validate_export
-
-    from hms_deploy.checkpoint import load_checkpoint
 
     opts = options or ExportOptions()
     say = log or (lambda s: None)

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from hms_deploy.export.parts import NUMPY_DTYPES, ExportPart, call_part, random_inputs
 
 from hms_deploy import spec as hms_spec
 from hms_deploy.config import HMSConfig
 from hms_deploy.errors import ExportError
+from hms_deploy.export.parts import NUMPY_DTYPES, ExportPart, call_part, random_inputs
 from hms_deploy.parts import PART_NAMES, PartSpec
 
 Tensor = torch.Tensor

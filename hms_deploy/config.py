@@ -103,7 +103,7 @@ class HMSConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HMSConfig":
+    def from_dict(cls, d: dict[str, Any]) -> HMSConfig:
         try:
             d = dict(d)
             for key in MODALITIES:
@@ -117,7 +117,7 @@ class HMSConfig:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"malformed model config: {e}") from e
 
-    def replace(self, **changes: Any) -> "HMSConfig":
+    def replace(self, **changes: Any) -> HMSConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -79,8 +79,8 @@ class GatedState:
     def zeros(
         cls, n: int, hidden_appearance: int, hidden_motion: int, *,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    ) -> "GatedState":
-        z = lambda h: torch.zeros(n, h, device=device, dtype=dtype)  # noqa: E731
+    ) -> GatedState:
+        z = lambda h: torch.zeros(n, h, device=device, dtype=dtype)
         return cls(z(hidden_appearance), z(hidden_appearance), z(hidden_motion), z(hidden_motion))
 
 
@@ -106,7 +106,7 @@ def masked_step(
     motion_gate: GateFn,
     appearance_cell: CellFn,
     motion_cell: CellFn,
-    decision: "DecisionFn",
+    decision: DecisionFn,
 ) -> tuple[GatedState, Tensor, Tensor, Tensor, Tensor]:
     """One step of the training forward: every branch computed, then masked by the decisions.
 

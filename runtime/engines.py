@@ -59,7 +59,7 @@ class EngineSet:
     def __getitem__(self, part: str) -> Engine:
         return self.engines[part]
 
-    def __enter__(self) -> "EngineSet":
+    def __enter__(self) -> EngineSet:  # noqa: PYI034 - a dataclass, never subclassed
         for name in PART_NAMES:
             self._stack.enter_context(self.engines[name])
         return self

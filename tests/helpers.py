@@ -36,11 +36,11 @@ def make_gates_mixed(
         w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5 * 3.0)
         gate.linear.bias.zero_()
     for _ in range(3):
-        margins = {"appearance_gate": [], "motion_gate": []}
+        margins: dict[str, list[torch.Tensor]] = {"appearance_gate": [], "motion_gate": []}
         hooks = []
-        for name in margins:
-            def hook(mod, args, out, name=name):
-                margins[name].append(out[1][:, 1] - out[1][:, 0])
+        for name, seen in margins.items():
+            def hook(mod, args, out, seen=seen):
+                seen.append(out[1][:, 1] - out[1][:, 0])
             hooks.append(model.part(name).register_forward_hook(hook))
         out = model.masked_forward(feats)
         for h in hooks:

@@ -13,15 +13,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from hms_deploy.config import tiny_config
+from hms_deploy.errors import ExportError
 from hms_deploy.export import validate as V
 from hms_deploy.export.manifest import load_manifest
 from hms_deploy.export.onnx import check_onnx, export_part
 from hms_deploy.export.parts import call_part, export_parts, random_inputs
 from hms_deploy.export.pipeline import ExportOptions, check_out_dir, export_checkpoint
-
-from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
-from hms_deploy.config import tiny_config
-from hms_deploy.errors import ExportError
 from hms_deploy.parts import PART_NAMES, part_specs
 
 STEPS = 10

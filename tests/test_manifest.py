@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+
+from hms_deploy.config import tiny_config
+from hms_deploy.errors import ManifestError
 from hms_deploy.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -20,9 +23,6 @@ from hms_deploy.export.manifest import (
     verify_files,
     write_manifest,
 )
-
-from hms_deploy.config import tiny_config
-from hms_deploy.errors import ManifestError
 from hms_deploy.parts import PART_NAMES, part_specs
 
 CFG = tiny_config(6)
@@ -183,9 +183,9 @@ def test_timing_cache_path_checked(tmp_path):
 def test_manifest_with_plans(tmp_path):
     """A manifest whose parts carry TensorRT plans (stand-in plan files) loads and checks."""
     from click.testing import CliRunner
-    from hms_deploy.export import trt_plan
 
     from hms_deploy.cli.inspect import main as inspect_main
+    from hms_deploy.export import trt_plan
 
     root = make_export(tmp_path / "e")
     specs = part_specs(CFG)

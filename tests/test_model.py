@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_gates_mixed, random_features
 
 from hms_deploy import spec
 from hms_deploy.config import make_config
@@ -11,8 +12,6 @@ from hms_deploy.costs import dense_cost, example_inputs, measure_part_costs, vid
 from hms_deploy.errors import ConfigError
 from hms_deploy.model.hms import HMS, reference_forward
 from hms_deploy.parts import PART_NAMES, part_specs
-
-from helpers import make_gates_mixed, random_features
 
 
 @pytest.fixture(scope="module")

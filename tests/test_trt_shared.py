@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from hms_deploy.export import trt_plan
-from hms_deploy.export.manifest import PartEntry
 
 from hms_deploy.config import paper_config, tiny_config
 from hms_deploy.errors import BackendUnavailable
+from hms_deploy.export import trt_plan
+from hms_deploy.export.manifest import PartEntry
 from hms_deploy.parts import PART_NAMES, part_specs
 
 
@@ -159,12 +159,11 @@ def test_tensorrt_missing_is_backend_unavailable():
 @pytest.mark.tensorrt
 def test_build_plan_and_run(tmp_path):
     _real_tensorrt()
+    from hms_deploy.checkpoint import init_checkpoint
     from hms_deploy.export.manifest import sha256_file
     from hms_deploy.export.onnx import export_part
     from hms_deploy.export.parts import call_part, export_parts, random_inputs
     from hms_deploy.export.tensorrt import BuildOptions, PlanRunner, build_plan
-
-    from hms_deploy.checkpoint import init_checkpoint
 
     ckpt = init_checkpoint(tiny_config(6))
     parts = export_parts(ckpt.build_model(), ckpt.costs)
@@ -193,10 +192,9 @@ def test_build_plan_and_run(tmp_path):
 @pytest.mark.tensorrt
 def test_add_trt_plans_to_export(tmp_path):
     _real_tensorrt()
+    from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
     from hms_deploy.export.pipeline import ExportOptions, add_trt_plans, export_checkpoint
     from hms_deploy.export.validate import ValidationOptions
-
-    from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
 
     ck = save_checkpoint(init_checkpoint(tiny_config(6)), tmp_path / "ck.pt")
     export_checkpoint(ck, tmp_path / "e", ExportOptions(validation=ValidationOptions(steps=3)))

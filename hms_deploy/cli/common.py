@@ -63,7 +63,7 @@ def handle_errors(prog: str) -> Callable[[F], F]:
                 if debug:
                     raise
                 fail(prog, f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-            except Exception as e:  # noqa: BLE001 - the CLI promises one line without --debug
+            except Exception as e:
                 if debug:
                     raise
                 fail(prog, f"internal error ({type(e).__name__}: {e}); rerun with --debug")
