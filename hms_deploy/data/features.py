@@ -28,6 +28,14 @@ A run killed at any point therefore leaves either a complete record or none: rea
 ignore a torn last index line and any shard bytes past the last indexed slot; a writer
 reopening the store truncates both (so a rerun appends where the last complete record
 ended and skips every video already indexed).
+
+Extraction (:func:`extract`, behind ``hms-extract``): decoding processes turn each video
+into the inputs of all T steps (:func:`prepare_video`: log-mel patches, appearance
+frames, the distinct frames of the motion clips); the main process runs the three
+encoders of the checkpoint on them, ``batch_size`` steps per call, and appends the raw
+features. Memory: a video in flight holds its distinct motion frames, e.g. up to
+~150 kB each at 224 px (a 2-minute 30 fps video at T = 128: <= 3600 frames, ~0.5 GB), and
+up to ``2 * workers`` videos are in flight.
 """
 
 from __future__ import annotations
