@@ -1,0 +1,1 @@
+"""Benchmark scripts (see README.md); run from the repository root: python -m benchmarks.<script>."""

@@ -265,7 +265,9 @@ def fmt_ms(x: float | None) -> str:
         return f"{x / 1000:.2f} s"
     if x >= 10:
         return f"{x:.0f} ms"
-    return f"{x:.2f} ms"
+    if x >= 0.1 or x == 0:
+        return f"{x:.2f} ms"
+    return f"{1000 * x:.0f} us"
 
 
 def header_lines(prov: dict[str, Any]) -> list[str]:
