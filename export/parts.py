@@ -84,7 +84,7 @@ def call_part(module: nn.Module, spec: PartSpec, inputs: dict[str, Tensor]) -> d
 
 
 def random_inputs(spec: PartSpec, n: int, *, seed: int = 0, scale: float = 1.0) -> dict[str, Tensor]:
-    """Random inputs of batch ``n`` for one part (the conventions of ``costs.example_inputs``).
+    """Random inputs of batch ``n`` for one part (also behind ``costs.example_inputs``).
 
     uint8 frames/clips take the full 0..255 range; ``mel`` is N(-2, 2^2) (log-mel-like);
     features and states are N(0, scale^2).

@@ -15,25 +15,11 @@ from hms_deploy.parts import PART_NAMES, part_specs
 
 UNIT = "GMAC"
 
-_DTYPES = {"float32": torch.float32, "uint8": torch.uint8, "int64": torch.int64}
-
-
 def example_inputs(cfg, n: int = 1, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Random inputs for every part, batch ``n``: {part: {input name: tensor}}."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, ps in part_specs(cfg).items():
-        ins = {}
-        for t in ps.inputs:
-            shape = t.with_batch(n)
-            if t.dtype == "uint8":
-                ins[t.name] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-            elif t.name == "mel":
-                ins[t.name] = torch.randn(shape, generator=g) * 2.0 - 2.0
-            else:
-                ins[t.name] = torch.randn(shape, generator=g)
-        out[name] = ins
-    return out
+    from hms_deploy.export.parts import random_inputs
+
+    return {name: random_inputs(ps, n, seed=seed) for name, ps in part_specs(cfg).items()}
 
 
 @torch.no_grad()
