@@ -6,8 +6,10 @@ Per-part costs are measured from the configured graph with ``torch.utils.flop_co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -58,3 +60,65 @@ def video_cost(
 def dense_cost(costs: dict[str, float], steps: int) -> float:
     """The same model with every gate on for all ``steps`` steps, one prediction."""
     return video_cost(costs, steps=steps, appearance=steps, motion=steps)
+
+
+class BudgetLedger:
+    """GMAC spent per video under the test-time budget rule (HMS_SPEC.md 5), for N videos.
+
+    With ``used`` the work launched so far for a video, ``head`` the head's cost and B
+    the budget: a step starts only if ``used + base + head <= B``; a modality whose gate
+    fires runs only if ``used + its tier cost + head <= B``, else it is vetoed (recorded
+    0 and fused). The head is always reserved, so the prediction of the last finished
+    step can be emitted and ``used <= B`` holds. ``budget=None`` (or inf) refuses
+    nothing. Comparisons allow a relative ``EPS`` of slack (float sums of part costs).
+
+    ``used`` (N,) float64 GMAC; ``vetoed[tier]`` (N,) int64 gate firings refused.
+    The runtime's scheduler and the budgeted evaluation both keep their books here.
+    """
+
+    EPS = 1e-9
+
+    def __init__(self, costs: dict[str, float], n: int, budget: float | None):
+        self.tiers = step_costs(costs)
+        self.budget = None if budget is None or math.isinf(budget) else float(budget)
+        self.used = np.zeros(n, dtype=np.float64)
+        self.vetoed = {"appearance": np.zeros(n, np.int64), "motion": np.zeros(n, np.int64)}
+
+    def fits(self, rows: np.ndarray, extra: float) -> np.ndarray:
+        """bool (len(rows),): can each of these videos launch ``extra`` GMAC more?"""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.budget is None:
+            return np.ones(rows.size, dtype=bool)
+        return self.used[rows] + extra + self.tiers["head"] <= self.budget * (1 + self.EPS)
+
+    def start_step(self, rows: np.ndarray) -> np.ndarray:
+        """The videos of ``rows`` that can afford the next step's base cost, charged for it."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ok = rows[self.fits(rows, self.tiers["base"])]
+        self.used[ok] += self.tiers["base"]
+        return ok
+
+    def veto(self, tier: str, rows: np.ndarray, fired: np.ndarray) -> np.ndarray:
+        """Decisions int64 (len(rows),) after the budget: fired and affordable; charged."""
+        rows = np.asarray(rows, dtype=np.int64)
+        want = np.asarray(fired).astype(bool)
+        ok = want & self.fits(rows, self.tiers[tier])
+        self.vetoed[tier][rows[want & ~ok]] += 1
+        self.used[rows[ok]] += self.tiers[tier]
+        return ok.astype(np.int64)
+
+    def charge(self, rows: np.ndarray, tier: str) -> None:
+        """Charge one unit of ``tier`` (e.g. ``head`` for an emitted prediction)."""
+        self.used[np.asarray(rows, dtype=np.int64)] += self.tiers[tier]
+
+    def dense_steps_affordable(self, rows: np.ndarray, *, online: bool = False) -> int | None:
+        """How many more steps with every modality on all of ``rows`` can surely afford
+        (None: unbounded); a runtime may compute the ungated audio path that far ahead."""
+        if self.budget is None:
+            return None
+        dense_step = self.tiers["base"] + self.tiers["appearance"] + self.tiers["motion"]
+        if online:
+            dense_step += self.tiers["head"]
+        room = float(np.min(self.budget - self.used[np.asarray(rows, dtype=np.int64)]
+                            - self.tiers["head"]))
+        return math.floor(room / dense_step * (1 + self.EPS))

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from hms_deploy import spec
-from hms_deploy.costs import UNIT, dense_cost, step_costs, video_cost
+from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
@@ -69,7 +69,6 @@ from hms_deploy.runtime.policy import Policy, parse_policy
 Tensor = torch.Tensor
 
 TIMING_KEYS = ("total", "decode", "audio", "appearance", "motion", "cells_gates", "other")
-_EPS = 1e-9  # relative slack in budget comparisons (float sums of per-part costs)
 
 
 # ------------------------------------------------------------------------------ options
@@ -116,7 +115,7 @@ def resolve_options(
             raise ConfigError(f"budget must be a number of GMAC > 0, got {budget:g}")
         s = step_costs(engine_set.costs)
         first = s["base"] + s["head"]
-        if budget < first * (1 - _EPS):
+        if budget < first * (1 - BudgetLedger.EPS):
             raise ConfigError(
                 f"budget {budget:g} GMAC cannot afford one step (base {s['base']:.4g} GMAC "
                 f"+ head {s['head']:.4g} GMAC = {first:.4g} GMAC)"
@@ -194,10 +193,8 @@ class _Video:
     name: str
     inputs: VideoInputs
     steps_done: int = 0
-    used: float = 0.0
     appearance: list[int] = field(default_factory=list)
     motion: list[int] = field(default_factory=list)
-    vetoed: dict[str, int] = field(default_factory=lambda: {"appearance": 0, "motion": 0})
     probs: Tensor | None = None  # (C,) host, after the last finished step (online)
 
 
@@ -285,7 +282,6 @@ class _BatchRun:
         self.timer = timer
         self.calls0 = es.calls()
         cfg = es.config
-        self.costs = step_costs(es.costs)
         T = opts.steps
         with timer.host_section("decode"):
             self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
@@ -295,6 +291,7 @@ class _BatchRun:
         self.prediction_reads = 0
         self.audio_calls = 0
         n = len(self.videos)
+        self.ledger = BudgetLedger(es.costs, n, opts.budget)
         dev = es.device
         # audio path outputs, (T, N, *) so that a step's slice is contiguous
         self.p_a = torch.zeros(T, n, cfg.audio.proj_dim, device=dev)
@@ -316,22 +313,9 @@ class _BatchRun:
         self.ops = EngineStepOps(self)
 
     # -- budget --------------------------------------------------------------------------
-    def fits(self, used: float, extra: float) -> bool:
-        b = self.opts.budget
-        return b is None or used + extra + self.costs["head"] <= b * (1 + _EPS)
-
     def veto(self, d: Tensor, vids: Tensor, tier: str) -> Tensor:
         """Apply the budget to decisions ``d`` (int64 host) of videos ``vids``; charge the tier."""
-        cost = self.costs[tier]
-        for j, v in enumerate(vids.tolist()):
-            if d[j]:
-                video = self.videos[v]
-                if self.fits(video.used, cost):
-                    video.used += cost
-                else:
-                    d[j] = 0
-                    video.vetoed[tier] += 1
-        return d
+        return torch.from_numpy(self.ledger.veto(tier, vids.numpy(), d.numpy()))
 
     # -- audio path ----------------------------------------------------------------------
     def audio_ahead(self, t: int, active: list[int]) -> None:
@@ -340,12 +324,9 @@ class _BatchRun:
             return
         T = self.opts.steps
         k = T - t
-        if self.opts.budget is not None:
-            dense_step = self.costs["base"] + self.costs["appearance"] + self.costs["motion"]
-            if self.opts.online:
-                dense_step += self.costs["head"]
-            room = min(self.opts.budget - self.videos[v].used - self.costs["head"] for v in active)
-            k = min(k, max(1, math.floor(room / dense_step * (1 + _EPS))))
+        affordable = self.ledger.dense_steps_affordable(np.asarray(active), online=self.opts.online)
+        if affordable is not None:
+            k = min(k, max(1, affordable))
         t1 = t + k
         dev = self.es.device
         full = len(active) == len(self.videos)
@@ -397,15 +378,14 @@ class _BatchRun:
     def steps(self) -> Iterator[list[int]]:
         """Run the gated loop; after each step yield the videos that finished it."""
         T = self.opts.steps
-        base = self.costs["base"]
+        base = self.ledger.tiers["base"]
         active = list(range(len(self.videos)))
         for t in range(T):
-            active = [v for v in active if self.fits(self.videos[v].used, base)]
+            active = [v for v, ok in zip(active, self.ledger.fits(np.asarray(active), base)) if ok]
             if not active:
                 break
-            self.audio_ahead(t, active)
-            for v in active:
-                self.videos[v].used += base
+            self.audio_ahead(t, active)  # before charging this step: room for it too
+            self.ledger.charge(np.asarray(active), "base")
             n = len(self.videos)
             full = len(active) == n
             self.ops.active = torch.tensor(active)
@@ -436,8 +416,8 @@ class _BatchRun:
                 video.steps_done += 1
             if self.opts.online:
                 probs = self.head(active)
+                self.ledger.charge(np.asarray(active), "head")
                 for j, v in enumerate(active):
-                    self.videos[v].used += self.costs["head"]
                     self.videos[v].probs = probs[j]
             yield active
 
@@ -477,7 +457,7 @@ class _BatchRun:
                 "host_reads": self.host_reads,
                 "prediction_reads": self.prediction_reads,
                 "batch": len(self.videos),
-                "vetoed": dict(video.vetoed),
+                "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
                 "appearance_frames": video.inputs.appearance_frames,
                 "motion_clips": video.inputs.motion_clips,
                 **video.inputs.decode_stats,

@@ -5,29 +5,24 @@ The budgeted forward is :func:`hms_deploy.spec.gated_step` over :class:`BudgetSt
 a :class:`~hms_deploy.model.hms.FeatureStepOps` whose ``decide_*`` veto a firing gate
 when its tier no longer fits: the decisions, hierarchy and fusion are spec.py's.
 
-Budget rule (the runtime's, ``hms_deploy.runtime.scheduler``): with ``used`` the GMAC
-spent so far on a video and ``head`` the head's cost, step t starts only if
-``used + base + head <= B``; a modality whose gate fires runs only if
-``used + its tier + head <= B`` (otherwise it is recorded 0 and fused); once a step
-cannot start, the prediction after the last finished step is the video's. So
-``used = video_cost(...) <= B`` always. Comparisons allow a relative 1e-9 of float slack.
+Budget rule: :class:`hms_deploy.costs.BudgetLedger` (the runtime's scheduler keeps its
+books there too); once a step cannot start, the prediction after the last finished step
+is the video's, so ``used = video_cost(...) <= B`` always.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hms_deploy import spec
-from hms_deploy.costs import step_costs, video_cost
+from hms_deploy.costs import BudgetLedger, video_cost
 from hms_deploy.model.hms import HMS, FeatureStepOps
 from hms_deploy.train.data import FeatureSource
 
 Tensor = torch.Tensor
-_EPS = 1e-9
 
 
 @dataclass
@@ -72,9 +67,9 @@ def predict_hms(model: HMS, source: FeatureSource, costs: dict[str, float],
 
 
 class BudgetStepOps(FeatureStepOps):
-    """:class:`FeatureStepOps` under a GMAC budget (rule in the module docstring).
+    """:class:`FeatureStepOps` under a GMAC budget (:class:`~hms_deploy.costs.BudgetLedger`).
 
-    ``used`` (N,) float64 GMAC spent per video, ``active`` (N,) bool: videos still
+    ``ledger.used`` (N,) float64 GMAC spent per video, ``active`` (N,) bool: videos still
     stepping (an inactive video's gates are answered 0 without being evaluated).
     """
 
@@ -82,31 +77,19 @@ class BudgetStepOps(FeatureStepOps):
                  budget: float):
         super().__init__(model, feats)
         n = feats["audio"].shape[0]
-        self.tiers = step_costs(costs)
-        self.budget = float(budget)
-        self.used = np.zeros(n, dtype=np.float64)
+        self.ledger = BudgetLedger(costs, n, budget)
         self.active = np.ones(n, dtype=bool)
-        self.vetoed = {"appearance": 0, "motion": 0}
-
-    def fits(self, rows: np.ndarray, extra: float) -> np.ndarray:
-        if math.isinf(self.budget):
-            return np.ones(rows.size, dtype=bool)
-        return self.used[rows] + extra + self.tiers["head"] <= self.budget * (1 + _EPS)
 
     def start_step(self) -> np.ndarray:
         """Charge the base cost of the next step to every video that can still afford it."""
-        rows = np.flatnonzero(self.active)
-        self.active[rows[~self.fits(rows, self.tiers["base"])]] = False
-        self.used[self.active] += self.tiers["base"]
+        started = self.ledger.start_step(np.flatnonzero(self.active))
+        self.active[:] = False
+        self.active[started] = True
         return self.active.copy()
 
     def _veto(self, tier: str, rows: Tensor, fired: Tensor) -> Tensor:
         r = rows.numpy()
-        want = fired.numpy().astype(bool) & self.active[r]
-        ok = want & self.fits(r, self.tiers[tier])
-        self.vetoed[tier] += int((want & ~ok).sum())
-        self.used[r[ok]] += self.tiers[tier]
-        return torch.from_numpy(ok.astype(np.int64))
+        return torch.from_numpy(self.ledger.veto(tier, r, fired.numpy().astype(bool) & self.active[r]))
 
     def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
         return self._veto("appearance", rows, super().decide_appearance(t, rows, x_a, h, c))
@@ -147,7 +130,7 @@ def budgeted_forward(model: HMS, feats: dict[str, Tensor], costs: dict[str, floa
                 (new.h_m, state.h_m), (new.c_m, state.c_m))))
         g_i[:, t], g_m[:, t] = d_i.numpy(), d_m.numpy()
         finished += active
-    used = ops.used + np.where(finished > 0, ops.tiers["head"], 0.0)
+    used = ops.ledger.used + np.where(finished > 0, ops.ledger.tiers["head"], 0.0)
     return model.head.logits(state.h_m), g_i, g_m, finished, used
 
 
