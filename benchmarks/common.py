@@ -198,6 +198,10 @@ def engine_options(engine: str, device: str, threads: int | None) -> dict[str, A
         options["providers"] = ("cuda",)
     if engine == "onnx" and threads:
         options["threads"] = threads
+    if engine == "trt":
+        from hms_deploy.export import add_trt_plans
+
+        options["build_plans"] = add_trt_plans  # plans built on first use, as hms-run does
     return options
 
 

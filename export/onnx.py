@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from hms_deploy.dtypes import ONNX_ELEM_TYPES
 from hms_deploy.errors import ExportError
-from hms_deploy.export.parts import ONNX_ELEM_TYPES, ExportPart, random_inputs
-from hms_deploy.parts import PartSpec
+from hms_deploy.export.modules import ExportPart
+from hms_deploy.parts import PartSpec, random_inputs
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 17, 20

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hms_deploy.errors import ExportError
-from hms_deploy.export import manifest as mf
 from hms_deploy.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
-from hms_deploy.export.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
 from hms_deploy.export.validate import ValidationOptions
+from hms_deploy.runtime import manifest as mf
+from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
 
 ENGINES = ("onnx", "trt")
 Log = Callable[[str], None]
@@ -135,8 +135,8 @@ def export_checkpoint(
     ``engine="trt"`` without TensorRT or a GPU. Nothing is left at ``out`` on failure.
     """
     from hms_deploy.checkpoint import load_checkpoint
+    from hms_deploy.export.modules import export_parts
     from hms_deploy.export.onnx import export_part
-    from hms_deploy.export.parts import export_parts
     from hms_deploy.export.validate import validate_export
 
     opts = options or ExportOptions()

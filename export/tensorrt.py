@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING, Any
 from hms_deploy.config import HMSConfig
 from hms_deploy.errors import BackendUnavailable, EngineError, ExportError
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
-
-from . import manifest as mf
-from .trt_plan import (
+from hms_deploy.runtime import manifest as mf
+from hms_deploy.runtime.trt_plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WORKSPACE_BYTES,
     PLAN_SUFFIX,
@@ -43,7 +42,7 @@ from .trt_plan import (
     profile_shapes,
     trt_dtype_name,
 )
-from .trt_plan import torch_dtype as _torch_dtype
+from hms_deploy.runtime.trt_plan import torch_dtype as _torch_dtype
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -181,13 +180,14 @@ def build_plan(
                  for i in range(network.num_inputs)}
     io_dtypes.update({network.get_output(i).name: trt_dtype_name(network.get_output(i).dtype)
                       for i in range(network.num_outputs)})
-    return plan_metadata(
+    meta: dict[str, Any] = plan_metadata(
         spec=spec, plan_file=plan_path.name, onnx_sha256=onnx_sha256,
         tensorrt_version=str(trt_mod.__version__), gpu_name=gpu_name, compute_capability=cc,
         max_batch=options.max_batch, opt_batch=opt, workspace_bytes=options.workspace_bytes,
         precision=options.precision, flags=flags, strongly_typed=strongly_typed,
         build_seconds=round(seconds, 2), io_dtypes=io_dtypes,
     )
+    return meta
 
 
 class PlanRunner:

@@ -47,9 +47,10 @@ import torch
 
 from hms_deploy import spec as hms_spec
 from hms_deploy.config import HMSConfig
+from hms_deploy.dtypes import NUMPY_DTYPES, TORCH_DTYPES
 from hms_deploy.errors import ExportError
-from hms_deploy.export.parts import NUMPY_DTYPES, ExportPart, call_part, random_inputs
-from hms_deploy.parts import PART_NAMES, PartSpec
+from hms_deploy.export.modules import ExportPart, call_part
+from hms_deploy.parts import PART_NAMES, PartSpec, random_inputs
 
 Tensor = torch.Tensor
 Runner = Callable[[str, dict[str, Tensor]], dict[str, Tensor]]
@@ -136,7 +137,7 @@ class OrtRunner:
     def __call__(self, part: str, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         s = self.specs[part]
         feed = {
-            t.name: np.ascontiguousarray(inputs[t.name].detach().cpu().numpy(), dtype=NUMPY_DTYPES[t.dtype])
+            t.name: np.ascontiguousarray(inputs[t.name].detach().cpu().numpy(), dtype=NUMPY_DTYPES[TORCH_DTYPES[t.dtype]])
             for t in s.inputs
         }
         outs = self.session(part).run(s.output_names, feed)

@@ -13,14 +13,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hms_deploy.parts import PART_NAMES, part_specs
+from hms_deploy.parts import PART_NAMES, part_specs, random_inputs
 
 UNIT = "GMAC"
 
 def example_inputs(cfg, n: int = 1, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Random inputs for every part, batch ``n``: {part: {input name: tensor}}."""
-    from hms_deploy.export.parts import random_inputs
-
     return {name: random_inputs(ps, n, seed=seed) for name, ps in part_specs(cfg).items()}
 
 

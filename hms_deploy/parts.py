@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from hms_deploy.config import HMSConfig
 
 
@@ -89,3 +91,23 @@ def part_specs(cfg: HMSConfig) -> dict[str, PartSpec]:
         PartSpec("head", (T("h", (hm,), f32),), (T("probs", (cfg.num_classes,), f32),)),
     ]
     return {s.name: s for s in specs}
+
+
+def random_inputs(spec: PartSpec, n: int, *, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Random inputs of batch ``n`` for one part (export, parity checks, cost model, tests).
+
+    uint8 frames/clips take the full 0..255 range; ``mel`` is N(-2, 2^2) (log-mel-like);
+    features and states are N(0, scale^2).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for t in spec.inputs:
+        shape = t.with_batch(n)
+        if t.dtype == "uint8":
+            out[t.name] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        elif t.name == "mel":
+            out[t.name] = torch.randn(shape, generator=g) * 2.0 - 2.0
+        else:
+            out[t.name] = torch.randn(shape, generator=g) * scale
+    return out
+

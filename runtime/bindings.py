@@ -2,8 +2,8 @@
 
 Everything here is plain torch, so it is unit-tested without TensorRT or a GPU:
 
-- dtype maps: TensorRT ``DataType`` names, ONNX Runtime type strings and numpy dtypes
-  to torch dtypes (read from the engine, never assumed);
+- dtype look-ups over :mod:`hms_deploy.dtypes` (TensorRT ``DataType`` names, ONNX Runtime
+  type strings, numpy) with errors naming the tensor (dtypes are read from the engine);
 - :func:`bindable`: an input made safe to hand to an engine by pointer (right device,
   dtype, contiguous). A non-contiguous input is copied, and the copy is returned so the
   caller can hold it alive until the engine is done with it. **Never bind a temporary**:
@@ -25,38 +25,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from hms_deploy.dtypes import NUMPY_DTYPES, ORT_TO_TORCH, TRT_TO_TORCH
 from hms_deploy.errors import EngineError
-from hms_deploy.export.trt_plan import TRT_TO_TORCH
 
 from .engine import same_device
-
-# TensorRT ``DataType`` member names -> torch: the export's table (one table for both sides)
-TRT_TORCH_DTYPES: dict[str, torch.dtype] = TRT_TO_TORCH
-
-# ONNX Runtime ``NodeArg.type`` strings -> torch.
-ORT_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "tensor(float)": torch.float32,
-    "tensor(float16)": torch.float16,
-    "tensor(bfloat16)": torch.bfloat16,
-    "tensor(double)": torch.float64,
-    "tensor(int8)": torch.int8,
-    "tensor(uint8)": torch.uint8,
-    "tensor(int32)": torch.int32,
-    "tensor(int64)": torch.int64,
-    "tensor(bool)": torch.bool,
-}
-
-# torch -> numpy (ONNX Runtime's IOBinding takes a numpy dtype for the element type).
-NUMPY_DTYPES: dict[torch.dtype, type[np.generic]] = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.float64: np.float64,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-    torch.bool: np.bool_,
-}
 
 
 def torch_dtype_from_trt(name: str, *, where: str) -> torch.dtype:
@@ -66,18 +38,18 @@ def torch_dtype_from_trt(name: str, *, where: str) -> torch.dtype:
     """
     key = name.rsplit(".", 1)[-1].upper()
     try:
-        return TRT_TORCH_DTYPES[key]
+        return TRT_TO_TORCH[key]
     except KeyError:
         raise EngineError(
             f"{where} has TensorRT dtype {key}, which this runtime cannot bind "
-            f"(supported: {', '.join(TRT_TORCH_DTYPES)})"
+            f"(supported: {', '.join(TRT_TO_TORCH)})"
         ) from None
 
 
 def torch_dtype_from_ort(type_str: str, *, where: str) -> torch.dtype:
     """An ONNX Runtime type string (``"tensor(float)"``) -> torch dtype."""
     try:
-        return ORT_TORCH_DTYPES[type_str]
+        return ORT_TO_TORCH[type_str]
     except KeyError:
         raise EngineError(f"{where} has ONNX type {type_str}, which this runtime cannot bind") from None
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import EngineError
 from hms_deploy.parts import PartSpec
 
@@ -34,16 +35,6 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
 
 
 def check_inputs(spec: PartSpec, inputs: dict[str, Tensor]) -> int:

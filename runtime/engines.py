@@ -103,7 +103,7 @@ def engines_from_export(
 
     ``options`` go to the backend (e.g. ``providers`` for onnx, ``max_batch`` for trt).
     """
-    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.runtime.manifest import load_manifest
 
     dev = parse_device(device)
     manifest = load_manifest(engines_dir, verify=True)

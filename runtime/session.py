@@ -19,7 +19,9 @@ Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
 ``Session(engines_dir=None, checkpoint=None, engine=None, device="cpu", **engine_options)``:
 ``engine`` is ``"onnx"`` (default), ``"trt"`` (both need ``engines_dir``, default
 ``engines/``) or ``"torch"`` (needs ``checkpoint``; the default when only a checkpoint
-is given). ``engine_options`` go to the backend (e.g. ONNX Runtime ``providers``).
+is given). ``engine_options`` go to the backend (e.g. ONNX Runtime ``providers``; for
+``trt``, ``build_plans=add_trt_plans`` (from the export package) builds missing plans on first
+use, as ``hms-run`` does; without it a missing plan is an error saying how to build it).
 Opening verifies the export's hashes; the engines are created once, on ``__enter__``
 (or on first use) and freed by ``close()`` / ``__exit__``.
 

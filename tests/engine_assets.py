@@ -51,7 +51,7 @@ def export_dir() -> Path:
 
 
 def manifest():
-    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.runtime.manifest import load_manifest
 
     return load_manifest(export_dir(), verify=False)
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from engine_assets import manifest, specs, torch_engine
 
+from hms_deploy.dtypes import NUMPY_DTYPES
 from hms_deploy.errors import BackendUnavailable, EngineError
-from hms_deploy.export.parts import random_inputs
+from hms_deploy.parts import random_inputs
 from hms_deploy.runtime.bindings import (
-    NUMPY_DTYPES,
     OutputBuffers,
     bindable,
     numpy_dtype,

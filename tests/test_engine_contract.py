@@ -20,10 +20,10 @@ import pytest
 import torch
 from engine_assets import ATOL, RTOL, TIE, VARIANTS, make_engine, torch_engine
 
+from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import EngineError
-from hms_deploy.export.parts import random_inputs
-from hms_deploy.parts import PART_NAMES, PartSpec
-from hms_deploy.runtime.engine import TORCH_DTYPES, Engine
+from hms_deploy.parts import PART_NAMES, PartSpec, random_inputs
+from hms_deploy.runtime.engine import Engine
 
 Tensor = torch.Tensor
 

@@ -18,11 +18,11 @@ from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpo
 from hms_deploy.config import tiny_config
 from hms_deploy.errors import ExportError
 from hms_deploy.export import validate as V
-from hms_deploy.export.manifest import load_manifest
+from hms_deploy.export.modules import call_part, export_parts
 from hms_deploy.export.onnx import check_onnx, export_part
-from hms_deploy.export.parts import call_part, export_parts, random_inputs
 from hms_deploy.export.pipeline import ExportOptions, check_out_dir, export_checkpoint
-from hms_deploy.parts import PART_NAMES, part_specs
+from hms_deploy.parts import PART_NAMES, part_specs, random_inputs
+from hms_deploy.runtime.manifest import load_manifest
 
 STEPS = 10
 FAST = V.ValidationOptions(random_batches=(1,), gate_samples=1000, steps=3)

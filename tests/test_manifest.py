@@ -14,7 +14,8 @@ import pytest
 
 from hms_deploy.config import tiny_config
 from hms_deploy.errors import ManifestError
-from hms_deploy.export.manifest import (
+from hms_deploy.parts import PART_NAMES, part_specs
+from hms_deploy.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     load_manifest,
@@ -23,7 +24,6 @@ from hms_deploy.export.manifest import (
     verify_files,
     write_manifest,
 )
-from hms_deploy.parts import PART_NAMES, part_specs
 
 CFG = tiny_config(6)
 LABELS = [f"class_{i}" for i in range(6)]
@@ -185,7 +185,7 @@ def test_manifest_with_plans(tmp_path):
     from click.testing import CliRunner
 
     from hms_deploy.cli.inspect import main as inspect_main
-    from hms_deploy.export import trt_plan
+    from hms_deploy.runtime import trt_plan
 
     root = make_export(tmp_path / "e")
     specs = part_specs(CFG)

@@ -28,8 +28,7 @@ import torch
 from engine_assets import export_dir, specs, torch_engine, trt_unavailable_reason
 
 from hms_deploy.errors import BackendUnavailable, EngineError
-from hms_deploy.export.parts import random_inputs
-from hms_deploy.parts import PART_NAMES, PartSpec
+from hms_deploy.parts import PART_NAMES, PartSpec, random_inputs
 from hms_deploy.runtime.backends import trt as trt_backend
 from hms_deploy.runtime.backends.trt import TRT_MISSING, TrtEngine, require_cuda, trt_engines
 
@@ -334,8 +333,8 @@ def _export_with_plans(tmp_path: Path, *, version: str = "10.13.0.35", cc: str =
     """A copy of the test export whose manifest lists (fake) plans built for ``version``/``cc``."""
     import shutil
 
-    from hms_deploy.export import manifest as mf
-    from hms_deploy.export.trt_plan import plan_metadata
+    from hms_deploy.runtime import manifest as mf
+    from hms_deploy.runtime.trt_plan import plan_metadata
 
     root = tmp_path / "engines"
     shutil.copytree(export_dir(), root)
@@ -363,7 +362,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, fake_trt):
 
 
 def test_trt_engines_load_compatible_plans(tmp_path: Path, fake_gpu) -> None:
-    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.runtime.manifest import load_manifest
 
     fake_gpu()
     m = load_manifest(_export_with_plans(tmp_path))
@@ -380,7 +379,7 @@ def test_trt_engines_load_compatible_plans(tmp_path: Path, fake_gpu) -> None:
 ])
 def test_trt_engines_refuse_plans_built_elsewhere(tmp_path: Path, fake_gpu, version: str, cc: str,
                                                   why: str) -> None:
-    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.runtime.manifest import load_manifest
 
     fake_gpu()
     m = load_manifest(_export_with_plans(tmp_path, version=version, cc=cc))
@@ -389,11 +388,10 @@ def test_trt_engines_refuse_plans_built_elsewhere(tmp_path: Path, fake_gpu, vers
         trt_engines(m, CPU, stream=_Stream())  # type: ignore[arg-type]
 
 
-def test_trt_engines_build_missing_plans_once(tmp_path: Path, fake_gpu, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trt_engines_build_missing_plans_once(tmp_path: Path, fake_gpu) -> None:
     import shutil
 
-    from hms_deploy.export import pipeline
-    from hms_deploy.export.manifest import load_manifest
+    from hms_deploy.runtime.manifest import load_manifest
 
     fake_gpu()
     root = tmp_path / "engines"
@@ -407,12 +405,12 @@ def test_trt_engines_build_missing_plans_once(tmp_path: Path, fake_gpu, monkeypa
             shutil.copy(f, root / f.name)
         return load_manifest(root)
 
-    monkeypatch.setattr(pipeline, "add_trt_plans", fake_add_trt_plans)
     m = load_manifest(root)
     old_sha = m.sha256
     with pytest.raises(EngineError, match="the export has no TensorRT plans: rebuild with"):
-        trt_engines(m, CPU, stream=_Stream(), build=False)  # type: ignore[arg-type]
-    engines = trt_engines(m, CPU, stream=_Stream(), max_batch=4)  # type: ignore[arg-type]
+        trt_engines(m, CPU, stream=_Stream())  # type: ignore[arg-type]
+    engines = trt_engines(m, CPU, stream=_Stream(), max_batch=4,  # type: ignore[arg-type]
+                          build_plans=fake_add_trt_plans)
     assert builds == [(root, 4)]
     assert m.sha256 != old_sha and m.has("trt")  # the caller's manifest object was refreshed
     assert engines["head"].path == root / "head.plan"

@@ -10,9 +10,9 @@ import torch
 
 from hms_deploy.config import paper_config, tiny_config
 from hms_deploy.errors import BackendUnavailable
-from hms_deploy.export import trt_plan
-from hms_deploy.export.manifest import PartEntry
 from hms_deploy.parts import PART_NAMES, part_specs
+from hms_deploy.runtime import trt_plan
+from hms_deploy.runtime.manifest import PartEntry
 
 
 def _real_tensorrt():
@@ -160,10 +160,11 @@ def test_tensorrt_missing_is_backend_unavailable():
 def test_build_plan_and_run(tmp_path):
     _real_tensorrt()
     from hms_deploy.checkpoint import init_checkpoint
-    from hms_deploy.export.manifest import sha256_file
+    from hms_deploy.export.modules import call_part, export_parts
     from hms_deploy.export.onnx import export_part
-    from hms_deploy.export.parts import call_part, export_parts, random_inputs
     from hms_deploy.export.tensorrt import BuildOptions, PlanRunner, build_plan
+    from hms_deploy.parts import random_inputs
+    from hms_deploy.runtime.manifest import sha256_file
 
     ckpt = init_checkpoint(tiny_config(6))
     parts = export_parts(ckpt.build_model(), ckpt.costs)

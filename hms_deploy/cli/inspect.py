@@ -67,7 +67,7 @@ def _parity_lines(p: dict[str, Any]) -> list[str]:
 def main(directory: Path, as_json: bool, debug: bool) -> None:
     """Show the parts of an export DIR (I/O, GMAC, hashes), producer versions and the stored
     parity report; exit non-zero if any file does not match its sha256."""
-    from hms_deploy.export.manifest import load_manifest, verify_files
+    from hms_deploy.runtime.manifest import load_manifest, verify_files
 
     man = load_manifest(directory, verify=False)
     problems = verify_files(man)

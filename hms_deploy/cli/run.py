@@ -123,7 +123,13 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    session = Session(engines_dir=engines_dir, checkpoint=checkpoint, engine=engine, device=device)
+    options = {}
+    if engine == "trt":  # plans missing from DIR are built once on first use (INTERFACES.md)
+        from hms_deploy.export import add_trt_plans
+
+        options["build_plans"] = add_trt_plans
+    session = Session(engines_dir=engines_dir, checkpoint=checkpoint, engine=engine, device=device,
+                      **options)
     opts = session.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk)
 
     results = ResultsFile(output) if output is not None else None

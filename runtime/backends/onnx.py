@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 
@@ -44,10 +45,10 @@ from ..bindings import (
     numpy_dtype,
     torch_dtype_from_ort,
 )
-from ..engine import TORCH_DTYPES, Engine, output_shapes
+from ..engine import Engine, output_shapes
 
 if TYPE_CHECKING:
-    from hms_deploy.export.manifest import Manifest
+    from hms_deploy.runtime.manifest import Manifest
 
 GPU_INSTALL_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
@@ -131,11 +132,11 @@ def check_available(ort: ModuleType, providers: Sequence[str]) -> None:
 def trt_profile_options(spec: PartSpec, max_batch: int) -> dict[str, str]:
     """TensorRT EP ``trt_profile_{min,opt,max}_shapes`` for every input of a part.
 
-    The same profile as the export's TensorRT plans (:func:`hms_deploy.export.trt_plan.
+    The same profile as the export's TensorRT plans (:func:`hms_deploy.runtime.trt_plan.
     profile_shapes`: N from 1 to ``max_batch``, tuned for the middle), e.g.
     ``"x_a:1x32,h:1x32,c:1x32"``, so a new N never triggers an engine rebuild.
     """
-    from hms_deploy.export.trt_plan import profile_shapes
+    from hms_deploy.runtime.trt_plan import profile_shapes
 
     ranges = profile_shapes(spec, max_batch)
     return {

@@ -27,32 +27,37 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import BackendUnavailable, EngineError
-from hms_deploy.export.trt_plan import (
+from hms_deploy.parts import PART_NAMES, PartSpec
+from hms_deploy.runtime.trt_plan import (
     DEFAULT_MAX_BATCH,
     check_plan_compatible,
     rebuild_hint,
 )
-from hms_deploy.parts import PART_NAMES, PartSpec
 
 from ..bindings import OutputBuffers, bindable, new_stream, torch_dtype_from_trt
 from ..cuda_graphs import GRAPH_PARTS, StaticGraph, capture
-from ..engine import TORCH_DTYPES, Engine
+from ..engine import Engine
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-    from hms_deploy.export.manifest import Manifest
+    from hms_deploy.runtime.manifest import Manifest
 
 TRT_MISSING = "TensorRT is not installed: pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
 BUILD_LOCK = ".trt_build.lock"
 MAX_GRAPHS = 16  # CUDA graphs per engine (one context and one set of static buffers each)
+
+# builds every part's plan into an export dir: (dir, *, max_batch) -> anything (ignored);
+# the export package's add_trt_plans, handed down by the caller
+PlanBuilder = Callable[..., object]
 
 _LOGGER: trt.Logger | None = None  # one logger per process (TensorRT warns about a second one)
 
@@ -383,14 +388,16 @@ def trt_engines(
     max_batch: int = DEFAULT_MAX_BATCH,
     stream: torch.cuda.Stream | None = None,
     cuda_graphs: bool = False,
-    build: bool = True,
+    build_plans: PlanBuilder | None = None,
 ) -> dict[str, Engine]:
     """The nine parts of an export as TensorRT engines (plans load on ``__enter__``).
 
     Plans listed in the manifest are checked against this machine (TensorRT version, GPU
     compute capability, source ONNX hash) first: a mismatch raises :class:`EngineError`
-    with the rebuild command. If the export has no plans at all and ``build`` is true,
-    they are built once from its ONNX files (``max_batch``: the profile's largest N) and
+    with the rebuild command. If the export has no plans at all and ``build_plans`` is
+    given (the export package's ``add_trt_plans``, handed down by
+    ``hms-run`` or the caller: the runtime does not import the export layer), they are
+    built once from its ONNX files (``max_batch``: the profile's largest N) and
     cached in the export dir, the manifest updated atomically (under a file lock, so
     concurrent runs build once); ``manifest`` is refreshed in place.
 
@@ -404,9 +411,9 @@ def trt_engines(
     if stream.cuda_stream == 0:
         raise EngineError("TensorRT engines need a non-default CUDA stream (the default one adds device syncs)")
     if not any("trt" in manifest.parts[name].files for name in PART_NAMES):
-        if not build:
+        if build_plans is None:
             raise EngineError(f"{manifest.dir}: the export has no TensorRT plans: {rebuild_hint(manifest.dir)}")
-        _build_plans(manifest, device, max_batch)
+        _build_plans(manifest, device, max_batch, build_plans)
     cc = torch.cuda.get_device_capability(device)
     gpu = torch.cuda.get_device_name(device)
     problems = [
@@ -427,14 +434,13 @@ def trt_engines(
     }
 
 
-def _build_plans(manifest: Manifest, device: torch.device, max_batch: int) -> None:
+def _build_plans(manifest: Manifest, device: torch.device, max_batch: int, build_plans: PlanBuilder) -> None:
     """Build every part's plan from its ONNX file into the export dir; refresh ``manifest``.
 
     Under an exclusive lock on ``DIR/.trt_build.lock``: a second process waits, then finds
     the plans built and loads them.
     """
-    from hms_deploy.export.manifest import load_manifest
-    from hms_deploy.export.pipeline import add_trt_plans
+    from hms_deploy.runtime.manifest import load_manifest
 
     root = Path(manifest.dir)
     try:
@@ -449,5 +455,6 @@ def _build_plans(manifest: Manifest, device: torch.device, max_batch: int) -> No
         fresh = load_manifest(root, verify=True)
         if not any("trt" in fresh.parts[name].files for name in PART_NAMES):  # nobody built meanwhile
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                fresh = add_trt_plans(root, max_batch=max_batch)
+                build_plans(root, max_batch=max_batch)
+                fresh = load_manifest(root, verify=True)
     vars(manifest).update(vars(fresh))  # callers keep their object; it now lists the plans

@@ -2,42 +2,22 @@
 
 This module does not define parts: it pairs each ``nn.Module`` that ``HMS.part(name)``
 returns with its :class:`~hms_deploy.parts.PartSpec` and its cost, and gives the helpers
-every exporter and checker needs (named calls, dtype maps, random inputs per spec).
+every exporter needs (named calls). Random inputs per spec are
+:func:`hms_deploy.parts.random_inputs`; dtype tables are :mod:`hms_deploy.dtypes`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from hms_deploy.errors import ExportError
 from hms_deploy.model.hms import HMS
-from hms_deploy.parts import PART_NAMES, PartSpec, TensorSpec, part_specs
+from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 
 Tensor = torch.Tensor
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "uint8": torch.uint8,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "bool": torch.bool,
-}
-NUMPY_DTYPES: dict[str, type] = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "uint8": np.uint8,
-    "int64": np.int64,
-    "int32": np.int32,
-    "bool": np.bool_,
-}
-# ONNX TensorProto element types of the dtypes parts use
-ONNX_ELEM_TYPES: dict[str, int] = {"float32": 1, "uint8": 2, "int32": 6, "int64": 7, "bool": 9,
-                                   "float16": 10}
 
 
 @dataclass(frozen=True)
@@ -65,11 +45,6 @@ def export_parts(model: HMS, costs: dict[str, float]) -> dict[str, ExportPart]:
     }
 
 
-def batch_shape(t: TensorSpec) -> list[str | int]:
-    """The manifest's shape of a tensor: ``["N", *per-sample shape]``."""
-    return ["N", *t.shape]
-
-
 @torch.no_grad()
 def call_part(module: nn.Module, spec: PartSpec, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Run a torch part on named inputs; returns its outputs by name (spec order)."""
@@ -81,23 +56,3 @@ def call_part(module: nn.Module, spec: PartSpec, inputs: dict[str, Tensor]) -> d
             f"{spec.name}: module returned {len(outs)} outputs, expected {spec.output_names}"
         )
     return {t.name: o for t, o in zip(spec.outputs, outs)}
-
-
-def random_inputs(spec: PartSpec, n: int, *, seed: int = 0, scale: float = 1.0) -> dict[str, Tensor]:
-    """Random inputs of batch ``n`` for one part (also behind ``costs.example_inputs``).
-
-    uint8 frames/clips take the full 0..255 range; ``mel`` is N(-2, 2^2) (log-mel-like);
-    features and states are N(0, scale^2).
-    """
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, Tensor] = {}
-    for t in spec.inputs:
-        shape = t.with_batch(n)
-        if t.dtype == "uint8":
-            out[t.name] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-        elif t.name == "mel":
-            out[t.name] = torch.randn(shape, generator=g) * 2.0 - 2.0
-        else:
-            out[t.name] = torch.randn(shape, generator=g) * scale
-    return out
-

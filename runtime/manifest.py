@@ -46,12 +46,12 @@ JSON layout, ``format_version`` 1 (keys in this order; ``...`` = abbreviated)::
           "inputs": [{"name": "mel", "shape": ["N", 1, 96, 64], "dtype": "float32"}],
           "outputs": [{"name": "feat", "shape": ["N", 32], "dtype": "float32"}],
           "gmac": 0.00039, "opset": 17, "precision": "fp32", "exporter": "...",
-          "trt": {...plan metadata, see hms_deploy.export.trt_plan.plan_metadata...}   # only with plans
+          "trt": {...plan metadata, see hms_deploy.runtime.trt_plan.plan_metadata...}   # only with plans
         }, ...all nine parts...
       },
       "tensorrt": null | {"version": ..., "gpu": ..., "compute_capability": "9.0", "max_batch": 8,
                           "opt_batch": 4, "timing_cache": "trt_timing.cache", ...},
-      "parity": {...}                           # hms_deploy.export.validate report
+      "parity": {...}                           # the export parity report (export/parity.py)
     }
 """
 
@@ -65,6 +65,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from hms_deploy.config import HMSConfig
+from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import ConfigError, ManifestError
 from hms_deploy.parts import PART_NAMES, PartSpec, TensorSpec, part_specs
 
@@ -72,7 +73,7 @@ FORMAT = "hms-deploy-export"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FILE_KINDS = ("onnx", "onnx_data", "trt")
-_DTYPES = ("float32", "float16", "uint8", "int64", "int32", "bool")
+_DTYPES = tuple(TORCH_DTYPES)
 
 
 @dataclass(frozen=True)

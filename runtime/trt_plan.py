@@ -1,7 +1,7 @@
 """TensorRT logic that needs no TensorRT: profiles, plan metadata, compatibility, dtypes.
 
 Everything here is pure Python (and torch dtypes), so it is tested on machines without
-TensorRT; :mod:`hms_deploy.export.tensorrt` builds and runs plans with it.
+TensorRT; the export package builds plans with it and the TensorRT backend checks them.
 
 A TensorRT plan loads only on the TensorRT build and the GPU (compute capability) it was
 built for, and TensorRT offers no pre-check. So every plan's manifest entry records the
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hms_deploy.dtypes import TRT_TO_TORCH
 from hms_deploy.parts import PartSpec
 
 DEFAULT_MAX_BATCH = 8
@@ -23,18 +24,6 @@ DEFAULT_WORKSPACE_BYTES = 4 << 30
 PLAN_SUFFIX = ".plan"
 TIMING_CACHE_NAME = "trt_timing.cache"
 
-# TensorRT DataType member name -> torch dtype (read dtypes from the engine, never assume)
-TRT_TO_TORCH: dict[str, torch.dtype] = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "FP8": torch.float8_e4m3fn,
-}
 
 Shape = tuple[int, ...]
 
@@ -157,7 +146,7 @@ def check_plan_compatible(
 ) -> str | None:
     """None if ``entry``'s plan can load here; otherwise one line that says how to rebuild.
 
-    ``entry`` is a :class:`~hms_deploy.export.manifest.PartEntry` (or its JSON dict).
+    ``entry`` is a :class:`~hms_deploy.runtime.manifest.PartEntry` (or its JSON dict).
     A plan loads only on the exact TensorRT version and compute capability it was built
     for, and only if it was built from the ONNX file now in the export (same sha256).
     """
