@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.errors import BackendUnavailable, EngineError, ExportError
+from hms_deploy.errors import BackendUnavailable, ExportError
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 from hms_deploy.runtime import manifest as mf
 from hms_deploy.runtime.trt_plan import (
@@ -42,11 +42,9 @@ from hms_deploy.runtime.trt_plan import (
     profile_shapes,
     trt_dtype_name,
 )
-from hms_deploy.runtime.trt_plan import torch_dtype as _torch_dtype
 
 if TYPE_CHECKING:
     import tensorrt as trt
-    import torch
 
 INSTALL_HINT = (
     "install TensorRT >= 10 for your CUDA version (pip install 'hms-deploy[gpu]', i.e. "
@@ -190,74 +188,35 @@ def build_plan(
     return meta
 
 
-class PlanRunner:
-    """Minimal runner of one plan over torch tensors (for the export's parity check).
-
-    The runtime has its own TensorRT backend; this one allocates per call and syncs.
-    """
-
-    def __init__(self, plan_path: Path, spec: PartSpec):
-        import torch
-
-        require_tensorrt()
-        import tensorrt as trt_mod
-
-        self.spec = spec
-        self._logger = trt_mod.Logger(trt_mod.Logger.WARNING)
-        self._runtime = trt_mod.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"{plan_path}: TensorRT cannot load this plan (wrong TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        import torch
-
-        keep: list[torch.Tensor] = []
-        with torch.cuda.stream(self.stream):
-            for t in self.spec.inputs:
-                dtype = _torch_dtype(self.engine.get_tensor_dtype(t.name))
-                x = inputs[t.name].to("cuda", dtype).contiguous()
-                keep.append(x)
-                self.context.set_input_shape(t.name, tuple(x.shape))
-                self.context.set_tensor_address(t.name, x.data_ptr())
-            outs: dict[str, torch.Tensor] = {}
-            for t in self.spec.outputs:
-                dims = self.context.get_tensor_shape(t.name)
-                shape = tuple(int(dims[i]) for i in range(len(dims)))
-                dtype = _torch_dtype(self.engine.get_tensor_dtype(t.name))
-                y = torch.empty(shape, dtype=dtype, device="cuda")
-                outs[t.name] = y
-                self.context.set_tensor_address(t.name, y.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError(f"{self.spec.name}: TensorRT execution failed")
-        self.stream.synchronize()
-        return {k: v.cpu() for k, v in outs.items()}
-
-
 def validate_plans(
     export_dir: Path, data: dict[str, Any], max_batch: int, precision: str,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Plans vs ONNX Runtime (CPU) on random inputs at N = 1 and N = min(3, max_batch), and
-    gate agreement on 1000 random states; fp16 is reported as not validated."""
-    from hms_deploy.export.validate import (
-        OrtRunner,
-        Tolerance,
-        gate_agreement,
-        random_parity,
-    )
+    """The runtime's TensorRT engines over the new plans vs its ONNX Runtime engines (CPU)
+    over the ONNX files: random inputs at N = 1 and N = min(3, max_batch), and gate
+    agreement on 1000 random states; fp16 is reported as not validated."""
+    import torch
+
+    from hms_deploy.export.figures import Tolerance
+    from hms_deploy.export.runners import engine_set_runner
+    from hms_deploy.export.validate import gate_agreement, onnx_engine_set, random_parity
+    from hms_deploy.runtime.backends.trt import TrtEngine
+    from hms_deploy.runtime.bindings import new_stream
+    from hms_deploy.runtime.engines import EngineSet
 
     cfg = HMSConfig.from_dict(data["config"])
     specs = part_specs(cfg)
     parts = data["parts"]
-    ort_runner = OrtRunner({n: export_dir / parts[n]["files"]["onnx"] for n in PART_NAMES}, specs)
-    plans = {n: PlanRunner(export_dir / parts[n]["files"]["trt"], specs[n]) for n in PART_NAMES}
-
-    def trt_runner(part: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        return plans[part](inputs)
-
+    costs = {n: float(parts[n]["gmac"]) for n in PART_NAMES}
+    ref_set = onnx_engine_set({n: export_dir / parts[n]["files"]["onnx"] for n in PART_NAMES}, cfg, costs)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    stream = new_stream(dev)
+    cand_set = EngineSet(
+        backend="trt", device=dev, config=cfg, labels=[str(i) for i in range(cfg.num_classes)],
+        costs=costs, source=str(export_dir),
+        engines={n: TrtEngine(specs[n], export_dir / parts[n]["files"]["trt"], dev, stream=stream,
+                              export_dir=export_dir) for n in PART_NAMES},
+    )
     tol = Tolerance(rtol=1e-3, atol=1e-5, cosine_min=0.999)
     batches = sorted({1, min(3, max_batch)})
     enforce = precision == "fp32"
@@ -265,22 +224,24 @@ def validate_plans(
                               "tolerances": {"rtol": tol.rtol, "atol": tol.atol,
                                              "cosine_min": tol.cosine_min}, "parts": {}, "gates": {}}
     failure = None
-    for name in PART_NAMES:
-        r = random_parity(ort_runner, trt_runner, specs[name], batches, tol, seed=11)
-        for out, f in r["outputs"].items():
-            ok = f.pop("ok")
-            f["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
+    with ref_set as ref, cand_set as cand:
+        for name in PART_NAMES:
+            r = random_parity(ref, cand, specs[name], batches, tol, seed=11)
+            for out, f in r["outputs"].items():
+                ok = f.pop("ok")
+                f["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
+                if not ok and failure is None:
+                    failure = f"{name}: TensorRT output '{out}' out of tolerance ({f})"
+            report["parts"][name] = r
+        for name in ("appearance_gate", "motion_gate"):
+            g = gate_agreement(engine_set_runner(ref), engine_set_runner(cand), specs[name], 1000,
+                               tol, seed=12, chunk=max_batch)
+            ok = g.pop("ok")
+            g.pop("logits", None)
+            g["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
             if not ok and failure is None:
-                failure = f"{name}: TensorRT output '{out}' out of tolerance ({f})"
-        report["parts"][name] = r
-    for name in ("appearance_gate", "motion_gate"):
-        g = gate_agreement(ort_runner, trt_runner, specs[name], 1000, tol, seed=12, chunk=max_batch)
-        ok = g.pop("ok")
-        g.pop("logits", None)
-        g["status"] = "passed" if ok and enforce else ("failed" if enforce else "not validated")
-        if not ok and failure is None:
-            failure = f"{name}: TensorRT decisions differ on {g['disagree_outside_ties']} of 1000 states"
-        report["gates"][name] = g
+                failure = f"{name}: TensorRT decisions differ on {g['disagree_outside_ties']} of 1000 states"
+            report["gates"][name] = g
     report["status"] = ("passed" if failure is None else "failed") if enforce else "not validated"
     if failure and enforce:
         raise ExportError(f"TensorRT parity check failed: {failure}")

@@ -4,7 +4,7 @@ Both run the same decoded inputs through the same engines as the
 :class:`~hms_deploy.runtime.session.Session` and return the same record (INTERFACES.md
 ``hms-run --json`` keys, the same ``timing_ms`` keys and ``stats``), plus
 ``"executor"`` naming the baseline. Neither adds semantics: the stepping is
-:func:`hms_deploy.spec.gated_step` / :func:`hms_deploy.spec.masked_step`.
+:func:`hms_deploy.gating.gated_step` / :func:`hms_deploy.gating.masked_step`.
 
 :func:`classify_dense_batched` (the strongest dense baseline)
     Every modality on every step, with the backbones batched over steps: decode the
@@ -12,14 +12,14 @@ Both run the same decoded inputs through the same engines as the
     each, in time order: one forward pass through the video), run each backbone once
     per ``batch`` steps (``ceil(T / batch)`` calls per backbone; the audio backbone uses
     ``audio_batch``, default ``batch``), then step the cells with every gate on:
-    :func:`~hms_deploy.spec.gated_step` over a StepOps whose ``decide_*`` answer 1
+    :func:`~hms_deploy.gating.gated_step` over a StepOps whose ``decide_*`` answer 1
     without a gate launch and whose ``*_feature`` return the precomputed features. Its
     probabilities equal the Session's with ``policy="dense"`` (the same model, every
     gate on), up to batched-vs-unbatched float rounding.
 
 :func:`classify_compute_then_mask` (what research code does: AdaMML, AR-Net)
     Every backbone on every step, batched the same way, then
-    :func:`~hms_deploy.spec.masked_step` over all T steps: every cell and both gates
+    :func:`~hms_deploy.gating.masked_step` over all T steps: every cell and both gates
     run on every step and the decisions select, by multiplication, which result is
     kept. Decisions come from the gates' argmax (``learned``) or from a forced policy's
     plan (the gate still runs, as in research code, and its logits are replaced by the
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hms_deploy import spec
+from hms_deploy import gating
 from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
@@ -136,7 +136,7 @@ class _Features:
 
 
 class _AllOnOps:
-    """:class:`hms_deploy.spec.StepOps` with every gate on and precomputed features."""
+    """:class:`hms_deploy.gating.StepOps` with every gate on and precomputed features."""
 
     def __init__(self, es: EngineSet, feats: _Features, timer: Timer):
         self.es, self.feats, self.timer = es, feats, timer
@@ -174,7 +174,7 @@ class _AllOnOps:
 def _positional(es: EngineSet, part: str, outputs: tuple[str, str], timer: Timer,
                 override: Callable[[Tensor], Tensor] | None = None
                 ) -> Callable[..., tuple[Tensor, Tensor]]:
-    """An engine as the positional function :func:`spec.masked_step` calls.
+    """An engine as the positional function :func:`gating.masked_step` calls.
 
     Outputs are cloned (an engine's outputs may be buffers reused by its next call).
     ``override`` replaces the second output (a gate's logits) for forced policies.
@@ -266,11 +266,11 @@ def classify_dense_batched(
     try:
         ops = _AllOnOps(es, feats, timer)
         cfg = es.config
-        state = spec.GatedState.zeros(1, cfg.hidden_appearance, cfg.hidden_motion, device=es.device)
+        state = gating.GatedState.zeros(1, cfg.hidden_appearance, cfg.hidden_motion, device=es.device)
         g_i_all: list[int] = []
         g_m_all: list[int] = []
         for t in range(opts.steps):
-            state, g_i, g_m = spec.gated_step(ops, t, feats.p_a[t], feats.h_a[t], state)
+            state, g_i, g_m = gating.gated_step(ops, t, feats.p_a[t], feats.h_a[t], state)
             g_i_all.append(int(g_i[0]))
             g_m_all.append(int(g_m[0]))
         probs = _head(es, state.h_m, timer)
@@ -333,16 +333,16 @@ def classify_compute_then_mask(
         appearance_cell = _positional(es, "appearance_cell", ("h_next", "c_next"), timer)
         motion_cell = _positional(es, "motion_cell", ("h_next", "c_next"), timer)
         cfg = es.config
-        state = spec.GatedState.zeros(1, cfg.hidden_appearance, cfg.hidden_motion, device=dev)
+        state = gating.GatedState.zeros(1, cfg.hidden_appearance, cfg.hidden_motion, device=dev)
         g_i_all: list[Tensor] = []
         g_m_all: list[Tensor] = []
         for t in range(T):
             step["t"] = t
-            state, g_i, g_m, _, _ = spec.masked_step(
+            state, g_i, g_m, _, _ = gating.masked_step(
                 x_a=feats.p_a[t], x_i=feats.p_i[t], x_m=feats.p_m[t], h_a=feats.h_a[t],
                 state=state, appearance_gate=appearance_gate, motion_gate=motion_gate,
                 appearance_cell=appearance_cell, motion_cell=motion_cell,
-                decision=spec.argmax_decision,
+                decision=gating.argmax_decision,
             )
             g_i_all.append(g_i)
             g_m_all.append(g_m)

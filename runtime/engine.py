@@ -116,6 +116,11 @@ class Engine(ABC):
         return self.spec.name
 
     @property
+    def is_open(self) -> bool:
+        """Whether the engine's resources are acquired (inside its ``with`` block)."""
+        return self._open
+
+    @property
     def input_names(self) -> list[str]:
         return self.spec.input_names
 

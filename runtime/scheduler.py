@@ -7,7 +7,7 @@
    ``audio_cell`` engine steps over them (it never depends on a gate). Without a budget
    the whole audio path runs before the gated loop; with a budget it runs in chunks
    that are sure to fit (see *Budget*).
-2. **The gated loop**: :func:`hms_deploy.spec.gated_step` (the one implementation of
+2. **The gated loop**: :func:`hms_deploy.gating.gated_step` (the one implementation of
    decisions, hierarchy and fusion) over :class:`EngineStepOps`. ``decide_*`` runs the
    gate engine (``learned``) or reads the forced policy's plan, then applies the budget
    veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hms_deploy import spec
+from hms_deploy import gating
 from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
@@ -199,7 +199,7 @@ class _Video:
 
 
 class EngineStepOps:
-    """:class:`hms_deploy.spec.StepOps` over an EngineSet and decode-on-demand inputs.
+    """:class:`hms_deploy.gating.StepOps` over an EngineSet and decode-on-demand inputs.
 
     ``active`` maps the rows of the current sub-batch to indices into ``videos``.
     """
@@ -307,7 +307,7 @@ class _BatchRun:
                 wave = v.inputs.decode_audio()
             with timer.host_section("audio"):
                 self.patches.append(v.inputs.audio_patches(wave))
-        self.state = spec.GatedState.zeros(
+        self.state = gating.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev
         )
         self.ops = EngineStepOps(self)
@@ -397,15 +397,15 @@ class _BatchRun:
                 x_a = self.p_a[t].index_select(0, didx)
                 h_a = self.h_a[t].index_select(0, didx)
                 s = self.state
-                state = spec.GatedState(
+                state = gating.GatedState(
                     *(z.index_select(0, didx) for z in (s.h_i, s.c_i, s.h_m, s.c_m))
                 )
-            new, g_i, g_m = spec.gated_step(self.ops, t, x_a, h_a, state)
+            new, g_i, g_m = gating.gated_step(self.ops, t, x_a, h_a, state)
             if full:
                 self.state = new
             else:
                 s = self.state
-                self.state = spec.GatedState(
+                self.state = gating.GatedState(
                     *(old.index_copy(0, didx, z) for old, z in
                       zip((s.h_i, s.c_i, s.h_m, s.c_m), (new.h_i, new.c_i, new.h_m, new.c_m)))
                 )

@@ -1,4 +1,4 @@
-"""Evaluation: the budgeted forward (spec.gated_step over BudgetStepOps) equals the
+"""Evaluation: the budgeted forward (gating.gated_step over BudgetStepOps) equals the
 unbudgeted reference at an infinite budget, never exceeds a budget, follows the rule step
 by step; hms-eval writes JSON and plots; the small synthetic study runs."""
 

@@ -56,7 +56,7 @@ def assets(tmp_path_factory):
     make_sample_video(video, seed=1)
     ckpt = init_checkpoint(tiny_config(6), seed=0)
     model = ckpt.build_model()
-    mix_gates(model, V.video_inputs(video, model.cfg, STEPS).mel)
+    mix_gates(model, V.decoded_inputs(video, model.cfg, STEPS)[0]["audio_backbone"]["mel"])
     ckpt.state_dict = {k: v.clone() for k, v in model.state_dict().items()}
     path = save_checkpoint(ckpt, root / "tiny.pt")
     return path, video, root
@@ -141,22 +141,20 @@ def test_parity_report(exported):
     assert e["appearance"] == e["appearance_onnx"] and e["motion"] == e["motion_onnx"]
 
 
-def test_end_to_end_uses_gated_step_on_both_backends(assets, exported):
-    """The ORT run really skips: cells run only on steps whose gate fired."""
-    ckpt = load_checkpoint(assets[0])
-    parts = export_parts(ckpt.build_model(), ckpt.costs)
-    specs = {n: p.spec for n, p in parts.items()}
-    ort_runner = V.OrtRunner({n: exported.path(n) for n in PART_NAMES}, specs)
-    vin = V.video_inputs(assets[1], ckpt.config, STEPS)
-    feats = {m: V.run_chunked(ort_runner, f"{m}_backbone", {k: v}, 4)["feat"][None]
-             for m, k, v in (("audio", "mel", vin.mel), ("appearance", "frame", vin.frames),
-                             ("motion", "clip", vin.clips))}
-    run = V.run_gated(ort_runner, feats, ckpt.config)
-    assert run.ops.calls["appearance_cell"] == int(run.appearance.sum())
-    assert run.ops.calls["motion_gate"] == int(run.appearance.sum())
-    assert run.ops.calls["motion_cell"] == int(run.motion.sum())
-    assert run.ops.calls["appearance_gate"] == STEPS
-    assert run.appearance[0].tolist() == exported.parity["end_to_end"]["appearance"]
+def test_end_to_end_is_the_runtimes_gated_loop(assets, exported):
+    """The ONNX side of the parity report is what the runtime serves: the same decisions
+    as a Session on the export, which really skips (cells run only where a gate fired)."""
+    from hms_deploy.runtime import Session
+
+    e = exported.parity["end_to_end"]
+    with Session(engines_dir=exported.dir, engine="onnx") as session:
+        rec = session.classify(assets[1], steps=STEPS)
+    assert rec["decisions"] == {"appearance": e["appearance_onnx"], "motion": e["motion_onnx"]}
+    calls = rec["stats"]["engine_calls"]
+    assert calls["appearance_cell"] == sum(e["appearance_onnx"]) == calls["motion_gate"]
+    assert calls["motion_cell"] == sum(e["motion_onnx"]) == calls["motion_backbone"]
+    assert calls["appearance_gate"] == STEPS
+    assert e["motion_backbone_runs"]["onnx"] == sum(e["motion_onnx"])
 
 
 def test_validation_fails_naming_part_and_figure(assets, exported, tmp_path):

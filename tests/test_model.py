@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import make_gates_mixed, random_features
 
-from hms_deploy import spec
+from hms_deploy import gating
 from hms_deploy.config import make_config
 from hms_deploy.costs import dense_cost, example_inputs, measure_part_costs, video_cost
 from hms_deploy.errors import ConfigError
@@ -74,14 +74,14 @@ def test_batched_lockstep_equals_one_video_at_a_time():
 
 def test_decide_ties_skip_and_matches_argmax():
     logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [-1.0, -1.0]])
-    assert spec.decide(logits).tolist() == [1, 0, 0, 0]
-    assert spec.decide(logits).dtype == torch.int64
+    assert gating.decide(logits).tolist() == [1, 0, 0, 0]
+    assert gating.decide(logits).dtype == torch.int64
 
 
 def test_fuse_overwrites_prefix_and_keeps_rest():
     h_lower = torch.full((2, 3), 7.0)
     h_prev = torch.arange(16.0).reshape(2, 8)
-    fused = spec.fuse(h_lower, h_prev)
+    fused = gating.fuse(h_lower, h_prev)
     assert fused.shape == (2, 8)
     assert torch.equal(fused[:, :3], h_lower)
     assert torch.equal(fused[:, 3:], h_prev[:, 3:])
@@ -89,7 +89,7 @@ def test_fuse_overwrites_prefix_and_keeps_rest():
 
 def test_gumbel_decisions_are_hard_with_straight_through_gradient():
     logits = torch.randn(256, 2, requires_grad=True)
-    g = spec.gumbel_decide(logits, tau=5.0, generator=torch.Generator().manual_seed(0))
+    g = gating.gumbel_decide(logits, tau=5.0, generator=torch.Generator().manual_seed(0))
     assert set(g.detach().unique().tolist()) <= {0.0, 1.0}
     assert 0.2 < g.detach().mean() < 0.8
     g.sum().backward()
@@ -98,7 +98,7 @@ def test_gumbel_decisions_are_hard_with_straight_through_gradient():
 
 def test_gumbel_follows_logits_at_low_temperature():
     logits = torch.tensor([[0.0, 4.0]]).repeat(2000, 1)
-    g = spec.gumbel_decide(logits, tau=0.5, generator=torch.Generator().manual_seed(0))
+    g = gating.gumbel_decide(logits, tau=0.5, generator=torch.Generator().manual_seed(0))
     assert g.mean() > 0.95  # P(use) = sigmoid(4) = 0.982
 
 

@@ -162,8 +162,10 @@ def test_build_plan_and_run(tmp_path):
     from hms_deploy.checkpoint import init_checkpoint
     from hms_deploy.export.modules import call_part, export_parts
     from hms_deploy.export.onnx import export_part
-    from hms_deploy.export.tensorrt import BuildOptions, PlanRunner, build_plan
+    from hms_deploy.export.tensorrt import BuildOptions, build_plan
     from hms_deploy.parts import random_inputs
+    from hms_deploy.runtime.backends.trt import TrtEngine
+    from hms_deploy.runtime.bindings import new_stream
     from hms_deploy.runtime.manifest import sha256_file
 
     ckpt = init_checkpoint(tiny_config(6))
@@ -178,11 +180,13 @@ def test_build_plan_and_run(tmp_path):
                           onnx_sha256=sha256_file(onnx_path), timing_cache=cache)
         assert plan.is_file() and cache.is_file()
         assert meta["profile"][part.spec.input_names[0]]["max"][0] == 4
-        runner = PlanRunner(plan, part.spec)
+        dev = torch.device("cuda")
+        engine = TrtEngine(part.spec, plan, dev, stream=new_stream(dev))
         for n in (1, 3):
             x = random_inputs(part.spec, n, seed=n)
             ref = call_part(part.module, part.spec, x)
-            got = runner(x)
+            with engine:
+                got = {k: v.cpu() for k, v in engine({k: v.to(dev) for k, v in x.items()}).items()}
             for out, r in ref.items():
                 if r.dtype.is_floating_point:
                     torch.testing.assert_close(got[out].float(), r, rtol=1e-3, atol=1e-4)

@@ -1,9 +1,9 @@
 """Predictions over stored features: HMS (argmax decisions), HMS under a GMAC budget, and
 early-fusion baselines, with the GMAC each video used (HMS_SPEC.md 5).
 
-The budgeted forward is :func:`hms_deploy.spec.gated_step` over :class:`BudgetStepOps`,
+The budgeted forward is :func:`hms_deploy.gating.gated_step` over :class:`BudgetStepOps`,
 a :class:`~hms_deploy.model.hms.FeatureStepOps` whose ``decide_*`` veto a firing gate
-when its tier no longer fits: the decisions, hierarchy and fusion are spec.py's.
+when its tier no longer fits: the decisions, hierarchy and fusion are gating.py's.
 
 Budget rule: :class:`hms_deploy.costs.BudgetLedger` (the runtime's scheduler keeps its
 books there too); once a step cannot start, the prediction after the last finished step
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hms_deploy import spec
+from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger, video_cost
 from hms_deploy.model.hms import HMS, FeatureStepOps
 from hms_deploy.train.data import FeatureSource
@@ -112,7 +112,7 @@ def budgeted_forward(model: HMS, feats: dict[str, Tensor], costs: dict[str, floa
     h_a = model.audio_path(p_a)
     n, steps, _ = p_a.shape
     ops = BudgetStepOps(model, feats, costs, budget)
-    state = spec.GatedState.zeros(n, model.cfg.hidden_appearance, model.cfg.hidden_motion)
+    state = gating.GatedState.zeros(n, model.cfg.hidden_appearance, model.cfg.hidden_motion)
     g_i = np.zeros((n, steps), dtype=np.int8)
     g_m = np.zeros((n, steps), dtype=np.int8)
     finished = np.zeros(n, dtype=np.int64)
@@ -120,12 +120,12 @@ def budgeted_forward(model: HMS, feats: dict[str, Tensor], costs: dict[str, floa
         active = ops.start_step()
         if not active.any():
             break
-        new, d_i, d_m = spec.gated_step(ops, t, p_a[:, t], h_a[:, t], state)
+        new, d_i, d_m = gating.gated_step(ops, t, p_a[:, t], h_a[:, t], state)
         if active.all():
             state = new
         else:  # videos that stopped keep the state of their last finished step
             keep = torch.from_numpy(active).unsqueeze(1)
-            state = spec.GatedState(*(torch.where(keep, a, b) for a, b in (
+            state = gating.GatedState(*(torch.where(keep, a, b) for a, b in (
                 (new.h_i, state.h_i), (new.c_i, state.c_i),
                 (new.h_m, state.h_m), (new.c_m, state.c_m))))
         g_i[:, t], g_m[:, t] = d_i.numpy(), d_m.numpy()

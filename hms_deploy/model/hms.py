@@ -3,7 +3,7 @@
 - :meth:`HMS.masked_forward` (training; every branch computed and masked) and
 - :func:`reference_forward` (the step-by-step reference that really skips)
 
-both run the semantics of :mod:`hms_deploy.spec` over per-step *raw* features
+both run the semantics of :mod:`hms_deploy.gating` over per-step *raw* features
 (N, T, D) per modality, as stored by ``hms-extract``.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hms_deploy import spec
+from hms_deploy import gating
 from hms_deploy.config import HMSConfig
 from hms_deploy.model.backbones import AudioEncoder, ClipEncoder, FrameEncoder
 from hms_deploy.parts import PART_NAMES
@@ -68,7 +68,7 @@ class GatePart(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.linear(torch.cat(inputs, dim=1))
-        return spec.decide(logits), logits
+        return gating.decide(logits), logits
 
 
 class HeadPart(nn.Module):
@@ -158,17 +158,17 @@ class HMS(nn.Module):
         n, steps, _ = p["audio"].shape
         h_a = self.audio_path(p["audio"])
         if tau is None:
-            decision: spec.DecisionFn = spec.argmax_decision
+            decision: gating.DecisionFn = gating.argmax_decision
         else:
             def decision(logits: Tensor) -> Tensor:
-                return spec.gumbel_decide(logits, tau, generator)
-        state = spec.GatedState.zeros(
+                return gating.gumbel_decide(logits, tau, generator)
+        state = gating.GatedState.zeros(
             n, self.cfg.hidden_appearance, self.cfg.hidden_motion,
             device=h_a.device, dtype=h_a.dtype,
         )
         g_i_all, g_m_all, step_logits = [], [], []
         for t in range(steps):
-            state, g_i, g_m, _, _ = spec.masked_step(
+            state, g_i, g_m, _, _ = gating.masked_step(
                 x_a=p["audio"][:, t], x_i=p["appearance"][:, t], x_m=p["motion"][:, t],
                 h_a=h_a[:, t], state=state,
                 appearance_gate=self.appearance_gate, motion_gate=self.motion_gate,
@@ -188,7 +188,7 @@ class HMS(nn.Module):
 
 
 class FeatureStepOps:
-    """:class:`hms_deploy.spec.StepOps` over precomputed raw features and the torch parts.
+    """:class:`hms_deploy.gating.StepOps` over precomputed raw features and the torch parts.
 
     ``calls`` counts how often each projection/cell/gate ran, so tests can prove skipping.
     """
@@ -235,12 +235,12 @@ def reference_forward(model: HMS, feats: dict[str, Tensor]) -> tuple[ForwardOutp
     h_a = model.audio_path(p_a)
     n, steps, _ = p_a.shape
     ops = FeatureStepOps(model, feats)
-    state = spec.GatedState.zeros(
+    state = gating.GatedState.zeros(
         n, model.cfg.hidden_appearance, model.cfg.hidden_motion, device=p_a.device
     )
     g_i_all, g_m_all = [], []
     for t in range(steps):
-        state, g_i, g_m = spec.gated_step(ops, t, p_a[:, t], h_a[:, t], state)
+        state, g_i, g_m = gating.gated_step(ops, t, p_a[:, t], h_a[:, t], state)
         g_i_all.append(g_i)
         g_m_all.append(g_m)
     out = ForwardOutput(
