@@ -5,6 +5,7 @@ Runs on every available backend: ``torch`` (checkpoint) and ``onnx`` (hms-export
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from runtime_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hms_deploy.costs import dense_cost, step_costs, video_cost
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.engine import Engine
 from hms_deploy.runtime.policy import parse_policy
 from hms_deploy.runtime.session import Session
 
@@ -287,9 +289,62 @@ def test_lockstep_batch_equals_single_videos(session, budget):
             _probs(b, session.labels), _probs(s, session.labels), rtol=0, atol=1e-5
         )
         assert b["gflops"]["used"] == pytest.approx(s["gflops"]["used"], rel=1e-9)
-    # the batch really gathered sub-batches: backbone calls <= per-video usage summed
-    calls = batched[0]["stats"]["engine_calls"]
-    assert calls["appearance_backbone"] <= sum(r["usage"]["appearance"] for r in batched)
+
+
+class _Seen(Engine):
+    """An open engine that keeps a host copy of every input batch it is called with."""
+
+    def __init__(self, inner: Engine):
+        super().__init__(inner.spec, inner.device)
+        self.inner, self.inputs = inner, []
+
+    def open(self) -> None:
+        assert self.inner.is_open
+
+    def close(self) -> None:
+        pass
+
+    def run(self, inputs, n):
+        self.inputs.append({k: v.to("cpu", copy=True) for k, v in inputs.items()})
+        return self.inner(inputs)
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_lockstep_calls_each_backbone_once_per_step_with_the_rows_that_fired(session, budget):
+    """Compaction: on every step where at least one video's gate fired, each backbone runs
+    exactly once, on exactly the inputs of the videos whose gate fired (in batch order)."""
+    from hms_deploy.runtime.frames import VideoInputs
+
+    a = assets()
+    videos = [a.video, a.long, a.silent]
+    engines = session.engine_set.engines
+    seen = {m: _Seen(engines[f"{m}_backbone"]) for m in ("appearance", "motion")}
+    saved = dict(engines)
+    try:
+        for m, e in seen.items():
+            engines[f"{m}_backbone"] = e.__enter__()
+        recs = list(session.classify_many(videos, budget=budget, batch_size=3))
+    finally:
+        engines.update(saved)
+    assert all("error" not in r for r in recs)
+    T = max(r["steps"] for r in recs)
+    diverged = False
+    for m, key, read in (("appearance", "frame", VideoInputs.appearance),
+                         ("motion", "clip", VideoInputs.motion)):
+        fired = [[v for v, r in enumerate(recs) if t < r["steps"] and r["decisions"][m][t]]
+                 for t in range(T)]
+        steps_fired = [(t, rows) for t, rows in enumerate(fired) if rows]
+        active = [sum(t < r["steps"] for r in recs) for t in range(T)]
+        diverged |= any(0 < len(rows) < active[t] for t, rows in enumerate(fired))
+        calls = seen[m].inputs
+        assert len(calls) == len(steps_fired), (m, len(calls), steps_fired)
+        inputs = [VideoInputs(v, session.engine_set.config, STEPS) for v in videos]
+        for (t, rows), x in zip(steps_fired, calls):
+            want = torch.from_numpy(np.stack([read(inputs[v], t) for v in rows]))
+            assert torch.equal(x[key], want), (m, t, rows)
+        for vi in inputs:
+            vi.close()
+    assert diverged, "the batch's decisions never diverged: the test proves nothing"
 
 
 # ----------------------------------------------------------------------------- decode
