@@ -22,7 +22,8 @@ import torch
 from hms_deploy.export.figures import Tolerance, compare, num
 from hms_deploy.runtime.engine import Engine
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.scheduler import resolve_options, run_batch
+from hms_deploy.runtime.options import resolve_options
+from hms_deploy.runtime.scheduler import run_batch
 
 Tensor = torch.Tensor
 OBSERVED = ("appearance_gate", "motion_gate", "head")

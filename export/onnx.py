@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from hms_deploy.dtypes import ONNX_ELEM_TYPES
-from hms_deploy.errors import ExportError
+from hms_deploy.errors import ExportError, first_line
 from hms_deploy.export.modules import ExportPart
 from hms_deploy.parts import PartSpec, random_inputs
 
@@ -55,11 +55,6 @@ class OnnxPart:
     nodes: int
     ops: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -146,8 +141,8 @@ def export_part(
             _torch_export(part, path, opset, dynamo=True)
         except Exception as e:
             raise ExportError(
-                f"{part.name}: ONNX export failed (legacy exporter: {_one_line(legacy_error)}; "
-                f"dynamo exporter: {_one_line(e)})"
+                f"{part.name}: ONNX export failed (legacy exporter: {first_line(legacy_error, typed=True)}; "
+                f"dynamo exporter: {first_line(e, typed=True)})"
             ) from e
     if precision == "fp16":
         convert_to_fp16(path)
@@ -168,7 +163,7 @@ def _float16_converter() -> Any:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
         raise ExportError(
-            f"--precision fp16 needs onnxruntime's float16 converter ({_one_line(e)})"
+            f"--precision fp16 needs onnxruntime's float16 converter ({first_line(e, typed=True)})"
         ) from e
     finally:
         sys.path[:] = saved
@@ -236,7 +231,7 @@ def check_onnx(path: Path, spec: PartSpec, *, precision: str = "fp32") -> dict[s
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        raise ExportError(f"{name}: ONNX checker failed ({_one_line(e)})") from e
+        raise ExportError(f"{name}: ONNX checker failed ({first_line(e, typed=True)})") from e
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     nodes = list(graph.node) + [n for f in model.functions for n in f.node]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.errors import CheckpointError, ConfigError, WeightsError
+from hms_deploy.errors import CheckpointError, ConfigError, WeightsError, first_line
 from hms_deploy.version import __version__
 
 FORMAT = "hms-deploy-checkpoint"
@@ -116,11 +116,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # --------------------------------------------------------------------- pretrained weights
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:160]
-
-
 def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
     """``torch.load(weights_only=True)``; pickled objects are refused without running them.
 
@@ -138,7 +133,7 @@ def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
             ) from None
         raise error(f"{path}: not a readable {what} (corrupt pickle data)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError) as e:
-        raise error(f"{path}: not a readable {what} ({_first_line(e)})") from None
+        raise error(f"{path}: not a readable {what} ({first_line(e, typed=False, limit=160)})") from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -150,7 +145,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad weights file
-            raise WeightsError(f"{path}: not a readable weights file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable weights file ({first_line(e, typed=False, limit=160)})") from None
     else:
         obj = safe_torch_load(path, WeightsError, "weights file")
     # timm: plain state dict or {'state_dict'|'model'|'state_dict_ema': ...};

@@ -41,3 +41,20 @@ class BackendUnavailable(EngineError):
 
 class DatasetError(HMSError):
     """A dataset list or feature store that is malformed."""
+
+
+def first_line(e: BaseException, *, typed: bool | None = None, limit: int = 300) -> str:
+    """``e`` as one line for a message: the first non-empty line of ``str(e)``, whitespace
+    collapsed, at most ``limit`` characters.
+
+    ``typed``: prefix the exception's type name (``"ValueError: ..."``); by default only
+    for errors that are not an :class:`HMSError` (ours are written to be read as they
+    are). An exception without a message gives its type name.
+    """
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if typed is None:
+        typed = not isinstance(e, HMSError)
+    if not text:
+        return type(e).__name__
+    return (f"{type(e).__name__}: {text}" if typed else text)[:limit]

@@ -9,8 +9,8 @@ Public API (importing this package loads neither onnxruntime nor tensorrt)::
 - :class:`Session` (:mod:`hms_deploy.runtime.session`, documented there),
 - :func:`open_engine_set`, :class:`EngineSet` (:mod:`hms_deploy.runtime.engines`),
 - :class:`Policy`, :func:`parse_policy` (:mod:`hms_deploy.runtime.policy`),
-- :class:`RunOptions`, :func:`resolve_options`, :func:`run_batch`
-  (:mod:`hms_deploy.runtime.scheduler`),
+- :class:`RunOptions`, :func:`resolve_options` (:mod:`hms_deploy.runtime.options`),
+  :func:`run_batch` (:mod:`hms_deploy.runtime.scheduler`),
 - :class:`ResultsFile` (:mod:`hms_deploy.runtime.results`).
 """
 
@@ -36,8 +36,8 @@ _WHERE = {
     "Policy": "policy",
     "parse_policy": "policy",
     "ResultsFile": "results",
-    "RunOptions": "scheduler",
-    "resolve_options": "scheduler",
+    "RunOptions": "options",
+    "resolve_options": "options",
     "run_batch": "scheduler",
     "Session": "session",
 }

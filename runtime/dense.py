@@ -31,7 +31,7 @@ Host reads: neither waits on the device inside its step loop (``stats.host_reads
 the mask executor reads all T decisions once at the end (``stats.decision_reads`` = 1)
 and both read the head's probabilities once (``stats.prediction_reads`` = 1).
 
-Timing categories are the Session's (:class:`hms_deploy.runtime.scheduler.Timer`):
+Timing categories are the Session's (:class:`hms_deploy.runtime.timing.Timer`):
 ``decode`` = probe, audio and frame decoding, RGB conversion, resize/crop and copies;
 ``audio`` = log-mel front end + audio backbone + aLSTM; ``appearance``/``motion`` = that
 backbone; ``cells_gates`` = iLSTM, mLSTM, gates and head; ``other`` = the rest.
@@ -52,22 +52,17 @@ import torch
 from hms_deploy import gating
 from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
+from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.policy import Policy
-from hms_deploy.runtime.scheduler import RunOptions, Timer, resolve_options
+from hms_deploy.runtime.timing import Timer, to_device
 
 Tensor = torch.Tensor
 
 EXECUTORS = ("dense_batched", "compute_then_mask")
 DEFAULT_BATCH = 4
-
-
-def _to_device(x: np.ndarray, device: torch.device) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def _check_batch(batch: int, what: str) -> int:
@@ -87,31 +82,20 @@ class _Features:
         dev = es.device
         with timer.host_section("decode"):
             self.inputs = VideoInputs(video, cfg, T)
-        self.p_a = torch.empty(T, 1, cfg.audio.proj_dim, device=dev)
-        self.h_a = torch.empty(T, 1, cfg.hidden_audio, device=dev)
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)
         self._visual(opts, batch, timer)
 
     def _audio(self, opts: RunOptions, audio_batch: int, timer: Timer) -> None:
-        es, T = self.es, opts.steps
+        es = self.es
         with timer.host_section("decode"):
             wave = self.inputs.decode_audio()
         with timer.host_section("audio"):
             mel = self.inputs.audio_patches(wave)  # (T, 1, 96, 64)
-        x = _to_device(mel, es.device)
-        with timer.device_section("audio"):
-            for s in range(0, T, audio_batch):
-                out = es.engines["audio_backbone"]({"mel": x[s:s + audio_batch]})["feat"]
-                self.p_a[s:s + audio_batch, 0].copy_(out)  # engine outputs may be reused buffers
-            h = torch.zeros(1, es.config.hidden_audio, device=es.device)
-            c = torch.zeros_like(h)
-            cell = es.engines["audio_cell"]
-            for t in range(T):
-                out = cell({"x_a": self.p_a[t], "h": h, "c": c})
-                self.h_a[t].copy_(out["h_next"])
-                h, c = self.h_a[t], out["c_next"].clone()
+        zero = torch.zeros(1, es.config.hidden_audio, device=es.device)
+        self.p_a, self.h_a, _, _ = run_audio_path(es, mel[:, None], (zero, zero.clone()),
+                                                  audio_batch=audio_batch, timer=timer)
 
     def _visual(self, opts: RunOptions, batch: int, timer: Timer) -> None:
         es, T, inputs = self.es, opts.steps, self.inputs
@@ -122,8 +106,8 @@ class _Features:
                 for t in steps:  # time order: one forward pass (see runtime.frames)
                     frames.append(inputs.appearance(t))
                     clips.append(inputs.motion(t))
-                x_i = _to_device(np.stack(frames), es.device)
-                x_m = _to_device(np.stack(clips), es.device)
+                x_i = to_device(np.stack(frames), es.device)
+                x_m = to_device(np.stack(clips), es.device)
             with timer.device_section("appearance"):
                 self.p_i[s:s + len(steps), 0].copy_(
                     es.engines["appearance_backbone"]({"frame": x_i})["feat"])

@@ -36,166 +36,33 @@ run and ``gflops.used = video_cost(...) <= B`` holds exactly. A budget below
 Forced policies are charged the cost model's per-step gate cost although they launch no
 gate (a few kMAC; it keeps costs comparable across policies).
 
-Timing (``timing_ms``; INTERFACES.md): ``decode`` = probe + audio decode + frame decode,
-RGB conversion, resize/crop and the frames' host-to-device copies; ``audio`` = log-mel
-front end (and its copy to the device) + audio backbone + aLSTM; ``appearance``/``motion`` = that backbone engine; ``cells_gates``
-= iLSTM, mLSTM, gates and head (including the decision reads); ``other`` = total minus
-the rest. On CUDA the engine categories are measured with CUDA events on the stream
-(resolved once at the end), so ``other`` may be negative where the host decoded while
-the device computed. With N > 1 videos every record carries the batch's timing.
+Timing (``timing_ms``): :mod:`hms_deploy.runtime.timing`; with N > 1 videos every
+record carries the batch's timing. Options: :mod:`hms_deploy.runtime.options`; records:
+:mod:`hms_deploy.runtime.records`; the audio path: :mod:`hms_deploy.runtime.audio_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from hms_deploy import gating
-from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_cost
-from hms_deploy.errors import ConfigError
+from hms_deploy.costs import BudgetLedger
+from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
-from hms_deploy.runtime.policy import Policy, parse_policy
+from hms_deploy.runtime.options import RunOptions, resolve_options
+from hms_deploy.runtime.records import VideoRun, build_record
+from hms_deploy.runtime.timing import TIMING_KEYS, Timer, to_device
 
 Tensor = torch.Tensor
 
-TIMING_KEYS = ("total", "decode", "audio", "appearance", "motion", "cells_gates", "other")
-
-
-# ------------------------------------------------------------------------------ options
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Validated options of a run (see :func:`resolve_options`)."""
-
-    steps: int
-    policy: Policy
-    budget: float | None = None
-    online: bool = False
-    topk: int = 5
-    audio_batch: int = 64  # patches per audio_backbone call
-
-
-def resolve_options(
-    engine_set: EngineSet,
-    *,
-    steps: int | None = None,
-    policy: str | Policy = "learned",
-    budget: float | None = None,
-    online: bool = False,
-    topk: int = 5,
-    audio_batch: int = 64,
-) -> RunOptions:
-    """Check options against the model; :class:`ConfigError` with one clear line if bad.
-
-    ``steps`` defaults to the model's T. A ``budget`` (GMAC) must be > 0 and afford at
-    least one step (its base cost plus the head).
-    """
-    if steps is None:
-        steps = engine_set.config.steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
-    pol = parse_policy(policy)
-    if budget is not None:
-        try:
-            budget = float(budget)
-        except (TypeError, ValueError):
-            raise ConfigError(f"budget must be a number of GMAC > 0, got {budget!r}") from None
-        if not budget > 0 or not math.isfinite(budget):
-            raise ConfigError(f"budget must be a number of GMAC > 0, got {budget:g}")
-        s = step_costs(engine_set.costs)
-        first = s["base"] + s["head"]
-        if budget < first * (1 - BudgetLedger.EPS):
-            raise ConfigError(
-                f"budget {budget:g} GMAC cannot afford one step (base {s['base']:.4g} GMAC "
-                f"+ head {s['head']:.4g} GMAC = {first:.4g} GMAC)"
-            )
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
-        raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
-    if audio_batch < 1:
-        raise ConfigError(f"audio_batch must be >= 1, got {audio_batch}")
-    return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch))
-
-
-# ------------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Wall-clock per category; on CUDA, engine sections are timed with events on the stream."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host: dict[str, float] = defaultdict(float)
-        self._events: list[tuple[str, Any, Any]] = []
-        self.t0 = time.perf_counter()
-
-    @contextmanager
-    def host_section(self, key: str) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.host[key] += time.perf_counter() - t
-
-    @contextmanager
-    def device_section(self, key: str) -> Iterator[None]:
-        if not self.cuda:
-            with self.host_section(key):
-                yield
-            return
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        try:
-            yield
-        finally:
-            end.record()
-            self._events.append((key, start, end))
-
-    def result(self) -> dict[str, float]:
-        """ms per category; call after the final host read (the device is then idle)."""
-        ms = {k: 1e3 * v for k, v in self.host.items()}
-        for key, start, end in self._events:
-            end.synchronize()
-            ms[key] = ms.get(key, 0.0) + start.elapsed_time(end)
-        total = 1e3 * (time.perf_counter() - self.t0)
-        out = {"total": total}
-        for k in TIMING_KEYS[1:-1]:
-            out[k] = ms.get(k, 0.0)
-        out["other"] = total - sum(out[k] for k in TIMING_KEYS[1:-1])
-        return {k: round(v, 3) for k, v in out.items()}
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _to_device(x: np.ndarray, device: torch.device) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-@dataclass
-class _Video:
-    """Per-video bookkeeping of a batch."""
-
-    name: str
-    inputs: VideoInputs
-    steps_done: int = 0
-    appearance: list[int] = field(default_factory=list)
-    motion: list[int] = field(default_factory=list)
-    probs: Tensor | None = None  # (C,) host, after the last finished step (online)
+__all__ = ["TIMING_KEYS", "EngineStepOps", "RunOptions", "Timer", "engine_stream", "resolve_options",
+           "run_batch"]
 
 
 class EngineStepOps:
@@ -244,7 +111,7 @@ class EngineStepOps:
         run = self.run
         with run.timer.host_section("decode"):
             frames = np.stack([run.videos[v].inputs.appearance(t) for v in self.active[rows].tolist()])
-            x = _to_device(frames, run.es.device)
+            x = to_device(frames, run.es.device)
         with run.timer.device_section("appearance"):
             return run.es.engines["appearance_backbone"]({"frame": x})["feat"]
 
@@ -252,7 +119,7 @@ class EngineStepOps:
         run = self.run
         with run.timer.host_section("decode"):
             clips = np.stack([run.videos[v].inputs.motion(t) for v in self.active[rows].tolist()])
-            x = _to_device(clips, run.es.device)
+            x = to_device(clips, run.es.device)
         with run.timer.device_section("motion"):
             return run.es.engines["motion_backbone"]({"clip": x})["feat"]
 
@@ -284,7 +151,7 @@ class _BatchRun:
         cfg = es.config
         T = opts.steps
         with timer.host_section("decode"):
-            self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
+            self.videos = [VideoRun(str(n), VideoInputs(n, cfg, T)) for n in names]
         if opts.policy.forced:
             self.plan_a, self.plan_m = opts.policy.plan(T)
         self.host_reads = 0
@@ -328,38 +195,24 @@ class _BatchRun:
         if affordable is not None:
             k = min(k, max(1, affordable))
         t1 = t + k
-        dev = self.es.device
         full = len(active) == len(self.videos)
-        didx = None if full else _to_device(np.asarray(active, dtype=np.int64), dev)
-        n = len(active)
+        didx = None if full else to_device(np.asarray(active, dtype=np.int64), self.es.device)
         with self.timer.host_section("audio"):
             mel = np.stack([self.patches[v][t:t1] for v in active], axis=1)  # (k, n, 1, 96, 64)
-            x = _to_device(mel.reshape(-1, *mel.shape[2:]), dev)
-        # engine outputs live until the engine's next call: copy what is kept
-        p = torch.empty(k * n, self.p_a.shape[2], device=dev)
-        hs = torch.empty(k, n, self.h_a.shape[2], device=dev)
-        b = self.opts.audio_batch
-        with self.timer.device_section("audio"):
-            for s in range(0, k * n, b):
-                p[s:s + b].copy_(self.es.engines["audio_backbone"]({"mel": x[s:s + b]})["feat"])
-                self.audio_calls += 1
-            p = p.reshape(k, n, -1)
-            h, c = self.audio_state if full else (z.index_select(0, didx) for z in self.audio_state)
-            cell = self.es.engines["audio_cell"]
-            for j in range(k):
-                out = cell({"x_a": p[j], "h": h, "c": c})
-                h, c = out["h_next"], out["c_next"]
-                hs[j].copy_(h)
-            if didx is None:
-                self.p_a[t:t1] = p
-                self.h_a[t:t1] = hs
-                self.audio_state = (h.clone(), c.clone())
-            else:
-                self.p_a[t:t1].index_copy_(1, didx, p)
-                self.h_a[t:t1].index_copy_(1, didx, hs)
-                self.audio_state = tuple(
-                    z.index_copy(0, didx, new) for z, new in zip(self.audio_state, (h, c))
-                )
+        state = self.audio_state if didx is None else tuple(z.index_select(0, didx) for z in self.audio_state)
+        p, hs, (h, c), calls = run_audio_path(self.es, mel, state, audio_batch=self.opts.audio_batch,
+                                              timer=self.timer)
+        self.audio_calls += calls
+        if didx is None:
+            self.p_a[t:t1] = p
+            self.h_a[t:t1] = hs
+            self.audio_state = (h, c)
+        else:
+            self.p_a[t:t1].index_copy_(1, didx, p)
+            self.h_a[t:t1].index_copy_(1, didx, hs)
+            self.audio_state = tuple(
+                z.index_copy(0, didx, new) for z, new in zip(self.audio_state, (h, c))
+            )
         self.audio_done = t1
 
     # -- head ----------------------------------------------------------------------------
@@ -367,7 +220,7 @@ class _BatchRun:
         """Probabilities (len(rows), C) on the host after the current step of ``rows``."""
         h_m = self.state.h_m
         if len(rows) != len(self.videos):
-            h_m = h_m.index_select(0, _to_device(np.asarray(rows, dtype=np.int64), self.es.device))
+            h_m = h_m.index_select(0, to_device(np.asarray(rows, dtype=np.int64), self.es.device))
         with self.timer.device_section("cells_gates"):
             probs = self.es.engines["head"]({"h": h_m})["probs"]
             out = probs.to("cpu", torch.float32, copy=True)  # the prediction read
@@ -375,7 +228,7 @@ class _BatchRun:
         return out
 
     # -- the loop ------------------------------------------------------------------------
-    def steps(self) -> Iterator[list[int]]:
+    def loop(self) -> Iterator[list[int]]:
         """Run the gated loop; after each step yield the videos that finished it."""
         T = self.opts.steps
         base = self.ledger.tiers["base"]
@@ -390,7 +243,7 @@ class _BatchRun:
             full = len(active) == n
             self.ops.active = torch.tensor(active)
             if not full:
-                didx = _to_device(np.asarray(active, dtype=np.int64), self.es.device)
+                didx = to_device(np.asarray(active, dtype=np.int64), self.es.device)
             if full:
                 x_a, h_a, state = self.p_a[t], self.h_a[t], self.state
             else:
@@ -427,46 +280,16 @@ class _BatchRun:
 
     # -- records -------------------------------------------------------------------------
     def record(self, v: int, probs: Tensor, timing: dict[str, float], *, partial: bool) -> dict[str, Any]:
-        es, opts, video = self.es, self.opts, self.videos[v]
-        k = min(opts.topk, probs.numel())
-        top = torch.topk(probs, k)
-        top_list = [[es.labels[i], float(p)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
-        a, m = video.appearance, video.motion
-        predictions = video.steps_done if opts.online else 1
-        used = video_cost(es.costs, steps=video.steps_done, appearance=sum(a), motion=sum(m),
-                          predictions=predictions)
-        calls = es.calls()
-        rec: dict[str, Any] = {
-            "video": video.name,
-            "label": top_list[0][0],
-            "score": top_list[0][1],
-            "topk": top_list,
-            "steps": video.steps_done,
-            "decisions": {"appearance": list(a), "motion": list(m)},
-            "usage": {"appearance": sum(a), "motion": sum(m)},
-            "gflops": {"used": used, "dense": dense_cost(es.costs, opts.steps), "unit": UNIT},
-            "has_audio": bool(video.inputs.has_audio),
-            "engine": es.backend,
-            "device": str(es.device),
-            "policy": str(opts.policy),
-            "budget": opts.budget,
-            "T": opts.steps,
-            "export": es.export_sha256,
-            "timing_ms": timing,
-            "stats": {
-                "host_reads": self.host_reads,
-                "prediction_reads": self.prediction_reads,
-                "batch": len(self.videos),
-                "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
-                "appearance_frames": video.inputs.appearance_frames,
-                "motion_clips": video.inputs.motion_clips,
-                **video.inputs.decode_stats,
-                "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
-            },
+        calls = self.es.calls()
+        stats = {
+            "host_reads": self.host_reads,
+            "prediction_reads": self.prediction_reads,
+            "batch": len(self.videos),
+            "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
+            "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
         }
-        if partial:
-            rec["partial"] = True
-        return rec
+        return build_record(self.es, self.opts, self.videos[v], probs, timing, stats=stats,
+                            partial=partial)
 
 
 def engine_stream(engine_set: EngineSet) -> Any:
@@ -506,10 +329,10 @@ def run_batch(
         timer = Timer(engine_set.device)
         run = _BatchRun(engine_set, videos, options, timer)
     try:
-        steps = run.steps()
+        loop = run.loop()
         while True:
             with on_stream():
-                active = next(steps, None)
+                active = next(loop, None)
                 if active is not None and options.online:
                     timing = timer.result()
                     partial = [run.record(v, run.videos[v].probs, timing, partial=True) for v in active]

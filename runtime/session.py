@@ -64,10 +64,11 @@ from typing import Any
 
 from typing_extensions import Self
 
-from hms_deploy.errors import ConfigError, HMSError
+from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
+from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.policy import Policy
-from hms_deploy.runtime.scheduler import RunOptions, engine_stream, resolve_options, run_batch
+from hms_deploy.runtime.scheduler import engine_stream, run_batch
 
 
 def _sha256(path: str | Path) -> str:
@@ -76,11 +77,6 @@ def _sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if isinstance(e, HMSError) and text else f"{type(e).__name__}: {text}"
 
 
 class Session:
@@ -230,4 +226,4 @@ class Session:
                 for r in recs:
                     yield self._finish(r)
         except (HMSError, OSError, RuntimeError, ValueError, IndexError) as e:
-            yield {"video": batch[0], "error": _one_line(e)}
+            yield {"video": batch[0], "error": first_line(e)}

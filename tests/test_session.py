@@ -15,7 +15,7 @@ from runtime_helpers import (  # noqa: F401 - one_torch_thread is an autouse fix
 
 from hms_deploy.errors import BackendUnavailable, ConfigError
 from hms_deploy.runtime import Session
-from hms_deploy.runtime.scheduler import TIMING_KEYS
+from hms_deploy.runtime.timing import TIMING_KEYS
 
 RECORD_KEYS = [
     "video", "label", "score", "topk", "steps", "decisions", "usage", "gflops", "has_audio",

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.errors import HMSError
+from hms_deploy.errors import HMSError, first_line
 
 
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -19,7 +19,7 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except HMSError as e:
-            click.echo(f"hms-synth: error: {' '.join(str(e).split())}", err=True)
+            click.echo(f"hms-synth: error: {first_line(e)}", err=True)
             sys.exit(1)
 
     return wrapper

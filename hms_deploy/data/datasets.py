@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hms_deploy.errors import DatasetError
+from hms_deploy.errors import DatasetError, first_line
 
 REQUIRED_COLUMNS = ("path", "label")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".3gp", ".mpg")
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                                subset=args.subset, categories=args.categories,
                                labels_out=args.labels_out, require_files=not args.keep_missing)
     except (DatasetError, OSError) as e:
-        print(f"{ap.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{ap.prog}: error: {first_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {rep.csv} ({rep.rows} videos, {rep.classes} classes in {rep.labels}); "
           f"skipped: {rep.skipped or 'none'}")

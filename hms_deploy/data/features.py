@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from hms_deploy.config import MODALITIES, HMSConfig
-from hms_deploy.errors import DatasetError
+from hms_deploy.errors import DatasetError, first_line
 from hms_deploy.version import __version__
 
 FORMAT = "hms-feature-store"
@@ -604,10 +604,6 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _prepare_job(key: str, path: str, config_json: str, steps: int) -> tuple[str, Any, str | None]:
     """Worker entry: (key, VideoInputs or None, error or None); never raises."""
     from hms_deploy.errors import HMSError
@@ -618,11 +614,11 @@ def _prepare_job(key: str, path: str, config_json: str, steps: int) -> tuple[str
             cfg = _WORKER_CONFIG[config_json] = HMSConfig.from_dict(json.loads(config_json))
         return key, prepare_video(path, cfg, steps), None
     except HMSError as e:
-        return key, None, _one_line(e)
+        return key, None, first_line(e, typed=False)
     except MemoryError:
         return key, None, f"{path}: out of memory while decoding"
     except Exception as e:  # noqa: BLE001 - a bad video must not stop the run
-        return key, None, f"{path}: {type(e).__name__}: {_one_line(e)}"
+        return key, None, f"{path}: {first_line(e, typed=True)}"
 
 
 # -- main side ------------------------------------------------------------------------
@@ -775,7 +771,7 @@ def extract(
                 try:
                     feats = encode_video(encoders, inputs, batch_size)
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                    error = f"{entry.key}: backbone failed ({type(e).__name__}: {_one_line(e)})"
+                    error = f"{entry.key}: backbone failed ({first_line(e, typed=True)})"
             if error is not None:
                 failed.append((entry.key, error))
                 store.record_error(entry.key, str(entry.path), error)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hms_deploy.errors import ConfigError, DatasetError, VideoError
+from hms_deploy.errors import ConfigError, DatasetError, VideoError, first_line
 
 CLASS_GROUPS: dict[str, str] = {
     "tone_low": "audio",
@@ -172,7 +172,7 @@ def write_video(
                 mux_audio(wave.size)
                 container.mux(aus.encode(None))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: cannot encode ({' '.join(str(e).split())})") from e
+        raise VideoError(f"{path}: cannot encode ({first_line(e, typed=False)})") from e
     return path
 
 

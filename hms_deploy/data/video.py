@@ -25,12 +25,7 @@ from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data import sampling
 from hms_deploy.data.audio import audio_patches as _audio_patches
 from hms_deploy.data.audio import log_mel_spectrogram
-from hms_deploy.errors import ConfigError, VideoError
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(getattr(e, "strerror", None) or e) or type(e).__name__
-    return " ".join(text.split())
+from hms_deploy.errors import ConfigError, VideoError, first_line
 
 
 def _open(path: str | Path) -> Any:
@@ -45,7 +40,7 @@ def _open(path: str | Path) -> Any:
     try:
         return av.open(str(p), mode="r")
     except av.FFmpegError as e:
-        raise VideoError(f"{p}: not a readable media file ({_one_line(e)})") from e
+        raise VideoError(f"{p}: not a readable media file ({first_line(e, typed=False)})") from e
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,7 +119,7 @@ def probe(path: str | Path) -> VideoInfo:
     try:
         return _probe_open(container, str(path))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: cannot read ({_one_line(e)})") from e
+        raise VideoError(f"{path}: cannot read ({first_line(e, typed=False)})") from e
     finally:
         container.close()
 
@@ -159,7 +154,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
             try:
                 frames = vs.codec_context.decode(packet)
             except av.FFmpegError as e:
-                decode_failed = _one_line(e)
+                decode_failed = first_line(e, typed=False)
             else:
                 if frames:
                     first_frame = frames[0]
@@ -170,7 +165,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
             frames = vs.codec_context.decode(None)
             first_frame = frames[0] if frames else None
         except av.FFmpegError as e:
-            decode_failed = _one_line(e)
+            decode_failed = first_line(e, typed=False)
     if first_frame is None:
         raise VideoError(
             f"{path}: no decodable video frame ({decode_failed or 'decoder gave none'})"
@@ -265,7 +260,7 @@ def decode_audio(
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: cannot decode audio ({_one_line(e)})") from e
+        raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
     finally:
         container.close()
     if not chunks:
@@ -459,7 +454,7 @@ class FrameSource:
             self._read_forward(wanted, out)
         except av.FFmpegError as e:
             self.close()
-            raise VideoError(f"{self.path}: cannot decode ({_one_line(e)})") from e
+            raise VideoError(f"{self.path}: cannot decode ({first_line(e, typed=False)})") from e
         return out
 
     def _read_forward(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from hms_deploy.dtypes import TORCH_DTYPES
-from hms_deploy.errors import BackendUnavailable, EngineError
+from hms_deploy.errors import BackendUnavailable, EngineError, first_line
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 
 from ..bindings import (
@@ -245,7 +245,7 @@ class OnnxEngine(Engine):
                 provider_options=self._provider_options(),
             )
         except Exception as e:  # noqa: BLE001 - ORT raises its own pybind exception types
-            raise EngineError(f"{self.name}: ONNX Runtime cannot load {self.path}: {_first_line(e)}") from None
+            raise EngineError(f"{self.name}: ONNX Runtime cannot load {self.path}: {first_line(e, typed=False)}") from None
         got = [p for p in self.providers if p != CPU_EP and p not in session.get_providers()]
         if got:
             raise BackendUnavailable(
@@ -328,7 +328,7 @@ class OnnxEngine(Engine):
         try:
             arrays = self._session.run(self._out_names, feeds)
         except Exception as e:  # noqa: BLE001
-            raise EngineError(f"{self.name}: ONNX Runtime failed: {_first_line(e)}") from None
+            raise EngineError(f"{self.name}: ONNX Runtime failed: {first_line(e, typed=False)}") from None
         return dict(zip(self._out_names, map(torch.from_numpy, arrays)))
 
     def _run_bound(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -366,17 +366,12 @@ class OnnxEngine(Engine):
         try:
             self._session.run_with_iobinding(io, self._run_options)
         except Exception as e:  # noqa: BLE001
-            raise EngineError(f"{self.name}: ONNX Runtime failed: {_first_line(e)}") from None
+            raise EngineError(f"{self.name}: ONNX Runtime failed: {first_line(e, typed=False)}") from None
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(file=str(self.path), providers=list(self.providers))
         return d
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def onnx_engines(
