@@ -113,7 +113,8 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
     from hms_deploy.checkpoint import init_checkpoint, read_labels, save_checkpoint
     from hms_deploy.config import tiny_config
     from hms_deploy.data.datasets import read_list
-    from hms_deploy.data.features import extract, open_store
+    from hms_deploy.data.extraction import extract
+    from hms_deploy.data.features import open_store
     from hms_deploy.data.synthetic import make_dataset
     from hms_deploy.eval.evaluate import evaluate
     from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones

@@ -11,7 +11,7 @@ Checks run by :func:`validate_export`:
 
 1. ``random``: every part on random inputs at N = 1 and N = 3 (the file was exported at
    N = 2, so this also proves the dynamic batch axis);
-2. ``realistic``: every part on inputs from a decoded video (the runtime's
+2. ``realistic``: every part on inputs from a decoded video (the one per-video input type,
    :class:`~hms_deploy.runtime.frames.VideoInputs`): real log-mel patches, frames and
    clips for the backbones; for cells, gates and head the states along a dense run of
    the reference engines over that video;
@@ -153,7 +153,7 @@ def decoded_inputs(path: str | Path, cfg: HMSConfig, steps: int, motion_steps: i
     ``{"audio_backbone": {"mel": (T,1,96,64)}, "appearance_backbone": {"frame": (T,3,S,S)},
     "motion_backbone": {"clip": (M,3,32,S,S)}}`` (M = ``motion_steps``, default T), and
     facts about the video (``duration_s``, ``has_audio``)."""
-    from hms_deploy.runtime.frames import VideoInputs
+    from hms_deploy.data.inputs import VideoInputs
 
     ms = steps if motion_steps is None else max(1, min(motion_steps, steps))
     video = VideoInputs(path, cfg, steps)

@@ -54,7 +54,7 @@ from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.frames import VideoInputs
+from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.policy import Policy
 from hms_deploy.runtime.timing import Timer, to_device
@@ -81,7 +81,7 @@ class _Features:
         T = opts.steps
         dev = es.device
         with timer.host_section("decode"):
-            self.inputs = VideoInputs(video, cfg, T)
+            self.inputs = open_video(video, cfg, T)
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)

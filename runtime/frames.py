@@ -14,7 +14,8 @@ YUV 4:2:0), no compute; the window spans one motion clip plus a margin, capped a
 
 Only frames that a running step needs are converted to RGB and resized; a modality that
 never runs decodes nothing (``audio-only`` does not even open the video stream).
-:class:`VideoInputs` counts what it hands to each backbone.
+:func:`open_video` gives the scheduler its per-video inputs: the one per-video input
+type, :class:`~hms_deploy.data.inputs.VideoInputs`, over a :class:`RetainingFrameSource`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ from typing import Any
 import numpy as np
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.data.video import (
-    FrameSource,
-    StepSampler,
-    VideoInfo,
-    decode_audio,
-    probe,
-    resize_center_crop_batch,
-)
+from hms_deploy.data.inputs import VideoInputs
+from hms_deploy.data.video import FrameSource, VideoInfo
+
+__all__ = ["RETAIN_BYTES", "RetainingFrameSource", "VideoInputs", "open_video"]
 
 RETAIN_BYTES = 256 * 2**20  # cap of the decoded-frame window per video
 
@@ -94,72 +91,11 @@ def _retain_frames(info: VideoInfo, config: HMSConfig) -> int:
     return max(8, min(want, RETAIN_BYTES // frame_bytes))
 
 
-class VideoInputs:
-    """The per-step part inputs of one video, produced on demand.
-
-    ``steps`` = T. Counters: ``appearance_frames`` / ``motion_clips`` = inputs handed to
-    the appearance / motion backbone; the decoder's own counters are in :attr:`decode_stats`.
-    """
-
-    def __init__(self, path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None):
-        self.path = str(path)
-        self.info = info or probe(path)
-        self.config = config
-        self.sampler = StepSampler.from_config(self.info, config, steps=steps)
-        self.source = RetainingFrameSource(self.info, retain_frames=_retain_frames(self.info, config))
-        self.appearance_frames = 0
-        self.motion_clips = 0
-        self.has_audio: bool | None = None
-        # resized motion frames: neighbouring clips overlap, so each frame is resized once
-        self._motion_frames: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._motion_keep = 2 * config.clip.frames
-
-    def decode_audio(self) -> np.ndarray:
-        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`)."""
-        wave, self.has_audio = decode_audio(
-            self.path, self.config.front_end.sample_rate, info=self.info
-        )
-        return wave
-
-    def audio_patches(self, wave: np.ndarray) -> np.ndarray:
-        """``(T, 1, 96, 64)`` float32 log-mel patches of every step (the front end)."""
-        return self.sampler.audio_patches(wave)
-
-    def appearance(self, t: int) -> np.ndarray:
-        """``(3, S, S)`` uint8: the frame nearest tau_t, resized and centre-cropped."""
-        x = self.sampler.appearance_inputs(self.source, [t])[0]
-        self.appearance_frames += 1
-        return x
-
-    def motion(self, t: int) -> np.ndarray:
-        """``(3, 32, S, S)`` uint8: the motion clip of step t, resized and centre-cropped."""
-        idx = self.sampler.motion_frame_indices(t)
-        cache = self._motion_frames
-        need = [i for i in np.unique(idx).tolist() if i not in cache]
-        if need:
-            frames = self.source.read(need)
-            resized = resize_center_crop_batch(
-                [frames[i] for i in need], self.sampler.motion_resize, self.sampler.motion_crop
-            )
-            for i, x in zip(need, resized):
-                cache[i] = x
-        for i in idx.tolist():
-            cache.move_to_end(i)
-        clip = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
-        while len(cache) > self._motion_keep:
-            cache.popitem(last=False)
-        self.motion_clips += 1
-        return clip
-
-    @property
-    def decode_stats(self) -> dict[str, int]:
-        s = self.source.stats
-        return {
-            "frames_decoded": s.frames_decoded,
-            "frames_converted": s.frames_converted,
-            "seeks": s.seeks,
-            "window_hits": self.source.window_hits,
-        }
-
-    def close(self) -> None:
-        self.source.close()
+def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None
+               ) -> VideoInputs:
+    """The runtime's per-video inputs: :class:`~hms_deploy.data.inputs.VideoInputs` decoding
+    on demand through a :class:`RetainingFrameSource` sized by :func:`_retain_frames`."""
+    return VideoInputs(
+        path, config, steps, info=info,
+        frame_source=lambda info: RetainingFrameSource(info, retain_frames=_retain_frames(info, config)),
+    )

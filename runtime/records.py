@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from hms_deploy.costs import UNIT, dense_cost, video_cost
+from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.options import RunOptions
 
 Tensor = torch.Tensor

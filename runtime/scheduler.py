@@ -54,7 +54,7 @@ from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
 from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.frames import VideoInputs
+from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.records import VideoRun, build_record
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer, to_device
@@ -151,7 +151,7 @@ class _BatchRun:
         cfg = es.config
         T = opts.steps
         with timer.host_section("decode"):
-            self.videos = [VideoRun(str(n), VideoInputs(n, cfg, T)) for n in names]
+            self.videos = [VideoRun(str(n), open_video(n, cfg, T)) for n in names]
         if opts.policy.forced:
             self.plan_a, self.plan_m = opts.policy.plan(T)
         self.host_reads = 0

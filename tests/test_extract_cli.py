@@ -14,7 +14,8 @@ import pytest
 
 from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
-from hms_deploy.data.features import CRASH_ENV, open_store
+from hms_deploy.data.extraction import CRASH_ENV
+from hms_deploy.data.features import open_store
 from hms_deploy.data.synthetic import DEFAULT_CLASSES, render_class_video
 
 EXE = str(Path(sys.executable).parent / "hms-extract")

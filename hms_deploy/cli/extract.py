@@ -41,7 +41,7 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
     """
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.datasets import read_list
-    from hms_deploy.data.features import extract
+    from hms_deploy.data.extraction import extract
 
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)

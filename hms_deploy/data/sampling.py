@@ -1,16 +1,27 @@
-"""Steps -> timestamps -> frame indices (HMS_SPEC.md 1). Pure functions, no decoding.
+"""Steps -> timestamps -> frame indices (HMS_SPEC.md 1), and the :class:`StepSampler`
+that turns them into the part inputs of the steps a runtime asks for.
 
 All times are seconds relative to the first video frame (the first frame's presentation
-time is 0).
+time is 0). The functions are pure; :class:`StepSampler` reads frames through a
+:class:`~hms_deploy.data.video.FrameSource` (decoding lives in :mod:`hms_deploy.data.video`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-from hms_deploy.config import MotionClip
+from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
+from hms_deploy.data.audio import audio_patches as _audio_patches
+from hms_deploy.data.audio import log_mel_spectrogram
+from hms_deploy.data.resize import resize_center_crop_batch
 from hms_deploy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hms_deploy.data.video import FrameSource, VideoInfo
 
 
 def step_centers(duration_s: float, steps: int) -> np.ndarray:
@@ -85,3 +96,114 @@ def slow_indices(frames: int = 32, slow: int = 8) -> list[int]:
     import torch
 
     return torch.linspace(0, frames - 1, slow).long().tolist()
+
+
+class StepSampler:
+    """Which frames and audio each step of a video needs (HMS_SPEC.md 1).
+
+    Everything is precomputed from a :class:`VideoInfo` at construction (no decoding),
+    so a runtime can ask for the inputs of only the steps it runs.
+
+    Attributes:
+        centers: ``(T,)`` step centre times, seconds.
+        appearance_indices: ``(T,)`` int64 frame nearest each centre.
+        motion_indices: ``(T, clip.frames)`` int64 frames of each motion clip (clamped).
+    """
+
+    def __init__(
+        self,
+        info: VideoInfo,
+        *,
+        steps: int,
+        front_end: AudioFrontEnd | None = None,
+        clip: MotionClip | None = None,
+        appearance_resize: int = 256,
+        appearance_crop: int = 224,
+        motion_resize: int = 256,
+        motion_crop: int = 224,
+    ) -> None:
+        self.info = info
+        self.steps = int(steps)
+        self.front_end = front_end or AudioFrontEnd()
+        self.clip = clip or MotionClip()
+        self.appearance_resize, self.appearance_crop = appearance_resize, appearance_crop
+        self.motion_resize, self.motion_crop = motion_resize, motion_crop
+        self.centers = step_centers(info.duration_s, self.steps)
+        self.appearance_indices = nearest_frames(info.frame_times, self.centers)
+        self.motion_indices = nearest_frames(
+            info.frame_times, clip_times(self.centers, self.clip)
+        )
+
+    @classmethod
+    def from_config(
+        cls, info: VideoInfo, config: HMSConfig, *, steps: int | None = None
+    ) -> StepSampler:
+        """Sizes, clip, front end and T from a model config (``steps`` overrides T)."""
+        return cls(
+            info,
+            steps=config.steps if steps is None else steps,
+            front_end=config.front_end,
+            clip=config.clip,
+            appearance_resize=config.appearance.resize,
+            appearance_crop=config.appearance.crop,
+            motion_resize=config.motion.resize,
+            motion_crop=config.motion.crop,
+        )
+
+    def _step(self, t: int) -> int:
+        if not 0 <= int(t) < self.steps:
+            raise IndexError(f"step {t} is outside [0, {self.steps})")
+        return int(t)
+
+    def _steps(self, steps: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if steps is None:
+            return np.arange(self.steps)
+        s = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if s.size and (s.min() < 0 or s.max() >= self.steps):
+            raise IndexError(f"steps {s.tolist()} are not all inside [0, {self.steps})")
+        return s
+
+    def appearance_frame_index(self, t: int) -> int:
+        """Index of the frame nearest the centre of step ``t``."""
+        return int(self.appearance_indices[self._step(t)])
+
+    def motion_frame_indices(self, t: int) -> np.ndarray:
+        """``(clip.frames,)`` int64 frame indices of step ``t``'s motion clip (time order)."""
+        return self.motion_indices[self._step(t)].copy()
+
+    def audio_patches(self, waveform: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+        """``(T, 1, 96, 64)`` float32 log-mel patches of all steps from an aligned waveform.
+
+        ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).
+        """
+        sr = self.front_end.sample_rate if sample_rate is None else sample_rate
+        logmel = log_mel_spectrogram(waveform, sr, self.front_end)
+        return _audio_patches(logmel, self.centers, self.front_end)
+
+    def appearance_inputs(
+        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(len(steps), 3, crop, crop)`` uint8 RGB appearance inputs (all steps if None)."""
+        idx = self.appearance_indices[self._steps(steps)]
+        frames = source.read(idx)
+        uniq = sorted(frames)
+        batch = resize_center_crop_batch(
+            [frames[i] for i in uniq], self.appearance_resize, self.appearance_crop
+        )
+        return batch[np.searchsorted(uniq, idx)]
+
+    def motion_inputs(
+        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(len(steps), 3, clip.frames, crop, crop)`` uint8 RGB motion clips (all steps if None).
+
+        Each distinct frame is decoded and resized once, even where clips overlap.
+        """
+        idx = self.motion_indices[self._steps(steps)]  # (S, 32)
+        frames = source.read(idx)
+        uniq = sorted(frames)
+        batch = resize_center_crop_batch(
+            [frames[i] for i in uniq], self.motion_resize, self.motion_crop
+        )  # (U, 3, S, S)
+        clips = batch[np.searchsorted(uniq, idx)]  # (S, 32, 3, crop, crop)
+        return np.ascontiguousarray(clips.transpose(0, 2, 1, 3, 4))

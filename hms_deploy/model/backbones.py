@@ -8,7 +8,7 @@ An *encoder* maps a part's raw input to the raw backbone feature x (before proje
 
 Visual encoders normalise inside (uint8 -> [0, 1] -> mean/std), so normalisation exists
 once and travels into the exported graphs. The motion encoder does SlowFast's PackPathway
-(8 slow frames chosen by linspace over the 32) inside.
+(8 slow frames chosen by :func:`hms_deploy.data.sampling.slow_indices` over the 32) inside.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hms_deploy.config import BackboneConfig, MotionClip
+from hms_deploy.data.sampling import slow_indices
 from hms_deploy.errors import ConfigError
 
 
@@ -186,7 +187,7 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.normalize = _Normalize(cfg.mean, cfg.std, 5)
         self.net = build_backbone(cfg)
-        slow = torch.linspace(0, clip.frames - 1, clip.slow_frames).long()
+        slow = torch.tensor(slow_indices(clip.frames, clip.slow_frames), dtype=torch.int64)
         self.register_buffer("slow_index", slow, False)
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ from torch import nn
 
 from hms_deploy.checkpoint import Checkpoint
 from hms_deploy.config import MODALITIES
-from hms_deploy.data.features import VideoInputs, build_encoders, iter_inputs
+from hms_deploy.data.extraction import build_encoders, iter_inputs
+from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.errors import ConfigError, DatasetError
 
 

@@ -1,0 +1,161 @@
+"""The per-step part inputs of one video (HMS_SPEC.md 1): the one per-video input type.
+
+:class:`VideoInputs` hands out, step by step, what the parts take: the log-mel patches
+of every step (``audio_patches``), the appearance frame of step t (``appearance``) and the
+32-frame motion clip of step t (``motion``), decoded on demand through a
+:class:`~hms_deploy.data.video.FrameSource` (the runtime gives it one that retains a
+window of decoded frames, :mod:`hms_deploy.runtime.frames`). It counts what it hands to
+each backbone.
+
+:meth:`VideoInputs.decode_all` decodes every step at once instead (feature extraction,
+fine-tuning and the export's parity check): it keeps ``mel``, ``frames`` and the
+distinct motion frames (``clips`` rebuilds any step's clip from them, 32x less memory
+than the clips), closes the decoder, and the object can then be pickled (a decoding
+worker sends it to the main process).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from hms_deploy.config import HMSConfig
+from hms_deploy.data.resize import resize_center_crop_batch
+from hms_deploy.data.sampling import StepSampler
+from hms_deploy.data.video import FrameSource, VideoInfo, decode_audio, probe
+
+FrameSourceFactory = Callable[[VideoInfo], FrameSource]
+
+
+class VideoInputs:
+    """The per-step part inputs of one video, on demand (see the module docstring).
+
+    ``steps`` = T. Counters: ``appearance_frames`` / ``motion_clips`` = inputs handed to
+    the appearance / motion backbone; the decoder's own counters are in :attr:`decode_stats`.
+    """
+
+    def __init__(self, path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
+                 frame_source: FrameSourceFactory = FrameSource):
+        self.path = str(path)
+        self.info = info or probe(path)
+        self.config = config
+        self.sampler = StepSampler.from_config(self.info, config, steps=steps)
+        self.source: FrameSource | None = frame_source(self.info)
+        self.appearance_frames = 0
+        self.motion_clips = 0
+        self.has_audio: bool | None = None
+        # resized motion frames: neighbouring clips overlap, so each frame is resized once
+        self._motion_frames: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._motion_keep = 2 * config.clip.frames
+        # filled by decode_all(): every step's inputs
+        self.mel: np.ndarray | None = None  # (T, 1, 96, 64) float32
+        self.frames: np.ndarray | None = None  # (T, 3, S_I, S_I) uint8
+        self.motion_frames: np.ndarray | None = None  # (U, 3, S_M, S_M) uint8, distinct
+        self.motion_index: np.ndarray | None = None  # (T, 32) int64 into motion_frames
+        self._stats: dict[str, int] = {}
+
+    @property
+    def steps(self) -> int:
+        return self.sampler.steps
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.info.duration_s)
+
+    def decode_audio(self) -> np.ndarray:
+        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`)."""
+        wave, self.has_audio = decode_audio(
+            self.path, self.config.front_end.sample_rate, info=self.info
+        )
+        return wave
+
+    def audio_patches(self, wave: np.ndarray) -> np.ndarray:
+        """``(T, 1, 96, 64)`` float32 log-mel patches of every step (the front end)."""
+        return self.sampler.audio_patches(wave)
+
+    def _source(self) -> FrameSource:
+        if self.source is None:
+            raise RuntimeError(f"{self.path}: inputs already decoded and the decoder closed")
+        return self.source
+
+    def appearance(self, t: int) -> np.ndarray:
+        """``(3, S, S)`` uint8: the frame nearest tau_t, resized and centre-cropped."""
+        if self.frames is not None:
+            x = self.frames[t]
+        else:
+            x = self.sampler.appearance_inputs(self._source(), [t])[0]
+        self.appearance_frames += 1
+        return x
+
+    def motion(self, t: int) -> np.ndarray:
+        """``(3, 32, S, S)`` uint8: the motion clip of step t, resized and centre-cropped."""
+        if self.motion_frames is not None:
+            self.motion_clips += 1
+            return self.clips(np.array([t]))[0]
+        idx = self.sampler.motion_frame_indices(t)
+        cache = self._motion_frames
+        need = [i for i in np.unique(idx).tolist() if i not in cache]
+        if need:
+            frames = self._source().read(need)
+            resized = resize_center_crop_batch(
+                [frames[i] for i in need], self.sampler.motion_resize, self.sampler.motion_crop
+            )
+            for i, x in zip(need, resized):
+                cache[i] = x
+        for i in idx.tolist():
+            cache.move_to_end(i)
+        clip = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
+        while len(cache) > self._motion_keep:
+            cache.popitem(last=False)
+        self.motion_clips += 1
+        return clip
+
+    def decode_all(self) -> VideoInputs:
+        """Decode every step's inputs now (one pass over the video) and close the decoder;
+        returns ``self``. Raises :class:`~hms_deploy.errors.VideoError` for a file that
+        cannot be decoded."""
+        src = self._source()
+        try:
+            self.mel = self.audio_patches(self.decode_audio())
+            self.frames = self.sampler.appearance_inputs(src)
+            idx = self.sampler.motion_indices
+            decoded = src.read(idx)
+            uniq = sorted(decoded)
+            self.motion_frames = resize_center_crop_batch(
+                [decoded[i] for i in uniq], self.sampler.motion_resize, self.sampler.motion_crop
+            )
+            self.motion_index = np.searchsorted(uniq, idx)
+        finally:
+            self.close()
+        return self
+
+    def clips(self, steps: slice | np.ndarray) -> np.ndarray:
+        """Motion clips of ``steps`` after :meth:`decode_all`: (S, 3, 32, S_M, S_M) uint8,
+        as ``StepSampler.motion_inputs``."""
+        if self.motion_frames is None or self.motion_index is None:
+            raise RuntimeError(f"{self.path}: clips() needs decode_all() first")
+        c = self.motion_frames[self.motion_index[steps]]  # (S, 32, 3, H, W)
+        return np.ascontiguousarray(c.transpose(0, 2, 1, 3, 4))
+
+    @property
+    def decode_stats(self) -> dict[str, int]:
+        """The decoder's counters: frames decoded / converted to RGB, seeks, window hits."""
+        if self.source is None:
+            return dict(self._stats)
+        s = self.source.stats
+        return {
+            "frames_decoded": s.frames_decoded,
+            "frames_converted": s.frames_converted,
+            "seeks": s.seeks,
+            "window_hits": int(getattr(self.source, "window_hits", 0)),
+        }
+
+    def close(self) -> None:
+        """Close the decoder (its counters stay readable); the decoded arrays are kept."""
+        if self.source is not None:
+            self._stats = self.decode_stats
+            self.source.close()
+            self.source = None
