@@ -12,7 +12,7 @@ Checks run by :func:`validate_export`:
 1. ``random``: every part on random inputs at N = 1 and N = 3 (the file was exported at
    N = 2, so this also proves the dynamic batch axis);
 2. ``realistic``: every part on inputs from a decoded video (the one per-video input type,
-   :class:`~hms_deploy.runtime.frames.VideoInputs`): real log-mel patches, frames and
+   :class:`~hms_deploy.data.inputs.VideoInputs`): real log-mel patches, frames and
    clips for the backbones; for cells, gates and head the states along a dense run of
    the reference engines over that video;
 3. ``gates``: decision agreement on ``gate_samples`` (>= 1000) random states per gate;
