@@ -25,9 +25,8 @@ over static buffers, eager fallback when capture fails (:mod:`hms_deploy.runtime
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,7 @@ from hms_deploy.runtime.trt_plan import (
 from ..bindings import OutputBuffers, bindable, new_stream, torch_dtype_from_trt
 from ..cuda_graphs import GRAPH_PARTS, StaticGraph, capture
 from ..engine import Engine
+from ..plan_cache import PlanBuilder, build_missing_plans
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -52,12 +52,8 @@ if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
 
 TRT_MISSING = "TensorRT is not installed: pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
-BUILD_LOCK = ".trt_build.lock"
 MAX_GRAPHS = 16  # CUDA graphs per engine (one context and one set of static buffers each)
 
-# builds every part's plan into an export dir: (dir, *, max_batch) -> anything (ignored);
-# the export package's add_trt_plans, handed down by the caller
-PlanBuilder = Callable[..., object]
 
 _LOGGER: trt.Logger | None = None  # one logger per process (TensorRT warns about a second one)
 
@@ -413,7 +409,7 @@ def trt_engines(
     if not any("trt" in manifest.parts[name].files for name in PART_NAMES):
         if build_plans is None:
             raise EngineError(f"{manifest.dir}: the export has no TensorRT plans: {rebuild_hint(manifest.dir)}")
-        _build_plans(manifest, device, max_batch, build_plans)
+        build_missing_plans(manifest, device, max_batch, build_plans)
     cc = torch.cuda.get_device_capability(device)
     gpu = torch.cuda.get_device_name(device)
     problems = [
@@ -432,29 +428,3 @@ def trt_engines(
         )
         for name in PART_NAMES
     }
-
-
-def _build_plans(manifest: Manifest, device: torch.device, max_batch: int, build_plans: PlanBuilder) -> None:
-    """Build every part's plan from its ONNX file into the export dir; refresh ``manifest``.
-
-    Under an exclusive lock on ``DIR/.trt_build.lock``: a second process waits, then finds
-    the plans built and loads them.
-    """
-    from hms_deploy.runtime.manifest import load_manifest
-
-    root = Path(manifest.dir)
-    try:
-        lock = open(root / BUILD_LOCK, "a+b")  # noqa: SIM115 - closed by the with below
-    except OSError as e:
-        raise EngineError(
-            f"{root}: the export has no TensorRT plans and they cannot be built there ({e}); "
-            f"{rebuild_hint(root)} where the directory is writable"
-        ) from None
-    with lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
-        fresh = load_manifest(root, verify=True)
-        if not any("trt" in fresh.parts[name].files for name in PART_NAMES):  # nobody built meanwhile
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                build_plans(root, max_batch=max_batch)
-                fresh = load_manifest(root, verify=True)
-    vars(manifest).update(vars(fresh))  # callers keep their object; it now lists the plans
