@@ -73,10 +73,6 @@ class EngineSet:
     def calls(self) -> dict[str, int]:
         return {name: e.calls for name, e in self.engines.items()}
 
-    def reset_calls(self) -> None:
-        for e in self.engines.values():
-            e.calls = 0
-
 
 def engines_from_checkpoint(checkpoint: str | Path, device: str = "cpu") -> EngineSet:
     """Torch engines over a checkpoint's modules."""

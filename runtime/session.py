@@ -30,7 +30,9 @@ Opening verifies the export's hashes; the engines are created once, on ``__enter
 every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`); ``budget`` in
 GMAC (:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head
 after every step (``classify`` returns only the final record; ``classify_many`` yields
-the partial ones too); ``topk`` = how many (label, probability) pairs. Raises
+the partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
+only once the whole batch has finished, because a failure reruns the batch video by
+video and partials already yielded could not be taken back); ``topk`` = how many (label, probability) pairs. Raises
 :class:`~hms_deploy.errors.ConfigError` for bad options and
 :class:`~hms_deploy.errors.VideoError` for a video that cannot be read.
 

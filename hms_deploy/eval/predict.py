@@ -70,7 +70,8 @@ class BudgetStepOps(FeatureStepOps):
     """:class:`FeatureStepOps` under a GMAC budget (:class:`~hms_deploy.costs.BudgetLedger`).
 
     ``ledger.used`` (N,) float64 GMAC spent per video, ``active`` (N,) bool: videos still
-    stepping (an inactive video's gates are answered 0 without being evaluated).
+    stepping. Gates run on the whole batch; an inactive video's decisions are then forced
+    to 0 (and not charged), so its row is computed but never used.
     """
 
     def __init__(self, model: HMS, feats: dict[str, Tensor], costs: dict[str, float],
