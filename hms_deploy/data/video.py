@@ -6,6 +6,8 @@ order, ``0 .. len(info.frame_times) - 1``. Frames are returned as uint8 RGB ``(H
 with the container's display rotation already applied.
 
 PyAV is imported lazily, so importing this module costs nothing until a video is opened.
+Which frames each step needs is :mod:`hms_deploy.data.sampling` (``StepSampler``); resizing
+is :mod:`hms_deploy.data.resize`; the per-video inputs are :mod:`hms_deploy.data.inputs`.
 """
 
 from __future__ import annotations
