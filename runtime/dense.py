@@ -54,7 +54,7 @@ from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
-from hms_deploy.runtime.policy import Policy
+from hms_deploy.runtime.policy import GATE, Policy
 from hms_deploy.runtime.scheduler import RunOptions, Timer, resolve_options
 
 Tensor = torch.Tensor
@@ -310,8 +310,7 @@ def classify_compute_then_mask(
     feats = _Features(es, video, opts, batch, audio_batch, timer)
     try:
         T = opts.steps
-        forced = opts.policy.forced
-        plan_a, plan_m = opts.policy.plan(T) if forced else (None, None)
+        plan_a, plan_m = opts.policy.tier_plans(T)  # GATE (-1): the gate's own decision
         dev = es.device
         step = {"t": 0}
 
@@ -321,6 +320,8 @@ def classify_compute_then_mask(
 
             def override(logits: Tensor) -> Tensor:
                 d = int(plan[step["t"]])
+                if d == GATE:
+                    return logits
                 one_hot = torch.tensor([[1.0 - d, float(d)]], device=dev, dtype=logits.dtype)
                 return one_hot.expand_as(logits)
 

@@ -114,10 +114,11 @@ class VideoInputs:
         self._motion_frames: OrderedDict[int, np.ndarray] = OrderedDict()
         self._motion_keep = 2 * config.clip.frames
 
-    def decode_audio(self) -> np.ndarray:
+    def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
         """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`)."""
         wave, self.has_audio = decode_audio(
-            self.path, self.config.front_end.sample_rate, info=self.info
+            self.path, self.config.front_end.sample_rate, info=self.info,
+            keep_partial=keep_partial,
         )
         return wave
 

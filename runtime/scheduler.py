@@ -64,7 +64,13 @@ from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_c
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
-from hms_deploy.runtime.policy import Policy, parse_policy
+from hms_deploy.runtime.fallback import (
+    VideoPlan,
+    check_inputs,
+    parse_no_audio_policy,
+    plan_video,
+)
+from hms_deploy.runtime.policy import GATE, Policy, parse_policy
 
 Tensor = torch.Tensor
 
@@ -84,6 +90,9 @@ class RunOptions:
     online: bool = False
     topk: int = 5
     audio_batch: int = 64  # patches per audio_backbone call
+    # videos without audio (runtime/fallback.py): None = refuse them ("error")
+    no_audio: Policy | None = field(default_factory=lambda: parse_no_audio_policy(None))
+    allow_truncated: bool = False  # classify the decodable part of a truncated file
 
 
 def resolve_options(
@@ -95,11 +104,14 @@ def resolve_options(
     online: bool = False,
     topk: int = 5,
     audio_batch: int = 64,
+    no_audio_policy: str | Policy | None = None,
+    allow_truncated: bool = False,
 ) -> RunOptions:
     """Check options against the model; :class:`ConfigError` with one clear line if bad.
 
     ``steps`` defaults to the model's T. A ``budget`` (GMAC) must be > 0 and afford at
-    least one step (its base cost plus the head).
+    least one step (its base cost plus the head). ``no_audio_policy``: a policy or
+    ``"error"`` (default ``dense-appearance``; :mod:`hms_deploy.runtime.fallback`).
     """
     if steps is None:
         steps = engine_set.config.steps
@@ -124,7 +136,9 @@ def resolve_options(
         raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
     if audio_batch < 1:
         raise ConfigError(f"audio_batch must be >= 1, got {audio_batch}")
-    return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch))
+    return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch),
+                      no_audio=parse_no_audio_policy(no_audio_policy),
+                      allow_truncated=bool(allow_truncated))
 
 
 # ------------------------------------------------------------------------------- timing
@@ -209,8 +223,18 @@ class EngineStepOps:
         self.active = torch.arange(len(run.videos))
 
     # -- decisions -----------------------------------------------------------------------
-    def _forced(self, plan: np.ndarray, t: int, rows: Tensor) -> Tensor:
-        return torch.full((rows.numel(),), int(plan[t]), dtype=torch.int64)
+    def _decide(self, tier: str, t: int, rows: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """Each row's planned decision (runtime/fallback.py); the gate for GATE rows only."""
+        run = self.run
+        vids = self.active[rows]
+        d = torch.from_numpy(np.array([getattr(run.plans[v], tier)[t] for v in vids.tolist()],
+                                      dtype=np.int64))
+        need = (d == GATE).nonzero().flatten()
+        if need.numel():
+            if need.numel() != d.numel():
+                inputs = {k: x.index_select(0, need.to(x.device)) for k, x in inputs.items()}
+            d[need] = self._gate(f"{tier}_gate", inputs)
+        return run.veto(d, vids, tier)
 
     def _gate(self, part: str, inputs: dict[str, Tensor]) -> Tensor:
         run = self.run
@@ -222,22 +246,12 @@ class EngineStepOps:
         return d
 
     def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
-        run = self.run
-        if run.opts.policy.forced:
-            d = self._forced(run.plan_a, t, rows)
-        else:
-            d = self._gate("appearance_gate", {"x_a": x_a, "h": h, "c": c})
-        return run.veto(d, self.active[rows], "appearance")
+        return self._decide("appearance", t, rows, {"x_a": x_a, "h": h, "c": c})
 
     def decide_motion(
         self, t: int, rows: Tensor, x_a: Tensor, x_i: Tensor, h: Tensor, c: Tensor
     ) -> Tensor:
-        run = self.run
-        if run.opts.policy.forced:
-            d = self._forced(run.plan_m, t, rows)
-        else:
-            d = self._gate("motion_gate", {"x_a": x_a, "x_i": x_i, "h": h, "c": c})
-        return run.veto(d, self.active[rows], "motion")
+        return self._decide("motion", t, rows, {"x_a": x_a, "x_i": x_i, "h": h, "c": c})
 
     # -- features ------------------------------------------------------------------------
     def appearance_feature(self, t: int, rows: Tensor) -> Tensor:
@@ -285,8 +299,8 @@ class _BatchRun:
         T = opts.steps
         with timer.host_section("decode"):
             self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
-        if opts.policy.forced:
-            self.plan_a, self.plan_m = opts.policy.plan(T)
+            checked = [check_inputs(v.inputs, allow_truncated=opts.allow_truncated)
+                       for v in self.videos]
         self.host_reads = 0
         self.prediction_reads = 0
         self.audio_calls = 0
@@ -304,9 +318,13 @@ class _BatchRun:
         self.patches: list[np.ndarray] = []
         for v in self.videos:
             with timer.host_section("decode"):
-                wave = v.inputs.decode_audio()
+                wave = v.inputs.decode_audio(keep_partial=opts.allow_truncated)
             with timer.host_section("audio"):
                 self.patches.append(v.inputs.audio_patches(wave))
+        self.plans: list[VideoPlan] = [plan_video(v.inputs, opts.policy, opts.no_audio, T)
+                                       for v in self.videos]
+        for plan, warnings in zip(self.plans, checked):
+            plan.warnings[:0] = warnings
         self.state = spec.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev
         )
@@ -446,6 +464,8 @@ class _BatchRun:
             "usage": {"appearance": sum(a), "motion": sum(m)},
             "gflops": {"used": used, "dense": dense_cost(es.costs, opts.steps), "unit": UNIT},
             "has_audio": bool(video.inputs.has_audio),
+            "warnings": list(self.plans[v].warnings),
+            "fallback": self.plans[v].fallback,
             "engine": es.backend,
             "device": str(es.device),
             "policy": str(opts.policy),
@@ -462,6 +482,7 @@ class _BatchRun:
                 "motion_clips": video.inputs.motion_clips,
                 **video.inputs.decode_stats,
                 "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
+                "audio_steps": self.audio_done,
             },
         }
         if partial:
