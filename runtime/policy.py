@@ -6,7 +6,7 @@ Policy strings (``hms-run --policy``, ``Session.classify(policy=...)``):
 - ``dense``: appearance and motion on every step.
 - ``audio-only``: never appearance, never motion.
 - ``dense-appearance``: appearance on every step, motion by its learned gate (the
-  default no-audio policy, :mod:`hms_deploy.runtime.fallback`; HMS_SPEC.md 9).
+  default no-audio policy, :mod:`hms_deploy.runtime.checks`; HMS_SPEC.md 9).
 - ``every:KI[,KM]``: appearance where ``t % KI == 0``; motion where ``t % KM == 0`` and
   appearance ran (KM defaults to KI). ``every:1`` is ``dense``.
 - ``rates:PI,PM[,SEED]``: seeded pseudo-random decisions: exactly ``round(PI * T)``

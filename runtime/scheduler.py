@@ -64,11 +64,11 @@ from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_c
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
-from hms_deploy.runtime.fallback import (
+from hms_deploy.runtime.checks import (
     VideoPlan,
-    check_inputs,
     parse_no_audio_policy,
     plan_video,
+    probe_checked,
 )
 from hms_deploy.runtime.policy import GATE, Policy, parse_policy
 
@@ -90,7 +90,7 @@ class RunOptions:
     online: bool = False
     topk: int = 5
     audio_batch: int = 64  # patches per audio_backbone call
-    # videos without audio (runtime/fallback.py): None = refuse them ("error")
+    # videos without audio (runtime/checks.py): None = refuse them ("error")
     no_audio: Policy | None = field(default_factory=lambda: parse_no_audio_policy(None))
     allow_truncated: bool = False  # classify the decodable part of a truncated file
 
@@ -111,7 +111,7 @@ def resolve_options(
 
     ``steps`` defaults to the model's T. A ``budget`` (GMAC) must be > 0 and afford at
     least one step (its base cost plus the head). ``no_audio_policy``: a policy or
-    ``"error"`` (default ``dense-appearance``; :mod:`hms_deploy.runtime.fallback`).
+    ``"error"`` (default ``dense-appearance``; :mod:`hms_deploy.runtime.checks`).
     """
     if steps is None:
         steps = engine_set.config.steps
@@ -224,7 +224,7 @@ class EngineStepOps:
 
     # -- decisions -----------------------------------------------------------------------
     def _decide(self, tier: str, t: int, rows: Tensor, inputs: dict[str, Tensor]) -> Tensor:
-        """Each row's planned decision (runtime/fallback.py); the gate for GATE rows only."""
+        """Each row's planned decision (runtime/checks.py); the gate for GATE rows only."""
         run = self.run
         vids = self.active[rows]
         d = torch.from_numpy(np.array([getattr(run.plans[v], tier)[t] for v in vids.tolist()],
@@ -298,9 +298,9 @@ class _BatchRun:
         cfg = es.config
         T = opts.steps
         with timer.host_section("decode"):
-            self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
-            checked = [check_inputs(v.inputs, allow_truncated=opts.allow_truncated)
-                       for v in self.videos]
+            checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
+            self.videos = [_Video(str(n), VideoInputs(n, cfg, T, info=info))
+                           for n, (info, _) in zip(names, checked)]
         self.host_reads = 0
         self.prediction_reads = 0
         self.audio_calls = 0
@@ -323,7 +323,7 @@ class _BatchRun:
                 self.patches.append(v.inputs.audio_patches(wave))
         self.plans: list[VideoPlan] = [plan_video(v.inputs, opts.policy, opts.no_audio, T)
                                        for v in self.videos]
-        for plan, warnings in zip(self.plans, checked):
+        for plan, (_, warnings) in zip(self.plans, checked):
             plan.warnings[:0] = warnings
         self.state = spec.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev

@@ -6,12 +6,13 @@
   declares by more than :data:`TRUNCATION_MIN_S` seconds *and* more than
   :data:`TRUNCATION_MIN_FRACTION` of it, the file is an error naming both times, whatever
   the policy (a policy that never decodes a frame must not hide it);
-  ``allow_truncated=True`` classifies the decodable part and returns a warning instead:
+  ``allow_truncated=True`` classifies the decodable part (the frames that decode, and
+  the audio up to where it stops decoding) and returns a warning instead:
   :func:`check_truncation`.
 - **Too few distinct inputs**: when the T steps outnumber the distinct frames (or audio
   patches) they sample, the run proceeds with a warning: :func:`distinct_input_warnings`.
 
-Every function is cheap (no decoding): they read :class:`~hms_deploy.data.video.VideoInfo`
+Every check is cheap (no decoding, except :func:`decodable_part`'s one GOP): they read :class:`~hms_deploy.data.video.VideoInfo`
 and the step sampler's precomputed indices.
 """
 
@@ -48,18 +49,64 @@ def truncation(info: Any) -> tuple[float, float] | None:
     return None
 
 
-def check_truncation(info: Any, *, allow_truncated: bool = False) -> list[str]:
-    """Raise :class:`VideoError` for a truncated file, or return its warning when allowed."""
+def check_truncation(info: Any, *, allow_truncated: bool = False) -> tuple[Any, list[str]]:
+    """Raise :class:`VideoError` for a truncated file; when allowed, return the info of
+    its decodable part (:func:`decodable_part`) and a warning. ``(info, [])`` otherwise."""
     cut = truncation(info)
     if cut is None:
-        return []
+        return info, []
     end, declared = cut
     if not allow_truncated:
         raise VideoError(
             f"{info.path}: truncated file: its streams end at {end:.2f} s but the container "
             f"declares {declared:.2f} s (--allow-truncated classifies the decodable part)"
         )
-    return [f"truncated file: classified the decodable {end:.2f} s of the declared {declared:.2f} s"]
+    info = decodable_part(info)
+    end = info.duration_s
+    return info, [
+        f"truncated file: classified the decodable {end:.2f} s of the declared {declared:.2f} s"
+    ]
+
+
+def decodable_part(info: Any) -> Any:
+    """``info`` cut to the frames that decode: the last GOP is decoded once (the data of a
+    truncated file ends inside it), and frames after the last one the decoder produced
+    before an error (or the end) are dropped. The duration follows the kept frames.
+    """
+    import dataclasses
+
+    import av
+
+    from hms_deploy.data.video import _open
+
+    last_key = int(info.keyframe_indices[-1])
+    decoded: set[int] = set()
+    container = _open(info.path)
+    try:
+        stream = container.streams.video[0]
+        container.seek(int(info.frame_pts[last_key]), stream=stream, backward=True)
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                if frame.pts is not None:
+                    decoded.add(int(frame.pts))
+    except av.FFmpegError:
+        pass  # the cut: what decoded before it is the decodable part
+    finally:
+        container.close()
+    pts = info.frame_pts
+    keep = int(np.searchsorted(pts, max(decoded), side="right")) if decoded else last_key
+    if keep < 2:
+        raise VideoError(f"{info.path}: truncated file: fewer than two frames decode")
+    if keep == pts.size:
+        return info
+    step = float(np.median(np.diff(info.frame_times[:keep])))
+    duration = float(info.frame_times[keep - 1]) + step
+    keys = info.keyframe_indices[info.keyframe_indices < keep]
+    return dataclasses.replace(
+        info, duration_s=duration, frame_times=info.frame_times[:keep],
+        frame_pts=pts[:keep], keyframe_indices=keys, keyframe_times=info.frame_times[keys],
+        fps=keep / duration,
+    )
 
 
 def distinct_input_warnings(

@@ -28,6 +28,7 @@ import numpy as np
 
 from hms_deploy.data.checks import check_truncation, distinct_input_warnings, require_video
 from hms_deploy.errors import ConfigError, VideoError
+from hms_deploy.data.video import VideoInfo, probe
 from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.policy import Policy, parse_policy
 
@@ -61,10 +62,14 @@ class VideoPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_inputs(inputs: VideoInputs, *, allow_truncated: bool) -> list[str]:
-    """Checks that need only the probe; returns warnings or raises :class:`VideoError`."""
-    require_video(inputs.info)
-    return check_truncation(inputs.info, allow_truncated=allow_truncated)
+def probe_checked(path: str, *, allow_truncated: bool) -> tuple[VideoInfo, list[str]]:
+    """Probe and check a video (not a video, truncated); (info, warnings) or :class:`VideoError`.
+
+    With ``allow_truncated`` a truncated file's info is cut to its decodable part.
+    """
+    info = probe(path)
+    require_video(info)
+    return check_truncation(info, allow_truncated=allow_truncated)
 
 
 def plan_video(
