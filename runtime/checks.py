@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hms_deploy.data.checks import check_truncation, distinct_input_warnings, require_video
-from hms_deploy.errors import ConfigError, VideoError
 from hms_deploy.data.video import VideoInfo, probe
+from hms_deploy.errors import ConfigError, VideoError
 from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.policy import Policy, parse_policy
 

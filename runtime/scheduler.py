@@ -62,14 +62,14 @@ import torch
 from hms_deploy import spec
 from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_cost
 from hms_deploy.errors import ConfigError
-from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.checks import (
     VideoPlan,
     parse_no_audio_policy,
     plan_video,
     probe_checked,
 )
+from hms_deploy.runtime.engines import EngineSet
+from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.policy import GATE, Policy, parse_policy
 
 Tensor = torch.Tensor

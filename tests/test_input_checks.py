@@ -115,8 +115,8 @@ def test_no_audio_runs_the_fallback_policy(session, media):
     same = session.classify(v, policy="dense-appearance")  # the same plan, asked for
     assert same["decisions"] == rec["decisions"] and same["label"] == rec["label"]
     assert same["fallback"] is None  # nothing was replaced
-    assert same["warnings"] == ["no audio track: audio features are zero (policy "
-                                "dense-appearance is also the no-audio policy)"]
+    why = "no audio track: audio features are zero (policy dense-appearance is also the "
+    assert same["warnings"] == [why + "no-audio policy)"]
     other = session.classify(v, no_audio_policy="audio-only")
     assert other["usage"] == {"appearance": 0, "motion": 0} and other["fallback"] == "no_audio"
     with pytest.raises(VideoError, match=r"noaudio\.mp4: no audio track \(refused by "):
