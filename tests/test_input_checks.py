@@ -158,3 +158,15 @@ def test_no_audio_policy_option(media, tmp_path):
                         r.stderr.strip())
     with pytest.raises(ConfigError, match="no-audio policy"):
         Session(engines_dir=e).options(no_audio_policy="sometimes")
+
+
+def test_extraction_refuses_images_and_truncated_files(media):
+    from hms_deploy.config import tiny_config
+    from hms_deploy.data.features import prepare_video
+
+    cfg = tiny_config(6)
+    with pytest.raises(VideoError, match="not a video"):
+        prepare_video(media["png"], cfg, 4)
+    with pytest.raises(VideoError, match="truncated file: its streams end at"):
+        prepare_video(media["cut"], cfg, 4)
+    assert prepare_video(media["short"], cfg, 4).mel.shape[0] == 4

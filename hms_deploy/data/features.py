@@ -526,7 +526,8 @@ def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> Vid
 
     Uses :mod:`hms_deploy.data.video` (probe, aligned audio, decode-on-demand, resize and
     crop) and the front end of :mod:`hms_deploy.data.audio`. Raises
-    :class:`~hms_deploy.errors.VideoError` for a file that cannot be decoded.
+    :class:`~hms_deploy.errors.VideoError` for a file that cannot be decoded, is not a
+    video or is truncated (:mod:`hms_deploy.data.checks`).
     """
     from hms_deploy.data.video import (
         FrameSource,
@@ -536,7 +537,11 @@ def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> Vid
         resize_center_crop_batch,
     )
 
+    from hms_deploy.data.checks import check_truncation, require_video
+
     info = probe(path)
+    require_video(info)  # HMS_SPEC.md 9: no features of an image or of a truncated file
+    check_truncation(info)
     sampler = StepSampler.from_config(info, config, steps=steps)
     wave, has_audio = decode_audio(path, config.front_end.sample_rate, info=info)
     mel = sampler.audio_patches(wave)
