@@ -83,15 +83,18 @@ def plan_video(
         sampler.info.duration_s, has_audio=has_audio,
     )
     if has_audio:
-        return VideoPlan(*policy.tier_plans(steps), warnings=warnings)
+        a, m = policy.tier_plans(steps)
+        return VideoPlan(a, m, warnings=warnings)
     if no_audio is None:
         raise VideoError(f"{inputs.path}: no audio track (refused by --no-audio-policy error)")
     if policy.forced or no_audio == policy:
         why = "needs no gate" if policy.forced else "is also the no-audio policy"
         warnings.append(f"no audio track: audio features are zero (policy {policy} {why})")
-        return VideoPlan(*policy.tier_plans(steps), warnings=warnings)
+        a, m = policy.tier_plans(steps)
+        return VideoPlan(a, m, warnings=warnings)
     warnings.append(
         f"no audio track: the learned gates need audio; ran the no-audio policy {no_audio} "
         f"instead of {policy}"
     )
-    return VideoPlan(*no_audio.tier_plans(steps), fallback="no_audio", warnings=warnings)
+    a, m = no_audio.tier_plans(steps)
+    return VideoPlan(a, m, fallback="no_audio", warnings=warnings)

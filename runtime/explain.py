@@ -68,7 +68,7 @@ def _thumbnails(video: str, config: HMSConfig, steps: int, width: int) -> list[n
         frames = src.read(idx)
     out = []
     for i in idx.tolist():
-        img = Image.fromarray(frames[i]).resize((width, THUMB_H), Image.BILINEAR)
+        img = Image.fromarray(frames[i]).resize((width, THUMB_H), Image.Resampling.BILINEAR)
         out.append(np.asarray(img, dtype=np.uint8))
     return out
 
@@ -183,7 +183,7 @@ def write_contact_sheet(
     gax.set_ylabel("GMAC spent (cumulative)")
     gax.set_ylim(0, max(float(gmac.max()) if gmac.size else 0.0, 1e-9) * 1.05)
     lines = pax.get_lines() + gax.get_lines()
-    pax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper left")
+    pax.legend(lines, [str(ln.get_label()) for ln in lines], fontsize=7, loc="upper left")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)

@@ -529,6 +529,7 @@ def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> Vid
     :class:`~hms_deploy.errors.VideoError` for a file that cannot be decoded, is not a
     video or is truncated (:mod:`hms_deploy.data.checks`).
     """
+    from hms_deploy.data.checks import check_truncation, require_video
     from hms_deploy.data.video import (
         FrameSource,
         StepSampler,
@@ -536,8 +537,6 @@ def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> Vid
         probe,
         resize_center_crop_batch,
     )
-
-    from hms_deploy.data.checks import check_truncation, require_video
 
     info = probe(path)
     require_video(info)  # HMS_SPEC.md 9: no features of an image or of a truncated file
