@@ -6,7 +6,7 @@ video whose audio decodes to nothing (no audio stream, or one without a decodabl
 frame) is therefore run under the *no-audio policy* whenever the run's policy consults
 a gate (``learned``, ``dense-appearance``); a forced policy consults none and runs as
 asked. The default no-audio policy is ``dense-appearance`` (appearance on every step,
-motion by its learned gate, on zero audio features); ``--no-audio-policy`` /
+motion by its learned gate; the audio path sees silence); ``--no-audio-policy`` /
 ``no_audio_policy=`` takes any policy, or ``error`` to refuse such videos (under every
 policy). The record then says ``"fallback": "no_audio"`` and carries a warning. A track
 of digital silence is audio: it runs under the run's policy, with no fallback.
@@ -89,7 +89,7 @@ def plan_video(
         raise VideoError(f"{inputs.path}: no audio track (refused by --no-audio-policy error)")
     if policy.forced or no_audio == policy:
         why = "needs no gate" if policy.forced else "is also the no-audio policy"
-        warnings.append(f"no audio track: audio features are zero (policy {policy} {why})")
+        warnings.append(f"no audio track: the audio path sees silence (policy {policy} {why})")
         a, m = policy.tier_plans(steps)
         return VideoPlan(a, m, warnings=warnings)
     warnings.append(

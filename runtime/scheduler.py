@@ -8,9 +8,9 @@
    the whole audio path runs before the gated loop; with a budget it runs in chunks
    that are sure to fit (see *Budget*).
 2. **The gated loop**: :func:`hms_deploy.spec.gated_step` (the one implementation of
-   decisions, hierarchy and fusion) over :class:`EngineStepOps`. ``decide_*`` runs the
-   gate engine (``learned``) or reads the forced policy's plan, then applies the budget
-   veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
+   decisions, hierarchy and fusion) over :class:`EngineStepOps`. ``decide_*`` reads each
+   video's plan (:mod:`hms_deploy.runtime.checks`: a forced 0/1, or GATE) and runs the
+   gate engine on the GATE rows only, then applies the budget veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
    frame, or the 32-frame clip, of step t; see :mod:`hms_deploy.runtime.frames`) and runs
    that backbone on the sub-batch.
 3. **Head** once at the end (``online``: after every step, yielding partial results).

@@ -115,7 +115,7 @@ def test_no_audio_runs_the_fallback_policy(session, media):
     same = session.classify(v, policy="dense-appearance")  # the same plan, asked for
     assert same["decisions"] == rec["decisions"] and same["label"] == rec["label"]
     assert same["fallback"] is None  # nothing was replaced
-    why = "no audio track: audio features are zero (policy dense-appearance is also the "
+    why = "no audio track: the audio path sees silence (policy dense-appearance is also the "
     assert same["warnings"] == [why + "no-audio policy)"]
     other = session.classify(v, no_audio_policy="audio-only")
     assert other["usage"] == {"appearance": 0, "motion": 0} and other["fallback"] == "no_audio"
@@ -123,7 +123,7 @@ def test_no_audio_runs_the_fallback_policy(session, media):
         session.classify(v, no_audio_policy="error")
     forced = session.classify(v, policy="dense")  # no gate consulted: no fallback
     assert forced["fallback"] is None and forced["usage"] == {"appearance": STEPS, "motion": STEPS}
-    assert forced["warnings"] == ["no audio track: audio features are zero (policy dense needs no gate)"]
+    assert forced["warnings"] == ["no audio track: the audio path sees silence (policy dense needs no gate)"]
 
 
 def test_digital_silence_is_audio(session, media):
