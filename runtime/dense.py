@@ -52,6 +52,7 @@ import torch
 from hms_deploy import spec
 from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.policy import GATE, Policy
@@ -85,19 +86,22 @@ class _Features:
         cfg = es.config
         T = opts.steps
         dev = es.device
-        with timer.host_section("decode"):
-            self.inputs = VideoInputs(video, cfg, T)
+        with timer.host_section("decode"):  # the Session's checks (runtime/checks.py)
+            info, warnings = probe_checked(str(video), allow_truncated=opts.allow_truncated)
+            self.inputs = VideoInputs(video, cfg, T, info=info)
         self.p_a = torch.empty(T, 1, cfg.audio.proj_dim, device=dev)
         self.h_a = torch.empty(T, 1, cfg.hidden_audio, device=dev)
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)
+        self.plan = plan_video(self.inputs, opts.policy, opts.no_audio, T)
+        self.plan.warnings[:0] = warnings
         self._visual(opts, batch, timer)
 
     def _audio(self, opts: RunOptions, audio_batch: int, timer: Timer) -> None:
         es, T = self.es, opts.steps
         with timer.host_section("decode"):
-            wave = self.inputs.decode_audio()
+            wave = self.inputs.decode_audio(keep_partial=opts.allow_truncated)
         with timer.host_section("audio"):
             mel = self.inputs.audio_patches(wave)  # (T, 1, 96, 64)
         x = _to_device(mel, es.device)
@@ -216,6 +220,8 @@ def _record(es: EngineSet, feats: _Features, opts: RunOptions, executor: str, pr
             "unit": UNIT,
         },
         "has_audio": bool(inputs.has_audio),
+        "warnings": list(feats.plan.warnings),
+        "fallback": feats.plan.fallback,
         "engine": es.backend,
         "device": str(es.device),
         "policy": str(opts.policy),
@@ -310,7 +316,7 @@ def classify_compute_then_mask(
     feats = _Features(es, video, opts, batch, audio_batch, timer)
     try:
         T = opts.steps
-        plan_a, plan_m = opts.policy.tier_plans(T)  # GATE (-1): the gate's own decision
+        plan_a, plan_m = feats.plan.appearance, feats.plan.motion  # GATE: the gate decides
         dev = es.device
         step = {"t": 0}
 
