@@ -57,3 +57,33 @@ def test_every_command_has_short_help(module):
     main = importlib.import_module(f"hms_deploy.cli.{module}").main
     r = CliRunner().invoke(main, ["-h"])
     assert r.exit_code == 0 and r.stdout.startswith("Usage:"), r.output
+
+
+NOPE = "/nonexistent-hms-test"
+USAGE_CASES = [
+    ("init", ["--variant", "tiny", "--num-classes", "0", "--out", f"{NOPE}/x.pt"]),
+    ("extract", ["--checkpoint", f"{NOPE}.pt", "--list", f"{NOPE}.csv", "--out", NOPE,
+                 "--workers", "-1"]),
+    ("train", ["--store", NOPE, "--checkpoint", f"{NOPE}.pt", "--out", f"{NOPE}/t.pt",
+               "--epochs", "0"]),
+    ("train", ["--store", NOPE, "--checkpoint", f"{NOPE}.pt", "--out", f"{NOPE}/t.pt",
+               "--val-fraction", "2"]),
+    ("evaluate", ["--store", NOPE, "--checkpoint", f"{NOPE}.pt", "--budgets", "-3"]),
+    ("export", ["--checkpoint", f"{NOPE}.pt", "--opset", "3"]),
+    ("export", ["--checkpoint", f"{NOPE}.pt", "--steps", "0"]),
+    ("run", [f"{NOPE}.mp4", "--engines", NOPE, "--policy", "sometimes"]),
+    ("bench", ["--steps", "0"]),
+    ("synth", ["dataset", NOPE, "--per-class", "0"]),
+]
+
+
+@pytest.mark.parametrize(("module", "args"), USAGE_CASES,
+                         ids=[f"{m}{a[-2]}" for m, a in USAGE_CASES])
+def test_usage_errors_exit_2_before_loading(module, args):
+    """Every file named here is missing: a command that loaded first would say so, exit 1."""
+    import importlib
+
+    main = importlib.import_module(f"hms_deploy.cli.{module}").main
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == USAGE_EXIT, r.output
+    assert "not found" not in r.output and "no such" not in r.output.lower()

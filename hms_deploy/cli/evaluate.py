@@ -70,9 +70,10 @@ def main(store, checkpoint, out, budgets, interpolated, compare, groups, samples
     from hms_deploy.eval.evaluate import evaluate
 
     set_threads(threads)
+    budget_list = _budgets(budgets)  # option errors (exit 2) before anything is loaded
     group_map = _read_json(groups, "groups") if groups else None
     others = [_read_json(p, "--compare result") for p in compare]
-    result = evaluate(load_checkpoint(checkpoint), open_store(store), budgets=_budgets(budgets),
+    result = evaluate(load_checkpoint(checkpoint), open_store(store), budgets=budget_list,
                       interpolated=interpolated, groups=group_map, sample_videos=samples)
     result["checkpoint"] = str(checkpoint)
     text = json.dumps(result, indent=2)

@@ -76,9 +76,17 @@ def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, 
 def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
           opset, steps, video, force, log) -> None:
     from hms_deploy.errors import ConfigError
-    from hms_deploy.export.pipeline import ExportOptions, add_trt_plans, export_checkpoint
+    from hms_deploy.export.pipeline import (
+        MAX_OPSET,
+        MIN_OPSET,
+        ExportOptions,
+        add_trt_plans,
+        export_checkpoint,
+    )
     from hms_deploy.export.validate import ValidationOptions
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
     workspace = int(workspace_gb * (1 << 30))
     if engines_dir is not None:
         if engine != "trt":
