@@ -1,4 +1,5 @@
-"""Typed errors. The CLI turns any :class:`HMSError` into one line on stderr and exit 1."""
+"""Typed errors. The CLI turns any :class:`HMSError` into one line on stderr and exit 1
+(exit 2 for :class:`ConfigError`, a usage error)."""
 
 from __future__ import annotations
 

@@ -53,10 +53,11 @@ from hms_deploy import gating
 from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.audio_path import run_audio_path
+from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
-from hms_deploy.runtime.policy import Policy
+from hms_deploy.runtime.policy import GATE, Policy
 from hms_deploy.runtime.timing import Timer, to_device
 
 Tensor = torch.Tensor
@@ -80,17 +81,20 @@ class _Features:
         cfg = es.config
         T = opts.steps
         dev = es.device
-        with timer.host_section("decode"):
-            self.inputs = open_video(video, cfg, T)
+        with timer.host_section("decode"):  # the Session's checks (runtime/checks.py)
+            info, warnings = probe_checked(str(video), allow_truncated=opts.allow_truncated)
+            self.inputs = open_video(video, cfg, T, info=info)
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)
+        self.plan = plan_video(self.inputs, opts.policy, opts.no_audio, T)
+        self.plan.warnings[:0] = warnings
         self._visual(opts, batch, timer)
 
     def _audio(self, opts: RunOptions, audio_batch: int, timer: Timer) -> None:
         es = self.es
         with timer.host_section("decode"):
-            wave = self.inputs.decode_audio()
+            wave = self.inputs.decode_audio(keep_partial=opts.allow_truncated)
         with timer.host_section("audio"):
             mel = self.inputs.audio_patches(wave)  # (T, 1, 96, 64)
         zero = torch.zeros(1, es.config.hidden_audio, device=es.device)
@@ -200,6 +204,8 @@ def _record(es: EngineSet, feats: _Features, opts: RunOptions, executor: str, pr
             "unit": UNIT,
         },
         "has_audio": bool(inputs.has_audio),
+        "warnings": list(feats.plan.warnings),
+        "fallback": feats.plan.fallback,
         "engine": es.backend,
         "device": str(es.device),
         "policy": str(opts.policy),
@@ -294,8 +300,7 @@ def classify_compute_then_mask(
     feats = _Features(es, video, opts, batch, audio_batch, timer)
     try:
         T = opts.steps
-        forced = opts.policy.forced
-        plan_a, plan_m = opts.policy.plan(T) if forced else (None, None)
+        plan_a, plan_m = feats.plan.appearance, feats.plan.motion  # GATE: the gate decides
         dev = es.device
         step = {"t": 0}
 
@@ -305,6 +310,8 @@ def classify_compute_then_mask(
 
             def override(logits: Tensor) -> Tensor:
                 d = int(plan[step["t"]])
+                if d == GATE:
+                    return logits
                 one_hot = torch.tensor([[1.0 - d, float(d)]], device=dev, dtype=logits.dtype)
                 return one_hot.expand_as(logits)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hms_deploy.costs import BudgetLedger, step_costs
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.checks import parse_no_audio_policy
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.policy import Policy, parse_policy
 
@@ -23,6 +24,9 @@ class RunOptions:
     online: bool = False
     topk: int = 5
     audio_batch: int = 64  # patches per audio_backbone call
+    # videos without audio (runtime/checks.py): None = refuse them ("error")
+    no_audio: Policy | None = field(default_factory=lambda: parse_no_audio_policy(None))
+    allow_truncated: bool = False  # classify the decodable part of a truncated file
 
 
 def resolve_options(
@@ -34,11 +38,14 @@ def resolve_options(
     online: bool = False,
     topk: int = 5,
     audio_batch: int = 64,
+    no_audio_policy: str | Policy | None = None,
+    allow_truncated: bool = False,
 ) -> RunOptions:
     """Check options against the model; :class:`ConfigError` with one clear line if bad.
 
     ``steps`` defaults to the model's T. A ``budget`` (GMAC) must be > 0 and afford at
-    least one step (its base cost plus the head).
+    least one step (its base cost plus the head). ``no_audio_policy``: a policy or
+    ``"error"`` (default ``dense-appearance``; :mod:`hms_deploy.runtime.checks`).
     """
     if steps is None:
         steps = engine_set.config.steps
@@ -63,4 +70,6 @@ def resolve_options(
         raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
     if audio_batch < 1:
         raise ConfigError(f"audio_batch must be >= 1, got {audio_batch}")
-    return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch))
+    return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch),
+                      no_audio=parse_no_audio_policy(no_audio_policy),
+                      allow_truncated=bool(allow_truncated))

@@ -5,6 +5,8 @@ Policy strings (``hms-run --policy``, ``Session.classify(policy=...)``):
 - ``learned`` (default): the exported gates decide (HMS_SPEC.md 3).
 - ``dense``: appearance and motion on every step.
 - ``audio-only``: never appearance, never motion.
+- ``dense-appearance``: appearance on every step, motion by its learned gate (the
+  default no-audio policy, :mod:`hms_deploy.runtime.checks`; HMS_SPEC.md 9).
 - ``every:KI[,KM]``: appearance where ``t % KI == 0``; motion where ``t % KM == 0`` and
   appearance ran (KM defaults to KI). ``every:1`` is ``dense``.
 - ``rates:PI,PM[,SEED]``: seeded pseudo-random decisions: exactly ``round(PI * T)``
@@ -14,7 +16,7 @@ Policy strings (``hms-run --policy``, ``Session.classify(policy=...)``):
   non-negative integer. The same (PI, PM, SEED, T) always gives the same plan, on every
   machine (numpy's PCG64).
 
-Forced policies never call the gate engines (no gate launch, no host read); a budget
+Forced policies (all but ``learned`` and ``dense-appearance``) never call the gate engines (no gate launch, no host read); a budget
 (:mod:`hms_deploy.runtime.scheduler`) may still veto what they ask for. Plans are per
 step and shared by every video of a batch.
 """
@@ -28,12 +30,15 @@ import numpy as np
 
 from hms_deploy.errors import ConfigError
 
-POLICY_HELP = "learned | dense | audio-only | every:KI[,KM] | rates:PI,PM[,SEED]"
+POLICY_HELP = (
+    "learned | dense | audio-only | dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]"
+)
+GATE = -1  # in a tier plan: "the learned gate decides this step"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A parsed policy. ``kind`` is one of learned, dense, audio-only, every, rates."""
+    """A parsed policy. ``kind``: learned, dense, audio-only, dense-appearance, every, rates."""
 
     kind: str
     every_appearance: int = 1
@@ -45,7 +50,17 @@ class Policy:
     @property
     def forced(self) -> bool:
         """True when the gates are not consulted."""
-        return self.kind != "learned"
+        return self.kind not in ("learned", "dense-appearance")
+
+    def tier_plans(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(appearance, motion) int64 (T,): 0/1 forced decisions, or :data:`GATE` where a
+        learned gate decides (every policy, ``learned`` included)."""
+        if self.kind == "learned":
+            g = np.full(steps, GATE, np.int64)
+            return g, g.copy()
+        if self.kind == "dense-appearance":
+            return np.ones(steps, np.int64), np.full(steps, GATE, np.int64)
+        return self.plan(steps)
 
     def __str__(self) -> str:
         """The canonical string (what the result records as ``policy``)."""
@@ -64,8 +79,8 @@ class Policy:
         Motion is 1 only where appearance is 1. Raises :class:`ConfigError` for ``learned``.
         """
         t = np.arange(steps)
-        if self.kind == "learned":
-            raise ConfigError("the learned policy has no fixed plan; its gates decide")
+        if not self.forced:
+            raise ConfigError(f"the {self.kind} policy has no fixed plan; its gates decide")
         if self.kind == "dense":
             a = np.ones(steps, np.int64)
             return a, a.copy()
@@ -125,7 +140,7 @@ def parse_policy(text: str | Policy) -> Policy:
     if not isinstance(text, str):
         raise ConfigError(f"policy must be a string ({POLICY_HELP}), got {type(text).__name__}")
     s = text.strip().lower()
-    if s in ("learned", "dense", "audio-only"):
+    if s in ("learned", "dense", "audio-only", "dense-appearance"):
         return Policy(s)
     name, sep, args = s.partition(":")
     parts = [p.strip() for p in args.split(",")] if sep else []

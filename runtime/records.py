@@ -12,6 +12,7 @@ import torch
 
 from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.data.inputs import VideoInputs
+from hms_deploy.runtime.checks import VideoPlan
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.options import RunOptions
 
@@ -28,6 +29,7 @@ class VideoRun:
     appearance: list[int] = field(default_factory=list)
     motion: list[int] = field(default_factory=list)
     probs: Tensor | None = None  # (C,) host, after the last finished step (online)
+    plan: VideoPlan | None = None  # its per-step plan, warnings and fallback (runtime/checks.py)
 
 
 def build_record(
@@ -56,6 +58,8 @@ def build_record(
         "usage": {"appearance": sum(a), "motion": sum(m)},
         "gflops": {"used": used, "dense": dense_cost(es.costs, opts.steps), "unit": UNIT},
         "has_audio": bool(video.inputs.has_audio),
+        "warnings": list(video.plan.warnings) if video.plan else [],
+        "fallback": video.plan.fallback if video.plan else None,
         "engine": es.backend,
         "device": str(es.device),
         "policy": str(opts.policy),
@@ -72,6 +76,7 @@ def build_record(
             "motion_clips": video.inputs.motion_clips,
             **video.inputs.decode_stats,
             "engine_calls": stats["engine_calls"],
+            "audio_steps": stats["audio_steps"],
         },
     }
     if partial:

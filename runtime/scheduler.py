@@ -8,9 +8,9 @@
    the whole audio path runs before the gated loop; with a budget it runs in chunks
    that are sure to fit (see *Budget*).
 2. **The gated loop**: :func:`hms_deploy.gating.gated_step` (the one implementation of
-   decisions, hierarchy and fusion) over :class:`EngineStepOps`. ``decide_*`` runs the
-   gate engine (``learned``) or reads the forced policy's plan, then applies the budget
-   veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
+   decisions, hierarchy and fusion) over :class:`EngineStepOps`. ``decide_*`` reads each
+   video's plan (:mod:`hms_deploy.runtime.checks`: a forced 0/1, or GATE) and runs the
+   gate engine on the GATE rows only, then applies the budget veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
    frame, or the 32-frame clip, of step t; see :mod:`hms_deploy.runtime.frames`) and runs
    that backbone on the sub-batch.
 3. **Head** once at the end (``online``: after every step, yielding partial results).
@@ -53,9 +53,11 @@ import torch
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
 from hms_deploy.runtime.audio_path import run_audio_path
+from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
+from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import VideoRun, build_record
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer, to_device
 
@@ -76,8 +78,18 @@ class EngineStepOps:
         self.active = torch.arange(len(run.videos))
 
     # -- decisions -----------------------------------------------------------------------
-    def _forced(self, plan: np.ndarray, t: int, rows: Tensor) -> Tensor:
-        return torch.full((rows.numel(),), int(plan[t]), dtype=torch.int64)
+    def _decide(self, tier: str, t: int, rows: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """Each row's planned decision (runtime/checks.py); the gate for GATE rows only."""
+        run = self.run
+        vids = self.active[rows]
+        d = torch.from_numpy(np.array([getattr(run.videos[v].plan, tier)[t] for v in vids.tolist()],
+                                      dtype=np.int64))
+        need = (d == GATE).nonzero().flatten()
+        if need.numel():
+            if need.numel() != d.numel():
+                inputs = {k: x.index_select(0, need.to(x.device)) for k, x in inputs.items()}
+            d[need] = self._gate(f"{tier}_gate", inputs)
+        return run.veto(d, vids, tier)
 
     def _gate(self, part: str, inputs: dict[str, Tensor]) -> Tensor:
         run = self.run
@@ -89,22 +101,12 @@ class EngineStepOps:
         return d
 
     def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
-        run = self.run
-        if run.opts.policy.forced:
-            d = self._forced(run.plan_a, t, rows)
-        else:
-            d = self._gate("appearance_gate", {"x_a": x_a, "h": h, "c": c})
-        return run.veto(d, self.active[rows], "appearance")
+        return self._decide("appearance", t, rows, {"x_a": x_a, "h": h, "c": c})
 
     def decide_motion(
         self, t: int, rows: Tensor, x_a: Tensor, x_i: Tensor, h: Tensor, c: Tensor
     ) -> Tensor:
-        run = self.run
-        if run.opts.policy.forced:
-            d = self._forced(run.plan_m, t, rows)
-        else:
-            d = self._gate("motion_gate", {"x_a": x_a, "x_i": x_i, "h": h, "c": c})
-        return run.veto(d, self.active[rows], "motion")
+        return self._decide("motion", t, rows, {"x_a": x_a, "x_i": x_i, "h": h, "c": c})
 
     # -- features ------------------------------------------------------------------------
     def appearance_feature(self, t: int, rows: Tensor) -> Tensor:
@@ -151,9 +153,9 @@ class _BatchRun:
         cfg = es.config
         T = opts.steps
         with timer.host_section("decode"):
-            self.videos = [VideoRun(str(n), open_video(n, cfg, T)) for n in names]
-        if opts.policy.forced:
-            self.plan_a, self.plan_m = opts.policy.plan(T)
+            checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
+            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info))
+                           for n, (info, _) in zip(names, checked)]
         self.host_reads = 0
         self.prediction_reads = 0
         self.audio_calls = 0
@@ -171,9 +173,12 @@ class _BatchRun:
         self.patches: list[np.ndarray] = []
         for v in self.videos:
             with timer.host_section("decode"):
-                wave = v.inputs.decode_audio()
+                wave = v.inputs.decode_audio(keep_partial=opts.allow_truncated)
             with timer.host_section("audio"):
                 self.patches.append(v.inputs.audio_patches(wave))
+        for video, (_, warnings) in zip(self.videos, checked):
+            video.plan = plan_video(video.inputs, opts.policy, opts.no_audio, T)
+            video.plan.warnings[:0] = warnings
         self.state = gating.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev
         )
@@ -287,6 +292,7 @@ class _BatchRun:
             "batch": len(self.videos),
             "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
             "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
+            "audio_steps": self.audio_done,
         }
         return build_record(self.es, self.opts, self.videos[v], probs, timing, stats=stats,
                             partial=partial)

@@ -25,9 +25,13 @@ use, as ``hms-run`` does; without it a missing plan is an error saying how to bu
 Opening verifies the export's hashes; the engines are created once, on ``__enter__``
 (or on first use) and freed by ``close()`` / ``__exit__``.
 
-``classify(video, *, steps=None, policy="learned", budget=None, online=False, topk=5)``:
+``classify(video, *, steps=None, policy="learned", budget=None, online=False, topk=5,
+no_audio_policy=None, allow_truncated=False)``:
 ``steps`` = T (default: the model's); ``policy`` = ``learned | dense | audio-only |
-every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`); ``budget`` in
+dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`);
+``no_audio_policy`` = what a video without audio runs when the gates would decide (a
+policy, default ``dense-appearance``, or ``"error"``; :mod:`hms_deploy.runtime.checks`);
+``allow_truncated`` classifies the decodable part of a truncated file (with a warning); ``budget`` in
 GMAC (:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head
 after every step (``classify`` returns only the final record; ``classify_many`` yields
 the partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
@@ -47,13 +51,19 @@ Record fields beyond INTERFACES.md (additions, never changes):
 
 - ``checkpoint``: sha256 of the checkpoint file (torch engine only; ``export`` is null
   there, as the record has no export).
+- ``warnings`` (INTERFACES.md): a list of one-line remarks (a fallback used, a truncated
+  file classified, steps that outnumber distinct frames or audio patches); ``fallback``:
+  ``"no_audio"`` when the no-audio policy replaced the gates, else null.
 - ``partial``: ``true`` on the running records of ``online`` mode (absent otherwise).
 - ``stats``: ``host_reads`` (gate decisions read from the device: one per gate
   evaluated), ``prediction_reads`` (head outputs read: 1, or one per step online),
   ``batch`` (videos in lockstep), ``vetoed`` ({modality: gate fires refused by the
   budget}), ``appearance_frames`` / ``motion_clips`` (inputs handed to each backbone),
   ``frames_decoded`` / ``frames_converted`` (RGB) / ``seeks`` / ``window_hits`` (the
-  decoder's counters), ``engine_calls`` ({part: calls during this run}).
+  decoder's counters), ``engine_calls`` ({part: calls made by this run so far:
+  cumulative, and the audio path runs ahead of the gated loop, so without a budget a
+  partial record at step 1 already counts all T ``audio_cell`` calls}), ``audio_steps``
+  (steps whose audio path has run so far: T without a budget, from the first record on).
 """
 
 from __future__ import annotations
@@ -98,6 +108,12 @@ class Session:
             raise ConfigError("give an export dir (--engines) or a checkpoint, not both")
         if engine != "torch" and checkpoint is None:
             d = Path(engines_dir if engines_dir is not None else "engines")
+            if d.is_file():
+                raise ConfigError(
+                    f"--engines expects an export directory, but '{d}' is a file; run a "
+                    f"checkpoint with --checkpoint {d}, or export it first with "
+                    f"`hms-export --checkpoint {d} --out engines/`"
+                )
             if not d.is_dir():
                 raise ConfigError(
                     f"engines directory '{d}' not found; export a checkpoint with "
@@ -150,10 +166,13 @@ class Session:
         budget: float | None = None,
         online: bool = False,
         topk: int = 5,
+        no_audio_policy: str | Policy | None = None,
+        allow_truncated: bool = False,
     ) -> RunOptions:
         """Validated options (:class:`ConfigError` if bad), for reuse across calls."""
         return resolve_options(
-            self.engine_set, steps=steps, policy=policy, budget=budget, online=online, topk=topk
+            self.engine_set, steps=steps, policy=policy, budget=budget, online=online, topk=topk,
+            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
         )
 
     # -- classify ------------------------------------------------------------------------
@@ -171,9 +190,12 @@ class Session:
         budget: float | None = None,
         online: bool = False,
         topk: int = 5,
+        no_audio_policy: str | Policy | None = None,
+        allow_truncated: bool = False,
     ) -> dict[str, Any]:
         """Classify one video; the final record (errors raise)."""
-        opts = self.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk)
+        opts = self.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk,
+                            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated)
         self.open()
         final: list[dict[str, Any]] = []
         for recs in run_batch(self.engine_set, [str(video)], opts, stream=self._stream):
@@ -191,10 +213,13 @@ class Session:
         topk: int = 5,
         batch_size: int = 1,
         options: RunOptions | None = None,
+        no_audio_policy: str | Policy | None = None,
+        allow_truncated: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """Yield one record per video (error records included); see the module docstring."""
         opts = options or self.options(
-            steps=steps, policy=policy, budget=budget, online=online, topk=topk
+            steps=steps, policy=policy, budget=budget, online=online, topk=topk,
+            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
         )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")

@@ -152,6 +152,20 @@ def test_compute_then_mask_equals_session(session, model_files, policy):
     assert got["stats"]["host_reads"] == 0 and got["stats"]["decision_reads"] == 1
 
 
+def test_compute_then_mask_follows_the_no_audio_fallback(session, tmp_path):
+    """The baseline applies the Session's per-video plan: a video without audio falls back."""
+    from hostile_media import video as make_video
+
+    silent = make_video(tmp_path / "noaudio.mp4", duration_s=2.0, audio="none")
+    ref = session.classify(silent, steps=T, topk=NUM_CLASSES)
+    got = classify_compute_then_mask(session.engine_set, silent, steps=T, batch=BATCH,
+                                     topk=NUM_CLASSES)
+    assert ref["fallback"] == got["fallback"] == "no_audio"
+    assert got["decisions"] == ref["decisions"] and got["decisions"]["appearance"] == [1] * T
+    assert got["warnings"] == ref["warnings"]
+    _assert_probs_close(got, ref)
+
+
 def test_backbone_call_counts(session, model_files):
     video = model_files[0]
     es = session.engine_set

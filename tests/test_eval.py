@@ -160,10 +160,27 @@ def test_eval_cli_writes_json_and_plots(tmp_path, model, ckpt, store):
         assert (tmp_path / "ev" / name).stat().st_size > 1000
     r = CliRunner().invoke(eval_main, ["--store", str(store.root), "--checkpoint",
                                        str(tmp_path / "ck.pt"), "--budgets", "0.000001"])
-    assert r.exit_code == 1 and "cannot afford one step" in r.output
+    assert r.exit_code == 2 and "cannot afford one step" in r.output  # a usage error
     r = CliRunner().invoke(eval_main, ["--store", str(store.root), "--checkpoint",
                                        str(tmp_path / "ck.pt"), "--budgets", "x"])
     assert r.exit_code == 2 and "not a number" in r.output
+    # without --out, stdout is the JSON alone (the summary goes to stderr)
+    r = CliRunner().invoke(eval_main, ["--store", str(store.root), "--checkpoint",
+                                       str(tmp_path / "ck.pt"), "--budgets", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["budget_curve"][0]["budget"] == 0.5
+    assert "GMAC/video" in r.stderr
+
+
+def test_motion_plot_without_motion_has_a_readable_axis(tmp_path):
+    from hms_deploy.eval.plots import motion_usage_per_class, percent_ylim
+
+    assert percent_ylim([0.0, 0.0]) == (0.0, 5.0)  # not matplotlib's -0.04..0.04
+    assert percent_ylim([40.0, 2.0]) == (0.0, pytest.approx(44.0))
+    assert percent_ylim([100.0]) == (0.0, 100.0)
+    result = {"usage_per_class": {"a": {"motion": 0.0}, "b": {"motion": 0.0}}}
+    path = motion_usage_per_class(result, tmp_path / "m.png")
+    assert path.stat().st_size > 1000
 
 
 def test_small_study_runs(tmp_path):

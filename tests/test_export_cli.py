@@ -95,12 +95,12 @@ def test_trt_without_tensorrt(ckpt, tmp_path):
 
 def test_engines_needs_trt(tmp_path):
     code, _, err = run(export_main, ["--engines", tmp_path])
-    assert code == 1 and "use it with --engine trt" in one_error_line(err, "hms-export")
+    assert code == 2 and "use it with --engine trt" in one_error_line(err, "hms-export")
 
 
 def test_checkpoint_required(tmp_path):
     code, _, err = run(export_main, ["--out", tmp_path / "e"])
-    assert code == 1 and "--checkpoint is required" in one_error_line(err, "hms-export")
+    assert code == 2 and "--checkpoint is required" in one_error_line(err, "hms-export")
 
 
 def test_baseline_refused(tmp_path):

@@ -143,9 +143,10 @@ def test_torn_output_line_is_ignored(tmp_path):
     assert len(lines) == 1 and lines[0]["video"] == str(a.video) and lines[0]["label"] != "x"
 
 
-def _bad(args, match):
+def _bad(args, match, code=2):
+    """A bad invocation: one line, exit 2 for a usage error (``code``: 1 for a failure)."""
     r = CliRunner().invoke(main, [str(x) for x in args])
-    assert r.exit_code != 0
+    assert r.exit_code == code, (args, r.exit_code, r.stderr)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1, r.stderr
     assert err[0].startswith("hms-run: error: ") and match in err[0], err[0]
@@ -167,15 +168,25 @@ def test_bad_options(tmp_path):
     _bad([v, "--engine", "torch"], "--engine torch needs --checkpoint")
     _bad([v, "--checkpoint", ck, "--engine", "onnx"], "--engine onnx runs an export dir")
     _bad([v, "--engines", e, "--checkpoint", ck], "not both")
-    _bad([v, "--checkpoint", tmp_path / "missing.pt"], "checkpoint not found")
+    _bad([v, "--checkpoint", tmp_path / "missing.pt"], "checkpoint not found", 1)
     _bad([f"@{tmp_path / 'nolist.txt'}", "--engines", e], "list file")
     (tmp_path / "empty").mkdir()
     _bad([tmp_path / "empty", "--engines", e], "holds no video files")
     _bad([v, "--engines", e, "--device", "tpu"], "unknown device 'tpu'")
     if not torch.cuda.is_available():
-        _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device")
-        _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device")
+        _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device", 1)
+        _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device", 1)
     _bad([v, "--engines", e, "--output", tmp_path], "is a directory")
+    # the options alone are checked before anything is loaded or looked up
+    missing = tmp_path / "no-engines"
+    _bad([v, "--engines", missing, "--policy", "sometimes"], "unknown policy 'sometimes'")
+    _bad([v, "--engines", missing, "--steps", "0"], "steps must be an integer >= 1, got 0")
+    _bad([v, "--engines", missing, "--budget-gflops", "-1"], "budget must be a number of GMAC")
+    _bad([v, "--engines", missing, "--topk", "0"], "topk must be an integer >= 1")
+    # a checkpoint given as --engines: the suggestion is a command that works
+    _bad([v, "--engines", ck], f"'{ck}' is a file; run a checkpoint with --checkpoint {ck}, or "
+         f"export it first with `hms-export --checkpoint {ck} --out engines/`")
+    _bad([v, v, "--engines", e, "--explain", tmp_path / "x.png"], "--explain draws one video")
 
 
 def test_help():
@@ -191,6 +202,8 @@ def test_missing_video_is_an_error_line_not_a_crash(tmp_path):
     r = run(tmp_path / "missing.mp4", a.video, "--engines", a.engines)
     assert r.exit_code == 1
     assert "missing.mp4" in r.stderr and "no such file" in r.stderr
+    line = r.stderr.splitlines()[0]  # the path once, not "missing.mp4: missing.mp4:"
+    assert line == f"hms-run: error: {tmp_path / 'missing.mp4'}: no such file", line
     assert r.stdout.startswith(f"{a.video}: ")
 
 

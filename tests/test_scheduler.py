@@ -274,6 +274,23 @@ def test_online_yields_partials_then_final(torch_session):
 
 
 @pytest.mark.parametrize("budget", [None, 0.3])
+def test_partial_engine_calls_are_cumulative_with_the_audio_path_ahead(torch_session, budget):
+    """stats.engine_calls counts what ran so far; the audio path runs ahead (audio_steps)."""
+    recs = list(torch_session.classify_many([assets().video], online=True, budget=budget))
+    for r in recs[:-1]:
+        st, calls = r["stats"], r["stats"]["engine_calls"]
+        assert calls["audio_cell"] == st["audio_steps"] >= r["steps"]
+        assert calls["appearance_backbone"] == r["usage"]["appearance"]
+        assert calls["motion_backbone"] == r["usage"]["motion"]
+        assert calls["head"] == r["steps"]
+    first = recs[0]["stats"]["audio_steps"]
+    if budget is None:
+        assert first == STEPS  # all T steps' audio before step 0's gate
+    else:
+        assert first < STEPS  # in chunks that are sure to fit
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
 def test_lockstep_batch_equals_single_videos(session, budget):
     a = assets()
     videos = [a.video, a.long, a.silent]

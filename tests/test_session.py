@@ -19,7 +19,7 @@ from hms_deploy.runtime.timing import TIMING_KEYS
 
 RECORD_KEYS = [
     "video", "label", "score", "topk", "steps", "decisions", "usage", "gflops", "has_audio",
-    "engine", "device", "policy", "budget", "T", "export", "timing_ms",
+    "warnings", "fallback", "engine", "device", "policy", "budget", "T", "export", "timing_ms",
 ]
 
 
@@ -40,6 +40,7 @@ def test_record_is_the_interfaces_record(onnx_session):
     rec = onnx_session.classify(a.video)
     assert list(rec)[: len(RECORD_KEYS)] == RECORD_KEYS
     assert set(rec) - set(RECORD_KEYS) == {"stats"}
+    assert rec["warnings"] == [] and rec["fallback"] is None
     assert rec["video"] == str(a.video)
     assert isinstance(rec["label"], str) and rec["label"] in onnx_session.labels
     assert rec["topk"][0] == [rec["label"], rec["score"]]

@@ -22,7 +22,7 @@ from hms_deploy.data.synthetic import (
     write_video,
 )
 from hms_deploy.data.video import FrameSource, decode_audio, probe
-from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.errors import ConfigError
 
 PER_CLASS, DURATION, FPS = 3, 2.0, 15
 
@@ -191,12 +191,23 @@ def test_write_video_options(tmp_path: Path) -> None:
 def test_dataset_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="classes must be distinct names"):
         make_dataset(tmp_path, per_class=1, seed=0, classes=["tone_low", "purple_cube"])
-    with pytest.raises(DatasetError, match="per_class must be >= 1"):
+    with pytest.raises(ConfigError, match="per_class must be >= 1"):
         make_dataset(tmp_path, per_class=0, seed=0)
-    with pytest.raises(DatasetError, match="split needs per_class >= 3"):
+    with pytest.raises(ConfigError, match="split needs per_class >= 3"):
         make_dataset(
             tmp_path, per_class=2, seed=0, classes=["tone_low"], duration_s=0.4, split=True
         )
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+def test_dataset_without_split_removes_stale_lists(tmp_path: Path) -> None:
+    kw = {"seed": 0, "classes": ["tone_low"], "duration_s": 0.4, "fps": 5}
+    make_dataset(tmp_path, per_class=3, split=True, **kw)
+    assert (tmp_path / "train.csv").is_file() and (tmp_path / "test.csv").is_file()
+    make_dataset(tmp_path, per_class=1, **kw)
+    assert not any((tmp_path / f"{p}.csv").exists() for p in ("train", "val", "test"))
+    rows = list(csv.DictReader((tmp_path / "videos.csv").open()))
+    assert [r["path"] for r in rows] == ["videos/tone_low/tone_low_0000.mp4"]
 
 
 def test_reference_video_geometry(tmp_path: Path) -> None:
@@ -229,7 +240,10 @@ def test_cli(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert res.output.strip() == "move_right" and (tmp_path / "s.mp4").is_file()
     res = runner.invoke(synth_main, ["dataset", str(tmp_path / "ds"), "--per-class", "0"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a usage error
     assert res.output.strip() == "hms-synth: error: per_class must be >= 1, got 0"
     res = runner.invoke(synth_main, ["sample", str(tmp_path / "x.mp4"), "--label", "nope"])
-    assert res.exit_code == 1 and res.output.startswith("hms-synth: error: unknown synthetic")
+    assert res.exit_code == 2 and res.output.startswith("hms-synth: error: unknown synthetic")
+    for args in (["-h"], ["dataset", "-h"], ["sample", "-h"], ["reference", "-h"]):
+        res = runner.invoke(synth_main, args)
+        assert res.exit_code == 0 and "Usage:" in res.output, args

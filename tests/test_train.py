@@ -166,7 +166,7 @@ def test_train_cli(tmp_path, ckpt, store):
     r = CliRunner().invoke(train_main, [
         "--store", str(store.root), "--checkpoint", str(tmp_path / "init.pt"),
         "--out", str(tmp_path / "t2.pt"), "--policy", "early_fusion", "--modalities", "A+X"])
-    assert r.exit_code == 1 and "unknown modality 'X'" in r.output
+    assert r.exit_code == 2 and "unknown modality 'X'" in r.output  # a usage error
 
 
 def test_finetune_changes_only_the_chosen_encoders(tmp_path):

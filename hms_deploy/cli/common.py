@@ -1,4 +1,11 @@
-"""What every CLI shares: one-line errors, exit codes, ``--debug``."""
+"""What every CLI shares: one-line errors, exit codes, ``--debug``.
+
+Exit codes: 0 success; 1 a failure (a bad input, a failed check); 2 a usage error (a bad
+option value or combination: :class:`~hms_deploy.errors.ConfigError`, or click's own
+checks), reported before anything is loaded where the option alone shows it; 130 when
+interrupted. A reader that closes the pipe early (``hms-inspect DIR | head -1``) ends the
+command quietly with 141, as a shell tool killed by SIGPIPE would.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,12 @@ from typing import Any, TypeVar
 
 import click
 
-from hms_deploy.errors import HMSError
+from hms_deploy.errors import ConfigError, HMSError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+USAGE_EXIT = 2  # click's code for usage errors
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 
 
 def quiet_third_party_warnings() -> None:
@@ -27,6 +37,22 @@ def fail(prog: str, message: str, code: int = 1) -> None:
     first = " ".join(str(message).split())
     click.echo(f"{prog}: error: {first}", err=True)
     sys.exit(code)
+
+
+def broken_pipe_exit() -> None:
+    """The reader of stdout went away: stop quietly (no 'Broken pipe' line) with 141.
+
+    stdout is pointed at /dev/null first so that the interpreter's final flush cannot
+    raise again.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(BROKEN_PIPE_EXIT)
 
 
 def debug_option(f: F) -> F:
@@ -48,17 +74,21 @@ def handle_errors(prog: str) -> Callable[[F], F]:
             debug = kwargs.get("debug", False)
             quiet_third_party_warnings()
             try:
-                return f(*args, **kwargs)
+                result = f(*args, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+                return result
             except click.exceptions.Exit:
                 raise
             except (click.ClickException, click.Abort):
                 raise
             except KeyboardInterrupt:
                 fail(prog, "interrupted", 130)
+            except BrokenPipeError:
+                broken_pipe_exit()
             except HMSError as e:
                 if debug:
                     raise
-                fail(prog, str(e))
+                fail(prog, str(e), USAGE_EXIT if isinstance(e, ConfigError) else 1)
             except OSError as e:
                 if debug:
                     raise

@@ -45,7 +45,8 @@ def _read_json(path: Path, what: str) -> dict:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Trained HMS or early-fusion checkpoint.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for eval.json and the PNG plots (default: print JSON only).")
+              help="Directory for eval.json and the PNG plots (default: print the JSON on "
+                   "stdout, the summary on stderr).")
 @click.option("--budgets", default=None,
               help="Comma-separated GMAC budgets per video for the budget curve "
                    "(default: 8 from 5% of the mean unbudgeted cost to the largest per-video cost; "
@@ -56,7 +57,7 @@ def _read_json(path: Path, what: str) -> dict:
               help="eval.json of another model (e.g. early fusion) to add to the cost plot.")
 @click.option("--groups", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON {class: group} (e.g. the synthetic groups.json): usage per group.")
-@click.option("--samples", type=int, default=12, show_default=True,
+@click.option("--samples", type=click.IntRange(min=0), default=12, show_default=True,
               help="Videos in the per-step usage heat map.")
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads (default: torch's choice).")
@@ -69,9 +70,10 @@ def main(store, checkpoint, out, budgets, interpolated, compare, groups, samples
     from hms_deploy.eval.evaluate import evaluate
 
     set_threads(threads)
+    budget_list = _budgets(budgets)  # option errors (exit 2) before anything is loaded
     group_map = _read_json(groups, "groups") if groups else None
     others = [_read_json(p, "--compare result") for p in compare]
-    result = evaluate(load_checkpoint(checkpoint), open_store(store), budgets=_budgets(budgets),
+    result = evaluate(load_checkpoint(checkpoint), open_store(store), budgets=budget_list,
                       interpolated=interpolated, groups=group_map, sample_videos=samples)
     result["checkpoint"] = str(checkpoint)
     text = json.dumps(result, indent=2)
@@ -82,18 +84,20 @@ def main(store, checkpoint, out, budgets, interpolated, compare, groups, samples
         (out / "eval.json").write_text(text)
         write_plots(result, out, others, group_map)
     kind = "AP (interpolated)" if interpolated else "AP"
+    to_stderr = out is None  # stdout is the JSON alone, as --help says
     click.echo(
         f"{result['name']}: m{kind} {100 * result['map']:.2f}% over "
         f"{len(result['labels']) - result['n_classes_excluded']} classes "
         f"({result['n_classes_excluded']} without positives excluded), top-1 "
         f"{100 * result['top1']:.2f}%, {result['gmacs_per_video']:.4g} GMAC/video "
-        f"(dense {result['dense_gmacs_per_video']:.4g}), {result['videos']} videos"
+        f"(dense {result['dense_gmacs_per_video']:.4g}), {result['videos']} videos",
+        err=to_stderr,
     )
     for point in result.get("budget_curve", []):
         b = point["budget"]
         click.echo(f"  budget {'inf' if b is None or math.isinf(b) else f'{b:.4g}'} GMAC: "
                    f"mAP {100 * point['map']:.2f}%, used {point['gmacs_per_video']:.4g} GMAC/video, "
-                   f"{point['mean_steps']:.1f} steps")
+                   f"{point['mean_steps']:.1f} steps", err=to_stderr)
     if out is None:
         click.echo(text)
     else:

@@ -43,14 +43,14 @@ def _interrupt_on_sigterm() -> Iterator[None]:
               help="fp16: half-precision graphs with fp32 inputs/outputs (validate on a GPU).")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="With --engine trt: add TensorRT plans to this existing ONNX export.")
-@click.option("--max-batch", type=int, default=8, show_default=True,
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="TensorRT profile: largest batch N (smallest is 1).")
-@click.option("--opt-batch", type=int, default=None,
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None,
               help="TensorRT profile: batch to tune for (default: half of --max-batch).")
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True,
               help="TensorRT builder workspace limit in GiB.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17-20).")
-@click.option("--steps", type=int, default=10, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps T of the end-to-end parity check.")
 @click.option("--video", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Video for the realistic and end-to-end checks (default: a generated clip).")
@@ -76,9 +76,17 @@ def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, 
 def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
           opset, steps, video, force, log) -> None:
     from hms_deploy.errors import ConfigError
-    from hms_deploy.export.pipeline import ExportOptions, add_trt_plans, export_checkpoint
+    from hms_deploy.export.pipeline import (
+        MAX_OPSET,
+        MIN_OPSET,
+        ExportOptions,
+        add_trt_plans,
+        export_checkpoint,
+    )
     from hms_deploy.export.validate import ValidationOptions
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
     workspace = int(workspace_gb * (1 << 30))
     if engines_dir is not None:
         if engine != "trt":

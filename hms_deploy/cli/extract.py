@@ -17,14 +17,14 @@ from hms_deploy.cli.common import debug_option, fail, handle_errors, set_threads
               help="CSV with a header 'path,label'; relative paths resolve against its folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Feature store directory (created, or resumed if it exists).")
-@click.option("--steps", type=int, default=None, help="Steps T per video (default: the checkpoint's).")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps T per video (default: the checkpoint's).")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="Decoding processes (decode, log-mel, resize/crop); 0 decodes in this process.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage precision of the features.")
-@click.option("--batch-size", type=int, default=16, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Steps per backbone call.")
-@click.option("--shard-size", type=int, default=256, show_default=True,
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Videos per shard file (new stores only).")
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads in this process (default: torch's choice).")

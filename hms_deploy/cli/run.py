@@ -15,11 +15,32 @@ import click
 
 from hms_deploy.cli.common import debug_option, handle_errors
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.checks import NO_AUDIO_HELP
 
 VIDEO_EXTENSIONS = frozenset(
     [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv"]
 )
 PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
+
+
+def check_options(*, steps, budget, policy, no_audio_policy, topk) -> None:
+    """What the options alone show to be wrong, before any model is loaded (exit 2).
+
+    The budget's affordability needs the model's costs and is checked after loading.
+    """
+    import math
+
+    from hms_deploy.runtime.checks import parse_no_audio_policy
+    from hms_deploy.runtime.policy import parse_policy
+
+    parse_policy(policy)
+    parse_no_audio_policy(no_audio_policy)
+    if steps is not None and steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {steps}")
+    if topk < 1:
+        raise ConfigError(f"topk must be an integer >= 1, got {topk}")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"budget must be a number of GMAC > 0, got {budget:g}")
 
 
 def expand_inputs(items: tuple[str, ...]) -> list[str]:
@@ -62,8 +83,15 @@ def strip(decisions: dict[str, list[int]]) -> str:
     )
 
 
+def error_line(rec: dict) -> str:
+    """``video: error``, without repeating the path when the error already starts with it."""
+    video, error = str(rec["video"]), str(rec["error"])
+    return error if error.startswith(f"{video}:") else f"{video}: {error}"
+
+
 def summary(rec: dict) -> str:
-    """A short human summary of one record (three lines; one for a partial record)."""
+    """A short human summary of one record (three lines, plus one per warning; one line
+    for a partial record)."""
     if rec.get("partial"):
         return (f"{rec['video']} [{rec['steps']}/{rec['T']}]: {rec['label']} ({rec['score']:.3f}) "
                 f"{strip(rec['decisions'])}")
@@ -76,7 +104,8 @@ def summary(rec: dict) -> str:
         + ("" if rec["has_audio"] else ", no audio")
     )
     top = "  top: " + ", ".join(f"{label} {p:.3f}" for label, p in rec["topk"])
-    return f"{head}\n{top}\n  A/I/M: {strip(rec['decisions'])}"
+    warn = "".join(f"\n  warning: {w}" for w in rec.get("warnings", []))
+    return f"{head}\n{top}\n  A/I/M: {strip(rec['decisions'])}{warn}"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,7 +121,17 @@ def summary(rec: dict) -> str:
 @click.option("--budget-gflops", "--budget-gmacs", "budget", type=float, default=None,
               help="Per-video budget in GMAC (the paper's 'GFLOPs').")
 @click.option("--policy", default="learned", show_default=True,
-              help="learned | dense | audio-only | every:KI[,KM] | rates:PI,PM[,SEED].")
+              help="learned | dense | audio-only | dense-appearance | every:KI[,KM] | "
+                   "rates:PI,PM[,SEED].")
+@click.option("--no-audio-policy", default=None, metavar="POLICY|error", help=NO_AUDIO_HELP)
+@click.option("--allow-truncated", is_flag=True,
+              help="Classify the decodable part of a truncated file (with a warning) instead "
+                   "of failing it.")
+@click.option("--explain", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.png",
+              help="Write a contact sheet of the run (one video): each step's frame, which "
+                   "modalities ran, the running prediction and the GMAC spent. Runs the head "
+                   "after every step, as --online.")
 @click.option("--online", is_flag=True, help="Run the head after every step; print partial results.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
@@ -105,15 +144,23 @@ def summary(rec: dict) -> str:
                    f"{PROGRESS_MIN_INPUTS} videos).")
 @debug_option
 @handle_errors("hms-run")
-def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, online,
-         as_json, output, topk, batch_size, progress, debug):
-    """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real."""
+def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, no_audio_policy,
+         allow_truncated, explain, online, as_json, output, topk, batch_size, progress, debug):
+    """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real.
+
+    Exit codes: 0 every video classified; 1 some failed (each has an error line);
+    2 a usage error (a bad option, found before anything is loaded where possible).
+    """
     from hms_deploy.runtime.results import ResultsFile
     from hms_deploy.runtime.session import Session
 
+    check_options(steps=steps, budget=budget, policy=policy, no_audio_policy=no_audio_policy,
+                  topk=topk)
     names = expand_inputs(videos)
     if not names:
         raise ConfigError("no videos given")
+    if explain is not None and len(names) != 1:
+        raise ConfigError(f"--explain draws one video's run, got {len(names)} videos")
     if engine == "torch" and checkpoint is None:
         raise ConfigError("--engine torch needs --checkpoint ckpt.pt")
     if checkpoint is not None and engine in ("onnx", "trt"):
@@ -130,7 +177,10 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         options["build_plans"] = add_trt_plans
     session = Session(engines_dir=engines_dir, checkpoint=checkpoint, engine=engine, device=device,
                       **options)
-    opts = session.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk)
+    opts = session.options(steps=steps, policy=policy, budget=budget, online=online or bool(explain),
+                           topk=topk, no_audio_policy=no_audio_policy,
+                           allow_truncated=allow_truncated)
+    explained: list[dict] = []  # with --explain: the partial records, then the final one
 
     results = ResultsFile(output) if output is not None else None
     todo = [v for v in names if results is None or not results.done(v)]
@@ -149,13 +199,17 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         with session:
             for rec in session.classify_many(todo, options=opts, batch_size=batch_size):
                 partial = rec.get("partial", False)
+                if explain is not None and "error" not in rec:
+                    explained.append(rec)
+                if partial and not online:
+                    continue  # computed for --explain only
                 if "error" in rec:
                     failed += 1
                 if as_json:
                     line = json.dumps(rec, separators=(", ", ": "))
                     (bar.write(line, file=sys.stdout) if bar else click.echo(line))
                 elif "error" in rec:
-                    msg = f"hms-run: error: {rec['video']}: {rec['error']}"
+                    msg = f"hms-run: error: {error_line(rec)}"
                     (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
                 else:
                     text = summary(rec)
@@ -171,6 +225,12 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
             bar.close()
         if results is not None:
             results.close()
+    if explained and not explained[-1].get("partial"):
+        from hms_deploy.runtime.explain import write_contact_sheet
+
+        sheet = write_contact_sheet(explain, explained[-1], explained[:-1],
+                                    session.engine_set.config)
+        click.echo(f"hms-run: wrote {explain} ({sheet.size_px[0]}x{sheet.size_px[1]} px)", err=True)
     if failed:
         click.echo(f"hms-run: {failed} of {len(todo)} video(s) failed", err=True)
         sys.exit(1)

@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-from hms_deploy.errors import HMSError, first_line
+from hms_deploy.cli.common import debug_option, handle_errors
+
+HELP = {"help_option_names": ["-h", "--help"]}
 
 
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HMSError as e:
-            click.echo(f"hms-synth: error: {first_line(e)}", err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
-@click.group()
+@click.group(context_settings=HELP)
 def main() -> None:
     """Synthetic H.264/AAC videos for tests, demos and benchmarks."""
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--per-class", type=int, default=10, show_default=True, help="Videos per class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", is_flag=True, help="Also write train.csv, val.csv and test.csv.")
 @click.option("--duration", type=float, default=4.0, show_default=True, help="Seconds.")
 @click.option("--fps", type=float, default=15.0, show_default=True)
-@_one_line_errors
-def dataset(out: Path, per_class: int, seed: int, split: bool, duration: float, fps: float) -> None:
+@debug_option
+@handle_errors("hms-synth")
+def dataset(out: Path, per_class: int, seed: int, split: bool, duration: float, fps: float,
+            debug: bool) -> None:
     """Write the 6-class dataset (audio / appearance / motion groups) into OUT."""
     from hms_deploy.data.synthetic import make_dataset
 
@@ -48,23 +36,25 @@ def dataset(out: Path, per_class: int, seed: int, split: bool, duration: float, 
     click.echo(str(csv_path))
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds.")
-@_one_line_errors
-def reference(out: Path, duration: float) -> None:
+@debug_option
+@handle_errors("hms-synth")
+def reference(out: Path, duration: float, debug: bool) -> None:
     """Write the benchmark video (60 s, 640x360, 30 fps, keyframe every 2 s) to OUT."""
     from hms_deploy.data.synthetic import make_reference_video
 
     click.echo(str(make_reference_video(out, duration_s=duration)))
 
 
-@main.command()
+@main.command(context_settings=HELP)
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--label", type=str, default=None, help="Class to show (default: by seed).")
-@_one_line_errors
-def sample(out: Path, seed: int, label: str | None) -> None:
+@debug_option
+@handle_errors("hms-synth")
+def sample(out: Path, seed: int, label: str | None, debug: bool) -> None:
     """Write a 4 s demo sample to OUT and print the class it shows."""
     from hms_deploy.data.synthetic import make_sample_video
 

@@ -66,6 +66,7 @@ def main(store, checkpoint, out, policy, modalities, epochs, batch_size, lr, lr_
         tau_decay=tau_decay, lam=lam, gamma_i=gamma_i, gamma_m=gamma_m,
         val_fraction=val_fraction, seed=seed, hidden=hidden,
     )
+    cfg.check()  # option errors (exit 2) before anything is loaded
     ckpt = load_checkpoint(checkpoint)
     if ckpt.policy != "hms":
         from hms_deploy.errors import CheckpointError

@@ -38,8 +38,14 @@ from hms_deploy.version import __version__
 def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> VideoInputs:
     """Decode one video into the inputs of all ``steps`` steps (HMS_SPEC.md 1):
     :meth:`VideoInputs.decode_all`. Raises :class:`~hms_deploy.errors.VideoError` for a
-    file that cannot be decoded."""
-    return VideoInputs(path, config, steps).decode_all()
+    file that cannot be decoded, is not a video or is truncated (:mod:`hms_deploy.data.checks`)."""
+    from hms_deploy.data.checks import check_truncation, require_video
+    from hms_deploy.data.video import probe
+
+    info = probe(path)
+    require_video(info)  # HMS_SPEC.md 9: no features of an image or of a truncated file
+    check_truncation(info)
+    return VideoInputs(path, config, steps, info=info).decode_all()
 
 
 def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, Any]:

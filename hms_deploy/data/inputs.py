@@ -65,10 +65,12 @@ class VideoInputs:
     def duration_s(self) -> float:
         return float(self.info.duration_s)
 
-    def decode_audio(self) -> np.ndarray:
-        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`)."""
+    def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
+        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`);
+        ``keep_partial``: audio that stops decoding early is kept up to there."""
         wave, self.has_audio = decode_audio(
-            self.path, self.config.front_end.sample_rate, info=self.info
+            self.path, self.config.front_end.sample_rate, info=self.info,
+            keep_partial=keep_partial,
         )
         return wave
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hms_deploy.data.media_writer import AudioFn, FrameFn, write_video
-from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.errors import ConfigError
 
 CLASS_GROUPS: dict[str, str] = {
     "tone_low": "audio",
@@ -172,7 +172,7 @@ def _split_rows(
     n_val = max(1, round(per_class * fractions[1]))
     n_test = max(1, round(per_class * fractions[2]))
     if per_class - n_val - n_test < 1:
-        raise DatasetError(f"split needs per_class >= 3, got {per_class}")
+        raise ConfigError(f"--split needs per_class >= 3, got {per_class}")
     rng = np.random.default_rng([int(seed), 7919])
     out: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
     for c, label in enumerate(classes):
@@ -212,7 +212,8 @@ def make_dataset(
         labels.txt        one class name a line; line i is class index i
         groups.json       {class: "audio" | "appearance" | "motion"}
         train.csv, val.csv, test.csv   with split=True: a per-class split of videos.csv
-                                       (val and test get round(fraction * per_class) >= 1 each)
+                                       (val and test get round(fraction * per_class) >= 1 each);
+                                       without it, stale ones from an earlier run are removed
 
     Returns:
         the path of ``videos.csv``.
@@ -224,7 +225,10 @@ def make_dataset(
             f"classes must be distinct names from {DEFAULT_CLASSES}, got {list(classes)}"
         )
     if per_class < 1:
-        raise DatasetError(f"per_class must be >= 1, got {per_class}")
+        raise ConfigError(f"per_class must be >= 1, got {per_class}")
+    if split:
+        _split_rows([("", c) for c in classes for _ in range(per_class)], classes, per_class,
+                    seed, split_fractions)  # refuse an impossible split before writing
     out = Path(out_dir)
     rows: list[tuple[str, str]] = []
     for label in classes:
@@ -237,9 +241,13 @@ def make_dataset(
     _write_csv(out / "videos.csv", rows)
     (out / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
     (out / "groups.json").write_text(json.dumps({c: CLASS_GROUPS[c] for c in classes}, indent=2))
-    if split:
-        for part, part_rows in _split_rows(rows, classes, per_class, seed, split_fractions).items():
-            _write_csv(out / f"{part}.csv", part_rows)
+    for part, part_rows in (
+        _split_rows(rows, classes, per_class, seed, split_fractions) if split else {}
+    ).items():
+        _write_csv(out / f"{part}.csv", part_rows)
+    if not split:  # lists of an earlier dataset in out_dir would name videos of another draw
+        for part in ("train", "val", "test"):
+            (out / f"{part}.csv").unlink(missing_ok=True)
     return out / "videos.csv"
 
 

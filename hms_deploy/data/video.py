@@ -64,6 +64,11 @@ class VideoInfo:
         frame_pts: ``(F,)`` int64 sorted pts of the frames in ``time_base`` units.
         keyframe_indices: ``(K,)`` int64 indices of the keyframes into ``frame_times``.
         time_base: the video stream's time base (seconds per pts unit).
+        declared_duration_s: the duration the container declares (its header or index),
+            seconds; None when it declares none. See :mod:`hms_deploy.data.checks`.
+        streams_end_s: where the demuxed streams end (the later of the last video
+            frame's end and the last audio packet's end), seconds from the container's
+            start time; compared with ``declared_duration_s`` to find truncated files.
     """
 
     path: str
@@ -79,6 +84,8 @@ class VideoInfo:
     frame_pts: np.ndarray = field(repr=False)
     keyframe_indices: np.ndarray = field(repr=False)
     time_base: Fraction = Fraction(1, 1)
+    declared_duration_s: float | None = None
+    streams_end_s: float = 0.0
 
     @property
     def num_frames(self) -> int:
@@ -135,12 +142,16 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
     key_list: list[bool] = []
     dur_list: list[int] = []
     first_audio: float | None = None
+    audio_end = 0.0
     first_frame = None
     decode_failed: str | None = None
     for packet in container.demux(*streams):
         if packet.stream.type == "audio":
             if first_audio is None and packet.pts is not None and not packet.is_discard:
                 first_audio = float(packet.pts * packet.time_base)
+            if packet.pts is not None and packet.time_base is not None:
+                end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                audio_end = max(audio_end, end)
             continue
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None or packet.size == 0 or packet.is_discard:
@@ -202,6 +213,8 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
     frame_times = (pts - pts[0]).astype(np.float64) * tb_f
     key_idx = np.flatnonzero(keys).astype(np.int64)
     start_s = float(pts[0]) * tb_f
+    container_start = (container.start_time or 0) / 1e6  # av.time_base is microseconds
+    declared = container.duration / 1e6 if container.duration else None
     return VideoInfo(
         path=path,
         duration_s=float(duration_s),
@@ -216,11 +229,14 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
         frame_pts=pts,
         keyframe_indices=key_idx,
         time_base=Fraction(tb),
+        declared_duration_s=declared,
+        streams_end_s=max(start_s + float(duration_s), audio_end) - container_start,
     )
 
 
 def decode_audio(
-    path: str | Path, sample_rate: int = 16000, *, info: VideoInfo | None = None
+    path: str | Path, sample_rate: int = 16000, *, info: VideoInfo | None = None,
+    keep_partial: bool = False,
 ) -> tuple[np.ndarray, bool]:
     """Decode the first audio stream to mono float32, aligned to the video.
 
@@ -231,6 +247,9 @@ def decode_audio(
     missing audio is zero (which the front end turns into log(0.01), the silence value).
     Resampling: ``av.AudioResampler(format='flt', layout='mono', rate=sample_rate)``,
     flushed with ``resample(None)``.
+
+    ``keep_partial``: a decoding error after some audio was decoded ends the stream
+    there instead of raising (a truncated file whose decodable part is classified).
 
     Returns:
         ``(waveform (samples,) float32 in [-1, 1], has_audio)``; ``has_audio`` is False
@@ -258,7 +277,8 @@ def decode_audio(
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
+        if not (keep_partial and chunks):
+            raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
     finally:
         container.close()
     if not chunks:

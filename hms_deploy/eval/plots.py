@@ -55,14 +55,27 @@ def cost_vs_map(result: dict[str, Any], path: Path, compare: Sequence[dict[str, 
     return path
 
 
+def percent_ylim(values: Sequence[float]) -> tuple[float, float]:
+    """y range of a percentage bar chart: 0 to 10 % above the tallest bar, at least 0..5 %
+    (matplotlib's automatic range is -0.04..0.04 when every bar is 0)."""
+    top = max((float(v) for v in values), default=0.0)
+    return 0.0, min(100.0, max(5.0, 1.1 * top))
+
+
 def motion_usage_per_class(result: dict[str, Any], path: Path,
                            groups: dict[str, str] | None = None) -> Path:
+    """Fig. 4; when no class used motion, the chart says so instead of showing no bars."""
     plt = _plt()
     per = result["usage_per_class"]
     names = sorted(per, key=lambda n: per[n]["motion"], reverse=True)
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2), 4))
     colours = [GROUP_COLOURS.get((groups or {}).get(n, ""), "tab:blue") for n in names]
-    ax.bar(range(len(names)), [100 * per[n]["motion"] for n in names], color=colours)
+    values = [100 * per[n]["motion"] for n in names]
+    ax.bar(range(len(names)), values, color=colours)
+    ax.set_ylim(*percent_ylim(values))
+    if not any(values):
+        ax.text(0.5, 0.5, "motion never ran on these videos", transform=ax.transAxes,
+                ha="center", va="center", fontsize=10, color="0.3")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("steps running motion (%)")

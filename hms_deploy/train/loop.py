@@ -68,6 +68,8 @@ class TrainConfig:
         for name in ("gamma_i", "gamma_m"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass
