@@ -38,7 +38,9 @@ def free_ports(n: int) -> list[int]:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (SO_REUSEADDR: closed connections in TIME_WAIT don't count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:

@@ -243,22 +243,26 @@ def test_model_config_has_batching(server):
 
 
 def test_sigterm_during_load_loses_no_answered_request(tmp_path, root, refs):
+    """SIGTERM with 4 clients busy: queued and running requests are answered (drain), later
+    ones refused with one clear line; hms-serve exits 0 within 30 s and frees its ports."""
     done: list[tuple[float, float, object]] = []  # (sent, finished, record or exception)
-    stop_sending = threading.Event()
-    with hms_serve(assets().engines, tmp_path / "log", "--allowed-root", str(root)) as s:
+    with hms_serve(assets().engines, tmp_path / "log", "--allowed-root", str(root),
+                   "--drain-s", "3") as s:
 
         def client() -> None:
             h = thttp.InferenceServerClient(s.http_url, connection_timeout=60, network_timeout=60)
-            for _ in range(20):  # bounded
-                if stop_sending.is_set():
-                    return
-                sent = time.monotonic()
-                try:
-                    got: object = record(h.infer("hms", inputs(thttp, path="sample.mp4",
-                                                               policy="dense")))
-                except Exception as e:  # noqa: BLE001 - refusals after SIGTERM are expected
-                    got = e
-                done.append((sent, time.monotonic(), got))
+            try:
+                for _ in range(30):  # bounded
+                    sent = time.monotonic()
+                    try:
+                        got: object = record(h.infer("hms", inputs(thttp, path="sample.mp4")))
+                    except Exception as e:  # noqa: BLE001 - refusals after SIGTERM are expected
+                        got = e
+                    done.append((sent, time.monotonic(), got))
+                    if not isinstance(got, dict):
+                        return  # refused: a client goes elsewhere
+            finally:
+                h.close()
 
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
@@ -268,25 +272,21 @@ def test_sigterm_during_load_loses_no_answered_request(tmp_path, root, refs):
             time.sleep(0.05)
         t_term = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
-        try:
-            code = s.proc.wait(30)
-        finally:
-            stop_sending.set()
+        code = s.proc.wait(30)
         exited = time.monotonic() - t_term
         for t in threads:
-            t.join(90)
+            t.join(60)
     assert code == 0, s.log_tail()
     assert exited < 30
-    answered = [(sent, fin, g) for sent, fin, g in done if isinstance(g, dict)]
+    answered = [(sent, fin) for sent, fin, g in done if isinstance(g, dict)]
     assert len(answered) >= 4
-    for _, _, rec in answered:  # every answer is complete and right
-        assert rec["usage"]["appearance"] == rec["steps"] == refs["sample"]["T"]
-        assert rec["decisions"] == refs["sample_dense"]["decisions"]
-        assert rec["label"] == refs["sample_dense"]["label"]
-    # requests that were well inside the server before SIGTERM were answered, not dropped
+    assert any(fin > t_term for _, fin in answered)  # in flight at SIGTERM, then answered
     for sent, _, got in done:
-        if sent < t_term - 0.5:
-            assert isinstance(got, dict), got
+        if isinstance(got, dict):  # every answer complete and right
+            assert_same(got, refs["sample"])
+        else:  # refused after SIGTERM, in one line: shutting down, or no new connections
+            assert sent > t_term - 0.5, got
+            assert "shutting down" in str(got) or isinstance(got, OSError), repr(got)
     for port in (s.http, s.grpc, s.metrics):
         assert port_free(port)
 

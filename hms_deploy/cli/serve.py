@@ -13,10 +13,12 @@ wheel still provides the server binary, its Python backend and the stubs.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -49,11 +51,16 @@ from hms_deploy.errors import ConfigError
               help="Model instances (each opens the engines once).")
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime intra-op threads per instance (default: all cores).")
+@click.option("--drain-s", type=float, default=10.0, show_default=True,
+              help="After SIGINT/SIGTERM: seconds during which queued and new requests on open "
+                   "connections are still answered; later ones are refused (UNAVAILABLE).")
+@click.option("--exit-timeout-s", type=int, default=20, show_default=True,
+              help="After SIGINT/SIGTERM: the longest Triton waits for open connections.")
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="Triton log level.")
 @debug_option
 @handle_errors("hms-serve")
 def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, max_batch,
-         max_queue_delay_us, allowed_root, max_upload_mb, instances, threads, log_verbose, debug):
+         max_queue_delay_us, allowed_root, max_upload_mb, instances, threads, drain_s, exit_timeout_s, log_verbose, debug):
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
     from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
@@ -64,6 +71,9 @@ def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, 
             raise ConfigError(f"{name} must be a TCP port (1-65535), got {port}")
     if len({http_port, grpc_port, metrics_port}) < 3:
         raise ConfigError("--http-port, --grpc-port and --metrics-port must differ")
+    if not 0 <= drain_s < exit_timeout_s:
+        raise ConfigError(f"--drain-s must be >= 0 and below --exit-timeout-s ({exit_timeout_s}), "
+                          f"got {drain_s:g}")
     if not max_upload_mb > 0:
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
     options = RepositoryOptions(
@@ -79,10 +89,12 @@ def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     with tempfile.TemporaryDirectory(prefix="hms-serve-") as work:
+        stop_file = Path(work) / "drain-deadline"
+        options = dataclasses.replace(options, stop_file=stop_file)
         repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
                                 copy_engines=False)
         ends = Endpoints(host, http_port, grpc_port, metrics_port)
-        server = TritonProcess(repo, ends, workdir=work)
+        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s)
         try:
             server.start()
             click.echo(f"hms-serve: model 'hms' ready: HTTP {host}:{http_port}, gRPC "
@@ -93,7 +105,9 @@ def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, 
                 if not server.alive():
                     raise ConfigError(f"tritonserver exited unexpectedly (code "
                                       f"{server.proc.returncode if server.proc else '?'})")
-            click.echo("hms-serve: stopping (finishing in-flight requests)", err=True)
+            stop_file.write_text(f"{time.time() + drain_s:.3f}")
+            click.echo(f"hms-serve: stopping: no new connections; requests answered for "
+                       f"{drain_s:g} s more, then refused", err=True)
         finally:
             code = server.stop()
     click.echo(f"hms-serve: stopped (tritonserver exit code {code})", err=True)

@@ -46,7 +46,7 @@ from typing_extensions import Self
 from hms_deploy.errors import BackendUnavailable, ConfigError, HMSError
 from hms_deploy.runtime.serve import MODEL_NAME
 
-EXIT_TIMEOUT_S = 25  # in-flight requests get this long after SIGTERM (then Triton exits)
+EXIT_TIMEOUT_S = 20  # after SIGTERM Triton serves open connections this long, then exits
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def server_command(repo: str | Path, ends: Endpoints, backends: Path, *, binary: Path | None = None,
-                   log_verbose: int = 0) -> list[str]:
+                   log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S) -> list[str]:
     """``tritonserver`` argv serving ``repo`` with HTTP, gRPC and metrics on ``ends.host``."""
     binary = binary or tritonserver_binary()
     return [
@@ -158,7 +158,7 @@ def server_command(repo: str | Path, ends: Endpoints, backends: Path, *, binary:
         f"--grpc-address={ends.host}", f"--grpc-port={ends.grpc_port}",
         f"--metrics-address={ends.host}", f"--metrics-port={ends.metrics_port}",
         "--allow-gpu-metrics=false",
-        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        f"--exit-timeout-secs={exit_timeout_s}",
         "--strict-readiness=true", "--exit-on-error=true",
         # uploads travel to the stub through shared memory: grow it in 64 MiB steps
         # the stubs' shared-memory regions: a name of our own (the default name is shared
@@ -172,7 +172,8 @@ class TritonProcess:
     """A ``tritonserver`` child process; ``start()`` waits until model ``hms`` is ready."""
 
     def __init__(self, repo: str | Path, ends: Endpoints, *, workdir: str | Path,
-                 log: IO[bytes] | int | None = None):
+                 log: IO[bytes] | int | None = None, exit_timeout_s: int = EXIT_TIMEOUT_S):
+        self.exit_timeout_s = exit_timeout_s
         self.repo = Path(repo)
         self.ends = ends
         self.workdir = Path(workdir)
@@ -181,7 +182,8 @@ class TritonProcess:
 
     def start(self, timeout_s: float = 120.0) -> TritonProcess:
         binary = tritonserver_binary()
-        cmd = server_command(self.repo, self.ends, prepare_backends(self.workdir, binary), binary=binary)
+        cmd = server_command(self.repo, self.ends, prepare_backends(self.workdir, binary),
+                             binary=binary, exit_timeout_s=self.exit_timeout_s)
         self.proc = subprocess.Popen(cmd, env=server_env(), stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL)
         self.wait_ready(timeout_s)
@@ -211,8 +213,11 @@ class TritonProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 5) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout_s``."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (Triton refuses new connections, serves the open ones until they close or
+        its exit timeout passes), then SIGKILL after ``timeout_s`` (default: that + 5 s)."""
+        if timeout_s is None:
+            timeout_s = self.exit_timeout_s + 5
         if self.proc is None:
             return None
         if self.proc.poll() is None:

@@ -53,6 +53,7 @@ class RepositoryOptions:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     threads: int | None = None
     topk: int = 5
+    stop_file: Path | None = None  # hms-serve's drain signal (see triton_model)
 
     def check(self) -> None:
         if self.engine not in ("onnx", "trt"):
@@ -83,7 +84,7 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
         "engines_dir": engines_dir, "engine": o.engine, "device": o.device,
         "allowed_root": str(Path(o.allowed_root).resolve()) if o.allowed_root else "",
         "max_upload_bytes": str(o.max_upload_bytes), "threads": str(o.threads or ""),
-        "topk": str(o.topk),
+        "topk": str(o.topk), "stop_file": str(o.stop_file or ""),
     }
     kind = "KIND_CPU"  # the model places its engines itself (parameter "device")
     lines = [

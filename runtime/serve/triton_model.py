@@ -5,7 +5,13 @@ A model repository's ``hms/1/model.py`` re-exports :class:`TritonPythonModel` fr
 ``parameters`` (strings): ``engines_dir`` (relative to the version directory, or
 absolute), ``engine``, ``device``, ``allowed_root`` (empty: no ``path`` inputs),
 ``max_upload_bytes``, ``threads`` (ONNX Runtime intra-op threads; empty: all cores),
-``topk``.
+``topk``, ``stop_file`` (see below).
+
+Draining (``hms-serve``): on SIGTERM, hms-serve writes a deadline (Unix time) into
+``stop_file`` and signals Triton, which refuses new connections but keeps serving open
+ones until they close or its exit timeout passes. Batches that start before the
+deadline are answered as usual; later ones are refused with UNAVAILABLE ("shutting
+down"), so the server is idle, and no accepted request is cut off, when Triton exits.
 
 Each ``execute`` call receives the requests of one dynamic batch and answers every one:
 :class:`~hms_deploy.runtime.serve.handler.Handler` steps the valid ones in lockstep and
@@ -15,6 +21,7 @@ a bad request gets an error response (one line) without failing the others.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +75,29 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        self.handler = open_handler(parameters(config), version_dir)
+        params = parameters(config)
+        self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
+        self.handler = open_handler(params, version_dir)
+
+    def draining(self) -> bool:
+        """Past hms-serve's drain deadline (new batches are refused)."""
+        if self.stop_file is None:
+            return False
+        try:
+            deadline = float(self.stop_file.read_text() or 0)
+        except (OSError, ValueError):
+            return False
+        return time.time() >= deadline
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils  # only inside the backend's stub
 
+        if self.draining():  # one error object per response: a shared one crashes the backend
+            code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+            msg = "server is shutting down: request refused (retry on another server)"
+            return [pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
+            ) for _ in requests]
         batch = []
         for req in requests:
             inputs = {}
