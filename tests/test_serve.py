@@ -328,6 +328,7 @@ def test_raw_tritonserver_on_exported_repository(tmp_path, refs):
         assert_same(rec, refs["sample"])
         with pytest.raises(InferenceServerException, match="disabled"):
             h.infer("hms", inputs(thttp, path="sample.mp4"))  # no allowed root in the repo
+        h.close()  # Triton waits for open connections on SIGTERM
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

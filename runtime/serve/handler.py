@@ -205,6 +205,8 @@ class Handler:
                     answers[i].error = " ".join(str(e).split())
             for key, rows in groups.items():
                 rows = [r for r in rows if answers[r.request].error is None]
+                if len(rows) > 1:  # one unreadable video would split the lockstep batch
+                    rows = [r for r in rows if self._probe(r, answers[r.request])]
                 if not rows:
                     continue
                 try:
@@ -224,6 +226,18 @@ class Handler:
             shutil.rmtree(tmp, ignore_errors=True)
         return [" ".join(a.error.split()) if a.error is not None
                 else outputs([a.records[j] for j in sorted(a.records)]) for a in answers]
+
+
+    @staticmethod
+    def _probe(row: _Row, answer: _Answer) -> bool:
+        from hms_deploy.data.video import probe
+
+        try:
+            probe(row.file)
+        except HMSError as e:
+            answer.error = answer.error or str(e).replace(row.file, row.shown)
+            return False
+        return True
 
 
 def outputs(records: list[dict[str, Any]]) -> Outputs:
