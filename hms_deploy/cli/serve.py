@@ -47,6 +47,7 @@ from hms_deploy.errors import ConfigError
               help="Accept 'path' inputs naming files under this folder (default: uploads only).")
 @click.option("--max-upload-mb", type=float, default=512.0, show_default=True,
               help="Largest 'video' upload in MiB.")
+@click.option("--steps", type=int, default=None, help="Steps T of every request (default: the model's).")
 @click.option("--instances", type=int, default=1, show_default=True,
               help="Model instances (each opens the engines once).")
 @click.option("--threads", type=int, default=None,
@@ -60,7 +61,7 @@ from hms_deploy.errors import ConfigError
 @debug_option
 @handle_errors("hms-serve")
 def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, max_batch,
-         max_queue_delay_us, allowed_root, max_upload_mb, instances, threads, drain_s, exit_timeout_s, log_verbose, debug):
+         max_queue_delay_us, allowed_root, max_upload_mb, steps, instances, threads, drain_s, exit_timeout_s, log_verbose, debug):
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
     from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
@@ -78,7 +79,7 @@ def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, 
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
     options = RepositoryOptions(
         engine=engine, device=device, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-        instances=instances, allowed_root=allowed_root, threads=threads,
+        instances=instances, allowed_root=allowed_root, threads=threads, steps=steps,
         max_upload_bytes=int(max_upload_mb * 2**20),
     )
     stop = threading.Event()

@@ -54,6 +54,7 @@ class ServeOptions:
     allowed_root: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     topk: int = 5
+    steps: int | None = None  # T of every request (None: the model's)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Handler:
         if key not in self._opts:
             try:
                 self._opts[key] = self.session.options(
-                    policy=policy, budget=budget, topk=self.options.topk
+                    policy=policy, budget=budget, topk=self.options.topk, steps=self.options.steps
                 )
             except ConfigError as e:
                 raise RequestError(str(e)) from None

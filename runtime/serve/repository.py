@@ -53,6 +53,7 @@ class RepositoryOptions:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     threads: int | None = None
     topk: int = 5
+    steps: int | None = None  # T of every request (None: the model's)
     stop_file: Path | None = None  # hms-serve's drain signal (see triton_model)
 
     def check(self) -> None:
@@ -64,6 +65,8 @@ class RepositoryOptions:
                                  ("topk", self.topk, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.allowed_root is not None and not Path(self.allowed_root).is_dir():
@@ -85,6 +88,7 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
         "allowed_root": str(Path(o.allowed_root).resolve()) if o.allowed_root else "",
         "max_upload_bytes": str(o.max_upload_bytes), "threads": str(o.threads or ""),
         "topk": str(o.topk), "stop_file": str(o.stop_file or ""),
+        "steps": str(o.steps or ""),
     }
     kind = "KIND_CPU"  # the model places its engines itself (parameter "device")
     lines = [
