@@ -106,6 +106,7 @@ def test_handler_rejects_malformed_inputs(session, root):
         {"path": b("sub/a.mp4"), "policy": b("dense", "dense")},
         {"path": b("sub/a.mp4"), "budget_gflops": np.array([[1e-9]])},
         {"path": b("sub/a.mp4"), "extra": b("x")},
+        {"video": b(b"garbage" * 40), "name": b("odd/.mp4\x00")},  # names never reach the disk
     ])
     assert answers[0].startswith("missing input")
     assert "not both" in answers[1]
@@ -113,6 +114,7 @@ def test_handler_rejects_malformed_inputs(session, root):
     assert "has 2 row(s), the request has 1" in answers[3]
     assert "cannot afford one step" in answers[4]
     assert "unknown input(s) extra" in answers[5]
+    assert answers[6].startswith("odd/.mp4\x00: not a readable media file"), answers[6]
 
 
 def test_config_and_repository(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -181,7 +182,8 @@ class Handler:
                         f"of {limit / 2**20:.1f} MiB"
                     )
                 shown = _text(names[j], "name") or "upload"
-                suffix = Path(shown).suffix[:12] if Path(shown).suffix.isascii() else ""
+                suffix = Path(shown).suffix
+                suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix) else ""
                 f = tmp / f"r{index}-{j}{suffix}"
                 f.write_bytes(data)
                 rows.append(_Row(index, j, str(f), shown, (policy, budget)))
@@ -203,7 +205,9 @@ class Handler:
                     for row in self._parse(i, req, tmp):
                         groups.setdefault(row.key, []).append(row)
                 except RequestError as e:
-                    answers[i].error = " ".join(str(e).split())
+                    answers[i].error = str(e)
+                except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+                    answers[i].error = f"{INTERNAL_PREFIX} ({type(e).__name__}: {e})"
             for key, rows in groups.items():
                 rows = [r for r in rows if answers[r.request].error is None]
                 if len(rows) > 1:  # one unreadable video would split the lockstep batch
