@@ -16,7 +16,10 @@ backend needs on a machine like this one (measured; ENV_NOTES "Serving and scale
   interpreter with the base interpreter's packages (measured here: the base numpy 2.4
   garbles every BYTES input of the stub, each byte read as the first one). ``PATH``
   therefore starts with this interpreter's folder, so the stub runs in this
-  environment (its ``pyvenv.cfg``, its site-packages and ``.pth`` files).
+  environment (its ``pyvenv.cfg``, its site-packages and ``.pth`` files);
+- a shared-memory region name of its own for the stubs (``shm-region-prefix-name``):
+  the default name is the same for every ``tritonserver`` on the machine (PyTriton
+  sets a unique one for the same reason; not measured here).
 
 ``python -m hms_deploy.runtime.serve.launch REPO [--host H] [--http-port P] ...`` execs
 the server (what a repository's ``launch.sh`` runs); :class:`TritonProcess` is the same
@@ -161,8 +164,8 @@ def server_command(repo: str | Path, ends: Endpoints, backends: Path, *, binary:
         f"--exit-timeout-secs={exit_timeout_s}",
         "--strict-readiness=true", "--exit-on-error=true",
         # uploads travel to the stub through shared memory: grow it in 64 MiB steps
-        # the stubs' shared-memory regions: a name of our own (the default name is shared
-        # by every tritonserver on the machine: two servers corrupt each other's tensors)
+        # the stubs' shared-memory regions: a name of our own (the default one is shared
+        # by every tritonserver on the machine; PyTriton makes its own unique too)
         f"--backend-config=python,shm-region-prefix-name=hms{os.getpid()}-{secrets.token_hex(4)}_",
         f"--log-verbose={log_verbose}",
     ]
