@@ -36,8 +36,8 @@ def _bench_module(name: str) -> ModuleType:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--suite", type=click.Choice(["e2e", "parts", "all"]), default="e2e",
-              show_default=True, help="End-to-end, per-part, or both.")
+@click.option("--suite", type=click.Choice(["e2e", "parts", "all", "serve"]), default="e2e",
+              show_default=True, help="End-to-end, per-part, or both; serve: hms-serve vs hms-run.")
 @click.option("--variant", type=click.Choice(["paper", "tiny"]), default=None,
               help="Model variant (default paper; tiny with --smoke).")
 @click.option("--engine", type=click.Choice(["onnx", "torch", "trt"]), default=None,
@@ -112,6 +112,8 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
         else:
             settings = e2e.E2ESettings(**given)
         e2e.run(settings, log=click.echo)
+    if suite == "serve":
+        _serve_suite(variant, steps, smoke, common, video)
     if suite in ("parts", "all"):
         parts = _bench_module("bench_parts")
         given = dict(common)
@@ -127,3 +129,18 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
         else:
             settings = parts.PartsSettings(**given)
         parts.run(settings, log=click.echo)
+
+
+def _serve_suite(variant: str | None, steps: int | None, smoke: bool, common: dict[str, Any],
+                 video: str | None) -> None:
+    """``--suite serve``: benchmarks/bench_serve.py (tiny and paper unless --variant)."""
+    serve = _bench_module("bench_serve")
+    given = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
+    if variant:
+        given["variants"] = (variant,)
+    if steps:
+        given["steps"] = {"tiny": steps, "paper": steps}
+    if video:
+        given["video"] = video
+    settings = serve.smoke_settings(**given) if smoke else serve.ServeSettings(**given)
+    serve.run(settings, log=click.echo)

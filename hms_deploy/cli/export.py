@@ -56,11 +56,14 @@ def _interrupt_on_sigterm() -> Iterator[None]:
               help="Video for the realistic and end-to-end checks (default: a generated clip).")
 @click.option("--force", is_flag=True, default=False,
               help="Replace an existing export in --out.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton model repository (Python-backend model 'hms' over a "
+                   "copy of the export) here; with --engines DIR alone, from that export.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the summary line.")
 @debug_option
 @handle_errors("hms-export")
 def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
-         opset, steps, video, force, quiet, debug):
+         opset, steps, video, force, triton_repo, quiet, debug):
     """Export the nine HMS parts of a checkpoint to DIR (ONNX, optional TensorRT plans),
     check them against PyTorch, and write DIR/manifest.json."""
 
@@ -69,12 +72,28 @@ def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, 
             click.echo(msg, err=True)
 
     with _interrupt_on_sigterm():
-        _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
-              opset, steps, video, force, log)
+        if triton_repo is not None and engines_dir is not None and engine == "onnx":
+            done = engines_dir  # an existing export: only the repository
+        else:
+            done = _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch,
+                         workspace_gb, opset, steps, video, force, log)
+        if triton_repo is not None:
+            _triton_repo(done, triton_repo, engine, max_batch, force)
+
+
+def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int, force: bool) -> None:
+    from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
+
+    options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu",
+                                max_batch=max_batch)
+    write_repository(repo, engines_dir, options, force=force)
+    click.echo(f"wrote Triton model repository {repo} (model 'hms', max_batch_size {max_batch}); "
+               f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")
 
 
 def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
-          opset, steps, video, force, log) -> None:
+          opset, steps, video, force, log) -> Path:
+    """Export (or add plans); returns the export directory."""
     from hms_deploy.errors import ConfigError
     from hms_deploy.export.pipeline import (
         MAX_OPSET,
@@ -98,7 +117,7 @@ def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch,
         trt = man.tensorrt or {}
         click.echo(f"added TensorRT {trt.get('version')} plans for {trt.get('gpu')} "
                    f"(sm {trt.get('compute_capability')}) to {man.dir}; manifest {man.sha256[:12]}")
-        return
+        return Path(engines_dir)
     if checkpoint is None:
         raise ConfigError("--checkpoint is required (or --engines DIR --engine trt)")
     if steps < 1:
@@ -119,3 +138,4 @@ def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch,
         f"motion {gm['motion']:.3g}; manifest {man.sha256[:12]}"
     )
     sys.stdout.flush()
+    return Path(out)

@@ -1,0 +1,307 @@
+"""Online serving vs offline ``hms-run``: the same videos, the same settings, one run.
+
+Per variant (default tiny and paper), on one video (default the 6 s 320x180 smoke cut of
+the reference video) at T steps with a forced policy (default ``rates:0.6,0.03``, the
+paper's regime; an untrained model's learned gates are arbitrary):
+
+- **offline**: one :class:`~hms_deploy.runtime.session.Session` classifies the N request
+  videos one after another (what ``hms-run`` does; videos/s) and in lockstep batches of
+  ``clients`` (``hms-run --batch-size``);
+- **serve**: ``hms-serve`` (real Triton, loopback) with ``clients`` gRPC clients, each
+  sending ``requests`` path requests one after another: requests/s over the whole
+  load, latency p50/p99 per request, and how many requests each lockstep batch held.
+
+One warm-up classification precedes each figure. ONNX Runtime threads per session are
+``threads`` on both sides (default 1: the machine is shared; times scale with the CPU
+share and stay comparable). Records of the server are checked against the offline
+ones (decisions and label equal, probabilities within 1e-5).
+
+    python -m benchmarks.bench_serve                 # tiny + paper, 4 clients
+    hms-bench --suite serve --variant tiny --smoke   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    MEDIA_DIR,
+    RESULTS_DIR,
+    ensure_model,
+    header_lines,
+    provenance,
+    write_json,
+)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    variants: tuple[str, ...] = ("tiny", "paper")
+    clients: int = 4
+    requests: dict[str, int] | None = None  # per client, per variant; default tiny 4, paper 2
+    steps: dict[str, int] | None = None  # per variant; default {"tiny": 16, "paper": 32}
+    policy: str = "rates:0.6,0.03"
+    threads: int = 1
+    max_queue_delay_us: int = 20000
+    video: str | None = None
+    device: str = "cpu"
+    work_dir: str | None = None
+    out: str = str(RESULTS_DIR)
+    name: str = "serve_cpu"
+    smoke: bool = False
+
+    def steps_for(self, variant: str) -> int:
+        return (self.steps or {}).get(variant) or {"tiny": 16, "paper": 32}[variant]
+
+    def requests_for(self, variant: str) -> int:
+        return (self.requests or {}).get(variant) or {"tiny": 4, "paper": 2}[variant]
+
+
+def smoke_settings(**overrides: Any) -> ServeSettings:
+    base = ServeSettings(variants=("tiny",), clients=2, requests={"tiny": 2}, smoke=True,
+                         out=str(MEDIA_DIR / "smoke"), name="serve_smoke")
+    return replace(base, **overrides)
+
+
+def _video(s: ServeSettings, log: Callable[[str], None]) -> Path:
+    from benchmarks.make_reference_video import SMOKE, reference_video
+
+    if s.video:
+        return Path(s.video)
+    target = Path(s.work_dir) / SMOKE.name if s.work_dir else SMOKE
+    if not target.exists():
+        log(f"generating {target}")
+    return reference_video(target, smoke=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 1)
+
+
+def _offline(engines: Path, videos: list[str], s: ServeSettings, steps: int) -> dict[str, Any]:
+    from hms_deploy.runtime.session import Session
+
+    out: dict[str, Any] = {}
+    with Session(engines_dir=engines, threads=s.threads) as session:
+        opts = session.options(policy=s.policy, steps=steps)
+        next(iter(session.classify_many(videos[:1], options=opts)))  # warm-up
+        for mode, batch in (("sequential", 1), ("lockstep", s.clients)):
+            t = time.perf_counter()
+            recs = list(session.classify_many(videos, options=opts, batch_size=batch))
+            wall = time.perf_counter() - t
+            assert all("error" not in r for r in recs), recs
+            out[mode] = {"batch": batch, "videos": len(videos), "wall_s": round(wall, 3),
+                         "videos_per_s": round(len(videos) / wall, 4)}
+            out["records"] = recs
+    return out
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _infer(client: Any, module: Any, path: str, policy: str) -> dict[str, Any]:
+    ins = []
+    for name, value in (("path", path), ("policy", policy)):
+        i = module.InferInput(name, [1, 1], "BYTES")
+        i.set_data_from_numpy(np.array([[value.encode()]], dtype=object))
+        ins.append(i)
+    return json.loads(client.infer("hms", ins, client_timeout=600).as_numpy("record")[0, 0])
+
+
+def _serve(engines: Path, video: Path, s: ServeSettings, steps: int, requests: int, work: Path,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    import tritonclient.grpc as tgrpc
+
+    http, grpc, metrics = _free_ports(3)
+    cmd = [sys.executable, "-m", "hms_deploy.cli.serve", "--engines", str(engines),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--allowed-root", str(video.parent), "--threads", str(s.threads),
+           "--steps", str(steps), "--max-batch", str(max(8, s.clients)),
+           "--max-queue-delay-us", str(s.max_queue_delay_us), "--drain-s", "1"]
+    log_path = work / "hms-serve.log"
+    with open(log_path, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        url = f"127.0.0.1:{grpc}"
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("hms-serve did not start:\n" + log_path.read_text()[-3000:])
+            try:
+                with tgrpc.InferenceServerClient(url) as c:
+                    if c.is_model_ready("hms"):
+                        break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        with tgrpc.InferenceServerClient(url) as c:  # warm-up
+            _infer(c, tgrpc, video.name, s.policy)
+        latencies: list[float] = []
+        recs: list[dict[str, Any]] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client() -> None:
+            with tgrpc.InferenceServerClient(url) as c:
+                for _ in range(requests):  # bounded
+                    t = time.perf_counter()
+                    try:
+                        rec = _infer(c, tgrpc, video.name, s.policy)
+                    except Exception as e:  # noqa: BLE001 - counted, reported
+                        with lock:
+                            errors.append(str(e))
+                        continue
+                    with lock:
+                        latencies.append(1e3 * (time.perf_counter() - t))
+                        recs.append(rec)
+
+        threads = [threading.Thread(target=client) for _ in range(s.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    n = len(latencies)
+    batches = [r["stats"]["batch"] for r in recs]
+    return {
+        "clients": s.clients, "requests": s.clients * requests, "answered": n,
+        "errors": errors[:5], "wall_s": round(wall, 3),
+        "requests_per_s": round(n / wall, 4) if wall > 0 else None,
+        "latency_ms": {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+                       "min": round(min(latencies), 1), "max": round(max(latencies), 1)}
+        if latencies else None,
+        "lockstep_batch": {"mean": round(float(np.mean(batches)), 2), "max": max(batches)}
+        if batches else None,
+        "records": recs,
+    }
+
+
+def _agree(served: list[dict[str, Any]], offline: list[dict[str, Any]]) -> bool:
+    ref = offline[0]
+    return all(
+        r["decisions"] == ref["decisions"] and r["label"] == ref["label"]
+        and all(abs(p - q) <= 1e-5 for (_, p), (_, q) in zip(r["topk"], ref["topk"]))
+        for r in served
+    )
+
+
+def run(s: ServeSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    prov = provenance(s.device)
+    video = _video(s, log)
+    results: dict[str, Any] = {}
+    for variant in s.variants:
+        steps = s.steps_for(variant)
+        root = Path(s.work_dir) / "models" / variant if s.work_dir else None
+        _, engines = ensure_model(variant, root=root, log=log)
+        assert engines is not None
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            work = Path(tmp)
+            requests = s.requests_for(variant)
+            n = s.clients * requests
+            log(f"[{variant}] offline: {n} videos, T={steps}, {s.policy}")
+            offline = _offline(engines, [str(video)] * n, s, steps)
+            log(f"[{variant}] serve: {s.clients} clients x {requests} requests")
+            served = _serve(engines, video, s, steps, requests, work, log)
+        ok = _agree(served.pop("records"), offline.pop("records"))
+        seq = offline["sequential"]["videos_per_s"]
+        results[variant] = {
+            "steps": steps, "offline": offline, "serve": served, "records_agree": ok,
+            "serve_over_offline_sequential": round(served["requests_per_s"] / seq, 3)
+            if served["requests_per_s"] else None,
+        }
+        log(f"[{variant}] offline {seq} videos/s (sequential), "
+            f"{offline['lockstep']['videos_per_s']} (lockstep {s.clients}); serve "
+            f"{served['requests_per_s']} req/s, p50 {served['latency_ms']['p50']} ms, "
+            f"p99 {served['latency_ms']['p99']} ms; records agree: {ok}")
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    out = {"provenance": prov, "settings": asdict(s), "video": str(video),
+           "loadavg_at_end": load_end, "results": results}
+    out_dir = Path(s.out)
+    write_json(out_dir / f"{s.name}.json", out)
+    (out_dir / f"{s.name}.md").write_text(markdown(out))
+    log(f"wrote {out_dir / s.name}.json and .md")
+    return out
+
+
+def markdown(out: dict[str, Any]) -> str:
+    s = out["settings"]
+    lines = [f"# Serving (hms-serve on Triton) vs offline hms-run: {', '.join(s['variants'])}", ""]
+    lines += header_lines(out["provenance"])
+    lines += [f"- load average at end: {out['loadavg_at_end']}",
+              (f"- video: {Path(out['video']).name}; policy {s['policy']}; ONNX Runtime "
+              f"{s['threads']} thread(s) per session on both sides; {s['clients']} concurrent "
+              f"gRPC clients (requests per client: see the JSON); dynamic batching delay "
+              f"{s['max_queue_delay_us']} us"), "",
+              ("| variant | T | offline sequential videos/s | offline lockstep videos/s | "
+              "serve requests/s | serve / offline seq. | p50 latency | p99 latency | "
+              "mean lockstep batch | records agree |"),
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for v, r in out["results"].items():
+        sv, off = r["serve"], r["offline"]
+        lat = sv["latency_ms"] or {}
+        lines.append(
+            f"| {v} | {r['steps']} | {off['sequential']['videos_per_s']} | "
+            f"{off['lockstep']['videos_per_s']} | {sv['requests_per_s']} | "
+            f"{r['serve_over_offline_sequential']}x | {lat.get('p50')} ms | {lat.get('p99')} ms | "
+            f"{(sv['lockstep_batch'] or {}).get('mean')} | {r['records_agree']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", action="append", choices=["tiny", "paper"])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=None, help="per client (default tiny 4, paper 2)")
+    ap.add_argument("--steps", type=int, default=None, help="T for every variant")
+    ap.add_argument("--policy", default="rates:0.6,0.03")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--video", default=None)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args(argv)
+    given: dict[str, Any] = {"clients": a.clients, "policy": a.policy, "threads": a.threads,
+                             "video": a.video}
+    given.update({k: v for k, v in (("name", a.name), ("out", a.out)) if v is not None})
+    if a.requests:
+        given["requests"] = {"tiny": a.requests, "paper": a.requests}
+    if a.variant:
+        given["variants"] = tuple(a.variant)
+    if a.steps:
+        given["steps"] = {"tiny": a.steps, "paper": a.steps}
+    s = smoke_settings(**given) if a.smoke else ServeSettings(**given)
+    print(json.dumps({k: v["serve"]["requests_per_s"] for k, v in run(s)["results"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

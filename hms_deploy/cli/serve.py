@@ -1,0 +1,118 @@
+"""``hms-serve``: Triton Inference Server with one model, ``hms``, over an export.
+
+Writes a model repository (engines referenced in place) into a temporary workspace,
+starts ``tritonserver`` on it with every port (HTTP, gRPC, metrics) bound to ``--host``
+and blocks until SIGINT/SIGTERM; then Triton stops taking requests, answers the
+in-flight ones (up to 25 s), frees its ports, and the workspace is removed.
+
+Why not PyTriton's ``Triton.bind``: a PyTriton callable that raises fails every request
+of its dynamic batch with the same message, and a bad request must fail alone. The
+repository's Python-backend model answers each request of a batch separately; PyTriton's
+wheel still provides the server binary, its Python backend and the stubs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.errors import ConfigError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("engines"), show_default=True, help="Export directory from hms-export.")
+@click.option("--engine", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
+              help="Backend of the engines.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address EVERY port binds to (Triton has no authentication: keep loopback "
+                   "unless a proxy in front of it authenticates).")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest dynamic batch (requests stepped in lockstep).")
+@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True,
+              help="How long Triton waits to fill a dynamic batch.")
+@click.option("--allowed-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Accept 'path' inputs naming files under this folder (default: uploads only).")
+@click.option("--max-upload-mb", type=float, default=512.0, show_default=True,
+              help="Largest 'video' upload in MiB.")
+@click.option("--steps", type=int, default=None, help="Steps T of every request (default: the model's).")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Model instances (each opens the engines once).")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime intra-op threads per instance (default: all cores).")
+@click.option("--drain-s", type=float, default=10.0, show_default=True,
+              help="After SIGINT/SIGTERM: seconds during which queued and new requests on open "
+                   "connections are still answered; later ones are refused (UNAVAILABLE).")
+@click.option("--exit-timeout-s", type=int, default=20, show_default=True,
+              help="After SIGINT/SIGTERM: the longest Triton waits for open connections.")
+@click.option("--log-verbose", type=int, default=0, show_default=True, help="Triton log level.")
+@debug_option
+@handle_errors("hms-serve")
+def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, max_batch,
+         max_queue_delay_us, allowed_root, max_upload_mb, steps, instances, threads, drain_s, exit_timeout_s, log_verbose, debug):
+    """Serve the export in --engines with Triton Inference Server (model 'hms')."""
+    from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
+    from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
+
+    for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port),
+                       ("--metrics-port", metrics_port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name} must be a TCP port (1-65535), got {port}")
+    if len({http_port, grpc_port, metrics_port}) < 3:
+        raise ConfigError("--http-port, --grpc-port and --metrics-port must differ")
+    if not 0 <= drain_s < exit_timeout_s:
+        raise ConfigError(f"--drain-s must be >= 0 and below --exit-timeout-s ({exit_timeout_s}), "
+                          f"got {drain_s:g}")
+    if not max_upload_mb > 0:
+        raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
+    options = RepositoryOptions(
+        engine=engine, device=device, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+        instances=instances, allowed_root=allowed_root, threads=threads, steps=steps,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    with tempfile.TemporaryDirectory(prefix="hms-serve-") as work:
+        stop_file = Path(work) / "drain-deadline"
+        options = dataclasses.replace(options, stop_file=stop_file)
+        repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
+                                copy_engines=False)
+        ends = Endpoints(host, http_port, grpc_port, metrics_port)
+        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s)
+        try:
+            server.start()
+            click.echo(f"hms-serve: model 'hms' ready: HTTP {host}:{http_port}, gRPC "
+                       f"{host}:{grpc_port}, metrics {host}:{metrics_port} (pid "
+                       f"{server.proc.pid if server.proc else '?'})", err=True)
+            sys.stderr.flush()
+            while not stop.wait(0.5):
+                if not server.alive():
+                    raise ConfigError(f"tritonserver exited unexpectedly (code "
+                                      f"{server.proc.returncode if server.proc else '?'})")
+            stop_file.write_text(f"{time.time() + drain_s:.3f}")
+            click.echo(f"hms-serve: stopping: no new connections; requests answered for "
+                       f"{drain_s:g} s more, then refused", err=True)
+        finally:
+            code = server.stop()
+    click.echo(f"hms-serve: stopped (tritonserver exit code {code})", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

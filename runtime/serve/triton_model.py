@@ -1,0 +1,120 @@
+"""The Triton Python-backend model ``hms``: the runtime's :class:`Session` behind Triton.
+
+A model repository's ``hms/1/model.py`` re-exports :class:`TritonPythonModel` from here
+(:mod:`hms_deploy.runtime.serve.repository`). Settings come from ``config.pbtxt``
+``parameters`` (strings): ``engines_dir`` (relative to the version directory, or
+absolute), ``engine``, ``device``, ``allowed_root`` (empty: no ``path`` inputs),
+``max_upload_bytes``, ``threads`` (ONNX Runtime intra-op threads; empty: all cores),
+``topk``, ``steps`` (T of every request; empty: the model's), ``stop_file`` (see below).
+
+Draining (``hms-serve``): on SIGTERM, hms-serve writes a deadline (Unix time) into
+``stop_file`` and signals Triton, which refuses new connections but keeps serving open
+ones until they close or its exit timeout passes. Batches that start before the
+deadline are answered as usual; later ones are refused with UNAVAILABLE ("shutting
+down"), so the server is idle, and no accepted request is cut off, when Triton exits.
+
+Each ``execute`` call receives the requests of one dynamic batch and answers every one:
+:class:`~hms_deploy.runtime.serve.handler.Handler` steps the valid ones in lockstep and
+a bad request gets an error response (one line) without failing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hms_deploy.runtime.serve import INPUTS
+from hms_deploy.runtime.serve.handler import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    INTERNAL_PREFIX,
+    Handler,
+    ServeOptions,
+)
+
+
+def parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """``parameters`` of a model config (as JSON) -> {key: string value}."""
+    return {k: str(v.get("string_value", "")) for k, v in model_config.get("parameters", {}).items()}
+
+
+def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
+    """An opened Session and its Handler from the model's parameters."""
+    from hms_deploy.runtime.session import Session
+
+    engines = Path(params.get("engines_dir") or "engines")
+    if not engines.is_absolute():
+        engines = version_dir / engines
+    engine = params.get("engine") or "onnx"
+    extra: dict[str, object] = {}
+    if params.get("threads") and engine == "onnx":
+        extra["threads"] = int(params["threads"])
+    session = Session(engines_dir=engines, engine=engine, device=params.get("device") or "cpu",
+                      **extra)
+    session.open()
+    root = params.get("allowed_root") or None
+    options = ServeOptions(
+        allowed_root=Path(root) if root else None,
+        max_upload_bytes=int(params.get("max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES),
+        topk=int(params.get("topk") or 5),
+        steps=int(params["steps"]) if params.get("steps") else None,
+    )
+    return Handler(session, options)
+
+
+def _error(pb_utils: Any, message: str) -> Any:
+    """A TritonError: INVALID_ARG (HTTP 400) for a bad request, INTERNAL (500) otherwise."""
+    codes = getattr(pb_utils.TritonError, "INVALID_ARG", None), getattr(pb_utils.TritonError, "INTERNAL", None)
+    code = codes[1] if message.startswith(INTERNAL_PREFIX) else codes[0]
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class TritonPythonModel:
+    """Triton's Python-backend entry points (``initialize``, ``execute``, ``finalize``)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        params = parameters(config)
+        self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
+        self.handler = open_handler(params, version_dir)
+
+    def draining(self) -> bool:
+        """Past hms-serve's drain deadline (new batches are refused)."""
+        if self.stop_file is None:
+            return False
+        try:
+            deadline = float(self.stop_file.read_text() or 0)
+        except (OSError, ValueError):
+            return False
+        return time.time() >= deadline
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import triton_python_backend_utils as pb_utils  # only inside the backend's stub
+
+        if self.draining():  # one error object per response: a shared one crashes the backend
+            code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+            msg = "server is shutting down: request refused (retry on another server)"
+            return [pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
+            ) for _ in requests]
+        batch = []
+        for req in requests:
+            inputs = {}
+            for name in INPUTS:
+                t = pb_utils.get_input_tensor_by_name(req, name)
+                inputs[name] = None if t is None else t.as_numpy()
+            batch.append(inputs)
+        responses = []
+        for answer in self.handler.run(batch):
+            if isinstance(answer, str):
+                responses.append(pb_utils.InferenceResponse(error=_error(pb_utils, answer)))
+            else:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.items()]
+                ))
+        return responses
+
+    def finalize(self) -> None:
+        self.handler.session.close()
