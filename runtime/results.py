@@ -1,51 +1,144 @@
-"""``hms-run --output results.jsonl``: append-only, crash-safe, resumable result files.
+"""``hms-run --output results.jsonl``: crash-safe, resumable, one current record per video.
 
 One JSON object per line, one line per finished video (never the partial records of
-``--online``). Each line is written with one ``write`` call, flushed and fsynced before
-the next video starts, so a crash loses at most the video in progress and can tear at
-most the last line.
+``--online``): the record ``hms-run --json`` prints plus two fields that key resume:
 
-On reopening (a rerun):
+- ``"source"``: ``{"path": resolved path, "size": bytes, "mtime_ns": ns}`` of the video
+  when its run started (size and mtime are null for a file that could not be read);
+- ``"settings"``: what changes a record (:func:`run_settings`: the model's hash, engine,
+  device, policy, budget, T, topk, ...).
 
-- a video with a result line (an object with ``"video"`` and no ``"error"``) is done and
-  skipped; its name is matched as given and as an absolute path, so a rerun from the
-  same directory with the same arguments finds it;
-- a video with only error lines is retried (its new line is appended; old lines stay);
-- a torn last line (no trailing newline and not valid JSON, i.e. a crash mid-write) is
-  cut off before anything is appended; other lines that are not valid JSON are ignored.
+Writing: each line is one ``write`` on an ``O_APPEND`` descriptor, then fsync, before the
+next video starts; if the write fails (disk full) the partial line is cut off again. A
+kill at any moment therefore loses at most the videos in flight and leaves, at worst, a
+torn last line, which the next open cuts off.
+
+Reopening (a rerun) with the default mode ``resume``:
+
+- a video is its resolved path; its *current* record is its last line (a rerun that
+  reaches it by another relative path, or through a symlink, finds it);
+- it is skipped if its current record is a result (no ``"error"``) whose ``source``
+  identity still matches the file (same size and mtime) and whose ``settings`` equal this
+  run's; a changed file, an error record or a legacy line (without ``source``) is run
+  again, and the new line supersedes the old one;
+- if any current record was made with other settings, opening refuses
+  (:class:`SettingsMismatch`, naming each differing setting): use another file, or the
+  mode ``new`` (write ``NAME.1.jsonl``, ``NAME.2.jsonl``, ...: the first free name) or
+  ``overwrite`` (start the file over);
+- lines that are not records (corrupted in the middle of the file) are reported in
+  :attr:`ResultsFile.warnings`, kept as they are, and ignored.
+
+One current record per video, on disk: superseding lines are appended during the run
+(a crash leaves old and new lines; the reader takes the last one) and the file is
+*compacted* when opened and when closed, if it holds superseded lines: the kept lines are
+written to ``.NAME.tmp``, fsynced and renamed over the file (atomic: a crash leaves the
+old file or the new one). So after a run that ended (even by Ctrl-C) the file has one
+line per video, and counting lines or error records counts videos. A reader that
+follows the file while a run writes it (``tail -f``) must reopen it after a compaction.
+
+One writer: the run holds ``fcntl.flock`` on ``NAME.lock`` beside the file
+(:class:`~hms_deploy.outputs.OutputLock`); a second run refuses at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError
+from hms_deploy.outputs import OutputLock, check_output_parent, file_identity, replace_atomically
+
+MODES = ("resume", "new", "overwrite")
 
 
-def _key(video: str) -> str:
-    return os.path.abspath(video)
+class SettingsMismatch(ConfigError):
+    """The output holds records made with other settings than this run's."""
+
+
+def video_key(video: str | os.PathLike[str]) -> str:
+    """A video's identity in an output file: its fully resolved path."""
+    return os.path.realpath(video)
+
+
+@dataclass(frozen=True)
+class _Current:
+    """What the current line of one video says (the line itself stays on disk)."""
+
+    error: bool
+    identity: dict[str, Any] | None
+    settings: dict[str, Any] | None
+
+
+def _line_key(obj: Any) -> str | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("video"), str) or obj.get("partial"):
+        return None
+    src = obj.get("source")
+    if isinstance(src, dict) and isinstance(src.get("path"), str):
+        return src["path"]
+    return video_key(obj["video"])
+
+
+def _free_name(path: Path) -> Path:
+    if not path.exists() or path.stat().st_size == 0:
+        return path
+    stem, suffix = (path.stem, path.suffix) if path.suffix else (path.name, "")
+    for i in range(1, 10_000):
+        p = path.with_name(f"{stem}.{i}{suffix}")
+        if not p.exists():
+            return p
+    raise ConfigError(f"--output {path}: no free name {stem}.N{suffix} left")
+
+
+def _normal(settings: dict[str, Any] | None) -> dict[str, Any]:
+    return json.loads(json.dumps(settings or {}))  # as it will read back from the file
 
 
 class ResultsFile:
-    """An open ``results.jsonl``; :meth:`done` tells which videos to skip."""
+    """An open, locked ``results.jsonl``: :meth:`done` tells which videos to skip.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise ConfigError(f"--output {self.path}: is a directory, expected a .jsonl file")
-        self._done: set[str] = set()
+    ``settings``: what changes a record (stored on every line; see the module docstring).
+    ``mode``: ``resume`` (default), ``new`` or ``overwrite``. Raises :class:`ConfigError`
+    for a path that cannot be a file, :class:`~hms_deploy.outputs.OutputLocked` if
+    another run holds it, :class:`SettingsMismatch`; ``OSError`` if it cannot be written.
+    """
+
+    def __init__(self, path: str | Path, *, settings: dict[str, Any] | None = None,
+                 mode: str = "resume", command: str = "hms-run"):
+        if mode not in MODES:
+            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}")
+        path = Path(path)
+        check_output_parent(path, "--output")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "new":
+            path = _free_name(path)
+        self.path = path
+        self.settings = _normal(settings)
+        self.warnings: list[str] = []
         self.torn = False
-        self._scan()
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._state: dict[str, _Current] = {}
+        self._identity: dict[str, dict[str, int] | None] = {}
+        self._stale = 0  # superseded lines in the file
+        self._fd: int | None = None
+        self._lock = OutputLock(path.with_name(path.name + ".lock"), path, command).acquire()
+        try:
+            if mode == "overwrite" and path.exists():
+                replace_atomically(path, b"")
+            self._scan()
+            if self._stale:
+                self.compact()
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            self._lock.release()
+            raise
 
+    # -- reading -------------------------------------------------------------------------
     def _scan(self) -> None:
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             return
         data = self.path.read_bytes()
         lines = data.split(b"\n")
@@ -55,44 +148,172 @@ class ResultsFile:
                 obj = json.loads(tail)
             except ValueError:
                 obj = None
-            if isinstance(obj, dict):
-                # a complete object that only lacks its newline: keep it, add the newline
-                lines.append(tail)
-                with open(self.path, "ab") as f:
+            with open(self.path, "r+b") as f:
+                if isinstance(obj, dict):  # a complete object that only lacks its newline
+                    lines.append(tail)
+                    f.seek(0, os.SEEK_END)
                     f.write(b"\n")
-            else:
-                self.torn = True
-                with open(self.path, "r+b") as f:
+                else:  # torn by a crash mid-write: cut it off
+                    self.torn = True
                     f.truncate(len(data) - len(tail))
-        for line in lines:
+                f.flush()
+                os.fsync(f.fileno())
+        bad = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 obj = json.loads(line)
             except ValueError:
+                obj = None
+            key = _line_key(obj)
+            if key is None:
+                bad.append(number)
                 continue
-            if (
-                isinstance(obj, dict) and isinstance(obj.get("video"), str)
-                and "error" not in obj and not obj.get("partial")
-            ):
-                self._done.add(_key(obj["video"]))
+            if key in self._state:
+                self._stale += 1
+            src = obj.get("source") if isinstance(obj.get("source"), dict) else None
+            ident = ({"size": src.get("size"), "mtime_ns": src.get("mtime_ns")}
+                     if src is not None else None)
+            settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else None
+            self._state[key] = _Current("error" in obj, ident, settings)
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            self.warnings.append(
+                f"{self.path}: {len(bad)} line(s) are not result records (line {shown}): "
+                "kept as they are and ignored"
+            )
+        self._check_settings()
 
-    def done(self, video: str) -> bool:
-        """Whether ``video`` already has a result line."""
-        return _key(video) in self._done
+    def _check_settings(self) -> None:
+        diffs: dict[str, tuple[Any, Any]] = {}
+        for cur in self._state.values():
+            if cur.settings is None:
+                continue  # a legacy line: run again, never refused
+            for k in sorted(set(cur.settings) | set(self.settings)):
+                old, new = cur.settings.get(k), self.settings.get(k)
+                if old != new and k not in diffs:
+                    diffs[k] = (old, new)
+        if diffs:
+            what = "; ".join(f"{k} {json.dumps(o)} there, {json.dumps(n)} now"
+                             for k, (o, n) in diffs.items())
+            raise SettingsMismatch(
+                f"{self.path} holds records made with other settings ({what}): use another "
+                "--output, or --output-mode new (a new file beside it) or overwrite"
+            )
 
+    def done(self, video: str | os.PathLike[str]) -> bool:
+        """Whether ``video`` has a current result for this file content and these settings.
+
+        Remembers the file's identity now, before it runs: a file that changes while it is
+        classified is classified again by the next run.
+        """
+        key = video_key(video)
+        ident = file_identity(key)
+        self._identity[key] = ident
+        cur = self._state.get(key)
+        return (cur is not None and not cur.error and ident is not None
+                and cur.identity == ident and cur.settings == self.settings)
+
+    def counts(self) -> dict[str, int]:
+        """Current records in the file: ``{"videos", "results", "errors"}``."""
+        errors = sum(c.error for c in self._state.values())
+        return {"videos": len(self._state), "results": len(self._state) - errors,
+                "errors": errors}
+
+    # -- writing -------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
-        """Write one line, flush and fsync."""
-        self._f.write(json.dumps(record, separators=(", ", ": ")) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        if "error" not in record and not record.get("partial"):
-            self._done.add(_key(str(record.get("video"))))
+        """Write one finished record (with ``source`` and ``settings``), fsynced.
+
+        Partial records are not results and are not written. Raises ``OSError`` if the
+        line cannot be written; the file is left as it was.
+        """
+        if record.get("partial"):
+            return
+        if self._fd is None:
+            raise ConfigError(f"{self.path}: closed")
+        key = video_key(str(record.get("video")))
+        ident = self._identity.pop(key, None) or file_identity(key)
+        line = dict(record)
+        line["source"] = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
+        line["settings"] = self.settings
+        data = (json.dumps(line, separators=(", ", ": ")) + "\n").encode()
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)  # no partial line left behind
+            except OSError:
+                pass
+            raise
+        if key in self._state:
+            self._stale += 1
+        self._state[key] = _Current("error" in record, ident, self.settings)
+
+    def compact(self) -> None:
+        """Rewrite the file with the current line of each video (atomic; see module doc)."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        keys = []
+        for line in lines:
+            try:
+                keys.append(_line_key(json.loads(line)))
+            except ValueError:
+                keys.append(None)
+        last = {k: i for i, k in enumerate(keys) if k is not None}
+        kept = [ln for i, (ln, k) in enumerate(zip(lines, keys))
+                if (k is None and ln.strip()) or (k is not None and last[k] == i)]
+        replace_atomically(self.path, b"".join(ln + b"\n" for ln in kept) + tail)
+        if self._fd is not None:  # the open descriptor points at the replaced file
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._stale = 0
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        """Compact (if needed; a failure leaves a valid file and a warning) and unlock."""
+        if self._fd is None:
+            return
+        try:
+            if self._stale:
+                try:
+                    self.compact()
+                except OSError as e:
+                    self.warnings.append(
+                        f"{self.path}: not compacted ({e.strerror or e}); it stays valid, "
+                        "the last line of each video is its record"
+                    )
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._lock.release()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_settings(session: Any, options: Any, **extra: Any) -> dict[str, Any]:
+    """The settings that change a record, for :class:`ResultsFile` (``extra``: more of them).
+
+    ``model`` is the export's manifest hash (or the checkpoint's, torch engine); then
+    engine, device, policy, budget (GMAC), T, topk, the no-audio policy and whether
+    truncated files are classified. ``--batch-size`` and ``--online`` are not settings:
+    they do not change a final record's decisions or probabilities.
+    """
+    es = session.engine_set
+    no_audio = getattr(options, "no_audio", None)
+    return {
+        "model": es.export_sha256 or session.checkpoint_sha256,
+        "engine": es.backend, "device": str(es.device), "policy": str(options.policy),
+        "budget": options.budget, "T": options.steps, "topk": options.topk,
+        "no_audio_policy": "error" if no_audio is None else str(no_audio),
+        "allow_truncated": bool(getattr(options, "allow_truncated", False)), **extra,
+    }

@@ -282,6 +282,11 @@ class _BatchRun:
     def close(self) -> None:
         for v in self.videos:
             v.inputs.close()
+        # run <-> ops is a reference cycle: left to the cyclic gc, every batch's tensors
+        # waited for a full collection (rare in a process with torch's ~200k objects) and
+        # a lockstep job's memory grew without bound (benchmarks/bench_memory.py)
+        del self.ops
+        self.patches = []
 
     # -- records -------------------------------------------------------------------------
     def record(self, v: int, probs: Tensor, timing: dict[str, float], *, partial: bool) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,67 @@ def test_other_checkpoint_is_refused(data, tmp_path):
     r = run(data, tmp_path / "st", "--steps", "2")
     assert r.returncode == 0, r.stderr
     r = run(data, tmp_path / "st")  # T=4 into a T=2 store
-    assert r.returncode == 1 and "steps 2 (store) vs 4" in r.stderr
+    assert r.returncode == 3 and "steps 2 (store) vs 4" in r.stderr
+    assert "; 5 video(s) not attempted" in r.stderr
     meta = json.loads((tmp_path / "st" / "store.json").read_text())
     assert meta["steps"] == 2
+
+
+def test_changed_video_is_extracted_again_and_superseded(data, tmp_path):
+    src = tmp_path / "d"
+    shutil.copytree(data, src)
+    r = run(src, tmp_path / "st")
+    assert r.returncode == 0, r.stderr
+    before = snapshot(tmp_path / "st")
+    # a video rewritten with other content (e.g. it was still being written before)
+    render_class_video(src / "videos" / "tone_low.mp4", "red_disc", seed=9, index=0,
+                       duration_s=1.5, fps=8, size=(64, 48))
+    r = run(src, tmp_path / "st")
+    assert r.returncode == 0, r.stderr
+    assert "1 extracted, 4 already in the store" in r.stdout
+    after = snapshot(tmp_path / "st")
+    assert sorted(after) == sorted(before)
+    assert after["videos/tone_low.mp4"][0][2] == 1.5  # the new file's duration
+    assert not np.array_equal(after["videos/tone_low.mp4"][1]["appearance"],
+                              before["videos/tone_low.mp4"][1]["appearance"])
+    for k in before:
+        if k != "videos/tone_low.mp4":
+            np.testing.assert_array_equal(after[k][1]["motion"], before[k][1]["motion"])
+    index = (tmp_path / "st" / "index.jsonl").read_text().splitlines()
+    assert len(index) == 5  # one line per video (the superseded one compacted away)
+    rec = json.loads(next(x for x in index if "tone_low" in x))
+    assert rec["size"] == (src / "videos" / "tone_low.mp4").stat().st_size
+
+
+def test_locked_store_exits_3(data, tmp_path):
+    from hms_deploy.outputs import OutputLock
+
+    (tmp_path / "st").mkdir()
+    with OutputLock(tmp_path / "st" / ".lock", tmp_path / "st", "hms-extract"):
+        r = run(data, tmp_path / "st")
+    assert r.returncode == 3
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"another hms-extract is writing it (pid {os.getpid()})" in line
+    assert "; 5 video(s) not attempted" in line
+
+
+def test_full_disk_exits_3_and_resumes(data, tmp_path):
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # the first shard holds 2 videos: 2 * 4 steps * 192 dims * 2 bytes of motion
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 4 * 192 * 2 + 100,) * 2)
+
+    cmd = [EXE, "--checkpoint", str(data / "tiny.pt"), "--list", str(data / "list.csv"),
+           "--out", str(tmp_path / "st"), "--workers", "0", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                       preexec_fn=limit)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "cannot write" in line and "File too large" in line
+    assert "3 of 5 video(s) not in the store (rerun with the same --out to resume)" in line
+    assert len(open_store(tmp_path / "st")) == 2
+    r = run(data, tmp_path / "st")
+    assert r.returncode == 0 and "3 extracted, 2 already in the store" in r.stdout

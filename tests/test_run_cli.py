@@ -30,6 +30,11 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
+def _strip_resume(line: dict) -> dict:
+    """An --output line without the fields that key resume: the record --json prints."""
+    return {k: v for k, v in line.items() if k not in ("source", "settings")}
+
+
 def test_human_summary_and_json(tmp_path):
     a = assets()
     r = run(a.video, "--engines", a.engines)
@@ -71,10 +76,13 @@ def test_inputs_dirs_and_lists(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"# a comment\n\n{videos[1]}\n{tmp_path / 'd'}\n")
     assert expand_inputs((str(tmp_path / "d"),)) == [str(v) for v in videos]
-    assert expand_inputs((f"@{lst}", "x.mp4")) == [str(videos[1])] + [str(v) for v in videos] + ["x.mp4"]
+    # videos[1] comes first (from the list), then the directory adds only videos[0]
+    assert expand_inputs((f"@{lst}", "x.mp4")) == [str(videos[1]), str(videos[0]), "x.mp4"]
     r = run(f"@{lst}", "--engines", assets().engines, "--json", "--policy", "audio-only")
     assert r.exit_code == 0, r.stderr
-    assert len(_json_lines(r.stdout)) == 3
+    assert len(_json_lines(r.stdout)) == 2
+    assert f"warning: '{videos[1]}' given more than once: classified once" in r.stderr
+    assert "2 input(s): 2 classified, 0 failed, 1 scan warning(s)" in r.stderr
 
 
 def test_twenty_videos_two_corrupt(tmp_path):
@@ -89,7 +97,7 @@ def test_twenty_videos_two_corrupt(tmp_path):
     assert sorted(x["video"] for x in errors) == [str(videos[5]), str(videos[12])]
     assert all(set(x) == {"video", "error"} for x in errors)
     assert "2 of 20 video(s) failed" in r.stderr
-    assert _json_lines(out.read_text()) == recs
+    assert [_strip_resume(x) for x in _json_lines(out.read_text())] == recs
     # rerun: the 18 results are skipped, the 2 errors retried (fixed one now succeeds)
     videos[5].write_bytes(assets().video.read_bytes())
     r = run(tmp_path / "v", "--engines", assets().engines, "--json", "--output", out,
@@ -99,7 +107,9 @@ def test_twenty_videos_two_corrupt(tmp_path):
     recs = _json_lines(r.stdout)
     assert [x["video"] for x in recs] == [str(videos[5]), str(videos[12])]
     assert "error" not in recs[0] and "error" in recs[1]
-    assert len(_json_lines(out.read_text())) == 22
+    lines = _json_lines(out.read_text())  # one current record per video: errors replaced
+    assert sorted(x["video"] for x in lines) == sorted(str(v) for v in videos)
+    assert [x["video"] for x in lines if "error" in x] == [str(videos[12])]
 
 
 def test_killed_midway_then_resumed(tmp_path):
@@ -176,7 +186,7 @@ def test_bad_options(tmp_path):
     if not torch.cuda.is_available():
         _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device", 1)
         _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device", 1)
-    _bad([v, "--engines", e, "--output", tmp_path], "is a directory")
+    _bad([v, "--engines", e, "--output", tmp_path], "is a directory", code=3)  # output unusable: stopped
     # the options alone are checked before anything is loaded or looked up
     missing = tmp_path / "no-engines"
     _bad([v, "--engines", missing, "--policy", "sometimes"], "unknown policy 'sometimes'")
@@ -186,7 +196,7 @@ def test_bad_options(tmp_path):
     # a checkpoint given as --engines: the suggestion is a command that works
     _bad([v, "--engines", ck], f"'{ck}' is a file; run a checkpoint with --checkpoint {ck}, or "
          f"export it first with `hms-export --checkpoint {ck} --out engines/`")
-    _bad([v, v, "--engines", e, "--explain", tmp_path / "x.png"], "--explain draws one video")
+    _bad([v, assets().long, "--engines", e, "--explain", tmp_path / "x.png"], "--explain draws one video")
 
 
 def test_help():
@@ -214,3 +224,153 @@ def test_progress_bar_goes_to_stderr(tmp_path, flag):
     assert r.exit_code == 0
     assert len(_json_lines(r.stdout)) == 1  # stdout stays clean JSON
     assert ("video/s" in r.stderr or "1/1" in r.stderr) == (flag == "--progress")
+
+
+# ---------------------------------------------------------------- batch runs at scale (#16)
+
+
+def test_scan_reports_what_it_skips(tmp_path):
+    d = tmp_path / "d"
+    videos = make_videos(d, 2)
+    (d / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
+    (d / "loop.mp4").symlink_to(d / "loop.mp4")
+    (d / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    other = make_videos(tmp_path / "elsewhere", 1)[0]
+    (d / "linked").symlink_to(tmp_path / "elsewhere")  # a symlinked directory: followed
+    (d / "linked" / "back").symlink_to(d)  # a loop back to the top: skipped
+    (d / "alias.mp4").symlink_to(videos[0])  # the same file again: classified once (sorted:
+    # alias.mp4 is met first, v00.mp4 is the duplicate)
+    out = tmp_path / "r.jsonl"
+    r = run(d, videos[1], "--engines", assets().engines, "--json", "--policy", "audio-only",
+            "--output", out)
+    assert r.exit_code == 1, r.stderr
+    recs = {x["video"]: x for x in _json_lines(r.stdout)}
+    assert set(recs) == {str(d / "dangling.mp4"), str(d / "loop.mp4"), str(d / "alias.mp4"),
+                         str(videos[1]), str(d / "linked" / "v00.mp4")}
+    assert recs[str(d / "dangling.mp4")]["error"].startswith("dangling symbolic link to '")
+    assert "symbolic link loop" in recs[str(d / "loop.mp4")]["error"]
+    assert recs[str(d / "linked" / "v00.mp4")]["label"]
+    assert os.path.realpath(d / "linked" / "v00.mp4") == str(other)
+    warnings = [x for x in r.stderr.splitlines() if "warning:" in x]
+    assert len(warnings) == 4, r.stderr
+    assert any("dangling.txt" in w and "dangling symbolic link" in w for w in warnings)
+    assert any(f"'{d / 'linked' / 'back'}' leads to '{d}', already scanned" in w for w in warnings)
+    assert any(f"'{videos[0]}' is the same file as '{d / 'alias.mp4'}'" in w for w in warnings)
+    assert any(f"'{videos[1]}' given more than once" in w for w in warnings)
+    assert "5 input(s): 3 classified, 2 failed, 4 scan warning(s)" in r.stderr
+    assert len(_json_lines(out.read_text())) == 5
+
+
+def test_symlink_loop_and_dangling_link_by_name(tmp_path):
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    (tmp_path / "d.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    r = run(tmp_path / "loop.mp4", tmp_path / "d.mp4", "--engines", assets().engines)
+    assert r.exit_code == 1
+    assert f"{tmp_path / 'loop.mp4'}: symbolic link loop" in r.stderr
+    assert f"{tmp_path / 'd.mp4'}: dangling symbolic link to '{tmp_path / 'nowhere.mp4'}'" in r.stderr
+
+
+def test_resume_keys_on_resolved_path_file_and_settings(tmp_path, monkeypatch):
+    a = assets()
+    vdir = tmp_path / "v"
+    videos = make_videos(vdir, 2)
+    out = tmp_path / "r.jsonl"
+    base = ["--engines", a.engines, "--json", "--output", out, "--policy", "every:4"]
+    r = run(*videos, *base)
+    assert r.exit_code == 0, r.stderr
+    # the same videos by another relative path: skipped
+    monkeypatch.chdir(vdir)
+    r = run("v00.mp4", "./v01.mp4", *base)
+    assert r.exit_code == 0 and "2 video(s) already in" in r.stderr and r.stdout == ""
+    # a file that changed (rewritten) is classified again, its record replaced
+    videos[1].write_bytes(a.long.read_bytes())
+    r = run(*videos, *base)
+    assert r.exit_code == 0, r.stderr
+    assert [x["video"] for x in _json_lines(r.stdout)] == [str(videos[1])]
+    lines = _json_lines(out.read_text())
+    assert len(lines) == 2 and lines[1]["source"]["size"] == a.long.stat().st_size
+    # other settings: refused with one line naming them, exit 3, nothing written
+    before = out.read_bytes()
+    r = run(*videos, "--engines", a.engines, "--output", out, "--policy", "dense")
+    assert r.exit_code == 3
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and 'policy "every:4" there, "dense" now' in err[0], r.stderr
+    assert "--output-mode new" in err[0] and "2 input(s) not attempted" in err[0]
+    assert out.read_bytes() == before
+    r = run(*videos, "--engines", a.engines, "--output", out, "--steps", "8", "--json",
+            "--policy", "every:4", "--output-mode", "new")
+    assert r.exit_code == 0, r.stderr
+    assert f"writing {tmp_path / 'r.1.jsonl'}" in r.stderr
+    assert len(_json_lines((tmp_path / "r.1.jsonl").read_text())) == 2
+
+
+def test_exit_code_3_when_the_output_is_locked_or_not_a_file(tmp_path):
+    from hms_deploy.outputs import OutputLock
+
+    a = assets()
+    out = tmp_path / "r.jsonl"
+    with OutputLock(tmp_path / "r.jsonl.lock", out, "hms-run"):
+        r = run(a.video, "--engines", a.engines, "--output", out)
+    assert r.exit_code == 3
+    assert f"{out}: another hms-run is writing it (pid {os.getpid()})" in r.stderr
+    assert "1 input(s) not attempted" in r.stderr
+    (tmp_path / "a").write_text("x")
+    r = run(a.video, "--engines", a.engines, "--output", tmp_path / "a" / "b.jsonl")
+    assert r.exit_code == 3
+    assert f"'{tmp_path / 'a'}' is a file, not a directory" in r.stderr
+    assert "File exists" not in r.stderr
+
+
+def _cli(args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "hms_deploy.cli.run", *map(str, args)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw,
+    )
+
+
+def test_exit_code_3_on_a_full_disk(tmp_path):
+    """RLIMIT_FSIZE makes writes to --output fail past 6 kB, as a full disk does."""
+    import resource
+
+    videos = make_videos(tmp_path / "v", 12)
+    out = tmp_path / "r.jsonl"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+
+    proc = _cli([tmp_path / "v", "--engines", assets().engines, "--output", out, "--no-progress",
+                 "--policy", "audio-only"], preexec_fn=limit)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"hms-run: error: cannot write {out}: File too large; ")
+    done = len(_json_lines(out.read_text()))  # every line complete
+    assert 0 < done < 12 and out.read_text().endswith("\n")
+    assert f"{12 - done} of 12 input(s) not attempted" in last
+    r = run(tmp_path / "v", "--engines", assets().engines, "--output", out, "--policy", "audio-only")
+    assert r.exit_code == 0 and f"{done} video(s) already in" in r.stderr
+    assert sorted(x["video"] for x in _json_lines(out.read_text())) == [str(v) for v in videos]
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted (SIGINT)"),
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_signals_exit_130_143_and_say_what_is_left(tmp_path, sig, code, word):
+    make_videos(tmp_path / "v", 20)
+    out = tmp_path / "r.jsonl"
+    proc = _cli([tmp_path / "v", "--engines", assets().engines, "--output", out, "--no-progress"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before the signal"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    done = len(_json_lines(out.read_text()))
+    assert 2 <= done < 20
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"hms-run: error: {word}; {20 - done} of 20 input(s) not attempted")
+    assert f"rerun with the same --output {out} to resume" in last

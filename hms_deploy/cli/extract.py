@@ -7,6 +7,35 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.common import debug_option, fail, handle_errors, set_threads
+from hms_deploy.errors import HMSError
+from hms_deploy.outputs import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STOPPED, Terminated, sigterm_raises
+
+
+def _stopped(e: BaseException, dataset: object, out: Path) -> None:
+    """One line for a run that stopped early: why, and how many videos are not in the store."""
+    from hms_deploy.data.features import StoreLocked, StoreMismatch, open_store
+
+    entries = getattr(dataset, "entries", [])
+    total = len(entries) + len(getattr(dataset, "problems", []))
+    try:
+        keys = set(open_store(out).keys())
+    except HMSError:
+        keys = set()
+    left = total - sum(e.key in keys for e in entries)
+    if isinstance(e, (StoreLocked, StoreMismatch)):  # refused before any video
+        fail("hms-extract", f"{' '.join(str(e).split())}; {total} video(s) not attempted",
+             EXIT_STOPPED)
+    if isinstance(e, KeyboardInterrupt):
+        why, code = "interrupted (SIGINT)", EXIT_SIGINT
+    elif isinstance(e, Terminated):
+        why, code = "terminated (SIGTERM)", EXIT_SIGTERM
+    elif isinstance(e, OSError):
+        why = f"cannot write {e.filename or out}: {e.strerror or e}"
+        code = EXIT_STOPPED
+    else:
+        why, code = " ".join(str(e).split()), EXIT_STOPPED
+    fail("hms-extract", f"{why}; {left} of {total} video(s) not in the store "
+                        "(rerun with the same --out to resume)", code)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,9 +64,21 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
          debug):
     """Extract per-step raw audio/appearance/motion features for every video of a CSV.
 
-    A rerun skips videos already in the store and retries failed ones. Videos that fail
-    (missing, not a video, corrupt, unknown label) are listed in OUT/errors.jsonl; the
-    others are still extracted, and the exit code is 1 if any failed.
+    A rerun skips videos already in the store whose file is unchanged (same size and
+    modification time; a changed file is extracted again and its record superseded) and
+    retries failed ones. Videos that fail (missing, not a video, corrupt, unknown label)
+    are listed in OUT/errors.jsonl (rewritten by every run: one line per failure); the
+    others are still extracted. One writer per store (OUT/.lock; a second run refuses).
+
+    \b
+    Exit codes:
+      0    every video is in the store
+      1    the run completed and some videos failed (OUT/errors.jsonl)
+      2    usage error
+      3    the run stopped (or could not start) before attempting every video: the
+           store is locked by another run, made with other settings, or cannot be
+           written (disk full); the message says how many videos are not in the store
+      130  interrupted (SIGINT); 143 terminated (SIGTERM). Rerun to resume.
     """
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.datasets import read_list
@@ -46,10 +87,16 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     dataset = read_list(list_path)
-    report = extract(
-        ckpt, dataset, out, steps=steps, workers=workers, dtype=dtype, batch_size=batch_size,
-        shard_size=shard_size, progress=not quiet,
-    )
+    try:
+        with sigterm_raises():
+            report = extract(
+                ckpt, dataset, out, steps=steps, workers=workers, dtype=dtype,
+                batch_size=batch_size, shard_size=shard_size, progress=not quiet,
+            )
+    except (KeyboardInterrupt, Terminated, OSError, HMSError) as e:
+        if debug and not isinstance(e, (KeyboardInterrupt, Terminated)):
+            raise
+        _stopped(e, dataset, out)
     click.echo(f"{out}: {report.summary()}")
     for w in report.warnings:
         click.echo(f"hms-extract: warning: {w}", err=True)

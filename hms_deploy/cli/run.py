@@ -7,20 +7,18 @@ validates the options (one-line errors before any video runs), prints a record p
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from hms_deploy.cli.batch import PROGRESS_MIN_INPUTS, JobOptions, run_job, warn
 from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.cli.inputs import VIDEO_EXTENSIONS, expand, expand_inputs
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import NO_AUDIO_HELP
 
-VIDEO_EXTENSIONS = frozenset(
-    [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv"]
-)
-PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
+__all__ = ["VIDEO_EXTENSIONS", "check_options", "expand_inputs", "main", "strip", "summary"]
 
 
 def check_options(*, steps, budget, policy, no_audio_policy, topk) -> None:
@@ -43,50 +41,12 @@ def check_options(*, steps, budget, policy, no_audio_policy, topk) -> None:
         raise ConfigError(f"budget must be a number of GMAC > 0, got {budget:g}")
 
 
-def expand_inputs(items: tuple[str, ...]) -> list[str]:
-    """Files as given; directories recursively (video extensions, sorted); ``@list.txt``.
-
-    A list file has one path a line (blank lines and lines starting with ``#`` are
-    skipped); relative paths are relative to the current directory. A named file that
-    does not exist stays in the list (it becomes that video's error line).
-    """
-    out: list[str] = []
-    for item in items:
-        if item.startswith("@"):
-            lst = Path(item[1:])
-            if not lst.is_file():
-                raise ConfigError(f"list file '{lst}' not found")
-            for line in lst.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out.extend(expand_inputs((line,)) if Path(line).is_dir() else [line])
-        elif Path(item).is_dir():
-            found = sorted(
-                str(p) for p in Path(item).rglob("*")
-                if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
-            )
-            if not found:
-                raise ConfigError(
-                    f"directory '{item}' holds no video files ({' '.join(sorted(VIDEO_EXTENSIONS))})"
-                )
-            out.extend(found)
-        else:
-            out.append(item)
-    return out
-
-
 def strip(decisions: dict[str, list[int]]) -> str:
     """One character per step: '.' audio only, 'i' appearance, 'M' motion (+ appearance)."""
     return "".join(
         "M" if m else ("i" if a else ".")
         for a, m in zip(decisions["appearance"], decisions["motion"])
     )
-
-
-def error_line(rec: dict) -> str:
-    """``video: error``, without repeating the path when the error already starts with it."""
-    video, error = str(rec["video"]), str(rec["error"])
-    return error if error.startswith(f"{video}:") else f"{video}: {error}"
 
 
 def summary(rec: dict) -> str:
@@ -135,7 +95,12 @@ def summary(rec: dict) -> str:
 @click.option("--online", is_flag=True, help="Run the head after every step; print partial results.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Append one JSON line per video here; on rerun, finished videos are skipped.")
+              help="One JSON line per video (crash-safe, locked). A rerun skips videos whose "
+                   "file and settings are unchanged and replaces the other records.")
+@click.option("--output-mode", type=click.Choice(["resume", "new", "overwrite"]),
+              default="resume", show_default=True,
+              help="If --output holds records made with other settings, resume refuses; new "
+                   "writes NAME.1.jsonl (the first free name); overwrite starts it over.")
 @click.option("--topk", type=int, default=5, show_default=True, help="How many classes to report.")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Videos stepped in lockstep (each skips on its own).")
@@ -145,22 +110,35 @@ def summary(rec: dict) -> str:
 @debug_option
 @handle_errors("hms-run")
 def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, no_audio_policy,
-         allow_truncated, explain, online, as_json, output, topk, batch_size, progress, debug):
+         allow_truncated, explain, online, as_json, output, output_mode, topk, batch_size, progress,
+         debug):
     """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real.
 
-    Exit codes: 0 every video classified; 1 some failed (each has an error line);
-    2 a usage error (a bad option, found before anything is loaded where possible).
+    Directories are scanned recursively (symlinked sub-directories followed, loops
+    skipped with a warning); the same file given twice is classified once.
+
+    \b
+    Exit codes:
+      0    every input has a result (now, or already in --output)
+      1    the run completed and some inputs failed (each has an error record)
+      2    usage error
+      3    the run stopped (or could not start) before attempting every input:
+           --output locked by another run, not writable, made with other settings,
+           disk full, an engine failure; the message says how many were not attempted
+      130  interrupted (SIGINT); 143 terminated (SIGTERM). --output stays valid: rerun
+           with the same arguments to resume.
     """
-    from hms_deploy.runtime.results import ResultsFile
     from hms_deploy.runtime.session import Session
 
     check_options(steps=steps, budget=budget, policy=policy, no_audio_policy=no_audio_policy,
                   topk=topk)
-    names = expand_inputs(videos)
-    if not names:
+    inputs = expand(videos)
+    if not inputs.total:
+        for w in inputs.warnings:
+            warn(w)
         raise ConfigError("no videos given")
-    if explain is not None and len(names) != 1:
-        raise ConfigError(f"--explain draws one video's run, got {len(names)} videos")
+    if explain is not None and inputs.total != 1:
+        raise ConfigError(f"--explain draws one video's run, got {inputs.total} videos")
     if engine == "torch" and checkpoint is None:
         raise ConfigError("--engine torch needs --checkpoint ckpt.pt")
     if checkpoint is not None and engine in ("onnx", "trt"):
@@ -181,59 +159,18 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
                            topk=topk, no_audio_policy=no_audio_policy,
                            allow_truncated=allow_truncated)
     explained: list[dict] = []  # with --explain: the partial records, then the final one
-
-    results = ResultsFile(output) if output is not None else None
-    todo = [v for v in names if results is None or not results.done(v)]
-    skipped = len(names) - len(todo)
-    if skipped:
-        click.echo(f"hms-run: {skipped} video(s) already in {output}, skipped", err=True)
-    if progress is None:
-        progress = sys.stderr.isatty() or len(todo) >= PROGRESS_MIN_INPUTS
-    failed = 0
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="video", file=sys.stderr, dynamic_ncols=True)
-    try:
-        with session:
-            for rec in session.classify_many(todo, options=opts, batch_size=batch_size):
-                partial = rec.get("partial", False)
-                if explain is not None and "error" not in rec:
-                    explained.append(rec)
-                if partial and not online:
-                    continue  # computed for --explain only
-                if "error" in rec:
-                    failed += 1
-                if as_json:
-                    line = json.dumps(rec, separators=(", ", ": "))
-                    (bar.write(line, file=sys.stdout) if bar else click.echo(line))
-                elif "error" in rec:
-                    msg = f"hms-run: error: {error_line(rec)}"
-                    (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
-                else:
-                    text = summary(rec)
-                    (bar.write(text, file=sys.stdout) if bar else click.echo(text))
-                if not partial:
-                    if results is not None:
-                        results.append(rec)
-                    if bar is not None:
-                        bar.update(1)
-                sys.stdout.flush()
-    finally:
-        if bar is not None:
-            bar.close()
-        if results is not None:
-            results.close()
+    job = JobOptions(output=output, output_mode=output_mode, as_json=as_json, progress=progress,
+                     batch_size=batch_size, debug=debug, show_partial=online,
+                     collect=explained if explain is not None else None)
+    code = run_job(session, opts, inputs, job, summary)
     if explained and not explained[-1].get("partial"):
         from hms_deploy.runtime.explain import write_contact_sheet
 
         sheet = write_contact_sheet(explain, explained[-1], explained[:-1],
                                     session.engine_set.config)
         click.echo(f"hms-run: wrote {explain} ({sheet.size_px[0]}x{sheet.size_px[1]} px)", err=True)
-    if failed:
-        click.echo(f"hms-run: {failed} of {len(todo)} video(s) failed", err=True)
-        sys.exit(1)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ from hms_deploy.data.features import (
 )
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.errors import DatasetError, first_line
+from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
 
 
@@ -244,8 +245,10 @@ def extract(
             failed.append((prob.key, prob.error))
             store.record_error(prob.key, "", prob.error)
         todo = []
+        identity = {}
         for e in dataset.entries:
-            if e.key in store:
+            identity[e.key] = file_identity(e.path)  # taken before the file is read
+            if e.key in store and store.records[store._by_key[e.key]].matches(identity[e.key]):
                 skipped += 1
             elif e.label not in label_index:
                 err = (f"{e.key}: line {e.line}: unknown label {e.label!r} "
@@ -278,6 +281,7 @@ def extract(
                     key=entry.key, path=str(entry.path), label=entry.label,
                     label_index=label_index[entry.label], duration_s=inputs.duration_s,
                     has_audio=inputs.has_audio, shard=shard, slot=slot,
+                    identity=identity[entry.key],
                 )
                 extracted += 1
             bar.update(1)

@@ -55,6 +55,7 @@ from hms_deploy.data.store_meta import (  # noqa: F401 - part of this module's A
     backbone_hash,
 )
 from hms_deploy.errors import DatasetError
+from hms_deploy.outputs import OutputLock, OutputLocked, replace_atomically
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,6 +69,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _current(records: Iterable[VideoRecord]) -> list[VideoRecord]:
+    """One record per key: a later index line (the video re-extracted after its file
+    changed) supersedes an earlier one, in the earlier one's place."""
+    out: list[VideoRecord] = []
+    where: dict[str, int] = {}
+    for r in records:
+        if r.key in where:
+            out[where[r.key]] = r
+        else:
+            where[r.key] = len(out)
+            out.append(r)
+    return out
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -111,14 +126,15 @@ class FeatureStore:
             raise DatasetError(f"{self.root / 'index.jsonl'}: malformed record ({e})") from None
         # a record whose features are not all on disk (should not happen) is ignored
         self._sizes: dict[tuple[str, int], int] = {}
-        self.records: list[VideoRecord] = [r for r in records if self._complete(r)]
+        self.records: list[VideoRecord] = _current(r for r in records if self._complete(r))
         self._by_key = {r.key: i for i, r in enumerate(self.records)}
         self._slots: dict[int, int] = {}  # shard -> indexed slots
         for r in self.records:
             self._slots[r.shard] = max(self._slots.get(r.shard, 0), r.slot + 1)
         self._maps: dict[tuple[str, int], np.memmap] = {}
         self._writer = _writer
-        self._lock_fd: int | None = None
+        self._lock_fd: OutputLock | None = None
+        self._superseded = 0  # index lines superseded in this session (compacted on close)
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -237,7 +253,7 @@ class FeatureStore:
                 store = cls(root, _writer=True)
                 diffs = store.meta.compatible_with(meta)
                 if diffs:
-                    raise DatasetError(
+                    raise StoreMismatch(
                         f"{root}: existing store does not match this extraction: "
                         + "; ".join(diffs) + " (use another --out)"
                     )
@@ -267,10 +283,10 @@ class FeatureStore:
                 os.fsync(f.fileno())
         # the index may also hold lines whose features are missing: rewrite without them
         rows, _ = _read_jsonl(index)
-        if len(rows) != len(self.records):
-            tmp = index.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.records))
-            os.replace(tmp, index)
+        if len(rows) != len(self.records):  # also drops superseded lines (one per video)
+            replace_atomically(
+                index, "".join(json.dumps(asdict(r)) + "\n" for r in self.records).encode()
+            )
         slots = self._slots
         for m in self.modalities:
             d = self.root / "features" / m
@@ -321,17 +337,27 @@ class FeatureStore:
 
     def commit(
         self, *, key: str, path: str, label: str, label_index: int, duration_s: float,
-        has_audio: bool, shard: int, slot: int,
+        has_audio: bool, shard: int, slot: int, identity: dict[str, int] | None = None,
     ) -> VideoRecord:
-        """Append the index line of a video whose features :meth:`write_features` wrote."""
+        """Append the index line of a video whose features :meth:`write_features` wrote.
+
+        ``identity``: the file's :func:`~hms_deploy.outputs.file_identity` taken before
+        it was read. A key already in the store is superseded (its old rows become dead
+        space in the shard files).
+        """
+        ident = identity or {}
         rec = VideoRecord(key, path, label, int(label_index), float(duration_s), bool(has_audio),
-                          int(shard), int(slot))
+                          int(shard), int(slot), ident.get("size"), ident.get("mtime_ns"))
         with (self.root / "index.jsonl").open("ab") as f:
             f.write((json.dumps(asdict(rec)) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
-        self._by_key[key] = len(self.records)
-        self.records.append(rec)
+        if key in self._by_key:
+            self.records[self._by_key[key]] = rec
+            self._superseded += 1
+        else:
+            self._by_key[key] = len(self.records)
+            self.records.append(rec)
         self._slots[rec.shard] = max(self._slots.get(rec.shard, 0), rec.slot + 1)
         return rec
 
@@ -348,31 +374,35 @@ class FeatureStore:
 
     def close(self) -> None:
         self._maps.clear()
+        if self._superseded and self._lock_fd is not None:  # one index line per video
+            self._superseded = 0
+            replace_atomically(
+                self.root / "index.jsonl",
+                "".join(json.dumps(asdict(r)) + "\n" for r in self.records).encode(),
+            )
         if self._lock_fd is not None:
             _unlock(self._lock_fd)
             self._lock_fd = None
 
 
 
-def _lock(root: Path) -> int:
-    import fcntl
+class StoreMismatch(DatasetError):
+    """The store was made with other settings (steps, dtype, backbones, ...)."""
 
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+class StoreLocked(OutputLocked, DatasetError):
+    """Another ``hms-extract`` holds the store's lock."""
+
+
+def _lock(root: Path) -> OutputLock:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise DatasetError(f"{root}: another hms-extract is writing this store") from None
-    return fd
+        return OutputLock(root / ".lock", root, "hms-extract").acquire()
+    except OutputLocked as e:
+        raise StoreLocked(str(e)) from None
 
 
-def _unlock(fd: int) -> None:
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+def _unlock(lock: OutputLock) -> None:
+    lock.release()
 
 
 def open_store(root: str | os.PathLike) -> FeatureStore:

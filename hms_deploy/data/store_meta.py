@@ -122,11 +122,22 @@ class VideoRecord:
     has_audio: bool
     shard: int
     slot: int
+    size: int | None = None  # the video file's size and mtime when extracted (None: unknown)
+    mtime_ns: int | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VideoRecord:
+        size, mtime = d.get("size"), d.get("mtime_ns")
         return cls(
             key=str(d["key"]), path=str(d["path"]), label=str(d["label"]),
             label_index=int(d["label_index"]), duration_s=float(d["duration_s"]),
             has_audio=bool(d["has_audio"]), shard=int(d["shard"]), slot=int(d["slot"]),
+            size=None if size is None else int(size),
+            mtime_ns=None if mtime is None else int(mtime),
         )
+
+    def matches(self, identity: dict[str, int] | None) -> bool:
+        """Whether the video file still has this identity (a record without one: trusted)."""
+        if self.size is None or self.mtime_ns is None:
+            return True
+        return identity == {"size": self.size, "mtime_ns": self.mtime_ns}

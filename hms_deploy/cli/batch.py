@@ -1,0 +1,177 @@
+"""The job behind ``hms-run``: records to stdout and ``--output``, progress, the outcome.
+
+Exit codes (:mod:`hms_deploy.outputs`): 0 every input has a result (classified now or
+skipped as already in ``--output``); 1 the run completed and some inputs failed (each
+has an error record); 3 the run stopped, or could not start, before attempting every
+input (output locked, not writable, made with other settings, disk full, an engine
+failure): one line naming the output or the cause and how many inputs were not
+attempted; 130 / 143 on SIGINT / SIGTERM, also saying how many were not attempted.
+Whatever the outcome, ``--output`` is left valid and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hms_deploy.cli.common import fail
+from hms_deploy.cli.inputs import Inputs
+from hms_deploy.errors import ConfigError
+from hms_deploy.outputs import (
+    EXIT_FAILED_INPUTS,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_STOPPED,
+    Terminated,
+    sigterm_raises,
+)
+
+PROG = "hms-run"
+PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
+
+
+class _Stopped(Exception):
+    """The run cannot go on (the output cannot be written)."""
+
+
+@dataclass
+class JobOptions:
+    output: Path | None = None
+    output_mode: str = "resume"
+    as_json: bool = False
+    progress: bool | None = None
+    batch_size: int = 1
+    debug: bool = False
+    show_partial: bool = True  # print the partial records of online mode (False: --explain only)
+    collect: list[dict[str, Any]] | None = None  # every record that is not an error (--explain)
+
+
+def error_line(rec: dict[str, Any]) -> str:
+    """``video: error``, without repeating the path when the error already starts with it."""
+    video, error = str(rec["video"]), str(rec["error"])
+    return error if error.startswith(f"{video}:") else f"{video}: {error}"
+
+
+def warn(message: str) -> None:
+    click.echo(f"{PROG}: warning: {message}", err=True)
+
+
+def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
+            summary: Callable[[dict[str, Any]], str]) -> int:
+    """Classify ``inputs`` with an open-able ``session``; returns the exit code."""
+    from hms_deploy.runtime.results import ResultsFile, run_settings
+
+    total = inputs.total
+    results = None
+    if job.output is not None:
+        try:
+            results = ResultsFile(job.output, settings=run_settings(session, opts),
+                                  mode=job.output_mode, command=PROG)
+        except ConfigError as e:
+            fail(PROG, f"{e}; {total} input(s) not attempted", EXIT_STOPPED)
+        except OSError as e:
+            fail(PROG, f"cannot write {e.filename or job.output}: {e.strerror or e}; "
+                       f"{total} input(s) not attempted", EXIT_STOPPED)
+        assert results is not None
+        for w in results.warnings:
+            warn(w)
+        results.warnings.clear()
+        if results.path != job.output:
+            click.echo(f"{PROG}: writing {results.path}", err=True)
+    todo = [v for v in inputs.videos if results is None or not results.done(v)]
+    skipped = len(inputs.videos) - len(todo)
+    if skipped:
+        click.echo(f"{PROG}: {skipped} video(s) already in {results.path if results else ''}, "
+                   "skipped", err=True)
+    attempt = len(todo) + len(inputs.problems)
+    progress = job.progress
+    if progress is None:
+        progress = sys.stderr.isatty() or attempt >= PROGRESS_MIN_INPUTS
+    bar = None
+    if progress and attempt:
+        from tqdm import tqdm
+
+        bar = tqdm(total=attempt, unit="video", file=sys.stderr, dynamic_ncols=True)
+    finished = failed = 0
+
+    def emit(rec: dict[str, Any]) -> None:
+        nonlocal finished, failed
+        partial = rec.get("partial", False)
+        if job.collect is not None and "error" not in rec:
+            job.collect.append(rec)
+        if partial and not job.show_partial:
+            return  # computed for --explain only
+        if job.as_json:
+            line = json.dumps(rec, separators=(", ", ": "))
+            (bar.write(line, file=sys.stdout) if bar else click.echo(line))
+        elif "error" in rec:
+            msg = f"{PROG}: error: {error_line(rec)}"
+            (bar.write(msg, file=sys.stderr) if bar else click.echo(msg, err=True))
+        else:
+            text = summary(rec)
+            (bar.write(text, file=sys.stdout) if bar else click.echo(text))
+        sys.stdout.flush()
+        if partial:
+            return
+        if results is not None:
+            try:
+                results.append(rec)
+            except OSError as e:
+                raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
+        finished += 1
+        failed += "error" in rec
+        if bar is not None:
+            bar.update(1)
+
+    code = EXIT_OK
+    stop: str | None = None
+    try:
+        with sigterm_raises():
+            for name, error in inputs.problems:
+                emit({"video": name, "error": error})
+            if todo:
+                with session:
+                    for rec in session.classify_many(todo, options=opts,
+                                                     batch_size=job.batch_size):
+                        emit(rec)
+    except KeyboardInterrupt:
+        code, stop = EXIT_SIGINT, "interrupted (SIGINT)"
+    except Terminated:
+        code, stop = EXIT_SIGTERM, "terminated (SIGTERM)"
+    except _Stopped as e:
+        code, stop = EXIT_STOPPED, str(e)
+    except Exception as e:  # an engine or the host failed: no input after it can run
+        if job.debug:
+            raise
+        code, stop = EXIT_STOPPED, f"stopped by {type(e).__name__}: {' '.join(str(e).split())}"
+    finally:
+        if bar is not None:
+            bar.close()
+        if results is not None:
+            results.close()
+            for w in results.warnings:
+                warn(w)
+    for w in inputs.warnings:
+        warn(w)
+    if stop is not None:
+        where = f" (rerun with the same --output {results.path} to resume)" if results else ""
+        fail(PROG, f"{stop}; {attempt - finished} of {total} input(s) not attempted{where}", code)
+    parts = [f"{finished - failed} classified", f"{failed} failed"]
+    if skipped:
+        parts.append(f"{skipped} already in {results.path if results else ''}")
+    scan = len(inputs.warnings)
+    if scan:
+        parts.append(f"{scan} scan warning(s) (above)")
+    if failed or total > 1 or scan:
+        click.echo(f"{PROG}: {total} input(s): " + ", ".join(parts), err=True)
+    if failed:
+        click.echo(f"{PROG}: {failed} of {attempt} video(s) failed", err=True)
+        code = EXIT_FAILED_INPUTS
+    return code

@@ -1,0 +1,159 @@
+"""What ``hms-run VIDEO...`` classifies: files, directories (scanned), ``@list.txt``.
+
+Rules (each skip that is not by extension is reported, and counted in the summary):
+
+- A file named on the command line (or in a list) is classified whatever its extension.
+  One that does not exist stays in the list (its error record says "no such file");
+  a dangling symlink or a symlink loop becomes an error record saying so.
+- A directory is scanned recursively for :data:`VIDEO_EXTENSIONS` (case-insensitive),
+  in sorted order. Symlinked sub-directories are **followed**, with loop protection: a
+  directory already scanned (the same device and inode, e.g. a link back to an
+  ancestor) is skipped with a warning. A dangling symlink or a symlink loop whose name
+  has a video extension becomes an error record; an entry with a video extension that
+  is not a regular file (a FIFO, a socket) and a sub-directory that cannot be read are
+  warnings.
+- A video reached twice (the same resolved file: given twice, or through a link, or by
+  another relative path) is classified once, under the first name; a warning names both.
+- A list file has one path a line (blank lines and ``#`` comments skipped); relative
+  paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hms_deploy.errors import ConfigError
+
+VIDEO_EXTENSIONS = frozenset(
+    [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+     ".flv", ".wmv", ".3gp", ".ogv"]
+)
+
+
+@dataclass
+class Inputs:
+    """The expanded inputs: ``videos`` to classify, ``problems`` (name, error) that become
+    error records without running, ``warnings`` (one line each), ``duplicates`` dropped."""
+
+    videos: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    _seen: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Inputs that get a record: videos plus problems."""
+        return len(self.videos) + len(self.problems)
+
+    def add(self, name: str) -> None:
+        """Add a file by name (the checks and the duplicate rule of the module docstring)."""
+        problem = link_problem(name)
+        key = os.path.realpath(name) if problem is None else os.path.abspath(name)
+        if key in self._seen:
+            self.duplicates += 1
+            first = self._seen[key]
+            self.warnings.append(
+                f"'{name}' is the same file as '{first}': classified once"
+                if name != first else f"'{name}' given more than once: classified once"
+            )
+            return
+        self._seen[key] = name
+        if problem is None:
+            self.videos.append(name)
+        else:
+            self.problems.append((name, problem))
+
+
+def link_problem(name: str) -> str | None:
+    """Why a symlink ``name`` cannot be read (dangling, loop), or None."""
+    if not os.path.islink(name):
+        return None
+    try:
+        os.stat(name)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+        if e.errno == errno.ENOENT:
+            return f"dangling symbolic link to '{os.readlink(name)}' (no such file)"
+        return f"unreadable symbolic link ({e.strerror})"
+    return None
+
+
+def scan_dir(top: str, into: Inputs) -> int:
+    """Add the videos under directory ``top`` (see the module rules).
+
+    Returns how many entries with a video extension it met (duplicates included).
+    """
+    found = 0
+    seen_dirs: dict[tuple[int, int], str] = {}
+    st = os.stat(top)
+    seen_dirs[(st.st_dev, st.st_ino)] = top
+
+    def walk(d: str) -> None:
+        nonlocal found
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            into.warnings.append(f"cannot read directory '{d}' ({e.strerror}): skipped")
+            return
+        for entry in entries:
+            path = os.path.join(d, entry.name)
+            is_video = Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS
+            found += is_video
+            problem = link_problem(path) if entry.is_symlink() else None
+            if problem is not None:
+                if is_video:
+                    into.add(path)  # becomes an error record
+                else:
+                    into.warnings.append(f"'{path}': {problem}: skipped")
+                continue
+            if entry.is_dir(follow_symlinks=True):
+                s = os.stat(path)
+                ident = (s.st_dev, s.st_ino)
+                if ident in seen_dirs:
+                    into.warnings.append(
+                        f"'{path}' leads to '{seen_dirs[ident]}', already scanned "
+                        "(a symlink loop or a second link): skipped"
+                    )
+                    continue
+                seen_dirs[ident] = path
+                walk(path)
+            elif is_video:
+                if entry.is_file(follow_symlinks=True):
+                    into.add(path)
+                else:
+                    into.warnings.append(f"'{path}' is not a regular file: skipped")
+
+    walk(top)
+    return found
+
+
+def expand(items: tuple[str, ...] | list[str], into: Inputs | None = None) -> Inputs:
+    """Expand command-line items (files, directories, ``@list.txt``) into :class:`Inputs`."""
+    out = into if into is not None else Inputs()
+    for item in items:
+        if item.startswith("@"):
+            lst = Path(item[1:])
+            if not lst.is_file():
+                raise ConfigError(f"list file '{lst}' not found")
+            lines = [ln.strip() for ln in lst.read_text(encoding="utf-8").splitlines()]
+            expand([ln for ln in lines if ln and not ln.startswith("#")], out)
+        elif os.path.isdir(item):
+            warned = len(out.warnings)
+            if scan_dir(item, out) == 0 and len(out.warnings) == warned:
+                raise ConfigError(
+                    f"directory '{item}' holds no video files ({' '.join(sorted(VIDEO_EXTENSIONS))})"
+                )
+        else:
+            out.add(item)
+    return out
+
+
+def expand_inputs(items: tuple[str, ...]) -> list[str]:
+    """The names to classify (files, then problems, as :func:`expand` orders them)."""
+    inputs = expand(items)
+    return inputs.videos + [name for name, _ in inputs.problems]
