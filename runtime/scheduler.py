@@ -16,11 +16,14 @@
 3. **Head** once at the end (``online``: after every step, yielding partial results).
 
 Host reads: the step loop waits on the device only to read a gate's decision, exactly
-once per gate engine call (one read on steps where appearance is skipped, two where it
-runs; zero for forced policies), counted in ``stats.host_reads``. Outside the loop the
-head's probabilities are read once (per step with ``online``), counted in
-``stats.prediction_reads``. Everything else (features, states, the audio path) stays on
-the device; visual inputs are copied host-to-device from pinned memory without waiting.
+once per gate engine call for the whole (sub-)batch (one read on steps where appearance
+is skipped, two where it runs; zero for forced policies), counted in
+``stats.host_reads``. The head's probabilities are read once (per step with
+``online``), counted in ``stats.prediction_reads``. Both go through the one reading
+helper, :class:`hms_deploy.transfer.HostReads`; nothing else in the loop waits on the
+device. Features, states and the audio path stay on the device; sub-batch row indices
+(built on the host from the decisions read) and decoded inputs are copied host-to-device
+from pinned memory without waiting (:func:`hms_deploy.transfer.to_device`).
 
 Budget (HMS_SPEC.md 5; B in GMAC, costs from the EngineSet, :mod:`hms_deploy.costs`):
 with ``used`` the work launched so far for a video and ``head`` the head's cost, step t
@@ -65,6 +68,7 @@ from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import VideoInputs
 from hms_deploy.runtime.policy import Policy, parse_policy
+from hms_deploy.transfer import HostReads, sync_allowed, to_device
 
 Tensor = torch.Tensor
 
@@ -166,7 +170,8 @@ class Timer:
         """ms per category; call after the final host read (the device is then idle)."""
         ms = {k: 1e3 * v for k, v in self.host.items()}
         for key, start, end in self._events:
-            end.synchronize()
+            with sync_allowed(torch.device("cuda")):
+                end.synchronize()  # already complete: the last host read waited for it
             ms[key] = ms.get(key, 0.0) + start.elapsed_time(end)
         total = 1e3 * (time.perf_counter() - self.t0)
         out = {"total": total}
@@ -180,10 +185,7 @@ class Timer:
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return to_device(x, device)  # pinned, non-blocking on CUDA: the host never waits here
 
 
 @dataclass
@@ -217,9 +219,7 @@ class EngineStepOps:
         with run.timer.device_section("cells_gates"):
             out = run.es.engines[part](inputs)
             # THE host read of this gate (a copy: the budget veto edits it)
-            d = out["decision"].to("cpu", torch.int64, copy=True)
-        run.host_reads += 1
-        return d
+            return run.reads.read(out["decision"], "decision", torch.int64)
 
     def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
         run = self.run
@@ -287,8 +287,7 @@ class _BatchRun:
             self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
         if opts.policy.forced:
             self.plan_a, self.plan_m = opts.policy.plan(T)
-        self.host_reads = 0
-        self.prediction_reads = 0
+        self.reads = HostReads()  # every device->host read of the run, counted
         self.audio_calls = 0
         n = len(self.videos)
         self.ledger = BudgetLedger(es.costs, n, opts.budget)
@@ -370,9 +369,7 @@ class _BatchRun:
             h_m = h_m.index_select(0, _to_device(np.asarray(rows, dtype=np.int64), self.es.device))
         with self.timer.device_section("cells_gates"):
             probs = self.es.engines["head"]({"h": h_m})["probs"]
-            out = probs.to("cpu", torch.float32, copy=True)  # the prediction read
-        self.prediction_reads += 1
-        return out
+            return self.reads.read(probs, "prediction", torch.float32)
 
     # -- the loop ------------------------------------------------------------------------
     def steps(self) -> Iterator[list[int]]:
@@ -454,8 +451,8 @@ class _BatchRun:
             "export": es.export_sha256,
             "timing_ms": timing,
             "stats": {
-                "host_reads": self.host_reads,
-                "prediction_reads": self.prediction_reads,
+                "host_reads": self.reads.counts["decision"],
+                "prediction_reads": self.reads.counts["prediction"],
                 "batch": len(self.videos),
                 "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
                 "appearance_frames": video.inputs.appearance_frames,
