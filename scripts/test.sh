@@ -12,7 +12,7 @@ echo "== mypy (TensorRT code against tensorrt-stubs, patched so that mypy reads 
 python tests/trt_stubs.py build/trt-stubs
 MYPYPATH=build/trt-stubs mypy --strict --follow-imports=silent \
   export/tensorrt.py export/trt_plan.py runtime/backends/trt.py runtime/bindings.py \
-  runtime/engine.py runtime/cuda_graphs.py runtime/backends/onnx.py
+  runtime/engine.py runtime/streams.py runtime/backends/onnx.py hms_deploy/transfer.py
 echo "== pytest"
 marks="not slow"
 [ "${HMS_SLOW:-0}" = "1" ] && marks=""
