@@ -130,6 +130,7 @@ class EmuStream:
             # only the emulator referenced it: the allocator would now hand it out again
             if sys.getrefcount(t) <= 2 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2:
                 ctypes.memset(t.untyped_storage().data_ptr(), POISON, t.untyped_storage().nbytes())
+                self.device.poisoned += 1
             del t
 
 
@@ -142,6 +143,7 @@ class EmulatedDevice:
         self._handles = itertools.count(0x1000)
         self.streams: dict[int, EmuStream] = {}
         self.launches = 0  # launches executed (for tests)
+        self.poisoned = 0  # tensors poisoned when the emulator dropped the last reference
         # the caller's "current stream": eager CPU torch, which never waits; not launchable
         self.host = EmuStream(self, 0)
 
