@@ -295,6 +295,8 @@ class IExecutionContext:
     def set_input_shape(self, name: str, shape: Any) -> bool:
         shape = tuple(int(d) for d in shape)
         self.log.append(("shape", (name, shape)))
+        if name not in self.engine.profile:
+            return False  # TensorRT logs "not an input" and refuses
         lo, _, hi = self.engine.profile[name]
         if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
             return False
