@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 Tensor = torch.Tensor
 
 
-def to_device(x: Tensor | np.ndarray, device: torch.device | str) -> Tensor:
+def to_device(x: Tensor | np.ndarray[Any, Any], device: torch.device | str) -> Tensor:
     """``x`` on ``device`` without making the host wait.
 
     On CUDA the host tensor is staged in pinned memory and copied with
