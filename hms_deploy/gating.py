@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from hms_deploy.transfer import to_device
+
 Tensor = torch.Tensor
 
 
@@ -165,12 +167,19 @@ class StepOps(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
 
-def _take(x: Tensor, rows: Tensor, full: bool) -> Tensor:
-    return x if full else x.index_select(0, rows.to(x.device))
+def _take(x: Tensor, rows: Tensor | None) -> Tensor:
+    """Rows ``rows`` (device indices) of ``x``; all of ``x`` when ``rows`` is None."""
+    return x if rows is None else x.index_select(0, rows)
 
 
-def _put(dst: Tensor, rows: Tensor, src: Tensor, full: bool) -> Tensor:
-    return src if full else dst.index_copy(0, rows.to(dst.device), src)
+def _put(dst: Tensor, rows: Tensor | None, src: Tensor) -> Tensor:
+    """``dst`` with rows ``rows`` (device indices) replaced by ``src``; ``src`` if None."""
+    return src if rows is None else dst.index_copy(0, rows, src)
+
+
+def _device_rows(rows: Tensor, n: int, device: torch.device) -> Tensor | None:
+    """Host indices ``rows`` (of ``n``) on ``device``, uploaded once without waiting; None = all."""
+    return None if rows.numel() == n else to_device(rows, device)
 
 
 def gated_step(
@@ -181,25 +190,29 @@ def gated_step(
     Only the rows whose gate fired are gathered into a sub-batch for a backbone and a
     cell; the others get the fusion copy. The motion gate is evaluated only on rows where
     appearance ran. Returns (state, G^I int64 (N,) host, G^M int64 (N,) host).
+
+    The host waits on the device only inside ``ops.decide_*`` (the decision reads). The
+    sub-batch indices are built on the host from those decisions and uploaded once per
+    sub-batch (appearance rows, motion rows, motion rows within the appearance rows)
+    with a copy that does not wait (:func:`hms_deploy.transfer.to_device`).
     """
     n = x_a.shape[0]
+    dev = x_a.device
     all_rows = torch.arange(n)
     g_i = ops.decide_appearance(t, all_rows, x_a, state.h_i, state.c_i).to("cpu", torch.int64)
     g_m = torch.zeros(n, dtype=torch.int64)
 
     h_i, c_i = fuse(h_a, state.h_i), state.c_i
     rows_i = g_i.nonzero().flatten()
-    x_i = None
+    x_i = d_i = None
     if rows_i.numel():
-        full_i = rows_i.numel() == n
-        xa_i = _take(x_a, rows_i, full_i)
+        d_i = _device_rows(rows_i, n, dev)
+        xa_i = _take(x_a, d_i)
         x_i = ops.appearance_feature(t, rows_i)
-        h_sub, c_sub = ops.appearance_cell(
-            xa_i, x_i, _take(state.h_i, rows_i, full_i), _take(state.c_i, rows_i, full_i)
-        )
-        h_i, c_i = _put(h_i, rows_i, h_sub, full_i), _put(c_i, rows_i, c_sub, full_i)
+        h_sub, c_sub = ops.appearance_cell(xa_i, x_i, _take(state.h_i, d_i), _take(state.c_i, d_i))
+        h_i, c_i = _put(h_i, d_i, h_sub), _put(c_i, d_i, c_sub)
         gm_sub = ops.decide_motion(
-            t, rows_i, xa_i, x_i, _take(state.h_m, rows_i, full_i), _take(state.c_m, rows_i, full_i)
+            t, rows_i, xa_i, x_i, _take(state.h_m, d_i), _take(state.c_m, d_i)
         ).to("cpu", torch.int64)
         g_m[rows_i] = gm_sub
     g_m = hierarchy(g_i, g_m)
@@ -208,16 +221,14 @@ def gated_step(
     rows_m = g_m.nonzero().flatten()
     if rows_m.numel():
         assert x_i is not None  # hierarchy: motion rows are a subset of appearance rows
-        full_m = rows_m.numel() == n
+        same = rows_m.numel() == rows_i.numel()  # motion on every appearance row
+        d_m = d_i if same else _device_rows(rows_m, n, dev)
         # positions of rows_m inside rows_i, to pick their appearance features
-        pos = torch.searchsorted(rows_i, rows_m)
+        d_pos = (d_m if d_i is None
+                 else _device_rows(torch.searchsorted(rows_i, rows_m), rows_i.numel(), dev))
         x_m = ops.motion_feature(t, rows_m)
         h_sub, c_sub = ops.motion_cell(
-            _take(x_a, rows_m, full_m),
-            _take(x_i, pos, rows_m.numel() == rows_i.numel()),
-            x_m,
-            _take(state.h_m, rows_m, full_m),
-            _take(state.c_m, rows_m, full_m),
+            _take(x_a, d_m), _take(x_i, d_pos), x_m, _take(state.h_m, d_m), _take(state.c_m, d_m)
         )
-        h_m, c_m = _put(h_m, rows_m, h_sub, full_m), _put(c_m, rows_m, c_sub, full_m)
+        h_m, c_m = _put(h_m, d_m, h_sub), _put(c_m, d_m, c_sub)
     return GatedState(h_i, c_i, h_m, c_m), g_i, g_m

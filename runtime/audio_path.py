@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.timing import Timer, to_device
+from hms_deploy.runtime.timing import Timer
+from hms_deploy.transfer import to_device
 
 Tensor = torch.Tensor
 

@@ -58,7 +58,8 @@ from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.policy import GATE, Policy
-from hms_deploy.runtime.timing import Timer, to_device
+from hms_deploy.runtime.timing import Timer
+from hms_deploy.transfer import to_device
 
 Tensor = torch.Tensor
 

@@ -16,11 +16,15 @@
 3. **Head** once at the end (``online``: after every step, yielding partial results).
 
 Host reads: the step loop waits on the device only to read a gate's decision, exactly
-once per gate engine call (one read on steps where appearance is skipped, two where it
-runs; zero for forced policies), counted in ``stats.host_reads``. Outside the loop the
-head's probabilities are read once (per step with ``online``), counted in
-``stats.prediction_reads``. Everything else (features, states, the audio path) stays on
-the device; visual inputs are copied host-to-device from pinned memory without waiting.
+once per gate engine call for the (sub-)batch rows whose plan says GATE (one read on
+steps where appearance is skipped, two where it runs; zero for forced policies), counted
+in ``stats.host_reads``. The head's probabilities are read once (per step with
+``online``), counted in ``stats.prediction_reads``. Both go through the one reading
+helper, :class:`hms_deploy.transfer.HostReads`; nothing else in the loop waits on the
+device. Features, states and the audio path stay on the device; sub-batch and GATE-row
+indices (built on the host from the decisions read and the plans) and decoded inputs are
+copied host-to-device from pinned memory without waiting
+(:func:`hms_deploy.transfer.to_device`).
 
 Budget (HMS_SPEC.md 5; B in GMAC, costs from the EngineSet, :mod:`hms_deploy.costs`):
 with ``used`` the work launched so far for a video and ``head`` the head's cost, step t
@@ -59,7 +63,8 @@ from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
 from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import VideoRun, build_record
-from hms_deploy.runtime.timing import TIMING_KEYS, Timer, to_device
+from hms_deploy.runtime.timing import TIMING_KEYS, Timer
+from hms_deploy.transfer import HostReads, to_device
 
 Tensor = torch.Tensor
 
@@ -86,8 +91,9 @@ class EngineStepOps:
                                       dtype=np.int64))
         need = (d == GATE).nonzero().flatten()
         if need.numel():
-            if need.numel() != d.numel():
-                inputs = {k: x.index_select(0, need.to(x.device)) for k, x in inputs.items()}
+            if need.numel() != d.numel():  # the GATE rows' indices, uploaded once without waiting
+                dneed = to_device(need, run.es.device)
+                inputs = {k: x.index_select(0, dneed) for k, x in inputs.items()}
             d[need] = self._gate(f"{tier}_gate", inputs)
         return run.veto(d, vids, tier)
 
@@ -96,9 +102,7 @@ class EngineStepOps:
         with run.timer.device_section("cells_gates"):
             out = run.es.engines[part](inputs)
             # THE host read of this gate (a copy: the budget veto edits it)
-            d = out["decision"].to("cpu", torch.int64, copy=True)
-        run.host_reads += 1
-        return d
+            return run.reads.read(out["decision"], "decision", torch.int64)
 
     def decide_appearance(self, t: int, rows: Tensor, x_a: Tensor, h: Tensor, c: Tensor) -> Tensor:
         return self._decide("appearance", t, rows, {"x_a": x_a, "h": h, "c": c})
@@ -156,8 +160,7 @@ class _BatchRun:
             checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
             self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info))
                            for n, (info, _) in zip(names, checked)]
-        self.host_reads = 0
-        self.prediction_reads = 0
+        self.reads = HostReads()  # every device->host read of the run, counted
         self.audio_calls = 0
         n = len(self.videos)
         self.ledger = BudgetLedger(es.costs, n, opts.budget)
@@ -228,9 +231,7 @@ class _BatchRun:
             h_m = h_m.index_select(0, to_device(np.asarray(rows, dtype=np.int64), self.es.device))
         with self.timer.device_section("cells_gates"):
             probs = self.es.engines["head"]({"h": h_m})["probs"]
-            out = probs.to("cpu", torch.float32, copy=True)  # the prediction read
-        self.prediction_reads += 1
-        return out
+            return self.reads.read(probs, "prediction", torch.float32)
 
     # -- the loop ------------------------------------------------------------------------
     def loop(self) -> Iterator[list[int]]:
@@ -292,8 +293,8 @@ class _BatchRun:
     def record(self, v: int, probs: Tensor, timing: dict[str, float], *, partial: bool) -> dict[str, Any]:
         calls = self.es.calls()
         stats = {
-            "host_reads": self.host_reads,
-            "prediction_reads": self.prediction_reads,
+            "host_reads": self.reads.counts["decision"],
+            "prediction_reads": self.reads.counts["prediction"],
             "batch": len(self.videos),
             "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
             "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},

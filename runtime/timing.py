@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
+
+from hms_deploy.transfer import sync_allowed
 
 Tensor = torch.Tensor
 
@@ -61,7 +62,8 @@ class Timer:
         """ms per category; call after the final host read (the device is then idle)."""
         ms = {k: 1e3 * v for k, v in self.host.items()}
         for key, start, end in self._events:
-            end.synchronize()
+            with sync_allowed(torch.device("cuda")):
+                end.synchronize()  # already complete: the last host read waited for it
             ms[key] = ms.get(key, 0.0) + start.elapsed_time(end)
         total = 1e3 * (time.perf_counter() - self.t0)
         out = {"total": total}
@@ -70,11 +72,3 @@ class Timer:
         out["other"] = total - sum(out[k] for k in TIMING_KEYS[1:-1])
         return {k: round(v, 3) for k, v in out.items()}
 
-
-def to_device(x: np.ndarray, device: torch.device) -> Tensor:
-    """A host array on ``device``: on CUDA copied from pinned memory without waiting (the
-    copy is ordered on the current stream); on the CPU the array's memory, not a copy."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t

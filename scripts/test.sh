@@ -12,8 +12,8 @@ echo "== mypy (TensorRT code against tensorrt-stubs, patched so that mypy reads 
 python tests/trt_stubs.py build/trt-stubs
 MYPYPATH=build/trt-stubs mypy --strict --follow-imports=silent \
   export/tensorrt.py runtime/trt_plan.py runtime/backends/trt.py runtime/bindings.py \
-  runtime/engine.py runtime/cuda_graphs.py runtime/backends/onnx.py hms_deploy/dtypes.py \
-  runtime/plan_cache.py
+  runtime/engine.py runtime/streams.py runtime/backends/onnx.py hms_deploy/dtypes.py \
+  runtime/plan_cache.py hms_deploy/transfer.py
 echo "== pytest"
 marks="not slow"
 [ "${HMS_SLOW:-0}" = "1" ] && marks=""

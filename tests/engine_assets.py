@@ -104,10 +104,15 @@ def trt_unavailable_reason() -> str | None:
 
 # (backend, device) variants of the conformance test; "onnx-iobinding" is ONNX Runtime on
 # CPU with preallocated, reused outputs: the GPU backends' output lifetime, testable here.
-VARIANTS = ("torch-cpu", "onnx-cpu", "onnx-iobinding-cpu", "torch-cuda", "onnx-cuda", "trt-cuda")
+# "trt-emulated" is the real TensorRT backend over tests/trt_emulator.py (TensorRT 11
+# names only, deferred execution, poisoned memory) on the CPU.
+VARIANTS = ("torch-cpu", "onnx-cpu", "onnx-iobinding-cpu", "trt-emulated", "torch-cuda", "onnx-cuda",
+            "trt-cuda")
 
 
 def skip_reason(variant: str) -> str | None:
+    if variant == "trt-emulated":
+        return None if onnx_available() else "the TensorRT emulator runs plans with onnxruntime"
     if variant.endswith("cuda") and not torch.cuda.is_available():
         return "no CUDA device"
     if variant.startswith("onnx") and not onnx_available():
@@ -126,11 +131,31 @@ def _trt_stream() -> torch.cuda.Stream:
     return new_stream(torch.device("cuda"))
 
 
+@functools.cache
+def emulated_export_dir() -> Path:
+    """:func:`export_dir` with TensorRT plans built by the emulator (TensorRT 11 mode)."""
+    from trt_emulator import emulated_export
+
+    return emulated_export(export_dir(), root() / "engines-trt-emulated")
+
+
 def make_engine(variant: str, part: str) -> Engine:
-    """A fresh (unopened) engine of ``variant`` for ``part``; skips if unavailable here."""
+    """A fresh (unopened) engine of ``variant`` for ``part``; skips if unavailable here.
+
+    ``trt-emulated`` needs the emulator installed while the engine is used
+    (``trt_emulator.installed()``).
+    """
     reason = skip_reason(variant)
     if reason:
         pytest.skip(reason)
+    if variant == "trt-emulated":
+        from trt_emulator import emulated_tensorrt
+
+        from hms_deploy.runtime.backends.trt import trt_engines
+        from hms_deploy.runtime.manifest import load_manifest
+
+        device = emulated_tensorrt().emulated_device
+        return trt_engines(load_manifest(emulated_export_dir()), torch.device("cpu"), streams=device)[part]
     backend, device = variant.rsplit("-", 1)
     dev = torch.device(device if device == "cpu" else "cuda", None if device == "cpu" else 0)
     if backend == "torch":

@@ -183,6 +183,14 @@ def export_dir() -> Path:
     return out
 
 
+@functools.cache
+def emulated_export_dir() -> Path:
+    """:func:`export_dir` with TensorRT plans built by tests/trt_emulator.py (TensorRT 11)."""
+    from trt_emulator import emulated_export
+
+    return emulated_export(export_dir(), _root() / "engines-trt-emulated")
+
+
 def load_model(path: str | Path) -> HMS:
     return load_checkpoint(path).build_model()
 

@@ -89,9 +89,22 @@ def _bad_inputs(spec: PartSpec, x: dict[str, Tensor]) -> list[tuple[dict[str, Te
     ]
 
 
+@pytest.fixture(autouse=True)
+def _trt_emulator(request: pytest.FixtureRequest):
+    """The TensorRT emulator installed for the ``trt-emulated`` variant's tests."""
+    params = getattr(request.node, "callspec", None)
+    if params is None or params.params.get("variant") != "trt-emulated":
+        yield None
+        return
+    from trt_emulator import installed
+
+    with installed() as trt:
+        yield trt
+
+
 @pytest.mark.parametrize("part", PART_NAMES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_engine_conforms(variant: str, part: str) -> None:
+def test_engine_conforms(variant: str, part: str, _trt_emulator) -> None:
     engine = make_engine(variant, part)
     spec = engine.spec
     dev = engine.device
@@ -147,6 +160,10 @@ def test_engine_conforms(variant: str, part: str) -> None:
         engine.__exit__(None, None, None)  # exiting again is a no-op
     assert held, f"{variant}: an open engine holds no resources?"
     assert [r for r in _resources(engine) if r is not None] == []
+    if _trt_emulator is not None:
+        device = _trt_emulator.emulated_device
+        assert device.pending() == 0, "launches left pending after close()"
+        assert device.launches > 0
     if session is not None:
         gc.collect()
         assert session() is None, "the ONNX Runtime session outlived close()"

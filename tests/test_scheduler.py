@@ -1,9 +1,12 @@
 """The runtime that really skips: equal to the masked forward, counts, profiler, budgets.
 
-Runs on every available backend: ``torch`` (checkpoint) and ``onnx`` (hms-export dir).
+Runs on every available backend: ``torch`` (checkpoint), ``onnx`` (hms-export dir) and
+``trt-emulated`` (the TensorRT backend over tests/trt_emulator.py, on the CPU).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from hms_deploy.runtime.session import Session
 BACKENDS = [
     "torch",
     "onnx",
+    "trt-emulated",
     pytest.param("torch-cuda", marks=pytest.mark.gpu),
     pytest.param("onnx-cuda", marks=pytest.mark.gpu),
     pytest.param("trt", marks=pytest.mark.tensorrt),
@@ -37,6 +41,12 @@ POLICIES = ["learned", "dense", "audio-only", "every:3,6", "rates:0.5,0.25"]
 def _open(backend: str) -> Session:
     """``torch``/``onnx`` on the CPU; ``*-cuda`` and ``trt`` on a GPU (skipped without one)."""
     a = assets()
+    if backend == "trt-emulated":
+        from runtime_helpers import emulated_export_dir
+        from trt_emulator import emulated_tensorrt
+
+        return Session(engines_dir=emulated_export_dir(), engine="trt", device="cpu",
+                       streams=emulated_tensorrt().emulated_device).open()
     engine, _, cuda = backend.partition("-")
     device = "cuda" if cuda or engine == "trt" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -54,9 +64,14 @@ def _open(backend: str) -> Session:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def session(request):
-    s = _open(request.param)
-    yield s
-    s.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "trt-emulated":
+            from trt_emulator import installed
+
+            stack.enter_context(installed())
+        s = _open(request.param)
+        yield s
+        s.close()
 
 
 @pytest.fixture(scope="module")

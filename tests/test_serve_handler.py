@@ -149,17 +149,17 @@ def test_launcher_binds_every_port_to_host_and_fixes_the_stub_env():
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--http-port", "0"], "must be a TCP port"),
-    (["--grpc-port", "8000"], "must differ"),
-    (["--drain-s", "30"], "--drain-s must be >= 0 and below"),
-    (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
-    (["--engines", "/nonexistent/engines"], "not found"),
+@pytest.mark.parametrize("args, match, code", [
+    (["--http-port", "0"], "must be a TCP port", 2),  # usage errors exit 2 (cli/common.py)
+    (["--grpc-port", "8000"], "must differ", 2),
+    (["--drain-s", "30"], "--drain-s must be >= 0 and below", 2),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be > 0", 2),
+    (["--engines", "/nonexistent/engines"], "not found", 2),
 ])
-def test_hms_serve_bad_options_one_line(args, match):
+def test_hms_serve_bad_options_one_line(args, match, code):
     from hms_deploy.cli.serve import main
 
     r = CliRunner().invoke(main, ["--engines", str(assets().engines), *args])
-    assert r.exit_code == 1
+    assert r.exit_code == code
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hms-serve: error: ") and match in lines[0]

@@ -7,7 +7,8 @@
   dtypes read from the plan (an INT32 ``decision`` is cast to int64), input shapes set
   only when N changes, addresses rebound only when they change, batches above the
   profile's maximum in chunks, output buffers reused per N and never aliasing inputs.
-  The CUDA-only steps (streams, ``record_stream``, CUDA graphs) are not run here.
+  The CUDA-only steps (streams, ``record_stream``) are not run here (the emulator,
+  tests/test_trt_emulator.py, runs them with deferred execution).
 - mypy checks runtime/backends/trt.py against the TensorRT stubs (patched so that mypy
   can read them, tests/trt_stubs.py), with a negative control proving it does.
 """
@@ -451,7 +452,7 @@ def test_trt_backend_type_checks_against_the_tensorrt_stubs(tmp_path: Path) -> N
     stubs = write_stubs(tmp_path / "stubs")
     if stubs is None:
         pytest.skip("tensorrt-stubs is not installed")
-    done = _mypy(tmp_path, stubs, "runtime/backends/trt.py", "runtime/cuda_graphs.py")
+    done = _mypy(tmp_path, stubs, "runtime/backends/trt.py", "runtime/streams.py")
     assert done.returncode == 0, done.stdout + done.stderr
     # negative control: the stubs are really used (an API TensorRT 10 removed is an error)
     bad = tmp_path / "bad_trt.py"

@@ -18,15 +18,21 @@ Per call (:meth:`TrtEngine.run`):
    engines; that stream first waits for the caller's current stream, and the caller's
    stream then waits for it, so results are ordered without any host sync.
 
-Optional CUDA graphs (``cuda_graphs=True``) for cells, gates and head: one graph per N
-over static buffers, eager fallback when capture fails (:mod:`hms_deploy.runtime.cuda_graphs`).
+Streams, waits, ``record_stream`` and the GPU query go through a
+:class:`~hms_deploy.runtime.streams.DeviceStreams` (``torch.cuda`` by default), so the
+tests' TensorRT emulator runs this exact code on CPU with deferred execution.
+
+No CUDA graphs: at the sizes HMS runs (one launch per part and step) a graph would save
+a few microseconds of launch per call but needs a static output set per N plus a copy
+to keep the engine contract's output lifetime; an unmeasured path was removed rather
+than shipped untested.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +47,10 @@ from hms_deploy.runtime.trt_plan import (
     rebuild_hint,
 )
 
-from ..bindings import OutputBuffers, bindable, new_stream, torch_dtype_from_trt
-from ..cuda_graphs import GRAPH_PARTS, StaticGraph, capture
+from ..bindings import OutputBuffers, bindable, torch_dtype_from_trt
 from ..engine import Engine
 from ..plan_cache import PlanBuilder, build_missing_plans
+from ..streams import CUDA, DeviceStreams, Stream
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -52,7 +58,6 @@ if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
 
 TRT_MISSING = "TensorRT is not installed: pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
-MAX_GRAPHS = 16  # CUDA graphs per engine (one context and one set of static buffers each)
 
 
 _LOGGER: trt.Logger | None = None  # one logger per process (TensorRT warns about a second one)
@@ -107,14 +112,14 @@ class TrtEngine(Engine):
         plan_path: str | os.PathLike[str],
         device: torch.device,
         *,
-        stream: torch.cuda.Stream,
-        cuda_graphs: bool = False,
+        stream: Stream,
+        streams: DeviceStreams = CUDA,
         export_dir: str | os.PathLike[str] | None = None,
     ):
         super().__init__(spec, device)
         self.path = Path(plan_path)
         self.stream = stream
-        self.cuda_graphs = cuda_graphs and spec.name in GRAPH_PARTS
+        self.streams = streams
         self.export_dir = export_dir
         self._runtime: trt.Runtime | None = None
         self._engine: trt.ICudaEngine | None = None
@@ -127,9 +132,7 @@ class TrtEngine(Engine):
         self._out_shapes: dict[int, dict[str, tuple[int, ...]]] = {}
         self._addresses: dict[str, int] = {}  # last address bound per tensor
         self._held: list[torch.Tensor] = []  # inputs of the last launch (kept until the next one)
-        self._graphs: dict[int, StaticGraph | None] = {}  # N -> graph (None: capture failed)
         self._casts: list[tuple[str, torch.dtype]] = []  # outputs whose plan dtype differs from the spec
-        self._cuda = True
 
     @property
     def max_batch(self) -> int:
@@ -143,12 +146,12 @@ class TrtEngine(Engine):
         require_tensorrt()
         import tensorrt as trt
 
-        self.device = require_cuda(self.device)
-        self._cuda = self.device.type == "cuda"  # False only under tests' fake TensorRT on CPU
+        if self.streams.cuda:
+            self.device = require_cuda(self.device)
         if not self.path.is_file():
             raise EngineError(f"{self.name}: TensorRT plan {self.path} not found; {rebuild_hint(self.export_dir)}")
         runtime = trt.Runtime(_logger())
-        with torch.cuda.device(self.device) if self._cuda else contextlib.nullcontext():
+        with self.streams.guard(self.device):
             engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:
                 raise EngineError(
@@ -209,7 +212,6 @@ class TrtEngine(Engine):
     def close(self) -> None:
         if self._context is not None:
             self.stream.synchronize()  # nothing may still read or write what is freed below
-        self._graphs.clear()
         self._held = []
         self._addresses = {}
         self._out_shapes = {}
@@ -264,15 +266,13 @@ class TrtEngine(Engine):
             for name, dtype in self._in_dtypes.items()
         ]
         with self._ordered() as stream:
-            graphs = self.cuda_graphs and n <= self._max_batch
-            out = self._run_graph(dict(zip(self._in_dtypes, held)), n) if graphs else None
-            if out is None:
-                out = self._run_eager(held, n, stream)
-            self._record(held, stream)  # not reused by the allocator before the stream is past here
+            out = self._run_eager(held, n, stream)
+            # not reused by the allocator before the stream is past here
+            self.streams.record(held, stream)
             self._held = held
         return self._as_spec(dict(out))
 
-    def _run_eager(self, held: list[torch.Tensor], n: int, stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+    def _run_eager(self, held: list[torch.Tensor], n: int, stream: Stream) -> dict[str, torch.Tensor]:
         """Launch on the stream; batches above the plan's maximum run in chunks of it, each
         chunk reading and writing contiguous row slices of the same tensors (no copies)."""
         assert self._buffers is not None  # open
@@ -282,7 +282,7 @@ class TrtEngine(Engine):
             {t.name: t.with_batch(n) for t in self.spec.outputs}, avoid=held
         )
         if self._buffers.allocations != allocated:  # freed only after the stream passed its last use
-            self._record(outs.values(), stream)
+            self.streams.record(outs.values(), stream)
         for start in range(0, n, step):
             stop = min(n, start + step)
             self._set_batch(stop - start)
@@ -294,73 +294,19 @@ class TrtEngine(Engine):
             self._launch()
         return outs
 
-    def _record(self, tensors: Iterable[torch.Tensor], stream: torch.cuda.Stream) -> None:
-        """Tell torch's allocator that ``stream`` uses these tensors (see ``record_stream``)."""
-        if self._cuda:
-            for x in tensors:
-                x.record_stream(stream)
-
     @contextlib.contextmanager
-    def _ordered(self) -> Iterator[torch.cuda.Stream]:
+    def _ordered(self) -> Iterator[Stream]:
         """Order the engines' stream after the caller's current stream, and back."""
         stream = self.stream
-        if not self._cuda:
+        caller = self.streams.current_stream(self.device)
+        if caller is None or caller == stream:
             yield stream
             return
-        caller = torch.cuda.current_stream(self.device)
-        if caller == stream:
-            yield stream
-            return
-        stream.wait_stream(caller)
+        self.streams.wait(stream, caller)
         try:
             yield stream
         finally:
-            caller.wait_stream(stream)
-
-    def _run_graph(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor] | None:
-        """Replay N's graph (captured on first use); None: run eagerly (capture failed, or
-        :data:`MAX_GRAPHS` batch sizes already have one)."""
-        if n not in self._graphs:
-            if len(self._graphs) >= MAX_GRAPHS:
-                return None
-            self._graphs[n] = self._capture(n)
-        graph = self._graphs[n]
-        return None if graph is None else graph.replay(inputs, self.stream)
-
-    def _capture(self, n: int) -> StaticGraph | None:
-        """A graph for batch ``n`` on a context of its own.
-
-        The graph bakes in the shapes and addresses set at capture (and any host-side
-        shape data TensorRT copies in), so its context is never touched again: the eager
-        context may switch batch sizes freely.
-        """
-        assert self._engine is not None  # open
-        ctx: trt.IExecutionContext | None = self._engine.create_execution_context()
-        if ctx is None:
-            return None
-        static_in = {
-            t.name: torch.zeros(t.with_batch(n), dtype=self._in_dtypes[t.name], device=self.device)
-            for t in self.spec.inputs
-        }
-        static_out = {
-            t.name: torch.empty(t.with_batch(n), dtype=self._out_dtypes[t.name], device=self.device)
-            for t in self.spec.outputs
-        }
-        for t in self.spec.inputs:
-            if not ctx.set_input_shape(t.name, t.with_batch(n)):
-                return None
-        for name, x in (*static_in.items(), *static_out.items()):
-            if not ctx.set_tensor_address(name, x.data_ptr()):
-                return None
-
-        def launch() -> None:
-            if not ctx.execute_async_v3(self.stream.cuda_stream):
-                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed while capturing N={n}")
-
-        graph = capture(launch, self.stream, static_in, static_out)
-        if graph is not None:
-            graph.owner = ctx  # the context lives as long as its graph
-        return graph
+            self.streams.wait(caller, stream)
 
     def _as_spec(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs in the spec's dtypes (a plan with INT32 indices or fp16 outputs is cast)."""
@@ -370,7 +316,7 @@ class TrtEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(file=str(self.path), max_batch=self._max_batch, cuda_graphs=self.cuda_graphs)
+        d.update(file=str(self.path), max_batch=self._max_batch)
         return d
 
 
@@ -382,8 +328,8 @@ def trt_engines(
     device: torch.device,
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
-    stream: torch.cuda.Stream | None = None,
-    cuda_graphs: bool = False,
+    stream: Stream | None = None,
+    streams: DeviceStreams = CUDA,
     build_plans: PlanBuilder | None = None,
 ) -> dict[str, Engine]:
     """The nine parts of an export as TensorRT engines (plans load on ``__enter__``).
@@ -398,20 +344,21 @@ def trt_engines(
     concurrent runs build once); ``manifest`` is refreshed in place.
 
     ``stream``: the caller-owned, non-default CUDA stream all nine engines run on
-    (default: a new one). ``cuda_graphs``: replay cells, gates and head from CUDA graphs.
+    (default: a new one). ``streams``: how streams are made and ordered (``torch.cuda``;
+    the tests' TensorRT emulator passes its own, see :mod:`hms_deploy.runtime.streams`).
     """
     version = require_tensorrt()
-    device = require_cuda(device)
+    if streams.cuda:
+        device = require_cuda(device)
     if stream is None:
-        stream = new_stream(device)
+        stream = streams.new_stream(device)
     if stream.cuda_stream == 0:
         raise EngineError("TensorRT engines need a non-default CUDA stream (the default one adds device syncs)")
     if not any("trt" in manifest.parts[name].files for name in PART_NAMES):
         if build_plans is None:
             raise EngineError(f"{manifest.dir}: the export has no TensorRT plans: {rebuild_hint(manifest.dir)}")
         build_missing_plans(manifest, device, max_batch, build_plans)
-    cc = torch.cuda.get_device_capability(device)
-    gpu = torch.cuda.get_device_name(device)
+    cc, gpu = streams.gpu(device)
     problems = [
         p for name in PART_NAMES
         if (p := check_plan_compatible(
@@ -423,7 +370,7 @@ def trt_engines(
     specs = {name: manifest.parts[name].spec for name in PART_NAMES}
     return {
         name: TrtEngine(
-            specs[name], manifest.path(name, "trt"), device, stream=stream, cuda_graphs=cuda_graphs,
+            specs[name], manifest.path(name, "trt"), device, stream=stream, streams=streams,
             export_dir=manifest.dir,
         )
         for name in PART_NAMES

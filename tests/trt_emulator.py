@@ -1,0 +1,661 @@
+"""A TensorRT EMULATOR for tests on machines without a GPU. Never shipped, never a backend.
+
+It stands in for the ``tensorrt`` module (installed into ``sys.modules``) and for the
+CUDA device (a :class:`~hms_deploy.runtime.streams.DeviceStreams` over CPU memory), so
+that the real TensorRT backend (runtime/backends/trt.py) and the real plan builder
+(export/tensorrt.py ``build_plan``) run unchanged on CPU tensors. What it models:
+
+- **Building**: ``Builder``, ``INetworkDefinition``, ``OnnxParser`` (reads the ONNX
+  file's inputs and outputs; a file it cannot load gives parser errors),
+  ``IBuilderConfig`` (workspace pool, flags, optimisation profile, timing cache) and
+  ``build_serialized_network``, which checks that every dynamic input has a profile and
+  returns a plan: a header (TensorRT version, GPU, I/O, profile) plus the ONNX model.
+  Executing a plan runs that ONNX model with ONNX Runtime on the CPU.
+- **Loading**: ``Runtime.deserialize_cuda_engine`` returns None for bytes that are not a
+  plan, or a plan built by another TensorRT version or for another GPU (as TensorRT
+  does). ``ICudaEngine`` / ``IExecutionContext`` give I/O by name, profile shapes,
+  ``set_input_shape`` (refused outside the profile), ``set_tensor_address``.
+- **Deferred execution**: ``execute_async_v3(handle)`` only enqueues on the emulated
+  stream with that handle (an unknown or the default stream 0 is an error). The launch
+  runs when the stream is synchronised or when another stream is made to wait for it
+  (``DeviceStreams.wait``: the host's own work, i.e. eager CPU torch, is the caller's
+  "current stream", so ordering it after the engine stream is a flush). Until then the
+  launch's output memory holds poison (0xFF bytes: NaN floats, -1 integers), so a read
+  before synchronisation sees garbage and fails the test.
+- **Lifetimes**: when a launch runs, every address it reads or writes must lie inside a
+  tensor recorded on its stream (``DeviceStreams.record``, the ``record_stream`` of the
+  CUDA caching allocator) that is still alive, and its execution context must still
+  exist; otherwise :class:`EmulatorError` ("freed before completion"). A recorded tensor
+  is kept alive until its stream is past the launches issued before the record; if the
+  emulator held its last reference it is poisoned before release, like memory the
+  allocator hands out again.
+- **TensorRT 11 mode** (``version="11.x"``): the names TensorRT 11 removed
+  (TRT_NOTES.md) are absent, so code that uses them fails with AttributeError, and every
+  network is strongly typed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+import importlib.machinery
+import itertools
+import json
+import sys
+import types
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+MAGIC = b"TRT-EMULATOR-PLAN\n"
+POISON = 0xFF
+GPU_NAME = "TensorRT emulator (CPU)"
+GPU_CC = (9, 0)
+
+# names TensorRT 11 removed (TRT_NOTES.md; NVIDIA's 10.x -> 11.x Python migration guide)
+REMOVED_IN_11_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                       "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO")
+
+_ONNX_TYPES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "HALF",
+               16: "BF16"}
+_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
+          "INT8": torch.int8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool,
+          "UINT8": torch.uint8}
+
+
+class EmulatorError(AssertionError):
+    """A use of TensorRT or of device memory that would be undefined behaviour on a GPU."""
+
+
+def _tensor_at(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The CPU memory at ``ptr`` as a tensor (what TensorRT does with a bound address)."""
+    n = int(np.prod(shape)) if shape else 1
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+
+# ----------------------------------------------------------------------------- the device
+
+
+class EmuStream:
+    """An emulated CUDA stream: launches wait in ``pending`` until a flush."""
+
+    def __init__(self, device: EmulatedDevice, handle: int):
+        self.device = device
+        self.cuda_stream = handle
+        self.pending: list[_Launch] = []
+        self.kept: list[torch.Tensor] = []  # recorded since the last flush (kept alive)
+        self.recorded: list[weakref.ref[torch.Tensor]] = []  # recorded earlier (alive or not)
+
+    def __repr__(self) -> str:
+        return f"EmuStream({self.cuda_stream:#x}, {len(self.pending)} pending)"
+
+    def synchronize(self) -> None:
+        self.flush()
+
+    def _alive_spans(self) -> list[tuple[int, int]]:
+        self.recorded = [r for r in self.recorded if r() is not None]
+        return [_span(t) for t in self.kept] + [_span(t) for r in self.recorded if (t := r()) is not None]
+
+    def flush(self) -> None:
+        """Run every pending launch in order, then release what was kept for them."""
+        pending, self.pending = self.pending, []
+        if pending:
+            spans = self._alive_spans()
+            for launch in pending:
+                launch.run(spans)
+                self.device.launches += 1
+        kept, self.kept = self.kept, []
+        while kept:
+            t = kept.pop()
+            self.recorded.append(weakref.ref(t))
+            # only the emulator referenced it: the allocator would now hand it out again
+            if sys.getrefcount(t) <= 2 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2:
+                ctypes.memset(t.untyped_storage().data_ptr(), POISON, t.untyped_storage().nbytes())
+                self.device.poisoned += 1
+            del t
+
+
+class EmulatedDevice:
+    """:class:`~hms_deploy.runtime.streams.DeviceStreams` over CPU memory (see the module doc)."""
+
+    cuda = False
+
+    def __init__(self) -> None:
+        self._handles = itertools.count(0x1000)
+        self.streams: dict[int, EmuStream] = {}
+        self.launches = 0  # launches executed (for tests)
+        self.poisoned = 0  # tensors poisoned when the emulator dropped the last reference
+        # the caller's "current stream": eager CPU torch, which never waits; not launchable
+        self.host = EmuStream(self, 0)
+
+    def new_stream(self, device: torch.device) -> EmuStream:
+        s = EmuStream(self, next(self._handles))
+        self.streams[s.cuda_stream] = s
+        return s
+
+    def current_stream(self, device: torch.device) -> EmuStream:
+        return self.host  # the host's eager CPU work: ordering it after a stream is a flush
+
+    def wait(self, waiter: Any, waited: Any) -> None:
+        if isinstance(waited, EmuStream) and waited is not self.host:
+            waited.flush()
+
+    def record(self, tensors: Any, stream: Any) -> None:
+        if not isinstance(stream, EmuStream):
+            raise EmulatorError(f"record on {stream!r}, which is not an emulated stream")
+        stream.kept.extend(tensors)
+
+    def guard(self, device: torch.device) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def gpu(self, device: torch.device) -> tuple[tuple[int, int], str]:
+        return GPU_CC, GPU_NAME
+
+    def synchronize(self) -> None:
+        for s in list(self.streams.values()):
+            s.flush()
+
+    def pending(self) -> int:
+        return sum(len(s.pending) for s in self.streams.values())
+
+
+class _Launch:
+    def __init__(self, context: IExecutionContext, shapes: dict[str, tuple[int, ...]],
+                 addresses: dict[str, int]):
+        self.context = weakref.ref(context)
+        self.engine = context.engine
+        self.shapes = shapes
+        self.addresses = addresses
+
+    def run(self, spans: list[tuple[int, int]]) -> None:
+        engine = self.engine
+        if self.context() is None:
+            raise EmulatorError(f"{engine.part}: execution context destroyed while its launch was pending")
+        for name, ptr in self.addresses.items():
+            end = ptr + _nbytes(self.shapes[name], engine.dtype(name))
+            if not any(a <= ptr and end <= b for a, b in spans):
+                raise EmulatorError(
+                    f"{engine.part}: launch uses '{name}' at {ptr:#x}, which no live tensor recorded "
+                    f"on its stream covers (freed before completion, or never recorded)"
+                )
+        feeds = {
+            name: _tensor_at(self.addresses[name], self.shapes[name], engine.dtype(name)).numpy().copy()
+            for name in engine.input_names
+        }
+        outs = engine.session().run(engine.output_names, feeds)
+        for name, y in zip(engine.output_names, outs):
+            dst = _tensor_at(self.addresses[name], self.shapes[name], engine.dtype(name))
+            dst.copy_(torch.from_numpy(np.ascontiguousarray(y)).to(dst.dtype))
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class Dims(tuple):
+    pass
+
+
+class _Error:
+    def __init__(self, desc: str, node: str = "", op: str = ""):
+        self._desc, self._node, self._op = desc, node, op
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node_name(self) -> str:
+        return self._node
+
+    def node_operator(self) -> str:
+        return self._op
+
+
+class ITensor:
+    def __init__(self, name: str, dtype: Any, shape: tuple[int, ...]):
+        self.name, self.dtype, self.shape = name, dtype, Dims(shape)
+
+
+class ICudaEngine:
+    def __init__(self, trt: types.ModuleType, header: dict[str, Any], onnx_bytes: bytes):
+        self._trt = trt
+        self.part = header.get("name", "?")
+        self.io = header["io"]
+        self.profile = {k: [tuple(s) for s in v] for k, v in header["profile"].items()}
+        self.input_names = [t["name"] for t in self.io if t["mode"] == "INPUT"]
+        self.output_names = [t["name"] for t in self.io if t["mode"] == "OUTPUT"]
+        self._by_name = {t["name"]: t for t in self.io}
+        self._onnx = onnx_bytes
+        self._session: Any = None
+        self.contexts: list[weakref.ref[IExecutionContext]] = []
+
+    def session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(self._onnx, opts, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _TORCH[self._by_name[name]["dtype"]]
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.io)
+
+    def get_tensor_name(self, i: int) -> str:
+        return str(self.io[i]["name"])
+
+    def get_tensor_mode(self, name: str) -> Any:
+        return self._trt.TensorIOMode[self._by_name[name]["mode"]]
+
+    def get_tensor_dtype(self, name: str) -> Any:
+        return self._trt.DataType[self._by_name[name]["dtype"]]
+
+    def get_tensor_shape(self, name: str) -> Dims:
+        return Dims(self._by_name[name]["shape"])
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
+        if profile_index != 0 or name not in self.profile:
+            raise EmulatorError(f"{self.part}: no profile {profile_index} for '{name}'")
+        return [Dims(s) for s in self.profile[name]]
+
+    def create_execution_context(self) -> IExecutionContext:
+        ctx: IExecutionContext = self._trt.IExecutionContext(self)
+        self.contexts.append(weakref.ref(ctx))
+        return ctx
+
+
+class IExecutionContext:
+    def __init__(self, engine: ICudaEngine):
+        self.engine = engine
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.log: list[tuple[str, object]] = []
+
+    def set_input_shape(self, name: str, shape: Any) -> bool:
+        shape = tuple(int(d) for d in shape)
+        self.log.append(("shape", (name, shape)))
+        if name not in self.engine.profile:
+            return False  # TensorRT logs "not an input" and refuses
+        lo, _, hi = self.engine.profile[name]
+        if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = shape
+        return True
+
+    def _batch(self) -> int | None:
+        if set(self.shapes) != set(self.engine.input_names):
+            return None
+        return {s[0] for s in self.shapes.values()}.pop()
+
+    def get_tensor_shape(self, name: str) -> Dims:
+        if name in self.shapes:
+            return Dims(self.shapes[name])
+        shape = list(self.engine.get_tensor_shape(name))
+        n = self._batch()
+        if n is not None and shape and shape[0] == -1:
+            shape[0] = n
+        return Dims(shape)
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.log.append(("address", name))
+        if name not in self.engine._by_name or not ptr:
+            return False
+        self.addresses[name] = int(ptr)
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        self.log.append(("launch", stream_handle))
+        device = self.engine._trt.emulated_device
+        stream = device.streams.get(int(stream_handle))
+        if stream is None:
+            raise EmulatorError(f"{self.engine.part}: execute_async_v3 on unknown stream {stream_handle:#x}"
+                                " (0 is the legacy default stream, which adds device syncs)")
+        if self._batch() is None:
+            return False  # TensorRT logs "not all input shapes specified" and fails
+        missing = [n for n in (*self.engine.input_names, *self.engine.output_names) if n not in self.addresses]
+        if missing:
+            return False
+        shapes = {n: tuple(self.get_tensor_shape(n)) for n in (*self.engine.input_names, *self.engine.output_names)}
+        launch = _Launch(self, shapes, dict(self.addresses))
+        for name in self.engine.output_names:  # undefined until the stream is past the launch
+            ctypes.memset(self.addresses[name], POISON, _nbytes(shapes[name], self.engine.dtype(name)))
+        stream.pending.append(launch)
+        return True
+
+
+class INetworkDefinition:
+    def __init__(self, flags: int, strongly_typed: bool):
+        self.flags = flags
+        self.strongly_typed = strongly_typed
+        self.inputs: list[ITensor] = []
+        self.outputs: list[ITensor] = []
+        self.onnx: bytes | None = None
+        self.name = ""
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_input(self, i: int) -> ITensor:
+        return self.inputs[i]
+
+    def get_output(self, i: int) -> ITensor:
+        return self.outputs[i]
+
+
+def _make_module(version: str) -> types.ModuleType:
+    major = int(version.split(".")[0])
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo looks it up
+    trt.__version__ = version
+    trt.__doc__ = "TensorRT EMULATOR (tests/trt_emulator.py), not TensorRT"
+    trt.DataType = enum.Enum("DataType", ["FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8"])
+    trt.TensorIOMode = enum.Enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
+    trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "TACTIC_DRAM"])
+    flags = ["TF32", "DEBUG", "GPU_FALLBACK", "REFIT", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    if major < 11:
+        flags += list(REMOVED_IN_11_FLAGS)
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
+    creation = {"STRONGLY_TYPED": 1} if major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", creation)
+    trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel",
+                                               ["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"])
+    trt.Dims = Dims
+    trt.emulated_device = EmulatedDevice()
+
+    class Logger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self, min_severity: int = 2):
+            self.min_severity = min_severity
+            self.messages: list[str] = []
+
+    class ITimingCache:
+        def __init__(self, data: bytes):
+            entries = 0
+            if data.startswith(b"TRT-EMULATOR-TIMING "):
+                entries = int(data.split()[1])
+            self.entries = entries
+
+        def serialize(self) -> bytes:
+            return b"TRT-EMULATOR-TIMING %d\n" % self.entries
+
+    class IOptimizationProfile:
+        def __init__(self) -> None:
+            self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+        def set_shape(self, name: str, min: Any, opt: Any, max: Any) -> None:
+            lo, mid, hi = (tuple(int(d) for d in s) for s in (min, opt, max))
+            if not (len(lo) == len(mid) == len(hi)) or any(not a <= b <= c for a, b, c in zip(lo, mid, hi)):
+                raise ValueError(f"profile for '{name}': need min <= opt <= max, got {lo}, {mid}, {hi}")
+            self.shapes[name] = (lo, mid, hi)
+
+    class IBuilderConfig:
+        def __init__(self) -> None:
+            self.pools: dict[Any, int] = {}
+            self.flags: set[Any] = {trt.BuilderFlag.TF32}  # TF32 is on by default
+            self.profiles: list[IOptimizationProfile] = []
+            self.cache: ITimingCache | None = None
+            self.hardware_compatibility_level = trt.HardwareCompatibilityLevel.NONE
+            if major < 11:
+                self.int8_calibrator = None
+
+        def set_memory_pool_limit(self, pool: Any, size: int) -> None:
+            self.pools[pool] = int(size)
+
+        def set_flag(self, flag: Any) -> None:
+            self.flags.add(flag)
+
+        def clear_flag(self, flag: Any) -> None:
+            self.flags.discard(flag)
+
+        def get_flag(self, flag: Any) -> bool:
+            return flag in self.flags
+
+        def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data: bytes) -> ITimingCache:
+            return ITimingCache(bytes(data))
+
+        def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self) -> ITimingCache | None:
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger: Logger):
+            self.logger = logger
+
+        def create_network(self, flags: int = 0) -> INetworkDefinition:
+            strongly = major >= 11 or bool(flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+            return INetworkDefinition(flags, strongly)
+
+        def create_builder_config(self) -> IBuilderConfig:
+            return IBuilderConfig()
+
+        def create_optimization_profile(self) -> IOptimizationProfile:
+            return IOptimizationProfile()
+
+        def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> bytes | None:
+            if network.onnx is None or not network.outputs:
+                self.logger.messages.append("ERROR: network has no outputs (nothing parsed)")
+                return None
+            profile = config.profiles[0].shapes if config.profiles else {}
+            for t in network.inputs:
+                if -1 in t.shape and t.name not in profile:
+                    self.logger.messages.append(f"ERROR: dynamic input '{t.name}' has no optimization profile")
+                    return None
+                lo, _, hi = profile.get(t.name, (tuple(t.shape),) * 3)
+                fixed = [d for d in t.shape]
+                if len(lo) != len(fixed) or any(f != -1 and not a == f == b for a, f, b in zip(lo, fixed, hi)):
+                    self.logger.messages.append(f"ERROR: profile of '{t.name}' does not match its shape {fixed}")
+                    return None
+            if config.cache is not None:
+                config.cache.entries += len(network.inputs) + len(network.outputs)
+            io = [{"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)}
+                  for mode, ts in (("INPUT", network.inputs), ("OUTPUT", network.outputs)) for t in ts]
+            header = {
+                "tensorrt": version, "gpu": GPU_NAME, "cc": list(GPU_CC), "name": network.name,
+                "strongly_typed": network.strongly_typed, "io": io,
+                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                "flags": sorted(f.name for f in config.flags),
+            }
+            h = json.dumps(header).encode()
+            return MAGIC + len(h).to_bytes(8, "little") + h + network.onnx
+
+        if major < 11:
+            platform_has_fast_fp16 = True
+            platform_has_fast_int8 = True
+            platform_has_tf32 = True
+
+    class OnnxParser:
+        def __init__(self, network: INetworkDefinition, logger: Logger):
+            self.network, self.logger = network, logger
+            self.errors: list[_Error] = []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error(self, i: int) -> _Error:
+            return self.errors[i]
+
+        def parse_from_file(self, path: str) -> bool:
+            import onnx
+
+            try:
+                model = onnx.load(path)
+            except Exception as e:  # noqa: BLE001 - every load failure is a parser error
+                self.errors.append(_Error(f"cannot read ONNX file {path}: {e}"))
+                return False
+            return self._take(model, Path(path).stem)
+
+        def parse(self, data: bytes, path: str | None = None) -> bool:
+            import onnx
+
+            try:
+                model = onnx.load_from_string(bytes(data))
+            except Exception as e:  # noqa: BLE001
+                self.errors.append(_Error(f"cannot read ONNX bytes: {e}"))
+                return False
+            return self._take(model, Path(path).stem if path else "")
+
+        def _take(self, model: Any, name: str) -> bool:
+            g = model.graph
+            init = {i.name for i in g.initializer}
+
+            def tensor(v: Any) -> ITensor | None:
+                tt = v.type.tensor_type
+                dtype = _ONNX_TYPES.get(tt.elem_type)
+                if dtype is None:
+                    self.errors.append(_Error(f"unsupported ONNX type {tt.elem_type} of '{v.name}'", v.name))
+                    return None
+                shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+                return ITensor(v.name, trt.DataType[dtype], shape)
+
+            ins = [tensor(v) for v in g.input if v.name not in init]
+            outs = [tensor(v) for v in g.output]
+            if self.errors:
+                return False
+            self.network.inputs = [t for t in ins if t is not None]
+            self.network.outputs = [t for t in outs if t is not None]
+            self.network.onnx = model.SerializeToString()
+            self.network.name = name
+            return True
+
+    class Runtime:
+        def __init__(self, logger: Logger):
+            self.logger = logger
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, data: bytes) -> ICudaEngine | None:
+            data = bytes(data)
+            if not data.startswith(MAGIC):
+                self.logger.messages.append("ERROR: not a serialized engine")
+                return None
+            n = int.from_bytes(data[len(MAGIC):len(MAGIC) + 8], "little")
+            start = len(MAGIC) + 8
+            header = json.loads(data[start:start + n])
+            if header["tensorrt"] != version or tuple(header["cc"]) != GPU_CC:
+                self.logger.messages.append(
+                    f"ERROR: plan built by TensorRT {header['tensorrt']} for sm {header['cc']}")
+                return None
+            engine: ICudaEngine = trt.ICudaEngine(trt, header, data[start + n:])
+            return engine
+
+    trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, OnnxParser, Runtime
+    trt.IBuilderConfig, trt.ITimingCache = IBuilderConfig, ITimingCache
+    if major < 11:  # names 11 removed exist (deprecated) in 10.x
+        class ICudaEngine10(ICudaEngine):
+            device_memory_size = 0
+
+            def create_execution_context_without_device_memory(self) -> IExecutionContext:
+                return self.create_execution_context()
+
+        class IExecutionContext10(IExecutionContext):
+            @property
+            def all_shape_inputs_specified(self) -> bool:
+                return self._batch() is not None
+
+        trt.ICudaEngine, trt.IExecutionContext = ICudaEngine10, IExecutionContext10
+    else:
+        trt.ICudaEngine, trt.IExecutionContext = ICudaEngine, IExecutionContext
+    return trt
+
+
+def emulated_tensorrt(version: str = "11.0.0") -> types.ModuleType:
+    """The emulated ``tensorrt`` module of ``version`` (one per process; its device:
+    ``module.emulated_device``)."""
+    return _module(version)
+
+
+@functools.cache
+def _module(version: str) -> types.ModuleType:
+    return _make_module(version)
+
+
+@contextmanager
+def installed(version: str = "11.0.0") -> Iterator[types.ModuleType]:
+    """Make ``import tensorrt`` give the emulator, and the export's GPU query the emulated
+    GPU, while the block runs."""
+    from hms_deploy.export import tensorrt as export_trt
+    from hms_deploy.runtime.backends import trt as backend
+
+    trt = emulated_tensorrt(version)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorrt", trt)
+        mp.setattr(backend, "_LOGGER", None)
+        mp.setattr(export_trt, "gpu_info", lambda: (GPU_NAME, GPU_CC))
+        yield trt
+
+
+def add_plans(export_dir: str | Path, *, max_batch: int = 8) -> Any:
+    """Build every part's plan with the export's real ``build_plan`` (against the installed
+    emulator) into ``export_dir`` and list them in its manifest; the new manifest.
+
+    ``hms-export --engine trt`` (``add_trt_plans``) also checks the plans' parity
+    (``validate_plans``: runtime TrtEngines against OnnxEngines), which needs CUDA; the
+    runtime's conformance test does that here.
+    """
+    from hms_deploy.export.tensorrt import BuildOptions, build_plan
+    from hms_deploy.parts import PART_NAMES
+    from hms_deploy.runtime import manifest as mf
+    from hms_deploy.runtime.trt_plan import PLAN_SUFFIX, TIMING_CACHE_NAME
+
+    root = Path(export_dir)
+    m = mf.load_manifest(root, verify=True)
+    data = json.loads((root / "manifest.json").read_text())
+    for name in PART_NAMES:
+        rec = data["parts"][name]
+        plan = root / f"{name}{PLAN_SUFFIX}"
+        rec["trt"] = build_plan(root / rec["files"]["onnx"], m.parts[name].spec, plan,
+                                BuildOptions(max_batch=max_batch), onnx_sha256=rec["sha256"]["onnx"],
+                                timing_cache=root / TIMING_CACHE_NAME)
+        rec["files"]["trt"] = plan.name
+        rec["sha256"]["trt"] = mf.sha256_file(plan)
+    data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    mf.write_manifest(root, data)
+    return mf.load_manifest(root, verify=True)
+
+
+def emulated_export(src: str | Path, dst: str | Path, *, version: str = "11.0.0",
+                    max_batch: int = 8) -> Path:
+    """A copy of the ONNX export ``src`` at ``dst`` with emulated plans of ``version``."""
+    import shutil
+
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    with installed(version):
+        add_plans(dst, max_batch=max_batch)
+    return dst
