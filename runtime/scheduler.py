@@ -63,7 +63,7 @@ from hms_deploy import spec
 from hms_deploy.costs import UNIT, BudgetLedger, dense_cost, step_costs, video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.frames import VideoInputs
+from hms_deploy.runtime.frames import DecodeOptions, VideoInputs
 from hms_deploy.runtime.policy import Policy, parse_policy
 
 Tensor = torch.Tensor
@@ -84,6 +84,7 @@ class RunOptions:
     online: bool = False
     topk: int = 5
     audio_batch: int = 64  # patches per audio_backbone call
+    decode: DecodeOptions = field(default_factory=DecodeOptions)  # thread / skipping; same frames
 
 
 def resolve_options(
@@ -284,9 +285,11 @@ class _BatchRun:
         cfg = es.config
         T = opts.steps
         with timer.host_section("decode"):
-            self.videos = [_Video(str(n), VideoInputs(n, cfg, T)) for n in names]
+            self.videos = [_Video(str(n), VideoInputs(n, cfg, T, decode=opts.decode)) for n in names]
         if opts.policy.forced:
             self.plan_a, self.plan_m = opts.policy.plan(T)
+            for v in self.videos:  # frames no step can want: the decoder may skip them
+                v.inputs.plan(self.plan_a, self.plan_m)
         self.host_reads = 0
         self.prediction_reads = 0
         self.audio_calls = 0

@@ -11,15 +11,13 @@ PyAV is imported lazily, so importing this module costs nothing until a video is
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from typing_extensions import Self
 
 from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data import sampling
@@ -283,228 +281,6 @@ def decode_audio(
     return np.concatenate([wave, np.zeros(n - wave.size, dtype=np.float32)]), True
 
 
-@dataclass
-class DecodeStats:
-    """Counters of a :class:`FrameSource` since it was created.
-
-    ``frames_decoded``: frames the decoder produced; ``frames_converted``: frames
-    converted to RGB; ``seeks``: container seeks; ``cache_hits``: requested frames served
-    from the RGB cache; ``substituted``: requested frames the decoder never produced
-    (a damaged stream) and that got the next decodable frame instead (the last one at the
-    end of the stream).
-    """
-
-    frames_decoded: int = 0
-    frames_converted: int = 0
-    seeks: int = 0
-    cache_hits: int = 0
-    substituted: int = 0
-
-
-class FrameSource:
-    """Decode-on-demand of frames by index, in one forward pass per request.
-
-    ``read`` sorts the requested indices and walks forward. Before each wanted frame it
-    decides whether to seek: it seeks (to the keyframe at or before the target) only
-    when that keyframe lies after the current decode position, i.e. the target is beyond
-    the next keyframe, and a seek would skip more than ``seek_threshold`` frames;
-    otherwise it decodes forward. Frames that are not wanted are decoded but not
-    converted to RGB. Requests that go backward seek. Decoded frames are identified by
-    their pts (mapped to indices through :func:`probe`'s scan), so B-frame reordering and
-    seeks that land early cannot shift indices.
-
-    Converted frames are kept in an LRU cache of ``cache_frames`` frames (overlapping
-    motion clips of neighbouring steps reuse them); memory is
-    ``cache_frames * width * height * 3`` bytes.
-
-    Use as a context manager (the container is opened on first use and closed on exit)::
-
-        with FrameSource(path) as src:
-            frames = src.read([0, 15, 30])   # {index: (H, W, 3) uint8 RGB}
-    """
-
-    def __init__(
-        self,
-        path: str | Path | VideoInfo,
-        *,
-        seek_threshold: int = 16,
-        cache_frames: int = 64,
-        threads: int = 0,
-    ) -> None:
-        self.info = path if isinstance(path, VideoInfo) else probe(path)
-        self.path = self.info.path
-        self.seek_threshold = int(seek_threshold)
-        self.cache_frames = int(cache_frames)
-        self.threads = int(threads)
-        self.stats = DecodeStats()
-        self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
-        self._container: Any = None
-        self._stream: Any = None
-        self._frames: Iterator[Any] | None = None
-        self._pos = -1  # index of the last frame the decoder produced
-        self._seek_ok = True
-        self._last_frame: Any = None
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    # -- resources -------------------------------------------------------------------
-    def open(self) -> Self:
-        if self._container is None:
-            self._container = _open(self.path)
-            if not self._container.streams.video:
-                self.close()
-                raise VideoError(f"{self.path}: no video stream")
-            self._stream = self._container.streams.video[0]
-            if self.threads:
-                self._stream.codec_context.thread_count = self.threads
-            self._frames = self._decode_iter()
-            self._pos = -1
-        return self
-
-    def close(self) -> None:
-        if self._container is not None:
-            self._container.close()
-        self._container = self._stream = self._frames = None
-        self._pos = -1
-
-    def __enter__(self) -> Self:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- decoding ----------------------------------------------------------------------
-    def _decode_iter(self) -> Iterator[Any]:
-        for packet in self._container.demux(self._stream):
-            yield from packet.decode()
-
-    def _keyframe_at_or_before(self, index: int) -> int:
-        k = self.info.keyframe_indices
-        return int(k[np.searchsorted(k, index, side="right") - 1])
-
-    def _should_seek(self, target: int) -> bool:
-        if target <= self._pos:
-            return True  # backward: only a seek (or a reopen) gets there
-        if not self._seek_ok:
-            return False
-        key = self._keyframe_at_or_before(target)
-        return key - (self._pos + 1) > self.seek_threshold
-
-    def _seek(self, target: int) -> None:
-        if not self._seek_ok:
-            self.close()
-            self.open()
-            return
-        key = self._keyframe_at_or_before(target)
-        self._container.seek(
-            int(self.info.frame_pts[key]), stream=self._stream, backward=True, any_frame=False
-        )
-        self._frames = self._decode_iter()
-        self._pos = key - 1
-        self.stats.seeks += 1
-
-    def _frame_index(self, frame: Any) -> int:
-        ts = frame.pts if frame.pts is not None else getattr(frame, "dts", None)
-        if ts is not None:
-            i = self._index.get(int(ts))
-            if i is not None:
-                return i
-        return self._pos + 1  # no usable timestamp: assume decode order is pts order
-
-    def _convert(self, frame: Any) -> np.ndarray:
-        rgb = frame.to_ndarray(format="rgb24")
-        if self.info.rotation:
-            rgb = np.ascontiguousarray(np.rot90(rgb, k=self.info.rotation // 90))
-        self.stats.frames_converted += 1
-        return rgb
-
-    def _remember(self, index: int, rgb: np.ndarray) -> None:
-        if self.cache_frames <= 0:
-            return
-        self._cache[index] = rgb
-        self._cache.move_to_end(index)
-        while len(self._cache) > self.cache_frames:
-            self._cache.popitem(last=False)
-
-    def read(self, frame_indices: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
-        """Decode exactly the requested frames.
-
-        Args:
-            frame_indices: indices into ``info.frame_times`` (any order, repeats allowed).
-        Returns:
-            ``{index: (H, W, 3) uint8 RGB}`` for each distinct index, rotation applied.
-        Raises:
-            IndexError for an index outside ``[0, F)``; :class:`VideoError` when the
-            stream cannot be decoded.
-        """
-        import av
-
-        wanted_all = np.unique(np.asarray(frame_indices, dtype=np.int64).reshape(-1))
-        if wanted_all.size == 0:
-            return {}
-        n = self.info.num_frames
-        if wanted_all[0] < 0 or wanted_all[-1] >= n:
-            bad = wanted_all[(wanted_all < 0) | (wanted_all >= n)][0]
-            raise IndexError(f"{self.path}: frame index {bad} is outside [0, {n})")
-        out: dict[int, np.ndarray] = {}
-        for i in wanted_all.tolist():
-            if i in self._cache:
-                self._cache.move_to_end(i)
-                out[i] = self._cache[i]
-                self.stats.cache_hits += 1
-        wanted = [i for i in wanted_all.tolist() if i not in out]
-        if not wanted:
-            return out
-        self.open()
-        try:
-            self._read_forward(wanted, out)
-        except av.FFmpegError as e:
-            self.close()
-            raise VideoError(f"{self.path}: cannot decode ({_one_line(e)})") from e
-        return out
-
-    def _read_forward(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
-        """Decode forward (seeking where it pays) until every index in ``wanted`` is in ``out``."""
-        j = 0
-        check_landing: int | None = None  # target of the last seek, until its first frame
-        while j < len(wanted):
-            target = wanted[j]
-            if self._should_seek(target):
-                self._seek(target)
-                check_landing = target if self._seek_ok else None
-            frame = next(self._frames, None) if self._frames is not None else None
-            if frame is None:
-                break  # end of stream
-            i = self._frame_index(frame)
-            self.stats.frames_decoded += 1
-            if check_landing is not None:
-                landed_after = i > check_landing
-                check_landing = None
-                if landed_after:
-                    # The demuxer landed after the target (broken index): stop seeking,
-                    # reopen and decode from the start instead.
-                    self._seek_ok = False
-                    self._seek(target)
-                    continue
-            self._pos = i
-            self._last_frame = frame
-            if i < target:
-                continue
-            rgb = self._convert(frame)
-            self._remember(i, rgb)
-            while j < len(wanted) and wanted[j] <= i:
-                out[wanted[j]] = rgb
-                if wanted[j] != i:
-                    self.stats.substituted += 1
-                j += 1
-        if j < len(wanted):
-            if self._last_frame is None:
-                raise VideoError(f"{self.path}: frame {wanted[j]} could not be decoded")
-            rgb = self._convert(self._last_frame)
-            for i in wanted[j:]:
-                out[i] = rgb
-                self.stats.substituted += 1
-
-
 # -- resizing ----------------------------------------------------------------------------
 def resized_size(height: int, width: int, resize_short: int) -> tuple[int, int]:
     """(height, width) after a short-side resize, torchvision's rule: long = int(s * long / short)."""
@@ -684,3 +460,8 @@ class StepSampler:
         )  # (U, 3, S, S)
         clips = batch[np.searchsorted(uniq, idx)]  # (S, 32, 3, crop, crop)
         return np.ascontiguousarray(clips.transpose(0, 2, 1, 3, 4))
+
+
+# FrameSource lives in its own module (it needs probe() and _open() from this one);
+# re-exported here, where callers have always imported it from.
+from hms_deploy.data.frame_source import DecodeStats, FrameSource  # noqa: F401
