@@ -105,7 +105,11 @@ def test_frames_are_bit_identical_to_a_full_decode(media, name, opts, skip):
                     assert read_index(got[i]) == i
             st = src.stats
         assert st.substituted == 0
-        assert st.frames_converted <= sum(len(r) for r in requests)
+        n = sum(len(r) for r in requests)
+        if skip and opts["read_ahead"]:  # the thread converts expected frames it passes;
+            assert st.frames_converted <= 3 * n  # a backward seek may pass them again
+        else:
+            assert st.frames_converted <= n
         if skip:  # sparse requests: the non-reference frames between them were not decoded
             assert st.frames_skipped > 0 and st.frames_decoded < st.frames_walked
         else:
@@ -316,7 +320,7 @@ def test_records_are_identical_with_and_without_the_new_decoder(policy):
     before, after = recs["before"], recs["after"]
     for key in ("label", "score", "topk", "decisions", "usage", "gflops", "steps"):
         assert after[key] == before[key], key
-    for key in ("appearance_frames", "motion_clips", "frames_converted", "seeks", "window_hits"):
+    for key in ("appearance_frames", "motion_clips", "seeks"):
         assert after["stats"][key] == before["stats"][key], key
     if policy == "audio-only":
         assert after["stats"]["frames_walked"] == 0

@@ -119,6 +119,8 @@ class FrameSource:
         self._last_frame: Any = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._window: OrderedDict[int, Any] = OrderedDict()
+        # RGB of expected frames, converted by the read-ahead thread (popped by the reader)
+        self._preconverted: dict[int, np.ndarray] = {}
 
     # -- resources -------------------------------------------------------------------
     def open(self) -> Self:
@@ -140,6 +142,7 @@ class FrameSource:
         close = getattr(frames, "close", None)
         if close is not None:
             close()
+        self._preconverted.clear()  # the thread is gone: nothing writes here any more
 
     def close(self) -> None:
         try:
@@ -184,6 +187,12 @@ class FrameSource:
         )
         if self.read_ahead > 0:
             pause = None
+            if self._expected is not None:
+                # the thread also converts the frames reads will want (same function)
+                frames = _convert_ahead(
+                    frames, self._index, self._expected, self.info.rotation,
+                    self._preconverted, self.stats,
+                )
             if self._expected is not None and self._seek_ok:
                 pause = _pause_before_seeks(
                     self._index, self._expected, self.info.keyframe_indices, self.seek_threshold
@@ -229,11 +238,8 @@ class FrameSource:
         return self._pos + 1  # no usable timestamp: assume decode order is pts order
 
     def _convert(self, frame: Any) -> np.ndarray:
-        rgb = frame.to_ndarray(format="rgb24")
-        if self.info.rotation:
-            rgb = np.ascontiguousarray(np.rot90(rgb, k=self.info.rotation // 90))
         self.stats.frames_converted += 1
-        return rgb
+        return _to_rgb(frame, self.info.rotation)
 
     def _remember(self, index: int, rgb: np.ndarray) -> None:
         if self.cache_frames <= 0:
@@ -324,9 +330,12 @@ class FrameSource:
             self._pos = i
             self._last_frame = frame
             self._retain(frame)
+            pre = self._preconverted.pop(i, None) if self._preconverted else None
             if i < target:
+                if pre is not None:
+                    self._remember(i, pre)  # expected later (a clip reaching back): keep it
                 continue
-            rgb = self._convert(frame)
+            rgb = pre if pre is not None else self._convert(frame)
             self._remember(i, rgb)
             while j < len(wanted) and wanted[j] <= i:
                 out[wanted[j]] = rgb
@@ -368,3 +377,29 @@ def _pause_before_seeks(
         return key - (i + 1) > threshold
 
     return pause_after
+
+
+def _to_rgb(frame: Any, rotation: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a decoded frame, display rotation applied."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+    return rgb
+
+
+def _convert_ahead(
+    frames: Iterator[Any],
+    index: dict[int, int],
+    expected: frozenset[int],
+    rotation: int,
+    store: dict[int, np.ndarray],
+    stats: DecodeStats,
+) -> Iterator[Any]:
+    """Pass ``frames`` through, converting the expected ones to RGB into ``store`` first
+    (runs in the read-ahead thread; the reader pops what it consumes)."""
+    for frame in frames:
+        i = index.get(int(frame.pts)) if frame.pts is not None else None
+        if i is not None and i in expected:
+            store[i] = _to_rgb(frame, rotation)
+            stats.frames_converted += 1
+        yield frame
