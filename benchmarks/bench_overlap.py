@@ -162,6 +162,8 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
                 records.setdefault(r.name, rec)
                 log(f"round {rnd + 1}: {r.name:<32} {fmt_ms(1e3 * wall):>9}  "
                     f"load {d['load'][-1]:.1f}  usage {rec['usage']}")
+                # raw measurements so far (a long run on a busy machine may be cut short)
+                write_json(Path(s.out) / f"{s.name}.partial.json", {**prov, "raw": data})
             rnd += 1
     finally:
         for sess in sessions.values():
@@ -190,6 +192,7 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
     outdir = Path(s.out)
     write_json(outdir / f"{s.name}.json", out)
     (outdir / f"{s.name}.md").write_text(markdown(out))
+    (outdir / f"{s.name}.partial.json").unlink(missing_ok=True)
     log(f"wrote {outdir / s.name}.json/.md ({out['seconds']:.0f} s)")
     return out
 

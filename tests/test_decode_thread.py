@@ -304,13 +304,20 @@ def test_video_inputs_are_identical_with_and_without_read_ahead_and_skipping():
     assert decode_threads() == []
 
 
-@pytest.mark.parametrize("policy", ["learned", "rates:0.5,0.25", "dense", "audio-only"])
-def test_records_are_identical_with_and_without_the_new_decoder(policy):
+@pytest.mark.parametrize(("policy", "budget_steps"), [
+    ("learned", None), ("rates:0.5,0.25", None), ("dense", None), ("audio-only", None),
+    ("dense", 5),  # the budget runs out after 5 dense steps: an early stop mid-video
+])
+def test_records_are_identical_with_and_without_the_new_decoder(policy, budget_steps):
+    from hms_deploy.costs import dense_cost
     from hms_deploy.runtime.session import Session
 
     a = assets()
     with Session(checkpoint=a.checkpoint) as s:
-        base = s.options(policy=policy)
+        budget = None
+        if budget_steps is not None:
+            budget = dense_cost(s.engine_set.costs, budget_steps) * 1.001
+        base = s.options(policy=policy, budget=budget)
         recs = {}
         for name, dec in (("before", DecodeOptions(read_ahead=0, skip_nonref=False)),
                           ("after", DecodeOptions())):
@@ -322,6 +329,8 @@ def test_records_are_identical_with_and_without_the_new_decoder(policy):
         assert after[key] == before[key], key
     for key in ("appearance_frames", "motion_clips", "seeks"):
         assert after["stats"][key] == before["stats"][key], key
+    if budget_steps is not None:
+        assert after["steps"] < after["T"]  # stopped early; its decode thread is gone
     if policy == "audio-only":
         assert after["stats"]["frames_walked"] == 0
     if policy == "rates:0.5,0.25":
