@@ -190,7 +190,7 @@ class VideoInputs:
         s = self.source.stats
         return {
             "frames_decoded": s.frames_decoded,
-            "frames_converted": s.frames_converted,
+            "frames_converted": s.frames_converted + s.frames_converted_ahead,
             "seeks": s.seeks,
             "window_hits": s.window_hits,
             "frames_walked": s.frames_walked,

@@ -34,7 +34,8 @@ class DecodeStats:
     then dropped); ``frames_skipped``: walked minus decoded (non-reference frames skipped
     because no read can want them, see :meth:`FrameSource.expect`, plus frames still
     inside the decoder when a seek or ``close`` flushed it); ``frames_converted``: frames
-    converted to RGB; ``seeks``: container seeks; ``cache_hits``: requested frames served
+    converted to RGB by the reader, ``frames_converted_ahead`` by the read-ahead thread
+    (frames a plan expects, :meth:`FrameSource.expect`); ``seeks``: container seeks; ``cache_hits``: requested frames served
     from the RGB cache; ``window_hits``: requested frames converted from the window of
     retained decoded frames; ``substituted``: requested frames the decoder never produced
     (a damaged stream) and that got the next decodable frame instead (the last one at the
@@ -48,6 +49,7 @@ class DecodeStats:
     substituted: int = 0
     frames_walked: int = 0
     window_hits: int = 0
+    frames_converted_ahead: int = 0
 
     @property
     def frames_skipped(self) -> int:
@@ -401,5 +403,5 @@ def _convert_ahead(
         i = index.get(int(frame.pts)) if frame.pts is not None else None
         if i is not None and i in expected:
             store[i] = _to_rgb(frame, rotation)
-            stats.frames_converted += 1
+            stats.frames_converted_ahead += 1  # only this thread writes this counter
         yield frame
