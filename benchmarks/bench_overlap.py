@@ -328,7 +328,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [(f"- target wall ratio / GMAC ratio <= {TARGETS['wall_over_gmac_max']} (after): "
               f"{'met' if sm['wall_over_gmac_met'] else '**missed**'}; overhead < 3 %: "
               f"{'met' if sm['overhead_met'] else '**missed**'}; speedup over compute-then-mask "
-              f"{sm['speedup_over_mask']}x (lower bound dense / HMS: "
+              f"{'not measured' if sm['speedup_over_mask'] is None else str(sm['speedup_over_mask']) + 'x'}"
+              f" (lower bound dense / HMS: "
               f"{sm['speedup_over_mask_lower_bound']}x; >= 10x: "
               f"{ {True: 'met', False: '**missed**', None: 'not measured'}[sm['mask_met']] })"),
               (f"- learned after / before = {sm['learned_after_over_before']} (CPU time "
