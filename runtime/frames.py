@@ -4,13 +4,23 @@ The gated loop cannot know future decisions, so frames are requested step by ste
 time order: the appearance frame of step t (nearest tau_t), then, if motion runs, the
 32-frame clip around tau_t, which reaches ~1 s *behind* the decode position. A plain
 forward reader would have to seek backward for every motion clip (and for the appearance
-frames of the next steps, which lie inside the clip just decoded). So
-:class:`RetainingFrameSource` extends the data module's
-:class:`~hms_deploy.data.video.FrameSource` with a window of the most recently *decoded*
-(not converted) frames: a request behind the decode position is converted from that
-window instead of seeking. Holding a decoded frame costs memory (~1.5 bytes per pixel,
-YUV 4:2:0), no compute; the window spans one motion clip plus a margin, capped at
-:data:`RETAIN_BYTES`. Seeks forward still follow FrameSource's keyframe-distance rule.
+frames of the next steps, which lie inside the clip just decoded). So the per-video
+inputs read through a :class:`~hms_deploy.data.video.FrameSource` that retains a window
+of the most recently *decoded* (not converted) frames (its ``retain_frames`` option;
+:class:`RetainingFrameSource` gives the default): a request behind the decode position is
+converted from that window instead of seeking. Holding a decoded frame costs memory
+(~1.5 bytes per pixel, YUV 4:2:0), no compute; the window spans one motion clip plus a
+margin, capped at :data:`RETAIN_BYTES`. Seeks forward still follow FrameSource's
+keyframe-distance rule.
+
+Decoding overlaps the engines (:class:`DecodeOptions`): the bitstream has to be walked up
+to every wanted frame whatever the gates decide, so a decode thread walks ahead (at most
+two steps' worth of decoded frames, bounded in bytes) while the step loop computes;
+conversion and resizing stay in the step loop and only for the frames a running step
+asks for. When a video's plan says in advance which steps may run each backbone
+(:meth:`~hms_deploy.data.inputs.VideoInputs.plan`: a forced policy, or the no-audio
+fallback), the walk skips the non-reference frames outside them. Neither changes which
+frames are used: records are identical with both off.
 
 Only frames that a running step needs are converted to RGB and resized; a modality that
 never runs decodes nothing (``audio-only`` does not even open the video stream).
@@ -21,66 +31,52 @@ type, :class:`~hms_deploy.data.inputs.VideoInputs`, over a :class:`RetainingFram
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from hms_deploy.config import HMSConfig
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.data.video import FrameSource, VideoInfo
 
-__all__ = ["RETAIN_BYTES", "RetainingFrameSource", "VideoInputs", "open_video"]
+__all__ = ["RETAIN_BYTES", "DecodeOptions", "RetainingFrameSource", "VideoInputs", "open_video"]
 
 RETAIN_BYTES = 256 * 2**20  # cap of the decoded-frame window per video
+READ_AHEAD_BYTES = 64 * 2**20  # cap of the decoded-but-unconsumed frames per video
 
 
 class RetainingFrameSource(FrameSource):
     """A :class:`FrameSource` that keeps the last ``retain_frames`` decoded frames.
 
-    ``read`` first serves requested frames from the RGB cache and from the decoded
-    window (converting them now), and asks the forward reader only for the rest, so a
-    sequence of requests that moves forward in time, with look-backs no longer than the
-    window, is one forward pass. ``stats.window_hits`` counts frames served from the window.
+    Retention is :class:`FrameSource`'s own ``retain_frames`` option; this class only
+    gives it a default (and keeps the name). ``read`` serves requested frames from the
+    RGB cache and from the decoded window (converting them now), and asks the forward
+    reader only for the rest, so a sequence of requests that moves forward in time,
+    with look-backs no longer than the window, is one forward pass.
+    ``stats.window_hits`` counts frames served from the window.
     """
 
     def __init__(self, path: str | Path | VideoInfo, *, retain_frames: int = 96, **kwargs: Any):
-        super().__init__(path, **kwargs)
-        self.retain_frames = int(retain_frames)
-        self._window: OrderedDict[int, Any] = OrderedDict()
-        self.window_hits = 0
+        super().__init__(path, retain_frames=retain_frames, **kwargs)
 
-    def _decode_iter(self) -> Iterator[Any]:
-        for frame in super()._decode_iter():
-            if self.retain_frames > 0 and frame.pts is not None:
-                i = self._index.get(int(frame.pts))
-                if i is not None:
-                    self._window[i] = frame
-                    self._window.move_to_end(i)
-                    while len(self._window) > self.retain_frames:
-                        self._window.popitem(last=False)
-            yield frame
+    @property
+    def window_hits(self) -> int:
+        return self.stats.window_hits
 
-    def close(self) -> None:
-        super().close()
-        self._window = OrderedDict()
 
-    def read(self, frame_indices: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
-        wanted = np.unique(np.asarray(frame_indices, dtype=np.int64).reshape(-1)).tolist()
-        out: dict[int, np.ndarray] = {}
-        for i in wanted:
-            if i in self._cache or i not in self._window:
-                continue  # the parent serves cache hits (and counts them)
-            rgb = self._convert(self._window[i])
-            self._remember(i, rgb)
-            out[i] = rgb
-            self.window_hits += 1
-        rest = [i for i in wanted if i not in out]
-        if rest:
-            out.update(super().read(rest))
-        return out
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the per-video inputs decode (the frames used never depend on these).
+
+    ``read_ahead``: decode in a background thread, up to this many frames ahead of the
+    step loop (0: decode in the step loop's thread, as before); ``None`` picks two
+    steps' worth of frames (at least 16), capped at :data:`READ_AHEAD_BYTES`.
+    ``skip_nonref``: when the frames every step may ask for are known in advance (a
+    video's plan), skip the non-reference frames outside them.
+    """
+
+    read_ahead: int | None = None
+    skip_nonref: bool = True
 
 
 def _retain_frames(info: VideoInfo, config: HMSConfig) -> int:
@@ -91,11 +87,24 @@ def _retain_frames(info: VideoInfo, config: HMSConfig) -> int:
     return max(8, min(want, RETAIN_BYTES // frame_bytes))
 
 
-def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None
-               ) -> VideoInputs:
+def _read_ahead_frames(info: VideoInfo, steps: int, read_ahead: int | None) -> int:
+    """Frames the decode thread may run ahead: two steps' worth (>= 16), capped in bytes."""
+    if read_ahead is not None:
+        return max(0, int(read_ahead))
+    per_step = info.num_frames / max(1, steps)
+    frame_bytes = max(1, info.width * info.height * 3 // 2)
+    return max(2, min(max(16, math.ceil(2 * per_step)), READ_AHEAD_BYTES // frame_bytes))
+
+
+def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
+               decode: DecodeOptions | None = None) -> VideoInputs:
     """The runtime's per-video inputs: :class:`~hms_deploy.data.inputs.VideoInputs` decoding
-    on demand through a :class:`RetainingFrameSource` sized by :func:`_retain_frames`."""
+    on demand through a :class:`RetainingFrameSource` sized by :func:`_retain_frames`,
+    reading ahead as ``decode`` says."""
+    decode = decode or DecodeOptions()
     return VideoInputs(
-        path, config, steps, info=info,
-        frame_source=lambda info: RetainingFrameSource(info, retain_frames=_retain_frames(info, config)),
+        path, config, steps, info=info, skip_nonref=decode.skip_nonref,
+        frame_source=lambda info: RetainingFrameSource(
+            info, retain_frames=_retain_frames(info, config),
+            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead)),
     )

@@ -11,6 +11,7 @@ from hms_deploy.costs import BudgetLedger, step_costs
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import parse_no_audio_policy
 from hms_deploy.runtime.engines import EngineSet
+from hms_deploy.runtime.frames import DecodeOptions
 from hms_deploy.runtime.policy import Policy, parse_policy
 
 
@@ -27,6 +28,7 @@ class RunOptions:
     # videos without audio (runtime/checks.py): None = refuse them ("error")
     no_audio: Policy | None = field(default_factory=lambda: parse_no_audio_policy(None))
     allow_truncated: bool = False  # classify the decodable part of a truncated file
+    decode: DecodeOptions = field(default_factory=DecodeOptions)  # thread / skipping; same frames
 
 
 def resolve_options(

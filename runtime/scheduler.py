@@ -158,7 +158,7 @@ class _BatchRun:
         T = opts.steps
         with timer.host_section("decode"):
             checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
-            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info))
+            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info, decode=opts.decode))
                            for n, (info, _) in zip(names, checked)]
         self.reads = HostReads()  # every device->host read of the run, counted
         self.audio_calls = 0
@@ -182,6 +182,8 @@ class _BatchRun:
         for video, (_, warnings) in zip(self.videos, checked):
             video.plan = plan_video(video.inputs, opts.policy, opts.no_audio, T)
             video.plan.warnings[:0] = warnings
+            # frames no step can want (the plan's 0s; GATE may run): the decoder may skip them
+            video.inputs.plan(video.plan.appearance, video.plan.motion)
         self.state = gating.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,28 @@ def test_sessions_use_the_requested_threads_and_full_optimisation(monkeypatch: p
     with onnx_engines(manifest(), CPU, threads=1)["head"]:
         pass
     assert seen["threads"] == 1
+
+
+def test_threads_per_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, int] = {}
+    real = ort.InferenceSession
+
+    def spy(path, sess_options=None, **kw):
+        seen[Path(path).stem] = sess_options.intra_op_num_threads
+        return real(path, sess_options=sess_options, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    engines = onnx_engines(manifest(), CPU, threads={"appearance_backbone": 1, "head": 2})
+    for name in ("appearance_backbone", "head", "audio_cell"):
+        with engines[name]:
+            pass
+    assert seen == {"appearance_backbone": 1, "head": 2,
+                    "audio_cell": onnx_backend.default_threads()}
+    assert onnx_backend.part_threads(3) == dict.fromkeys(onnx_backend.PART_NAMES, 3)
+    with pytest.raises(EngineError, match=r"threads: unknown parts \['appearance'\]"):
+        onnx_engines(manifest(), CPU, threads={"appearance": 1})
+    with pytest.raises(EngineError, match=r"threads must be integers >= 1, got \{'head': 0\}"):
+        onnx_engines(manifest(), CPU, threads={"head": 0})
 
 
 @pytest.mark.parametrize("iobinding", [False, True])

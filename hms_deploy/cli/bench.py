@@ -2,7 +2,8 @@
 
 ``hms-bench`` runs the end-to-end benchmark (HMS policies vs dense stepped, dense
 batched and compute-then-mask on the reference video); ``--suite parts`` the per-part
-latency per backend; ``--suite all`` both. ``--smoke`` is the seconds-long CI mode
+latency per backend; ``--suite all`` both; ``--suite decode`` the decode work of an HMS
+run vs decoding every frame (a generated 2-minute 720p long-GOP file). ``--smoke`` is the seconds-long CI mode
 (tiny variant, 8 steps, a 6 s video). The benchmark scripts live in the source tree's
 ``benchmarks/`` folder (results are committed there), so this command runs from a
 source checkout (an editable install), like ``python -m benchmarks.bench_e2e``.
@@ -36,8 +37,10 @@ def _bench_module(name: str) -> ModuleType:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--suite", type=click.Choice(["e2e", "parts", "all", "serve"]), default="e2e",
-              show_default=True, help="End-to-end, per-part, or both; serve: hms-serve vs hms-run.")
+@click.option("--suite", type=click.Choice(["e2e", "parts", "all", "serve", "decode"]),
+              default="e2e", show_default=True,
+              help="End-to-end, per-part, or both; serve: hms-serve vs hms-run; decode: HMS decode "
+                   "vs full decode (720p).")
 @click.option("--variant", type=click.Choice(["paper", "tiny"]), default=None,
               help="Model variant (default paper; tiny with --smoke).")
 @click.option("--engine", type=click.Choice(["onnx", "torch", "trt"]), default=None,
@@ -91,6 +94,12 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
                        ("--throughput-repeats", throughput_repeats), ("--threads", threads)):
         if value is not None and value < (0 if opt == "--throughput-videos" else 1):
             raise ConfigError(f"{opt} must be >= 1, got {value}")
+    if suite == "decode":
+        dec = _bench_module("bench_decode")
+        given = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
+                                   ("out", out), ("name", name)) if v is not None}
+        dec.run(dec.DecodeSettings(**given), log=click.echo)
+        return
     if suite in ("e2e", "all"):
         e2e = _bench_module("bench_e2e")
         given = dict(common)

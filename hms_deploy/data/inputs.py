@@ -38,8 +38,9 @@ class VideoInputs:
     """
 
     def __init__(self, path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
-                 frame_source: FrameSourceFactory = FrameSource):
+                 frame_source: FrameSourceFactory = FrameSource, skip_nonref: bool = True):
         self.path = str(path)
+        self.skip_nonref = skip_nonref  # may plan() let the decoder skip unwanted frames
         self.info = info or probe(path)
         self.config = config
         self.sampler = StepSampler.from_config(self.info, config, steps=steps)
@@ -64,6 +65,19 @@ class VideoInputs:
     @property
     def duration_s(self) -> float:
         return float(self.info.duration_s)
+
+    def plan(self, appearance: np.ndarray, motion: np.ndarray) -> None:
+        """Declare, before the first step, which steps may run each backbone (``(T,)``,
+        nonzero: the step may run it). With ``skip_nonref`` the decoder then skips the
+        non-reference frames that none of those steps' inputs contain; the frames used
+        do not change."""
+        if not self.skip_nonref or self.source is None:
+            return
+        s = self.sampler
+        a = np.asarray(appearance).reshape(-1) != 0
+        m = np.asarray(motion).reshape(-1) != 0
+        frames = np.concatenate([s.appearance_indices[a], s.motion_indices[m].reshape(-1)])
+        self.source.expect(frames)
 
     def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
         """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`);
@@ -144,15 +158,18 @@ class VideoInputs:
 
     @property
     def decode_stats(self) -> dict[str, int]:
-        """The decoder's counters: frames decoded / converted to RGB, seeks, window hits."""
+        """The decoder's counters: frames decoded / converted to RGB (in the step loop or
+        ahead of it), seeks, window hits, frames walked and skipped undecoded."""
         if self.source is None:
             return dict(self._stats)
         s = self.source.stats
         return {
             "frames_decoded": s.frames_decoded,
-            "frames_converted": s.frames_converted,
+            "frames_converted": s.frames_converted + s.frames_converted_ahead,
             "seeks": s.seeks,
-            "window_hits": int(getattr(self.source, "window_hits", 0)),
+            "window_hits": s.window_hits,
+            "frames_walked": s.frames_walked,
+            "frames_skipped": s.frames_skipped,
         }
 
     def close(self) -> None:

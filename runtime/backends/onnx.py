@@ -27,7 +27,7 @@ CUDA (``onnxruntime-gpu``)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -83,6 +83,27 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def part_threads(threads: int | Mapping[str, int] | None) -> dict[str, int]:
+    """Intra-op threads per part name from ``threads`` (an int for every part, a mapping
+    for some, None for none); parts absent from the result use :func:`default_threads`.
+
+    Raises :class:`EngineError` for an unknown part name or a count < 1.
+    """
+    if threads is None:
+        return {}
+    if isinstance(threads, Mapping):
+        unknown = sorted(set(threads) - set(PART_NAMES))
+        if unknown:
+            raise EngineError(f"threads: unknown parts {unknown}, expected some of {list(PART_NAMES)}")
+        given = dict(threads)
+    else:
+        given = dict.fromkeys(PART_NAMES, threads)
+    bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise EngineError(f"threads must be integers >= 1, got {bad}")
+    return given
 
 
 def resolve_providers(providers: Sequence[str] | None, device: torch.device) -> list[str]:
@@ -379,7 +400,7 @@ def onnx_engines(
     device: torch.device,
     *,
     providers: Sequence[str] | None = None,
-    threads: int | None = None,
+    threads: int | Mapping[str, int] | None = None,
     stream: torch.cuda.Stream | None = None,
     trt_fp16: bool = False,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -389,7 +410,8 @@ def onnx_engines(
 
     ``providers``: ONNX Runtime provider names or aliases (``cpu``, ``cuda``,
     ``tensorrt``); default CPU on a CPU device, CUDA on a CUDA device. ``threads``:
-    intra-op threads per session (default: all cores). ``stream``: the non-default torch
+    intra-op threads per session (default: all cores), or a mapping part name -> threads
+    (parts it does not name get all cores; see :func:`part_threads`). ``stream``: the non-default torch
     CUDA stream all nine sessions run on (default: a new one, shared). ``trt_fp16`` and
     ``max_batch`` configure the TensorRT execution provider (engine cache in
     ``<export dir>/ort_trt_cache``). ``iobinding``: bind preallocated outputs (always
@@ -401,11 +423,13 @@ def onnx_engines(
         if stream is None:
             stream = new_stream(device)
     specs = part_specs(manifest.config)
+    per_part = part_threads(threads)
     engines: dict[str, Engine] = {}
     for name in PART_NAMES:
         path = manifest.path(name, "onnx")
         engines[name] = OnnxEngine(
-            specs[name], path, device, providers=providers, threads=threads, stream=stream,
+            specs[name], path, device, providers=providers, threads=per_part.get(name),
+            stream=stream,
             trt_fp16=trt_fp16, trt_cache_dir=path.parent / "ort_trt_cache", max_batch=max_batch,
             iobinding=iobinding,
         )

@@ -1,0 +1,407 @@
+"""Decode-on-demand of the frames steps need: :class:`FrameSource` (re-exported by
+:mod:`hms_deploy.data.video`, where it has always been imported from).
+
+Frames are identified by their index in presentation (pts) order (see
+:func:`~hms_deploy.data.video.probe`) and returned as uint8 RGB ``(H, W, 3)`` with the
+container's display rotation applied. The forward walk is :mod:`hms_deploy.data.frame_walk`
+(non-reference frames no read can want are skipped); the optional background decoding
+is :mod:`hms_deploy.data.decode_thread`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from typing_extensions import Self
+
+from hms_deploy.data.decode_thread import ReadAhead
+from hms_deploy.data.frame_walk import walk_frames
+from hms_deploy.data.video import VideoInfo, _open, probe
+from hms_deploy.errors import VideoError, first_line
+
+
+@dataclass
+class DecodeStats:
+    """Counters of a :class:`FrameSource` since it was created.
+
+    ``frames_walked``: packets handed to the decoder; ``frames_decoded``: frames the
+    decoder produced (with read-ahead, also frames decoded ahead that a seek or ``close``
+    then dropped); ``frames_skipped``: walked minus decoded (non-reference frames skipped
+    because no read can want them, see :meth:`FrameSource.expect`, plus frames still
+    inside the decoder when a seek or ``close`` flushed it); ``frames_converted``: frames
+    converted to RGB by the reader, ``frames_converted_ahead`` by the read-ahead thread
+    (frames a plan expects, :meth:`FrameSource.expect`); ``seeks``: container seeks; ``cache_hits``: requested frames served
+    from the RGB cache; ``window_hits``: requested frames converted from the window of
+    retained decoded frames; ``substituted``: requested frames the decoder never produced
+    (a damaged stream) and that got the next decodable frame instead (the last one at the
+    end of the stream).
+    """
+
+    frames_decoded: int = 0
+    frames_converted: int = 0
+    seeks: int = 0
+    cache_hits: int = 0
+    substituted: int = 0
+    frames_walked: int = 0
+    window_hits: int = 0
+    frames_converted_ahead: int = 0
+
+    @property
+    def frames_skipped(self) -> int:
+        return max(0, self.frames_walked - self.frames_decoded)
+
+
+class FrameSource:
+    """Decode-on-demand of frames by index, in one forward pass per request.
+
+    ``read`` sorts the requested indices and walks forward. Before each wanted frame it
+    decides whether to seek: it seeks (to the keyframe at or before the target) only
+    when that keyframe lies after the current decode position, i.e. the target is beyond
+    the next keyframe, and a seek would skip more than ``seek_threshold`` frames;
+    otherwise it decodes forward. Frames that are not wanted are decoded but not
+    converted to RGB. Requests that go backward seek (unless the retained window holds
+    them). Decoded frames are identified by their pts (mapped to indices through
+    :func:`probe`'s scan), so B-frame reordering and seeks that land early cannot shift
+    indices.
+
+    Options (all off by default: the plain reader above):
+
+    - ``cache_frames``: converted frames are kept in an LRU cache of that many frames
+      (overlapping motion clips of neighbouring steps reuse them); memory is
+      ``cache_frames * width * height * 3`` bytes.
+    - ``retain_frames``: keep the last that many *decoded* (not converted) frames; a
+      request behind the decode position is converted from this window instead of
+      seeking (~1.5 bytes per pixel each, YUV 4:2:0), so requests that move forward
+      with look-backs no longer than the window are one forward pass.
+    - ``read_ahead``: decode in a background thread (:mod:`hms_deploy.data.decode_thread`)
+      up to that many frames ahead of the reader; conversion stays in the reader's
+      thread and only for wanted frames. The frames used are exactly those of the
+      plain reader (the seek decisions and the window see the same frame sequence); a
+      seek, an error or ``close`` stops and joins the thread first.
+    - :meth:`expect` (before the first read): the frames later reads may ask for; the
+      walk then skips non-reference frames outside that set (:mod:`~hms_deploy.data.frame_walk`).
+
+    Use as a context manager (the container is opened on first use and closed on exit)::
+
+        with FrameSource(path) as src:
+            frames = src.read([0, 15, 30])   # {index: (H, W, 3) uint8 RGB}
+    """
+
+    def __init__(
+        self,
+        path: str | Path | VideoInfo,
+        *,
+        seek_threshold: int = 16,
+        cache_frames: int = 64,
+        threads: int = 0,
+        retain_frames: int = 0,
+        read_ahead: int = 0,
+    ) -> None:
+        self.info = path if isinstance(path, VideoInfo) else probe(path)
+        self.path = self.info.path
+        self.seek_threshold = int(seek_threshold)
+        self.cache_frames = int(cache_frames)
+        self.threads = int(threads)
+        self.retain_frames = int(retain_frames)
+        self.read_ahead = int(read_ahead)
+        self.stats = DecodeStats()
+        self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
+        self._expected: frozenset[int] | None = None
+        self._container: Any = None
+        self._stream: Any = None
+        self._frames: Iterator[Any] | None = None
+        self._pos = -1  # index of the last frame the reader took from the decoder
+        self._started = False  # a frame has been decoded (expect() is too late)
+        self._seek_ok = True
+        self._last_frame: Any = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._window: OrderedDict[int, Any] = OrderedDict()
+        # RGB of expected frames, converted by the read-ahead thread (popped by the reader)
+        self._preconverted: dict[int, np.ndarray] = {}
+
+    # -- resources -------------------------------------------------------------------
+    def open(self) -> Self:
+        if self._container is None:
+            self._container = _open(self.path)
+            if not self._container.streams.video:
+                self.close()
+                raise VideoError(f"{self.path}: no video stream")
+            self._stream = self._container.streams.video[0]
+            if self.threads:
+                self._stream.codec_context.thread_count = self.threads
+            self._frames = self._decode_iter()
+            self._pos = -1
+        return self
+
+    def _stop_frames(self) -> None:
+        """Stop the walk (and join its thread) before anyone else touches the container."""
+        frames, self._frames = self._frames, None
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+        self._preconverted.clear()  # the thread is gone: nothing writes here any more
+
+    def close(self) -> None:
+        try:
+            self._stop_frames()
+        finally:
+            if self._container is not None:
+                self._container.close()
+            self._container = self._stream = None
+            self._pos = -1
+            self._window = OrderedDict()
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def expect(self, frame_indices: Sequence[int] | np.ndarray | None) -> None:
+        """Declare every frame that reads of this source will ask for (None: any frame).
+
+        The forward walk then skips the non-reference frames outside this set (they are
+        never converted, and no other frame needs them). Call before the first read; a
+        later read of a frame outside the set is still served, but may get a
+        substitute (the next decoded frame) if that frame was skipped.
+        """
+        if self._started:
+            raise RuntimeError(f"{self.path}: expect() must come before the first read")
+        if frame_indices is None:
+            self._expected = None
+        else:
+            self._expected = frozenset(
+                np.asarray(frame_indices, dtype=np.int64).reshape(-1).tolist()
+            )
+        if self._container is not None:
+            self._stop_frames()
+            self._frames = self._decode_iter()
+
+    # -- decoding ----------------------------------------------------------------------
+    def _decode_iter(self) -> Iterator[Any]:
+        frames = walk_frames(
+            self._container, self._stream, self.stats, wanted=self._expected, index=self._index
+        )
+        if self.read_ahead > 0:
+            pause = None
+            if self._expected is not None:
+                # the thread also converts the frames reads will want (same function)
+                frames = _convert_ahead(
+                    frames, self._index, self._expected, self.info.rotation,
+                    self._preconverted, self.stats,
+                )
+            if self._expected is not None and self._seek_ok:
+                pause = _pause_before_seeks(
+                    self._index, self._expected, self.info.keyframe_indices, self.seek_threshold
+                )
+            return ReadAhead(
+                frames, self.read_ahead, name=f"hms-decode:{Path(self.path).name}",
+                pause_after=pause,
+            )
+        return frames
+
+    def _keyframe_at_or_before(self, index: int) -> int:
+        k = self.info.keyframe_indices
+        return int(k[np.searchsorted(k, index, side="right") - 1])
+
+    def _should_seek(self, target: int) -> bool:
+        if target <= self._pos:
+            return True  # backward: only a seek (or a reopen) gets there
+        if not self._seek_ok:
+            return False
+        key = self._keyframe_at_or_before(target)
+        return key - (self._pos + 1) > self.seek_threshold
+
+    def _seek(self, target: int) -> None:
+        if not self._seek_ok:
+            self.close()
+            self.open()
+            return
+        self._stop_frames()
+        key = self._keyframe_at_or_before(target)
+        self._container.seek(
+            int(self.info.frame_pts[key]), stream=self._stream, backward=True, any_frame=False
+        )
+        self._frames = self._decode_iter()
+        self._pos = key - 1
+        self.stats.seeks += 1
+
+    def _frame_index(self, frame: Any) -> int:
+        ts = frame.pts if frame.pts is not None else getattr(frame, "dts", None)
+        if ts is not None:
+            i = self._index.get(int(ts))
+            if i is not None:
+                return i
+        return self._pos + 1  # no usable timestamp: assume decode order is pts order
+
+    def _convert(self, frame: Any) -> np.ndarray:
+        self.stats.frames_converted += 1
+        return _to_rgb(frame, self.info.rotation)
+
+    def _remember(self, index: int, rgb: np.ndarray) -> None:
+        if self.cache_frames <= 0:
+            return
+        self._cache[index] = rgb
+        self._cache.move_to_end(index)
+        while len(self._cache) > self.cache_frames:
+            self._cache.popitem(last=False)
+
+    def _retain(self, frame: Any) -> None:
+        if self.retain_frames <= 0 or frame.pts is None:
+            return
+        i = self._index.get(int(frame.pts))
+        if i is not None:
+            self._window[i] = frame
+            self._window.move_to_end(i)
+            while len(self._window) > self.retain_frames:
+                self._window.popitem(last=False)
+
+    def read(self, frame_indices: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+        """Decode exactly the requested frames.
+
+        Args:
+            frame_indices: indices into ``info.frame_times`` (any order, repeats allowed).
+        Returns:
+            ``{index: (H, W, 3) uint8 RGB}`` for each distinct index, rotation applied.
+        Raises:
+            IndexError for an index outside ``[0, F)``; :class:`VideoError` when the
+            stream cannot be decoded.
+        """
+        import av
+
+        wanted_all = np.unique(np.asarray(frame_indices, dtype=np.int64).reshape(-1))
+        if wanted_all.size == 0:
+            return {}
+        n = self.info.num_frames
+        if wanted_all[0] < 0 or wanted_all[-1] >= n:
+            bad = wanted_all[(wanted_all < 0) | (wanted_all >= n)][0]
+            raise IndexError(f"{self.path}: frame index {bad} is outside [0, {n})")
+        out: dict[int, np.ndarray] = {}
+        for i in wanted_all.tolist():
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                out[i] = self._cache[i]
+                self.stats.cache_hits += 1
+            elif i in self._window:
+                rgb = self._convert(self._window[i])
+                self._remember(i, rgb)
+                out[i] = rgb
+                self.stats.window_hits += 1
+        wanted = [i for i in wanted_all.tolist() if i not in out]
+        if not wanted:
+            return out
+        self.open()
+        try:
+            self._read_forward(wanted, out)
+        except av.FFmpegError as e:
+            self.close()
+            raise VideoError(f"{self.path}: cannot decode ({first_line(e, typed=False)})") from e
+        except BaseException:
+            self.close()  # stop the read-ahead thread: nothing may be left running
+            raise
+        return out
+
+    def _read_forward(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
+        """Decode forward (seeking where it pays) until every index in ``wanted`` is in ``out``."""
+        j = 0
+        check_landing: int | None = None  # target of the last seek, until its first frame
+        while j < len(wanted):
+            target = wanted[j]
+            if self._should_seek(target):
+                self._seek(target)
+                check_landing = target if self._seek_ok else None
+            frame = next(self._frames, None) if self._frames is not None else None
+            if frame is None:
+                break  # end of stream
+            self._started = True
+            i = self._frame_index(frame)
+            if check_landing is not None:
+                landed_after = i > check_landing
+                check_landing = None
+                if landed_after:
+                    # The demuxer landed after the target (broken index): stop seeking,
+                    # reopen and decode from the start instead.
+                    self._seek_ok = False
+                    self._seek(target)
+                    continue
+            self._pos = i
+            self._last_frame = frame
+            self._retain(frame)
+            pre = self._preconverted.pop(i, None) if self._preconverted else None
+            if i < target:
+                if pre is not None:
+                    self._remember(i, pre)  # expected later (a clip reaching back): keep it
+                continue
+            rgb = pre if pre is not None else self._convert(frame)
+            self._remember(i, rgb)
+            while j < len(wanted) and wanted[j] <= i:
+                out[wanted[j]] = rgb
+                if wanted[j] != i:
+                    self.stats.substituted += 1
+                j += 1
+        if j < len(wanted):
+            if self._last_frame is None:
+                raise VideoError(f"{self.path}: frame {wanted[j]} could not be decoded")
+            rgb = self._convert(self._last_frame)
+            for i in wanted[j:]:
+                out[i] = rgb
+                self.stats.substituted += 1
+
+
+def _pause_before_seeks(
+    index: dict[int, int], expected: frozenset[int], keyframes: np.ndarray, threshold: int
+) -> Callable[[Any], bool]:
+    """When reads can only ask for ``expected`` frames: whether the reader will seek (or
+    stop) after this decoded frame, so that decoding further ahead would be wasted.
+
+    After serving an expected frame ``e``, the next read's target is an expected frame
+    ``>= n`` (the next one after ``e``), and :meth:`FrameSource._should_seek` seeks when
+    the keyframe at or before it is more than ``threshold`` frames past ``e + 1``. A
+    wrong guess costs only time: the read-ahead thread resumes when the reader asks.
+    Holds no reference to the FrameSource (its thread must not keep it alive).
+    """
+    wanted = np.asarray(sorted(expected), dtype=np.int64)
+
+    def pause_after(frame: Any) -> bool:
+        i = index.get(int(frame.pts)) if frame.pts is not None else None
+        if i is None or i not in expected:
+            return False
+        k = int(np.searchsorted(wanted, i, side="right"))
+        if k == wanted.size:
+            return True  # nothing after this frame can be wanted
+        nxt = int(wanted[k])
+        key = int(keyframes[np.searchsorted(keyframes, nxt, side="right") - 1])
+        return key - (i + 1) > threshold
+
+    return pause_after
+
+
+def _to_rgb(frame: Any, rotation: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a decoded frame, display rotation applied."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+    return rgb
+
+
+def _convert_ahead(
+    frames: Iterator[Any],
+    index: dict[int, int],
+    expected: frozenset[int],
+    rotation: int,
+    store: dict[int, np.ndarray],
+    stats: DecodeStats,
+) -> Iterator[Any]:
+    """Pass ``frames`` through, converting the expected ones to RGB into ``store`` first
+    (runs in the read-ahead thread; the reader pops what it consumes)."""
+    for frame in frames:
+        i = index.get(int(frame.pts)) if frame.pts is not None else None
+        if i is not None and i in expected:
+            store[i] = _to_rgb(frame, rotation)
+            stats.frames_converted_ahead += 1  # only this thread writes this counter
+        yield frame
