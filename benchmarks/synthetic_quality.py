@@ -50,6 +50,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hms_deploy.train.presets import preset_values
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "synthetic_quality.json"
 
@@ -64,14 +66,13 @@ class Settings:
     steps: int = 8  # T for HMS and early fusion alike (the paper also uses T = 10)
     seed: int = 0
     workers: int = 2  # decoding processes (decoding, not the tiny backbones, is the bottleneck)
-    finetune: dict = field(default_factory=lambda: {
-        "modalities": ["motion"], "epochs": 5, "steps_per_video": 4, "batch_size": 8,
-        "lr": 3e-3, "head": "joint", "focus": True})
-    hms: dict = field(default_factory=lambda: {
-        "epochs": 60, "batch_size": 32, "lr": 1e-3, "lr_decay": 0.97, "tau": 5.0,
-        "tau_decay": 0.965, "lam": 5.0, "gamma_i": 0.6, "gamma_m": 0.05})
-    early_fusion: dict = field(default_factory=lambda: {
-        "epochs": 40, "batch_size": 32, "lr": 1e-3, "lr_decay": 0.97})
+    # the fine-tune recipe is FinetuneConfig's defaults (what hms-finetune runs); only the
+    # modalities are named here
+    finetune: dict = field(default_factory=lambda: {"modalities": ["motion"]})
+    # HMS and early fusion: hms-train's "small" preset (hms_deploy/train/presets.py); the
+    # other fields are TrainConfig's defaults (batch 32, tau 5 x0.965, gamma_I 0.6, gamma_M 0.05)
+    hms: dict = field(default_factory=lambda: preset_values("small", "hms"))
+    early_fusion: dict = field(default_factory=lambda: preset_values("small", "early_fusion"))
 
 
 def small_settings() -> Settings:
@@ -189,7 +190,10 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
 
     by_group = {g: v["motion"] for g, v in r_hms["usage_by_group"].items()}
     ratio = by_group["motion"] / by_group["audio"] if by_group["audio"] > 0 else float("inf")
+    ft_acc = (None if finetune_report is None
+              else finetune_report["runs"][0].get("val_step_accuracy"))
     targets = {
+        "finetune_val_step_accuracy_at_least_0.9": ft_acc is not None and ft_acc >= 0.9,
         "hms_map_within_1pt_of_early_fusion": r_hms["map"] >= r_ef["map"] - 0.01,
         "hms_gmacs_at_most_60pct_of_early_fusion":
             r_hms["gmacs_per_video"] <= 0.6 * r_ef["gmacs_per_video"],
@@ -218,6 +222,7 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
         "unit": "GMAC",
         "test_videos": len(stores["test"]),
         "split_videos": {k: len(v) for k, v in stores.items()},
+        "finetune_val_step_accuracy": ft_acc,
         "finetune": None if finetune_report is None else {
             k: v for k, v in finetune_report.items() if k != "decode_errors"},
         "extraction_videos_per_min": extract_rate,
@@ -226,34 +231,113 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
     }
 
 
+def _mean_std(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def summarize(per_seed: dict[str, dict]) -> dict:
+    """Mean and standard deviation (ddof 1) over seeds, and the targets on the means."""
+    runs = list(per_seed.values())
+    groups = runs[0]["motion_usage_by_group"]
+    summary = {
+        "hms_map": _mean_std([r["hms"]["map"] for r in runs]),
+        "early_fusion_map": _mean_std([r["early_fusion"]["map"] for r in runs]),
+        "hms_top1": _mean_std([r["hms"]["top1"] for r in runs]),
+        "early_fusion_top1": _mean_std([r["early_fusion"]["top1"] for r in runs]),
+        "hms_gmacs_per_video": _mean_std([r["hms"]["gmacs_per_video"] for r in runs]),
+        "early_fusion_gmacs_per_video": _mean_std(
+            [r["early_fusion"]["gmacs_per_video"] for r in runs]),
+        "gmac_ratio_hms_to_early_fusion": _mean_std(
+            [r["gmac_ratio_hms_to_early_fusion"] for r in runs]),
+        "motion_usage_by_group": {g: _mean_std([r["motion_usage_by_group"][g] for r in runs])
+                                  for g in groups},
+    }
+    accs = [r["finetune_val_step_accuracy"] for r in runs]
+    if all(a is not None for a in accs):
+        summary["finetune_val_step_accuracy"] = _mean_std(accs)
+    m = {k: v["mean"] for k, v in summary.items() if "mean" in v}
+    usage = {g: v["mean"] for g, v in summary["motion_usage_by_group"].items()}
+    targets = {
+        "mean_hms_map_at_least_0.95": m["hms_map"] >= 0.95,
+        "mean_hms_map_within_1pt_of_early_fusion": m["hms_map"] >= m["early_fusion_map"] - 0.01,
+        "mean_hms_gmacs_at_most_60pct_of_early_fusion":
+            m["hms_gmacs_per_video"] <= 0.6 * m["early_fusion_gmacs_per_video"],
+        "mean_motion_group_motion_usage_at_least_10pct": usage["motion"] >= 0.10,
+        "mean_motion_group_at_least_2x_audio_group": usage["motion"] >= 2.0 * usage["audio"],
+    }
+    if "finetune_val_step_accuracy" in summary:
+        targets["mean_finetune_val_step_accuracy_at_least_0.9"] = (
+            summary["finetune_val_step_accuracy"]["mean"] >= 0.9)
+    missed = {seed: [k for k, ok in r["targets"].items() if not ok]
+              for seed, r in per_seed.items()}
+    return {"summary": summary, "targets_on_mean": targets,
+            "targets_missed": {"per_seed": {s: v for s, v in missed.items() if v},
+                               "mean": [k for k, ok in targets.items() if not ok]},
+            "targets_met": all(targets.values()) and all(r["targets_met"] for r in runs)}
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="CI-sized run (< 60 s), no targets")
     ap.add_argument("--work", type=Path, default=None,
-                    help="working folder (dataset, stores, checkpoints, plots); "
+                    help="working folder (per seed: dataset, stores, checkpoints, plots); "
                          "default: <system temp>/hms_synthetic_quality[_small]")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"result JSON (default: {DEFAULT_OUT.relative_to(HERE.parent)}; "
                          "--small: <work>/synthetic_quality.json)")
     ap.add_argument("--no-finetune", action="store_true", help="keep the random backbones")
     ap.add_argument("--workers", type=int, default=None, help="decoding processes")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated seeds; the data, the initialisation and the training "
+                         "follow each (default: 0,1,2,3,4; --small: 0)")
+    ap.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    settings = small_settings() if args.small else Settings()
-    settings.seed = args.seed
-    if args.workers is not None:
-        settings.workers = args.workers
+    if args.seed is not None and args.seeds is not None:
+        ap.error("give --seeds or --seed, not both")
+    spec = str(args.seed) if args.seed is not None else (
+        args.seeds or ("0" if args.small else "0,1,2,3,4"))
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds {spec!r}: expected comma-separated integers")
+    if not seeds or len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds {spec!r}: expected distinct integers")
     work = args.work or Path(tempfile.gettempdir()) / (
         "hms_synthetic_quality_small" if args.small else "hms_synthetic_quality")
     out = args.out or (work / "synthetic_quality.json" if args.small else DEFAULT_OUT)
     t0 = time.perf_counter()
-    result = run(settings, work, finetune=not args.no_finetune, progress=not args.quiet)
+    load_before = _load()
+    per_seed: dict[str, dict] = {}
+    for seed in seeds:
+        settings = small_settings() if args.small else Settings()
+        settings.seed = seed
+        if args.workers is not None:
+            settings.workers = args.workers
+        t = time.perf_counter()
+        per_seed[str(seed)] = run(settings, work / f"seed{seed}", finetune=not args.no_finetune,
+                                  progress=not args.quiet)
+        per_seed[str(seed)]["total_seconds"] = round(time.perf_counter() - t, 1)
+        _print_seed(seed, per_seed[str(seed)])
     result = {
         "mode": "small" if args.small else "full",
-        **result,
+        "seeds": seeds,
+        **summarize(per_seed),
+        "per_seed": per_seed,
         "total_seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1_5_15": {"start": load_before, "end": _load()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": _device(),
@@ -261,12 +345,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    h, e = result["hms"], result["early_fusion"]
-    print(f"HMS mAP {100 * h['map']:.2f}% at {h['gmacs_per_video']:.4g} GMAC/video; early fusion "
-          f"A+I+M {100 * e['map']:.2f}% at {e['gmacs_per_video']:.4g} GMAC/video; motion usage "
-          f"by group {json.dumps({k: round(v, 3) for k, v in result['motion_usage_by_group'].items()})}; "
-          f"targets met: {result['targets_met']} ({result['total_seconds']} s) -> {out}")
+    s = result["summary"]
+    print(f"{len(seeds)} seed(s): HMS mAP {100 * s['hms_map']['mean']:.2f} +- "
+          f"{100 * s['hms_map']['std']:.2f}% at {s['hms_gmacs_per_video']['mean']:.4g} GMAC/video; "
+          f"early fusion {100 * s['early_fusion_map']['mean']:.2f} +- "
+          f"{100 * s['early_fusion_map']['std']:.2f}% at "
+          f"{s['early_fusion_gmacs_per_video']['mean']:.4g}; targets met: {result['targets_met']}"
+          f" (missed: {json.dumps(result['targets_missed'])}) ({result['total_seconds']} s)"
+          f" -> {out}")
     return 0
+
+
+def _print_seed(seed: int, r: dict) -> None:
+    h, e = r["hms"], r["early_fusion"]
+    ft = r["finetune_val_step_accuracy"]
+    print(f"seed {seed}: HMS mAP {100 * h['map']:.2f}% at {h['gmacs_per_video']:.4g} GMAC/video; "
+          f"early fusion A+I+M {100 * e['map']:.2f}% at {e['gmacs_per_video']:.4g} GMAC/video; "
+          f"fine-tune val step accuracy {'-' if ft is None else f'{ft:.3f}'}; motion usage by "
+          f"group {json.dumps({k: round(v, 3) for k, v in r['motion_usage_by_group'].items()})}; "
+          f"targets met: {r['targets_met']} ({r['total_seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":
