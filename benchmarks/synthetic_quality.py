@@ -1,6 +1,7 @@
 """The synthetic quality study: does HMS learn to spend motion where motion matters?
 
-Pipeline (library calls, the same functions as hms-init / hms-extract / hms-train /
+Pipeline per seed (the data, the initialisation and the training all follow the seed;
+library calls, the same functions as hms-init / hms-finetune / hms-extract / hms-train /
 hms-eval):
 
 1. generate the synthetic dataset (:func:`hms_deploy.data.synthetic.make_dataset`: six
@@ -12,9 +13,9 @@ hms-eval):
    appearance groups (per-step linear probe on their features: 1.00), but not the motion
    group's left/right drift (0.73 per step), and trained on those features HMS and early
    fusion overfit (test mAP ~0.84 / 0.82) with no class-dependent motion use. So the
-   motion encoder is fine-tuned (joint per-step classifier over all three features,
-   sampling focused on still-confused classes, 5 epochs; ~0.97 single-step validation
-   accuracy); the audio and appearance encoders stay random. ``--no-finetune`` skips it;
+   motion encoder is fine-tuned with ``hms-finetune``'s recipe (FinetuneConfig's
+   defaults; the choices and their measurements are written there); the audio and
+   appearance encoders stay random. ``--no-finetune`` skips it;
 4. extract features of the three splits (same T), train HMS and the early-fusion
    A+I+M baseline on train (model selection on val);
 5. evaluate both on test and write the result JSON with the targets checked:
@@ -29,12 +30,19 @@ weight (lambda 5-10) makes an unneeded motion step cost more than it saves: moti
 runs on one step of motion-group videos and on (almost) none elsewhere. At T = 16 that
 step is 6.25 % of the steps, under the 10 % target, so the study uses T = 8 (the paper
 also reports T = 10), where one step is 12.5 %. lr 1e-3 instead of 1e-4 (six batches
-per epoch), 60 epochs (40 for early fusion).
+per epoch), 60 epochs (40 for early fusion): hms-train's ``small`` preset.
+
+Seeds (``--seeds 0,1,2,3,4``, the default): every seed's figures under ``per_seed``
+(each entry has the keys a single-seed result had), their mean / standard deviation
+(ddof 1) / min / max under ``summary``, the targets per seed and on the means
+(``targets_on_mean``, plus mean HMS mAP >= 0.95 and fine-tune validation step accuracy
+>= 0.9), and ``targets_missed``. The file is rewritten after every finished seed.
+``--jobs N`` runs N seeds in parallel processes (one torch thread each).
 
 ``--small`` is a CI-sized run (a few videos, short clips, few epochs; < 60 s) that checks
 the pipeline, not the targets.
 
-    python benchmarks/synthetic_quality.py                # full study (~10-20 min, 2 CPU cores)
+    python benchmarks/synthetic_quality.py --seeds 0,1,2,3,4   # full study (minutes per seed)
     python benchmarks/synthetic_quality.py --small --out /tmp/q.json
 """
 
@@ -50,9 +58,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.quality_summary import summarize
 from hms_deploy.train.presets import preset_values
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "synthetic_quality.json"
 
 
@@ -231,55 +243,6 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
     }
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
-
-
-def summarize(per_seed: dict[str, dict]) -> dict:
-    """Mean and standard deviation (ddof 1) over seeds, and the targets on the means."""
-    runs = list(per_seed.values())
-    groups = runs[0]["motion_usage_by_group"]
-    summary = {
-        "hms_map": _mean_std([r["hms"]["map"] for r in runs]),
-        "early_fusion_map": _mean_std([r["early_fusion"]["map"] for r in runs]),
-        "hms_top1": _mean_std([r["hms"]["top1"] for r in runs]),
-        "early_fusion_top1": _mean_std([r["early_fusion"]["top1"] for r in runs]),
-        "hms_gmacs_per_video": _mean_std([r["hms"]["gmacs_per_video"] for r in runs]),
-        "early_fusion_gmacs_per_video": _mean_std(
-            [r["early_fusion"]["gmacs_per_video"] for r in runs]),
-        "gmac_ratio_hms_to_early_fusion": _mean_std(
-            [r["gmac_ratio_hms_to_early_fusion"] for r in runs]),
-        "motion_usage_by_group": {g: _mean_std([r["motion_usage_by_group"][g] for r in runs])
-                                  for g in groups},
-    }
-    accs = [r["finetune_val_step_accuracy"] for r in runs]
-    if all(a is not None for a in accs):
-        summary["finetune_val_step_accuracy"] = _mean_std(accs)
-    m = {k: v["mean"] for k, v in summary.items() if "mean" in v}
-    usage = {g: v["mean"] for g, v in summary["motion_usage_by_group"].items()}
-    targets = {
-        "mean_hms_map_at_least_0.95": m["hms_map"] >= 0.95,
-        "mean_hms_map_within_1pt_of_early_fusion": m["hms_map"] >= m["early_fusion_map"] - 0.01,
-        "mean_hms_gmacs_at_most_60pct_of_early_fusion":
-            m["hms_gmacs_per_video"] <= 0.6 * m["early_fusion_gmacs_per_video"],
-        "mean_motion_group_motion_usage_at_least_10pct": usage["motion"] >= 0.10,
-        "mean_motion_group_at_least_2x_audio_group": usage["motion"] >= 2.0 * usage["audio"],
-    }
-    if "finetune_val_step_accuracy" in summary:
-        targets["mean_finetune_val_step_accuracy_at_least_0.9"] = (
-            summary["finetune_val_step_accuracy"]["mean"] >= 0.9)
-    missed = {seed: [k for k, ok in r["targets"].items() if not ok]
-              for seed, r in per_seed.items()}
-    return {"summary": summary, "targets_on_mean": targets,
-            "targets_missed": {"per_seed": {s: v for s, v in missed.items() if v},
-                               "mean": [k for k, ok in targets.items() if not ok]},
-            "targets_met": all(targets.values()) and all(r["targets_met"] for r in runs)}
-
-
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -302,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated seeds; the data, the initialisation and the training "
                          "follow each (default: 0,1,2,3,4; --small: 0)")
     ap.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in parallel processes (1 thread each, decoding in-process)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
 
     if args.seed is not None and args.seeds is not None:
         ap.error("give --seeds or --seed, not both")
@@ -320,31 +287,35 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (work / "synthetic_quality.json" if args.small else DEFAULT_OUT)
     t0 = time.perf_counter()
     load_before = _load()
-    per_seed: dict[str, dict] = {}
+    settings = {}
     for seed in seeds:
-        settings = small_settings() if args.small else Settings()
-        settings.seed = seed
+        settings[seed] = small_settings() if args.small else Settings()
+        settings[seed].seed = seed
         if args.workers is not None:
-            settings.workers = args.workers
-        t = time.perf_counter()
-        per_seed[str(seed)] = run(settings, work / f"seed{seed}", finetune=not args.no_finetune,
-                                  progress=not args.quiet)
-        per_seed[str(seed)]["total_seconds"] = round(time.perf_counter() - t, 1)
-        _print_seed(seed, per_seed[str(seed)])
-    result = {
-        "mode": "small" if args.small else "full",
-        "seeds": seeds,
-        **summarize(per_seed),
-        "per_seed": per_seed,
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "load_average_1_5_15": {"start": load_before, "end": _load()},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": _device(),
-        "versions": _versions(),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            settings[seed].workers = args.workers
+        elif args.jobs > 1:
+            settings[seed].workers = 0  # the jobs are the parallelism
+    jobs = [(settings[seed], work / f"seed{seed}", not args.no_finetune,
+             not args.quiet and args.jobs == 1) for seed in seeds]
+    per_seed: dict[str, dict] = {}
+    if args.jobs == 1:
+        for seed, job in zip(seeds, jobs):
+            per_seed[str(seed)] = _run_seed(job)
+            _print_seed(seed, per_seed[str(seed)])
+            _write(out, _result(args, seeds, per_seed, t0, load_before))  # partial until done
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_seed, job): seed for seed, job in zip(seeds, jobs)}
+            for fut in cf.as_completed(futures):
+                per_seed[str(futures[fut])] = fut.result()
+                _print_seed(futures[fut], per_seed[str(futures[fut])])
+                _write(out, _result(args, seeds, per_seed, t0, load_before))
+        per_seed = {str(seed): per_seed[str(seed)] for seed in seeds}
+    result = _result(args, seeds, per_seed, t0, load_before)
+    _write(out, result)
     s = result["summary"]
     print(f"{len(seeds)} seed(s): HMS mAP {100 * s['hms_map']['mean']:.2f} +- "
           f"{100 * s['hms_map']['std']:.2f}% at {s['hms_gmacs_per_video']['mean']:.4g} GMAC/video; "
@@ -354,6 +325,45 @@ def main(argv: list[str] | None = None) -> int:
           f" (missed: {json.dumps(result['targets_missed'])}) ({result['total_seconds']} s)"
           f" -> {out}")
     return 0
+
+
+def _result(args, seeds: list[int], per_seed: dict[str, dict], t0: float,
+            load_before: list[float] | None) -> dict:
+    done = [s for s in seeds if str(s) in per_seed]
+    return {
+        "mode": "small" if args.small else "full",
+        "seeds": done,
+        **({"seeds_pending": [s for s in seeds if s not in done]} if len(done) < len(seeds)
+           else {}),
+        **summarize({str(s): per_seed[str(s)] for s in done}),
+        "per_seed": {str(s): per_seed[str(s)] for s in done},
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1_5_15": {"start": load_before, "end": _load()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": _device(),
+        "versions": _versions(),
+    }
+
+
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def _run_seed(job: tuple[Settings, Path, bool, bool]) -> dict:
+    """One seed's study (in this process or a --jobs worker), with its wall time."""
+    settings, work, finetune, progress = job
+    t = time.perf_counter()
+    if settings.workers == 0:
+        import torch
+
+        torch.set_num_threads(1)  # --jobs: one thread per seed
+    result = run(settings, work, finetune=finetune, progress=progress)
+    result["total_seconds"] = round(time.perf_counter() - t, 1)
+    return result
 
 
 def _print_seed(seed: int, r: dict) -> None:

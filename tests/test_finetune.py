@@ -78,7 +78,8 @@ def test_early_stopping_at_the_target_accuracy(videos, base):
     _, report = finetune_backbones(base, entries[:6], cfg, val_entries=entries[6:],
                                    progress=False)
     run = report["runs"][0]
-    assert [e.get("epoch") for e in run["epochs"]] == [1, None]
+    assert [e.get("epoch") for e in run["epochs"]] == [None, 1, None]
+    assert run["epochs"][0]["linear_probe"]
     assert run["epochs"][-1]["kept_epoch"] == 1
 
 

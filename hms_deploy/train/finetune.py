@@ -46,6 +46,7 @@ from hms_deploy.train.step_classifier import (
     StepData,
     draw_pairs,
     frozen_features,
+    linear_probe,
     recalibrate_batchnorm,
     step_accuracy,
 )
@@ -61,6 +62,8 @@ class FinetuneConfig:
     batch_size: int = 8
     lr: float = 3e-3
     schedule: str = "cosine"  # "cosine": lr * (1 + cos(pi * update / updates)) / 2; "constant"
+    warmup_epochs: float = 0.0  # linear lr warm-up over this many epochs (then the schedule)
+    probe_epochs: int = 30  # fit the classifier alone first (LP-FT), 0: start from a random one
     patience: int = 3  # stop after this many epochs without a better val step accuracy
     stop_accuracy: float = 0.99  # ... or once val step accuracy reaches this
     seed: int = 0
@@ -135,6 +138,15 @@ def _val_pairs(val: StepData, steps: int, cfg: FinetuneConfig) -> np.ndarray:
                       cfg.steps_per_video)
 
 
+def _lr(cfg: FinetuneConfig, update: int, per_epoch: int, total: int) -> float:
+    """The learning rate of update ``update`` (0-based) of ``total``."""
+    warm = cfg.warmup_epochs * per_epoch
+    scale = 1.0 if update >= warm else (update + 1) / warm
+    if cfg.schedule == "cosine":
+        scale *= 0.5 * (1.0 + math.cos(math.pi * update / total))
+    return cfg.lr * scale
+
+
 def _snapshot(model: StepClassifier) -> dict[str, torch.Tensor]:
     return copy.deepcopy(model.state_dict())
 
@@ -155,6 +167,16 @@ def _train_one(model: StepClassifier, train: StepData, val: StepData | None, ste
     name = "+".join(model.trainable)
     epochs: list[dict[str, Any]] = []
     weights = None  # per-video sampling weights (focus on the classes still confused)
+    probe = None
+    if cfg.probe_epochs > 0:
+        probe = linear_probe(model, train, draw_pairs(rng, len(videos), steps,
+                                                      cfg.steps_per_video),
+                             epochs=cfg.probe_epochs, batch_size=cfg.batch_size, lr=1e-2,
+                             seed=cfg.seed)
+        if cfg.focus:
+            weights = np.maximum(1.0 - probe, 0.05)[labels]
+        epochs.append({"linear_probe": True,
+                       "train_step_accuracy_per_class": dict(zip(labels_names, probe.tolist()))})
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for epoch in range(cfg.epochs):
         pairs = draw_pairs(rng, len(videos), steps, cfg.steps_per_video, weights)
@@ -165,9 +187,8 @@ def _train_one(model: StepClassifier, train: StepData, val: StepData | None, ste
                    disable=not progress, dynamic_ncols=True)
         for a in range(0, len(pairs), cfg.batch_size):
             p = pairs[a:a + cfg.batch_size]
-            if cfg.schedule == "cosine":
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * update / total_updates))
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, update, per_epoch, total_updates)
             update += 1
             if len(p) < 2:
                 continue  # BatchNorm needs 2 samples

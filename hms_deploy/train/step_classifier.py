@@ -126,3 +126,53 @@ def draw_pairs(rng: np.random.Generator, n_videos: int, steps: int, k: int,
     k = min(k, steps)
     pairs = np.array([(i, t) for i in range(n_videos) for t in rng.choice(steps, k, replace=False)])
     return pairs[rng.permutation(len(pairs))]
+
+
+def linear_probe(model: StepClassifier, data: StepData, pairs: np.ndarray, *, epochs: int,
+                 batch_size: int, lr: float, seed: int) -> np.ndarray:
+    """Fit the classifier (norm + linear) alone on the current features of ``pairs``, the
+    encoders fixed ("LP" of LP-FT, Kumar et al. 2022). Returns per-class accuracy of the
+    fitted probe on ``pairs`` (1.0 for absent classes).
+
+    Fine-tuning then starts from a head that already separates what the features separate,
+    so from the first update the encoder's gradient comes from the classes it must learn
+    to tell apart, not from a random head (which also distorts the features it trains).
+    The trainable encoders' BatchNorm statistics are first recomputed on ``pairs`` (their
+    initial running statistics describe no data) and their features taken in eval mode.
+    """
+    for m in model.trainable:
+        recalibrate_batchnorm(model.encoders[m], data.videos, m, pairs, batch_size)
+    feats = []
+    with torch.no_grad():
+        idx = torch.from_numpy(pairs)
+        for m in model.inputs:
+            if m in model.trainable:
+                model.encoders[m].eval()
+                feats.append(torch.cat([
+                    model.encoders[m](batch_inputs(data.videos, pairs[a:a + 4 * batch_size], m))
+                    for a in range(0, len(pairs), 4 * batch_size)]))
+            else:
+                feats.append(data.frozen[m][idx[:, 0], idx[:, 1]])
+    x = torch.cat(feats, dim=1)
+    y = torch.from_numpy(data.labels[pairs[:, 0]])
+    head = nn.Sequential(model.norm, model.linear)
+    opt = torch.optim.Adam(model.linear.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    head.train()
+    probe_batch = max(2, 8 * batch_size)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for a in range(0, len(y), probe_batch):
+            b = order[a:a + probe_batch]
+            if len(b) < 2:
+                continue
+            loss = nn.functional.cross_entropy(head(x[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        hits = (head(x).argmax(1) == y).numpy()
+    classes = int(model.linear.out_features)
+    return np.array([hits[y.numpy() == c].mean() if (y.numpy() == c).any() else 1.0
+                     for c in range(classes)])
