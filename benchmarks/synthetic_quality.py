@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds run in parallel processes (1 thread each, decoding in-process)")
+    ap.add_argument("--note", default=None, help="free text stored in the result (conditions)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -339,6 +340,7 @@ def _result(args, seeds: list[int], per_seed: dict[str, dict], t0: float,
         "per_seed": {str(s): per_seed[str(s)] for s in done},
         "total_seconds": round(time.perf_counter() - t0, 1),
         "load_average_1_5_15": {"start": load_before, "end": _load()},
+        **({"note": args.note} if args.note else {}),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": _device(),

@@ -57,15 +57,17 @@ class FinetuneConfig:
     """Which encoders to fine-tune and how (single-step inputs, Adam)."""
 
     modalities: list[str] = field(default_factory=lambda: ["motion"])
-    epochs: int = 12  # at most; early stopping usually ends sooner
+    epochs: int = 10  # at most; early stopping usually ends sooner
     steps_per_video: int = 4  # random steps drawn per video and epoch
     batch_size: int = 8
     lr: float = 3e-3
     schedule: str = "cosine"  # "cosine": lr * (1 + cos(pi * update / updates)) / 2; "constant"
     warmup_epochs: float = 0.0  # linear lr warm-up over this many epochs (then the schedule)
     probe_epochs: int = 30  # fit the classifier alone first (LP-FT), 0: start from a random one
+    restarts: int = 1  # tries again (see _restart) while the kept val step accuracy is below
+    restart_below: float = 0.9  # this; the best try is kept
     patience: int = 3  # stop after this many epochs without a better val step accuracy
-    stop_accuracy: float = 0.99  # ... or once val step accuracy reaches this
+    stop_accuracy: float = 0.97  # ... or once val step accuracy reaches this
     seed: int = 0
     workers: int = 1  # decoding processes
     bn_recalibration_steps: int = 2  # random steps per video for the final BatchNorm statistics
@@ -145,6 +147,22 @@ def _lr(cfg: FinetuneConfig, update: int, per_epoch: int, total: int) -> float:
     if cfg.schedule == "cosine":
         scale *= 0.5 * (1.0 + math.cos(math.pi * update / total))
     return cfg.lr * scale
+
+
+def _restart(encoders: dict[str, nn.Module], trainable: list[str],
+             start: dict[str, dict[str, torch.Tensor]], variant: str, seed: int) -> None:
+    """Put the trainable encoders back for another try. ``tiny`` encoders are random
+    (no pretrained weights exist for them): they are drawn anew with ``seed``, since a
+    try that stalls usually stalls again from the same random initialisation. Other
+    encoders go back to the weights they started from (pretrained weights are kept)."""
+    torch.manual_seed(seed)
+    for m in trainable:
+        if variant == "tiny":
+            for mod in encoders[m].modules():
+                if mod is not encoders[m] and hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+        else:
+            encoders[m].load_state_dict(start[m])
 
 
 def _snapshot(model: StepClassifier) -> dict[str, torch.Tensor]:
@@ -292,8 +310,27 @@ def finetune_decoded(ckpt: Checkpoint, train: Decoded, val: Decoded | None,
                                               4 * cfg.batch_size)
                            for m in inputs if m not in trainable}
         val_data = splits[1] if val is not None else None
-        epochs = _train_one(model, splits[0], val_data, steps, cfg, rng, list(ckpt.labels),
-                            progress)
+        start = {m: copy.deepcopy(encoders[m].state_dict()) for m in trainable}
+        tries: list[tuple[float, dict, list[dict[str, Any]]]] = []
+        for attempt in range(cfg.restarts + 1):
+            if attempt:
+                _restart(encoders, trainable, start, ckpt.config.variant, cfg.seed + attempt)
+                model = StepClassifier(encoders, inputs, trainable, feat_dims,
+                                       ckpt.config.num_classes)
+            log = _train_one(model, splits[0], val_data, steps, cfg, rng, list(ckpt.labels),
+                             progress)
+            acc = log[-1].get("val_step_accuracy", float("nan")) if "kept_epoch" in log[-1] \
+                else float("nan")
+            tries.append((acc, _snapshot(model), log))
+            if not acc < cfg.restart_below:  # reached it, or no validation (NaN)
+                break
+        best_try = max(range(len(tries)), key=lambda i: (tries[i][0], -i))
+        model.load_state_dict(tries[best_try][1])
+        epochs = tries[best_try][2]
+        if len(tries) > 1:
+            epochs = [*epochs, {"restarts": len(tries) - 1, "kept_try": best_try + 1,
+                                "tries_val_step_accuracy": [t[0] for t in tries],
+                                "tries_epochs": [t[2] for t in tries]}]
         recal = draw_pairs(rng, len(train[0]), steps, cfg.bn_recalibration_steps)
         for m in trainable:
             recalibrate_batchnorm(encoders[m], train[0], m, recal, cfg.batch_size)
