@@ -50,7 +50,7 @@ def test_finetune_changes_only_the_chosen_encoders(tmp_path, videos, base):
     _, entries = videos
     bad = ListEntry(99, "missing.mp4", tmp_path / "missing.mp4", LABELS[0])
     cfg = FinetuneConfig(modalities=["motion"], epochs=2, steps_per_video=2, batch_size=4,
-                         workers=0, stop_accuracy=2.0)
+                         workers=0, stop_accuracy=2.0, restarts=0)
     new, report = finetune_backbones(base, entries[:6] + [bad], cfg, val_entries=entries[6:],
                                      progress=False)
     assert report["videos"] == 6 and report["val_videos"] == 3
@@ -74,13 +74,28 @@ def test_finetune_changes_only_the_chosen_encoders(tmp_path, videos, base):
 def test_early_stopping_at_the_target_accuracy(videos, base):
     _, entries = videos
     cfg = FinetuneConfig(epochs=5, steps_per_video=1, batch_size=4, workers=0,
-                         stop_accuracy=0.0)
+                         stop_accuracy=0.0, restarts=0)
     _, report = finetune_backbones(base, entries[:6], cfg, val_entries=entries[6:],
                                    progress=False)
     run = report["runs"][0]
     assert [e.get("epoch") for e in run["epochs"]] == [None, 1, None]
     assert run["epochs"][0]["linear_probe"]
     assert run["epochs"][-1]["kept_epoch"] == 1
+
+
+def test_a_try_below_the_bar_restarts_and_the_best_try_is_kept(videos, base):
+    _, entries = videos
+    cfg = FinetuneConfig(epochs=1, steps_per_video=1, batch_size=4, workers=0,
+                         restarts=1, restart_below=2.0)  # every try is "below": two tries
+    new, report = finetune_backbones(base, entries[:6], cfg, val_entries=entries[6:],
+                                     progress=False)
+    info = report["runs"][0]["epochs"][-1]
+    accs = info["tries_val_step_accuracy"]
+    assert info["restarts"] == 1 and len(accs) == 2 and len(info["tries_epochs"]) == 2
+    assert info["kept_try"] == 1 + int(np.argmax(accs))
+    assert report["runs"][0]["epochs"][-2]["val_step_accuracy"] == max(accs)
+    changed = {k for k in base.state_dict if not torch.equal(base.state_dict[k], new.state_dict[k])}
+    assert changed and all(k.startswith("motion_backbone.encoder.") for k in changed)
 
 
 def test_frozen_features_are_looked_up_exactly(videos, base):
