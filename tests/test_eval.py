@@ -190,7 +190,13 @@ def test_small_study_runs(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "q.json").read_text())
+    assert res["seeds"] == [0] and list(res["per_seed"]) == ["0"]
+    one = res["per_seed"]["0"]
     for k in ("hms", "early_fusion"):
-        assert 0.0 <= res[k]["map"] <= 1.0 and res[k]["gmacs_per_video"] > 0
-    assert set(res["motion_usage_by_group"]) == {"audio", "appearance", "motion"}
+        assert 0.0 <= one[k]["map"] <= 1.0 and one[k]["gmacs_per_video"] > 0
+        assert res["summary"][f"{k}_map"]["mean"] == one[k]["map"]
+    assert set(one["motion_usage_by_group"]) == {"audio", "appearance", "motion"}
+    assert 0.0 <= one["finetune_val_step_accuracy"] <= 1.0
+    assert one["finetune"]["runs"][0]["trained"] == ["motion"]
     assert res["mode"] == "small" and "versions" in res and "command" in res
+    assert "load_average_1_5_15" in res and res["total_seconds"] > 0

@@ -167,30 +167,3 @@ def test_train_cli(tmp_path, ckpt, store):
         "--store", str(store.root), "--checkpoint", str(tmp_path / "init.pt"),
         "--out", str(tmp_path / "t2.pt"), "--policy", "early_fusion", "--modalities", "A+X"])
     assert r.exit_code == 2 and "unknown modality 'X'" in r.output  # a usage error
-
-
-def test_finetune_changes_only_the_chosen_encoders(tmp_path):
-    from hms_deploy.data.datasets import ListEntry
-    from hms_deploy.data.synthetic import DEFAULT_CLASSES, render_class_video
-    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones
-
-    labels = list(DEFAULT_CLASSES[:3])
-    entries = []
-    for k, label in enumerate(labels * 2):
-        p = render_class_video(tmp_path / f"{k}.mp4", label, seed=0, index=k, duration_s=1.0,
-                               fps=8, size=(64, 48))
-        entries.append(ListEntry(k + 2, p.name, p, label))
-    entries.append(ListEntry(99, "missing.mp4", tmp_path / "missing.mp4", labels[0]))
-    base = init_checkpoint(tiny_config(3, steps=2), labels=labels, seed=1)
-    cfg = FinetuneConfig(modalities=["motion"], epochs=1, steps_per_video=2, batch_size=4,
-                         workers=0)
-    new, report = finetune_backbones(base, entries, cfg, val_entries=entries[:3], progress=False)
-    assert report["videos"] == 6 and len(report["decode_errors"]) == 1
-    run = report["runs"][0]
-    assert run["trained"] == ["motion"] and run["inputs"] == ["audio", "appearance", "motion"]
-    assert "val_step_accuracy" in run["epochs"][0]
-    changed = {k for k in base.state_dict if not torch.equal(base.state_dict[k], new.state_dict[k])}
-    assert changed and all(k.startswith("motion_backbone.encoder.") for k in changed)
-    assert new.costs == base.costs and new.labels == base.labels
-    assert backbone_hash(new.config, new.state_dict) != backbone_hash(base.config, base.state_dict)
-    assert new.extra["finetune"]["runs"][0]["trained"] == ["motion"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -20,17 +21,25 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
               show_default=True, help="HMS, or an LSTM over concatenated features (baseline).")
 @click.option("--modalities", default="A+I+M", show_default=True,
               help="early_fusion: '+'-joined subset of A (audio), I (appearance), M (motion).")
-@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto",
+              show_default=True,
+              help="Defaults of --epochs/--lr/--lr-decay/--lambda: 'paper' (HMS_SPEC: 30 "
+                   "epochs, lr 1e-4 x0.92/epoch, lambda 2; for large datasets), 'small' (60 "
+                   "epochs, early fusion 40; lr 1e-3 x0.97/epoch; lambda 5; learns on a few "
+                   "hundred videos); 'auto': small below 2000 training videos. Options given "
+                   "explicitly win.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--lr-decay", type=float, default=0.92, show_default=True,
-              help="lr multiplier after every epoch.")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate (default: the preset's).")
+@click.option("--lr-decay", type=float, default=None,
+              help="lr multiplier after every epoch (default: the preset's).")
 @click.option("--tau", type=float, default=5.0, show_default=True,
               help="Initial Gumbel-softmax temperature.")
 @click.option("--tau-decay", type=float, default=0.965, show_default=True,
               help="Temperature multiplier per epoch.")
-@click.option("--lambda", "lam", type=float, default=2.0, show_default=True,
-              help="Weight of the usage loss.")
+@click.option("--lambda", "lam", type=float, default=None,
+              help="Weight of the usage loss (default: the preset's).")
 @click.option("--gamma-i", type=float, default=0.6, show_default=True,
               help="Target fraction of steps that run appearance.")
 @click.option("--gamma-m", type=float, default=0.05, show_default=True,
@@ -49,7 +58,7 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
 @handle_errors("hms-train")
-def main(store, checkpoint, out, policy, modalities, epochs, batch_size, lr, lr_decay, tau,
+def main(store, checkpoint, out, policy, modalities, preset, epochs, batch_size, lr, lr_decay, tau,
          tau_decay, lam, gamma_i, gamma_m, hidden, val_fraction, val_store, seed, log_path,
          threads, quiet, debug):
     """Train projections, cells, gates and head on frozen features; keep the best epoch."""
@@ -57,16 +66,28 @@ def main(store, checkpoint, out, policy, modalities, epochs, batch_size, lr, lr_
     from hms_deploy.data.features import open_store
     from hms_deploy.model.baselines import modalities_tag, parse_modalities
     from hms_deploy.train.loop import TrainConfig, train
+    from hms_deploy.train.presets import preset_values, resolve_preset
 
     set_threads(threads)
+    train_store = open_store(store)
+    n_train = len(train_store) if val_store else round(len(train_store) * (1 - val_fraction))
+    chosen = resolve_preset(preset, n_train)
+    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam}
+    values = {**asdict(TrainConfig()), **preset_values(chosen, policy),
+              **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(
         policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"
         else ["audio", "appearance", "motion"],
-        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, tau=tau,
-        tau_decay=tau_decay, lam=lam, gamma_i=gamma_i, gamma_m=gamma_m,
-        val_fraction=val_fraction, seed=seed, hidden=hidden,
+        epochs=values["epochs"], batch_size=batch_size, lr=values["lr"],
+        lr_decay=values["lr_decay"], tau=tau, tau_decay=tau_decay, lam=values["lam"],
+        gamma_i=gamma_i, gamma_m=gamma_m, val_fraction=val_fraction, seed=seed, hidden=hidden,
     )
     cfg.check()  # option errors (exit 2) before anything is loaded
+    if not quiet:
+        click.echo(f"hms-train: preset {chosen}"
+                   + (f" (auto: ~{n_train} training videos)" if preset == "auto" else "")
+                   + f": {cfg.epochs} epochs, lr {cfg.lr:g} x{cfg.lr_decay:g}/epoch"
+                   + (f", lambda {cfg.lam:g}" if policy == "hms" else ""), err=True)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.policy != "hms":
         from hms_deploy.errors import CheckpointError
@@ -74,14 +95,16 @@ def main(store, checkpoint, out, policy, modalities, epochs, batch_size, lr, lr_
         raise CheckpointError(f"{checkpoint}: train from an HMS checkpoint (hms-init or "
                               f"hms-train output), not a {ckpt.policy!r} baseline")
     result = train(
-        ckpt, open_store(store), cfg,
+        ckpt, train_store, cfg,
         val_store=open_store(val_store) if val_store else None,
         out=out, log_path=log_path, progress=not quiet,
     )
+    for w in result.warnings:
+        click.echo(f"hms-train: warning: {w}", err=True)
     best = result.log[result.best_epoch - 1]
     what = policy if policy == "hms" else f"early_fusion {modalities_tag(cfg.modalities)}"
     click.echo(
-        f"wrote {out} ({what}): best epoch {result.best_epoch}/{epochs}, val mAP "
+        f"wrote {out} ({what}): best epoch {result.best_epoch}/{cfg.epochs}, val mAP "
         f"{best['val_map']:.4f}, top-1 {best['val_top1']:.4f}, "
         f"{best['val_gmacs_per_video']:.4g} GMAC/video"
     )

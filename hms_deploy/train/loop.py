@@ -78,6 +78,7 @@ class TrainResult:
     best_epoch: int
     best_val_map: float
     log: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)  # e.g. a too small validation set
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -209,6 +210,10 @@ def train(
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
         val_src = FeatureSource(store, val_idx, _mods(cfg))
     train_src = FeatureSource(store, train_idx, _mods(cfg))
+    from hms_deploy.train.presets import small_validation_warning
+
+    small_val = small_validation_warning(val_src.labels.numpy(), list(store.labels))
+    warnings = [] if small_val is None else [small_val]
     # Standardise features with training statistics; folded into the projections on save.
     stats = train_src.statistics()
     train_src.set_normalizer(stats)
@@ -278,13 +283,13 @@ def train(
                 save_checkpoint(best_ckpt, out)
         if log_path is not None:
             _write_json_atomic(Path(log_path), {"config": asdict(cfg), "epochs": log,
-                                                "best_epoch": best_epoch})
+                                                "best_epoch": best_epoch, "warnings": warnings})
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", val_map=f"{val['val_map']:.3f}",
                         gmac=f"{val['val_gmacs_per_video']:.3g}", refresh=False)
     bar.close()
     assert best_ckpt is not None and best is not None
-    return TrainResult(best_ckpt, best_epoch, best[0], log)
+    return TrainResult(best_ckpt, best_epoch, best[0], log, warnings)
 
 
 def _mods(cfg: TrainConfig) -> list[str]:

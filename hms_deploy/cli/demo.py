@@ -1,0 +1,140 @@
+"""``hms-demo``: the first command to run. Trains a tiny HMS model on a small synthetic
+set, exports it, and classifies one new sample per class with the exported engines.
+
+Every stage calls the library function behind the command it names (printed as it
+goes), so the demo is the README workflow at a small size:
+
+    hms-synth dataset OUT/data --per-class N --split
+    hms-init --variant tiny --steps 8 ...            (T = 8, as the synthetic study)
+    hms-finetune --list train.csv --val-list val.csv (the motion encoder; random tiny
+                                                      backbones cannot tell left from right)
+    hms-extract (train, val) ; hms-train --preset small
+    hms-export --checkpoint trained.pt --out OUT/engines
+    hms-run sample.mp4 --engines OUT/engines --engine onnx   (one new sample per class)
+
+and ends with the line ``demo: K/M correct``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+
+# Sizes measured to keep the whole demo (after setup) near 2 minutes on 2 idle CPU cores.
+DEMO_PER_CLASS = 12  # -> 8 train / 2 val / 2 test videos per class
+DEMO_DURATION_S = 4.0
+DEMO_STEPS = 8
+
+
+def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = DEMO_DURATION_S,
+             seed: int = 0, workers: int = 1, engine: str = "onnx", quiet: bool = False,
+             echo=click.echo) -> tuple[int, int]:
+    """The demo's stages (see the module docstring); returns (correct, samples)."""
+    import torch
+
+    from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
+    from hms_deploy.config import tiny_config
+    from hms_deploy.data.datasets import read_list
+    from hms_deploy.data.extraction import extract
+    from hms_deploy.data.features import open_store
+    from hms_deploy.data.synthetic import DEFAULT_CLASSES, make_dataset, make_sample_video
+    from hms_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from hms_deploy.runtime import Session
+    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones
+    from hms_deploy.train.loop import TrainConfig, train
+    from hms_deploy.train.presets import preset_values
+
+    progress = not quiet
+    t0 = time.perf_counter()
+
+    def stage(cmd: str) -> None:
+        echo(f"== [{time.perf_counter() - t0:5.0f} s] {cmd}")
+
+    labels = list(DEFAULT_CLASSES)
+    data = out / "data"
+    stage(f"hms-synth dataset {data} --per-class {per_class} --split --seed {seed}")
+    make_dataset(data, per_class=per_class, seed=seed, duration_s=duration_s, split=True)
+    splits = {name: read_list(data / f"{name}.csv") for name in ("train", "val")}
+
+    stage(f"hms-init --variant tiny --steps {DEMO_STEPS} --num-classes {len(labels)} "
+          f"--labels {data / 'labels.txt'} --out {out / 'init.pt'}")
+    ckpt = init_checkpoint(tiny_config(len(labels), steps=DEMO_STEPS), labels=labels, seed=seed)
+    save_checkpoint(ckpt, out / "init.pt")
+
+    stage(f"hms-finetune --checkpoint {out / 'init.pt'} --list {data / 'train.csv'} "
+          f"--val-list {data / 'val.csv'} --modalities M --out {out / 'backbones.pt'}")
+    ckpt, report = finetune_backbones(
+        ckpt, splits["train"].entries, FinetuneConfig(seed=seed, workers=workers),
+        val_entries=splits["val"].entries, progress=progress)
+    save_checkpoint(ckpt, out / "backbones.pt")
+    echo(f"   motion fine-tune: val step accuracy {report['runs'][0]['val_step_accuracy']:.3f}")
+
+    stores = {}
+    for name, lst in splits.items():
+        stage(f"hms-extract --checkpoint {out / 'backbones.pt'} --list {data / name}.csv "
+              f"--out {out / ('store_' + name)}")
+        extract(ckpt, lst, out / f"store_{name}", workers=workers, progress=progress)
+        stores[name] = open_store(out / f"store_{name}")
+
+    stage(f"hms-train --store {out / 'store_train'} --val-store {out / 'store_val'} "
+          f"--checkpoint {out / 'backbones.pt'} --preset small --out {out / 'trained.pt'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is faster than two contending
+    result = train(ckpt, stores["train"], TrainConfig(seed=seed, **preset_values("small", "hms")),
+                   val_store=stores["val"], out=out / "trained.pt", progress=progress)
+    torch.set_num_threads(threads)
+    best = result.log[result.best_epoch - 1]
+    echo(f"   best epoch {result.best_epoch}: val mAP {best['val_map']:.3f}, "
+         f"{best['val_gmacs_per_video']:.3g} GMAC/video")
+
+    stage(f"hms-export --checkpoint {out / 'trained.pt'} --out {out / 'engines'} --force")
+    export_checkpoint(out / "trained.pt", out / "engines", ExportOptions(force=True),
+                      log=None if quiet else (lambda m: echo(f"   {m}")))
+
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    correct = 0
+    with Session(engines_dir=out / "engines", engine=engine) as session:
+        for i, label in enumerate(labels):
+            path = samples / f"{label}.mp4"
+            make_sample_video(path, seed=seed * 100 + i, label=label)
+            stage(f"hms-run {path} --engines {out / 'engines'} --engine {engine}")
+            rec = session.classify(path)
+            ok = rec["label"] == label
+            correct += ok
+            usage = rec.get("usage", {})
+            echo(f"   {label:>12} -> {rec['label']:<12} {rec['score']:.3f} "
+                 f"{'ok' if ok else 'WRONG'}  (steps run: appearance "
+                 f"{usage.get('appearance', '?')}, motion {usage.get('motion', '?')})")
+    echo(f"   total {time.perf_counter() - t0:.0f} s")
+    return correct, len(labels)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="demo_out")
+@click.option("--per-class", type=int, default=DEMO_PER_CLASS, show_default=True,
+              help="Synthetic videos per class (train/val/test 60/20/20).")
+@click.option("--duration", type=float, default=DEMO_DURATION_S, show_default=True,
+              help="Seconds per video.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Decoding processes.")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads (default: torch's choice).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@debug_option
+@handle_errors("hms-demo")
+def main(out, per_class, duration, seed, workers, threads, quiet, debug):
+    """Train a tiny HMS model on a small synthetic set in OUT, export it to ONNX, classify
+    one new sample per class with the exported engines; last line: demo: K/M correct."""
+    from hms_deploy.errors import ConfigError
+
+    if per_class < 3:
+        raise ConfigError(f"--per-class must be >= 3 (train, val and test videos), got {per_class}")
+    set_threads(threads)
+    correct, total = run_demo(out, per_class=per_class, duration_s=duration, seed=seed,
+                              workers=workers, quiet=quiet)
+    click.echo(f"demo: {correct}/{total} correct")

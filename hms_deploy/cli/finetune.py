@@ -1,0 +1,90 @@
+"""``hms-finetune``: fine-tune backbones of a checkpoint on a labelled video list."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ckpt.pt (hms-init output) whose backbones are fine-tuned.")
+@click.option("--list", "list_path", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Training CSV 'path,label' (relative paths: its folder).")
+@click.option("--val-list", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Validation CSV (early stopping, kept epoch); default: a stratified "
+                   "--val-fraction of --list.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Held out of --list for validation when --val-list is not given.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the checkpoint with the fine-tuned backbones.")
+@click.option("--modalities", default="M", show_default=True,
+              help="'+'-joined backbones to fine-tune: A (audio), I (appearance), M (motion).")
+@click.option("--epochs", type=int, default=None,
+              help="At most this many epochs (default: the recipe's, "
+                   "hms_deploy.train.finetune.FinetuneConfig).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default: the recipe's).")
+@click.option("--batch-size", type=int, default=None, help="Steps per batch (default: the recipe's).")
+@click.option("--steps", type=int, default=None,
+              help="Steps T per video to draw training steps from (default: the checkpoint's).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Decoding processes; 0 decodes in this process.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="JSON report: per-epoch loss and step accuracies.")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads in this process (default: torch's choice).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@debug_option
+@handle_errors("hms-finetune")
+def main(checkpoint, list_path, val_list, val_fraction, out, modalities, epochs, lr, batch_size,
+         steps, workers, seed, report_path, threads, quiet, debug):
+    """Fine-tune backbones on single steps of the videos of a CSV (the step before
+    hms-extract: HMS trains on frozen features, so they must already tell the classes
+    apart). The recipe (schedule, early stopping, kept epoch, BatchNorm recalibration) is
+    the one the synthetic quality study uses; bad videos are skipped and listed.
+    """
+    from dataclasses import asdict
+
+    from hms_deploy.checkpoint import load_checkpoint, save_checkpoint
+    from hms_deploy.data.datasets import read_list
+    from hms_deploy.model.baselines import parse_modalities
+    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones, split_entries
+
+    set_threads(threads)
+    mods = parse_modalities(modalities)
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
+    cfg = FinetuneConfig(**{**asdict(FinetuneConfig()), "modalities": mods, "seed": seed,
+                            "workers": workers,
+                            **{k: v for k, v in given.items() if v is not None}})
+    cfg.check()
+    ckpt = load_checkpoint(checkpoint)
+    entries = read_list(list_path).entries
+    if val_list is not None:
+        train_entries, val_entries = entries, read_list(val_list).entries
+    else:
+        train_entries, val_entries = split_entries(entries, val_fraction, seed)
+    new, report = finetune_backbones(ckpt, train_entries, cfg, val_entries=val_entries,
+                                     steps=steps, progress=not quiet)
+    save_checkpoint(new, out)
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    for w in report["warnings"]:
+        click.echo(f"hms-finetune: warning: {w}", err=True)
+    for e in report["decode_errors"][:10]:
+        click.echo(f"  skipped: {e}", err=True)
+    run = report["runs"][-1]
+    kept = next((e["kept_epoch"] for e in run["epochs"] if "kept_epoch" in e), None)
+    trained = [e for e in run["epochs"] if "epoch" in e]
+    acc = run.get("val_step_accuracy")
+    click.echo(
+        f"wrote {out} ({'+'.join(mods)} fine-tuned on {report['videos']} videos): "
+        + (f"kept epoch {kept} of {len(trained)} run (at most {cfg.epochs}), "
+           f"val step accuracy {acc:.4f} on {report['val_videos']} videos"
+           if acc is not None else f"{len(trained)} epochs, no validation")
+        + f", {report['seconds']:.0f} s")
