@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def import_ray() -> Any:
     os.environ[LOOPBACK_ENV] = "0"
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
         from ray._private import ray_constants
     except ImportError as e:
         raise ConfigError(
@@ -95,6 +96,7 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
         ray.init(num_cpus=layout.num_cpus, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False, _node_ip_address="127.0.0.1")
         started = True
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # executor chatter; errors stay
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the job shows its own (videos done / failed / rate)

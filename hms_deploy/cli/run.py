@@ -7,13 +7,14 @@ validates the options (one-line errors before any video runs), prints a record p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.cli.common import debug_option, handle_errors, ray_layout, ray_options
 from hms_deploy.errors import ConfigError
 
 VIDEO_EXTENSIONS = frozenset(
@@ -103,10 +104,12 @@ def summary(rec: dict) -> str:
 @click.option("--progress/--no-progress", default=None,
               help=f"Progress bar on stderr (default: if stderr is a terminal or >= "
                    f"{PROGRESS_MIN_INPUTS} videos).")
+@ray_options
 @debug_option
 @handle_errors("hms-run")
 def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, online,
-         as_json, output, topk, batch_size, progress, debug):
+         as_json, output, topk, batch_size, progress, ray, ray_address, workers,
+         threads_per_worker, debug):
     """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real."""
     from hms_deploy.runtime.results import ResultsFile
     from hms_deploy.runtime.session import Session
@@ -123,6 +126,9 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    layout = ray_layout(ray, ray_address, workers, threads_per_worker)
+    if layout is not None and (online or batch_size > 1):
+        raise ConfigError("--ray runs whole videos on each worker: drop --online / --batch-size")
     session = Session(engines_dir=engines_dir, checkpoint=checkpoint, engine=engine, device=device)
     opts = session.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk)
 
@@ -139,9 +145,17 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="video", file=sys.stderr, dynamic_ncols=True)
+    if layout is not None:  # Ray Data actor pool: records as they finish, same loop below
+        from hms_deploy.runtime.ray_batch import classify_ray
+
+        records = classify_ray(todo, engines_dir=engines_dir, checkpoint=checkpoint,
+                               engine=engine, device=device, steps=steps, policy=policy,
+                               budget=budget, topk=topk, layout=layout)
+    else:
+        records = session.classify_many(todo, options=opts, batch_size=batch_size)
     try:
-        with session:
-            for rec in session.classify_many(todo, options=opts, batch_size=batch_size):
+        with session if layout is None else contextlib.nullcontext():
+            for rec in records:
                 partial = rec.get("partial", False)
                 if "error" in rec:
                     failed += 1
@@ -158,6 +172,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
                     if results is not None:
                         results.append(rec)
                     if bar is not None:
+                        bar.set_postfix(failed=failed, refresh=False)
                         bar.update(1)
                 sys.stdout.flush()
     finally:

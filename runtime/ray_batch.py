@@ -1,0 +1,250 @@
+"""Many videos on every core and every machine: ``hms-run --ray`` and ``hms-extract --ray``
+on Ray Data.
+
+The input list becomes a Ray dataset of paths, one row per video (one task each). A
+pool of actors maps it; each actor owns one :class:`~hms_deploy.runtime.session.Session`
+(classification) or one set of encoders (extraction), loaded once in ``__init__``, and
+decodes the videos it classifies (the frames a gate asks for are known only there).
+Results stream back to the driver as they finish, which writes them at once (a crash of
+the driver loses only the videos in flight)::
+
+    from hms_deploy.runtime.ray_batch import RayLayout, classify_ray
+
+    for rec in classify_ray(["a.mp4", "b.mp4"], engines_dir="engines/",
+                            layout=RayLayout(workers=2), output="results.jsonl"):
+        print(rec["video"], rec.get("label"), rec.get("error"))
+
+Records are exactly ``hms-run --json``'s (the actor runs ``Session.classify_many`` on
+one video); a video that fails gives the same ``{"video", "error"}`` record and the job
+goes on. ``output`` is a :class:`~hms_deploy.runtime.results.ResultsFile`: finished
+videos are skipped on a rerun, failed ones retried.
+
+Layout (:class:`~hms_deploy.runtime.ray_cluster.RayLayout`): by default one actor per
+CPU with one intra-op thread each (on this 2-core machine: 2 actors x 1 thread), which
+keeps every core busy with whole videos instead of splitting one video's small calls
+across threads. On GPU machines give ``gpus_per_worker=1`` (``--device cuda``): one
+actor per GPU. Without ``address`` a loopback-only local Ray instance is started for the
+job (:mod:`hms_deploy.runtime.ray_cluster`); with it the job runs on that cluster, whose
+nodes must see the export / checkpoint and the videos at the same paths.
+
+Faults: if an actor process dies (OOM killer, SIGKILL, a lost node), Ray restarts it and
+retries the video it held on a live actor; the driver yields each video once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hms_deploy.runtime.ray_cluster import (
+    RayLayout,
+    actor_setup,
+    dumps,
+    map_rows,
+    pool_size,
+    ray_instance,
+)
+
+__all__ = ["ClassifyActor", "ExtractActor", "RayLayout", "classify_ray", "ray_feature_source"]
+
+
+def _abs(path: str | Path | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+# ----------------------------------------------------------------------- classification
+
+
+class ClassifyActor:
+    """One Session per actor; ``__call__`` classifies one row ``{"index", "video", "abs"}``."""
+
+    def __init__(self, session_kwargs: dict[str, Any], options: Any, threads: int, cwd: str):
+        from hms_deploy.runtime.session import Session
+
+        self.local_paths = actor_setup(threads, cwd)
+        kwargs = dict(session_kwargs)
+        if kwargs.get("engine") in (None, "onnx") and kwargs.get("checkpoint") is None:
+            kwargs.setdefault("threads", threads)  # ONNX Runtime intra-op threads
+        self.session = Session(**kwargs).open()
+        self.options = options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"index": [], "record": [], "pid": []}
+        for i, video, absolute in zip(batch["index"], batch["video"], batch["abs"]):
+            name = str(video)
+            target = name if self.local_paths else str(absolute)
+            rec = next(iter(self.session.classify_many([target], options=self.options)))
+            rec["video"] = name
+            out["index"].append(int(i))
+            out["record"].append(dumps(rec))
+            out["pid"].append(os.getpid())
+        return out
+
+
+def classify_ray(
+    videos: Sequence[str],
+    *,
+    engines_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    engine: str | None = None,
+    device: str = "cpu",
+    steps: int | None = None,
+    policy: str = "learned",
+    budget: float | None = None,
+    topk: int = 5,
+    layout: RayLayout | None = None,
+    output: str | Path | Any | None = None,
+    progress: bool = False,
+    on_worker: Any = None,
+) -> Iterator[dict[str, Any]]:
+    """Classify ``videos`` on a Ray Data actor pool; yield one record per video as it finishes.
+
+    Options are ``hms-run``'s (validated here, before Ray starts: :class:`ConfigError`).
+    ``output``: a path or an open :class:`~hms_deploy.runtime.results.ResultsFile`; videos
+    already done there are skipped and every record is appended before it is yielded.
+    ``progress``: a tqdm bar on stderr (videos done / failed / rate). ``on_worker``:
+    called with ``(record, actor pid)`` before each yield (tests, diagnostics).
+    """
+    from hms_deploy.runtime.results import ResultsFile
+    from hms_deploy.runtime.session import Session
+
+    layout = layout or RayLayout()
+    layout.check()
+    session_kwargs: dict[str, Any] = {
+        "engines_dir": _abs(engines_dir), "checkpoint": _abs(checkpoint), "engine": engine,
+        "device": device,
+    }
+    if device.startswith("cuda") and layout.gpus_per_worker == 0:
+        layout = RayLayout(address=layout.address, workers=layout.workers,
+                           threads_per_worker=layout.threads_per_worker, gpus_per_worker=1.0,
+                           num_cpus=layout.num_cpus)
+    # the driver validates the export and the options (cheap: no engine is created)
+    options = Session(**session_kwargs).options(steps=steps, policy=policy, budget=budget,
+                                                 topk=topk)
+    results = output if isinstance(output, ResultsFile) or output is None else ResultsFile(output)
+    try:
+        todo = [
+            {"index": i, "video": str(v), "abs": os.path.abspath(v)}
+            for i, v in enumerate(videos) if results is None or not results.done(str(v))
+        ]
+        yield from _stream(
+            ClassifyActor, todo, layout, progress,
+            {"session_kwargs": session_kwargs, "options": options,
+             "threads": layout.threads_per_worker, "cwd": os.getcwd()},
+            results, on_worker,
+        )
+    finally:
+        if results is not None and results is not output:
+            results.close()
+
+
+def _stream(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progress: bool,
+            ctor_kwargs: dict[str, Any], results: Any, on_worker: Any) -> Iterator[dict[str, Any]]:
+    if not rows:
+        return
+    bar = None
+    with ray_instance(layout) as ray:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(rows), unit="video", file=sys.stderr, dynamic_ncols=True,
+                       desc=f"ray x{min(pool_size(ray, layout), len(rows))}")
+        failed = 0
+        try:
+            for row in map_rows(ray, actor_cls, rows, layout, ctor_kwargs):
+                rec = json.loads(row["record"])
+                if results is not None:
+                    results.append(rec)
+                if bar is not None:
+                    failed += "error" in rec
+                    bar.set_postfix(failed=failed, refresh=False)
+                    bar.update(1)
+                if on_worker is not None:
+                    on_worker(rec, int(row["pid"]))
+                yield rec
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+class ExtractActor:
+    """The checkpoint's encoders per actor; ``__call__`` decodes and encodes one video with
+    :func:`hms_deploy.data.features.decode_job` / ``encode_job`` (the single-process code)."""
+
+    def __init__(self, checkpoint: str, steps: int, batch_size: int, threads: int, cwd: str):
+        from hms_deploy.checkpoint import load_checkpoint
+        from hms_deploy.data.features import build_encoders
+
+        actor_setup(threads, cwd)
+        ckpt = load_checkpoint(checkpoint)
+        self.config = ckpt.config
+        self.encoders = build_encoders(ckpt.config, ckpt.state_dict)
+        self.steps = steps
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        from hms_deploy.data.features import decode_job, encode_job
+
+        out: dict[str, list[Any]] = {"index": [], "record": [], "features": [], "pid": []}
+        for i, key, path in zip(batch["index"], batch["key"], batch["path"]):
+            inputs, error = decode_job(str(key), str(path), self.config, self.steps)
+            video = None
+            if error is None:
+                video, error = encode_job(str(key), self.encoders, inputs, self.batch_size)
+            buf = io.BytesIO()
+            if video is not None:
+                np.savez(buf, **video.feats)
+            rec = {"error": error} if video is None else {
+                "duration_s": video.duration_s, "has_audio": video.has_audio}
+            out["index"].append(int(i))
+            out["record"].append(dumps(rec))
+            out["features"].append(buf.getvalue())
+            out["pid"].append(os.getpid())
+        return out
+
+
+def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, *,
+                       batch_size: int = 16) -> Any:
+    """A ``source`` for :func:`hms_deploy.data.features.extract` that runs on Ray Data.
+
+    Each actor loads ``checkpoint``'s encoders once, then decodes and encodes whole
+    videos; the driver (``extract``) writes the store, its index and its error list
+    exactly as in the single-process path. Features come back in the order videos
+    finish (store slots follow that order; the features of a video are the same).
+    """
+    from hms_deploy.data.features import VideoFeatures
+
+    layout = layout or RayLayout()
+    layout.check()
+    ckpt_path = os.path.abspath(checkpoint)
+
+    def source(entries: Sequence[Any], config: Any, steps: int) -> Iterator[Any]:
+        rows = [{"index": i, "key": e.key, "path": os.path.abspath(e.path)}
+                for i, e in enumerate(entries)]
+        if not rows:
+            return
+        kwargs = {"checkpoint": ckpt_path, "steps": steps, "batch_size": batch_size,
+                  "threads": layout.threads_per_worker, "cwd": os.getcwd()}
+        with ray_instance(layout) as ray:
+            for row in map_rows(ray, ExtractActor, rows, layout, kwargs):
+                e = entries[int(row["index"])]
+                rec = json.loads(row["record"])
+                if "error" in rec:
+                    yield e, None, rec["error"]
+                    continue
+                with np.load(io.BytesIO(row["features"])) as z:
+                    feats = {m: z[m] for m in z.files}
+                yield e, VideoFeatures(rec["duration_s"], rec["has_audio"], feats), None
+
+    return source
+
