@@ -37,6 +37,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,18 @@ class ClassifyActor:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"index": [], "record": [], "pid": []}
+        out: dict[str, list[Any]] = {"index": [], "record": [], "pid": [], "start": [], "end": []}
         for i, video, absolute in zip(batch["index"], batch["video"], batch["abs"]):
             name = str(video)
             target = name if self.local_paths else str(absolute)
+            start = time.time()
             rec = next(iter(self.session.classify_many([target], options=self.options)))
             rec["video"] = name
             out["index"].append(int(i))
             out["record"].append(dumps(rec))
             out["pid"].append(os.getpid())
+            out["start"].append(start)
+            out["end"].append(time.time())
         return out
 
 
@@ -110,7 +114,9 @@ def classify_ray(
     ``output``: a path or an open :class:`~hms_deploy.runtime.results.ResultsFile`; videos
     already done there are skipped and every record is appended before it is yielded.
     ``progress``: a tqdm bar on stderr (videos done / failed / rate). ``on_worker``:
-    called with ``(record, actor pid)`` before each yield (tests, diagnostics).
+    called with ``(record, {"pid", "start", "end"})`` before each yield: the actor's
+    process id and the wall-clock span (``time.time()``) of that video in it (tests,
+    benchmarks; never part of the record).
     """
     from hms_deploy.runtime.results import ResultsFile
     from hms_deploy.runtime.session import Session
@@ -167,7 +173,8 @@ def _stream(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, prog
                     bar.set_postfix(failed=failed, refresh=False)
                     bar.update(1)
                 if on_worker is not None:
-                    on_worker(rec, int(row["pid"]))
+                    on_worker(rec, {"pid": int(row["pid"]), "start": float(row["start"]),
+                                    "end": float(row["end"])})
                 yield rec
         finally:
             if bar is not None:

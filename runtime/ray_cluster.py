@@ -142,7 +142,9 @@ def map_rows(
     ds = ds.map_batches(
         actor_cls,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=size),
+        # one video in flight per actor: videos are seconds long, so the queue costs
+        # nothing, and an actor that starts first cannot take a share of the others' work
+        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
         fn_constructor_kwargs=ctor_kwargs,
         num_cpus=layout.threads_per_worker,
         num_gpus=layout.gpus_per_worker or None,

@@ -64,7 +64,7 @@ def test_records_equal_the_sessions_and_errors_do_not_stop_the_job(ray_local, tm
     vids.append(str(assets().silent))
     seen: list[int] = []
     recs = list(classify_ray(vids, engines_dir=assets().engines, policy=POLICY,
-                             on_worker=lambda rec, pid: seen.append(pid)))
+                             on_worker=lambda rec, info: seen.append(info["pid"])))
     assert sorted(r["video"] for r in recs) == sorted(vids)  # each once, in finishing order
     ref = _reference(vids)
     for r in recs:
@@ -133,7 +133,8 @@ def test_actor_killed_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path):
     killed: list[int] = []
     after: list[int] = []
 
-    def on_worker(rec: dict, pid: int) -> None:
+    def on_worker(rec: dict, info: dict) -> None:
+        pid = info["pid"]
         if not killed:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
