@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
 psutil = pytest.importorskip("psutil")  # Ray vendors it (on sys.path once ray is imported)
 
 from hms_deploy.runtime.ray_batch import classify_ray
-from hms_deploy.runtime.ray_cluster import LOOPBACK_ENV, RayLayout, ray_instance
+from hms_deploy.runtime.ray_cluster import LOOPBACK_ENV, RayLayout, pool_size, ray_instance
 from hms_deploy.runtime.session import Session
 
 POLICY = "rates:0.6,0.3"
@@ -70,8 +71,11 @@ def test_records_equal_the_sessions_and_errors_do_not_stop_the_job(ray_local, tm
     for r in recs:
         _assert_same_record(r, ref[r["video"]])
     assert sum("error" in r for r in recs) == 2
-    assert len(set(seen)) == 2, "default layout on 2 CPUs: 2 actors"
-    assert os.getpid() not in seen
+    assert os.getpid() not in seen and len(seen) == len(vids)  # all in actors
+    # the default layout on 2 CPUs: 2 actors of 1 thread (how many got work depends on
+    # which started first); 1 actor of 2 threads when asked
+    assert pool_size(ray_local, RayLayout()) == 2
+    assert pool_size(ray_local, RayLayout(threads_per_worker=2)) == 1
 
 
 def test_bad_options_fail_before_any_video(ray_local):
@@ -246,3 +250,30 @@ def test_local_instance_listens_on_loopback_only(ray_local):
         assert addr.is_loopback, f"{name} listens on {ip}:{port}/{kind}"
     print(sorted({(n, ip) for n, ip, _, _ in found}), file=sys.stderr)
 
+
+
+def test_throughput_benchmark_smoke(ray_local, tmp_path):
+    """``hms-bench --suite throughput`` end to end (tiny model; structure and the summary's
+    arithmetic, never times)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_throughput as bt
+
+    a = assets()
+    s = bt.smoke_settings(checkpoint=str(a.checkpoint), engines_dir=str(a.engines),
+                          video=str(a.video), out=str(tmp_path / "out"),
+                          work_dir=str(tmp_path / "work"), steps=8)
+    out = bt.run(s, log=lambda _: None)
+    saved = json.loads((tmp_path / "out" / f"{s.stem}.json").read_text())
+    assert saved["summary"] == out["summary"]
+    sm = out["summary"]
+    assert set(out["hms"]) == {"sequential", "lockstep", "ray"} and set(out["dense"]) == {
+        "sequential", "ray"}
+    assert out["hms"]["ray"]["actors"] in (1, 2) and out["hms"]["ray"]["startup_s"] > 0
+    dense_best = max(out["dense"].values(), key=lambda r: r["videos_per_s"])
+    assert sm["dense_videos_per_s"] == dense_best["videos_per_s"]
+    assert 0 < sm["gmac_ratio_hms_over_dense"] < 1
+    assert sm["throughput_over_flops_bound"] == pytest.approx(
+        sm["hms_videos_per_s"] * sm["gmac_ratio_hms_over_dense"] / sm["dense_videos_per_s"],
+        rel=1e-3)
+    assert out["provenance"]["versions"]["onnxruntime"] and out["provenance"]["date"]
+    assert (tmp_path / "out" / f"{s.stem}.md").read_text().count("|") > 20
