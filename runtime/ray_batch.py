@@ -33,6 +33,7 @@ retries the video it held on a live actor; the driver yields each video once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -127,13 +128,13 @@ def classify_ray(
         "engines_dir": _abs(engines_dir), "checkpoint": _abs(checkpoint), "engine": engine,
         "device": device,
     }
-    if device.startswith("cuda") and layout.gpus_per_worker == 0:
-        layout = RayLayout(address=layout.address, workers=layout.workers,
-                           threads_per_worker=layout.threads_per_worker, gpus_per_worker=1.0,
-                           num_cpus=layout.num_cpus)
     # the driver validates the export and the options (cheap: no engine is created)
     options = Session(**session_kwargs).options(steps=steps, policy=policy, budget=budget,
                                                  topk=topk)
+    if device.startswith("cuda"):
+        # one actor per GPU; Ray makes the GPU it assigns the actor's only visible one
+        layout = dataclasses.replace(layout, gpus_per_worker=layout.gpus_per_worker or 1.0)
+        session_kwargs["device"] = "cuda"
     results = output if isinstance(output, ResultsFile) or output is None else ResultsFile(output)
     try:
         todo = [

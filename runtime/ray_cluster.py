@@ -60,9 +60,20 @@ class RayLayout:
             raise ConfigError(f"gpus per worker must be >= 0, got {self.gpus_per_worker}")
 
 
-def import_ray() -> Any:
-    """``import ray`` with the loopback switch set (a typed error if Ray is missing)."""
-    os.environ[LOOPBACK_ENV] = "0"
+def import_ray(*, loopback: bool | None = None) -> Any:
+    """``import ray`` (a typed error if Ray Data is missing).
+
+    ``loopback=True``: set the single-machine switch (before a local instance starts).
+    ``False``: undo it if this module set it (a driver that joins a cluster by address
+    must advertise its real address). ``None``: leave it as it is.
+    """
+    global _switched
+    if loopback:
+        os.environ[LOOPBACK_ENV] = "0"
+        _switched = True
+    elif loopback is False and _switched:
+        os.environ.pop(LOOPBACK_ENV, None)
+        _switched = False
     try:
         import ray
         import ray.data
@@ -71,9 +82,14 @@ def import_ray() -> Any:
         raise ConfigError(
             f"--ray needs Ray Data ({e}); install it with `pip install \"hms-deploy[ray]\"`"
         ) from None
-    # Ray reads the switch once, at import: set the constant too if it was imported before.
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    if loopback is not None:
+        # Ray reads the switch once, at import: set the constant too if it was imported before.
+        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(
+            LOOPBACK_ENV, not ray_constants.IS_WINDOWS_OR_OSX)
     return ray
+
+
+_switched = False
 
 
 @contextlib.contextmanager
@@ -87,12 +103,14 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
     if ray.is_initialized():
         pass  # the caller's instance (e.g. a test fixture or an embedding service)
     elif layout.address:
+        ray = import_ray(loopback=False)
         try:
             ray.init(address=layout.address, logging_level="WARNING", log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ConfigError(f"--ray-address {layout.address}: cannot connect ({e})") from None
         started = True
     else:
+        ray = import_ray(loopback=True)
         ray.init(num_cpus=layout.num_cpus, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False, _node_ip_address="127.0.0.1")
         started = True
