@@ -78,12 +78,14 @@ class ClassifyActor:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"index": [], "record": [], "pid": [], "start": [], "end": []}
+        out: dict[str, list[Any]] = {
+            "index": [], "record": [], "pid": [], "start": [], "end": [], "cpu_s": []}
         for i, video, absolute in zip(batch["index"], batch["video"], batch["abs"]):
             name = str(video)
             target = name if self.local_paths else str(absolute)
-            start = time.time()
+            start, cpu = time.time(), time.process_time()
             rec = next(iter(self.session.classify_many([target], options=self.options)))
+            out["cpu_s"].append(time.process_time() - cpu)
             rec["video"] = name
             out["index"].append(int(i))
             out["record"].append(dumps(rec))
@@ -115,9 +117,10 @@ def classify_ray(
     ``output``: a path or an open :class:`~hms_deploy.runtime.results.ResultsFile`; videos
     already done there are skipped and every record is appended before it is yielded.
     ``progress``: a tqdm bar on stderr (videos done / failed / rate). ``on_worker``:
-    called with ``(record, {"pid", "start", "end"})`` before each yield: the actor's
-    process id and the wall-clock span (``time.time()``) of that video in it (tests,
-    benchmarks; never part of the record).
+    called with ``(record, {"pid", "start", "end", "cpu_s"})`` before each yield: the
+    actor's process id, the wall-clock span (``time.time()``) of that video in it and the
+    actor's CPU seconds (all its threads) during it (tests, benchmarks; never part of the
+    record).
     """
     from hms_deploy.runtime.results import ResultsFile
     from hms_deploy.runtime.session import Session
@@ -175,7 +178,7 @@ def _stream(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, prog
                     bar.update(1)
                 if on_worker is not None:
                     on_worker(rec, {"pid": int(row["pid"]), "start": float(row["start"]),
-                                    "end": float(row["end"])})
+                                    "end": float(row["end"]), "cpu_s": float(row["cpu_s"])})
                 yield rec
         finally:
             if bar is not None:

@@ -275,5 +275,10 @@ def test_throughput_benchmark_smoke(ray_local, tmp_path):
     assert sm["throughput_over_flops_bound"] == pytest.approx(
         sm["hms_videos_per_s"] * sm["gmac_ratio_hms_over_dense"] / sm["dense_videos_per_s"],
         rel=1e-3)
+    dense_cpu = min(r["cpu_s_per_video"] for r in out["dense"].values())
+    assert sm["cpu_time_over_flops_bound"] == pytest.approx(
+        sm["gmac_ratio_hms_over_dense"] * dense_cpu / out["hms"]["ray"]["cpu_s_per_video"],
+        rel=1e-2)
+    assert out["hms"]["ray"]["cpu_s_per_video"] > 0
     assert out["provenance"]["versions"]["onnxruntime"] and out["provenance"]["date"]
     assert (tmp_path / "out" / f"{s.stem}.md").read_text().count("|") > 20
