@@ -113,7 +113,8 @@ def classify_ray(
 ) -> Iterator[dict[str, Any]]:
     """Classify ``videos`` on a Ray Data actor pool; yield one record per video as it finishes.
 
-    Options are ``hms-run``'s (validated here, before Ray starts: :class:`ConfigError`).
+    Options are ``hms-run``'s, validated at the call, before Ray starts
+    (:class:`ConfigError`); the records come from the returned iterator.
     ``output``: a path or an open :class:`~hms_deploy.runtime.results.ResultsFile`; videos
     already done there are skipped and every record is appended before it is yielded.
     ``progress``: a tqdm bar on stderr (videos done / failed / rate). ``on_worker``:
@@ -139,26 +140,29 @@ def classify_ray(
         layout = dataclasses.replace(layout, gpus_per_worker=layout.gpus_per_worker or 1.0)
         session_kwargs["device"] = "cuda"
     results = output if isinstance(output, ResultsFile) or output is None else ResultsFile(output)
-    try:
-        todo = [
-            {"index": i, "video": str(v), "abs": os.path.abspath(v)}
-            for i, v in enumerate(videos) if results is None or not results.done(str(v))
-        ]
-        yield from _stream(
-            ClassifyActor, todo, layout, progress,
-            {"session_kwargs": session_kwargs, "options": options,
-             "threads": layout.threads_per_worker, "cwd": os.getcwd()},
-            results, on_worker,
-        )
-    finally:
-        if results is not None and results is not output:
-            results.close()
+    todo = [
+        {"index": i, "video": str(v), "abs": os.path.abspath(v)}
+        for i, v in enumerate(videos) if results is None or not results.done(str(v))
+    ]
+    ctor = {"session_kwargs": session_kwargs, "options": options,
+            "threads": layout.threads_per_worker, "cwd": os.getcwd()}
+    return _stream(ClassifyActor, todo, layout, progress, ctor, results, on_worker,
+                   close=results is not output)
 
 
 def _stream(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progress: bool,
-            ctor_kwargs: dict[str, Any], results: Any, on_worker: Any) -> Iterator[dict[str, Any]]:
-    if not rows:
-        return
+            ctor_kwargs: dict[str, Any], results: Any, on_worker: Any, *, close: bool
+            ) -> Iterator[dict[str, Any]]:
+    try:
+        if rows:
+            yield from _run(actor_cls, rows, layout, progress, ctor_kwargs, results, on_worker)
+    finally:
+        if close and results is not None:
+            results.close()
+
+
+def _run(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progress: bool,
+         ctor_kwargs: dict[str, Any], results: Any, on_worker: Any) -> Iterator[dict[str, Any]]:
     bar = None
     with ray_instance(layout) as ray:
         if progress:

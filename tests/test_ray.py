@@ -81,12 +81,13 @@ def test_records_equal_the_sessions_and_errors_do_not_stop_the_job(ray_local, tm
 def test_bad_options_fail_before_any_video(ray_local):
     from hms_deploy.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="policy"):
-        next(iter(classify_ray([str(assets().video)], engines_dir=assets().engines,
-                               policy="sometimes")))
+    with pytest.raises(ConfigError, match="policy"):  # at the call, not at the first next()
+        classify_ray([str(assets().video)], engines_dir=assets().engines, policy="sometimes")
     with pytest.raises(ConfigError, match="--workers must be >= 1"):
-        next(iter(classify_ray([str(assets().video)], engines_dir=assets().engines,
-                               layout=RayLayout(workers=0))))
+        classify_ray([str(assets().video)], engines_dir=assets().engines,
+                     layout=RayLayout(workers=0))
+    with pytest.raises(ConfigError, match="not found"):
+        classify_ray([str(assets().video)], engines_dir=assets().root / "nowhere")
 
 
 def test_cli_json_output_and_resume(ray_local, tmp_path, monkeypatch):
