@@ -4,8 +4,9 @@ streaming map of rows over an actor pool (Ray Data).
 Used by :mod:`hms_deploy.runtime.ray_batch` (classification and feature extraction);
 nothing here knows about HMS.
 
-**Local instance = loopback only.** Ray has no authentication on its ports by default,
-and a local instance normally binds its GCS, raylet and workers to the machine's network
+**Local instance = loopback only.** Ray's ports are the keys to the machine (whoever
+reaches them runs code; Ray 2.60 adds token authentication, but a token in
+``~/.ray/auth_token`` is shared by every job of the user), and a local instance normally binds its GCS, raylet and workers to the machine's network
 address (measured here: ``192.0.2.2``, and ``::`` for some ports), even with
 ``_node_ip_address="127.0.0.1"``. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the
 environment *before Ray is imported* (Ray reads it into a constant at import), Ray
@@ -107,7 +108,12 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
         try:
             ray.init(address=layout.address, logging_level="WARNING", log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"--ray-address {layout.address}: cannot connect ({e})") from None
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                    "; if the cluster uses token authentication (Ray's default for new "
+                    "clusters), set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token)")
+            raise ConfigError(
+                f"--ray-address {layout.address}: cannot connect ({e}){hint}") from None
         started = True
     else:
         ray = import_ray(loopback=True)
