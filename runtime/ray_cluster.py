@@ -4,10 +4,10 @@ streaming map of rows over an actor pool (Ray Data).
 Used by :mod:`hms_deploy.runtime.ray_batch` (classification and feature extraction);
 nothing here knows about HMS.
 
-**Local instance = loopback only.** Ray's ports are the keys to the machine (whoever
-reaches them runs code; Ray 2.60 adds token authentication, but a token in
-``~/.ray/auth_token`` is shared by every job of the user), and a local instance normally binds its GCS, raylet and workers to the machine's network
-address (measured here: ``192.0.2.2``, and ``::`` for some ports), even with
+**Local instance = loopback only.** Whoever reaches Ray's ports runs code (Ray 2.60
+adds token authentication, but the token in ``~/.ray/auth_token`` is shared by every job
+of the user), and a local instance normally binds its GCS, raylet and workers to the
+machine's network address (measured here: ``192.0.2.2``, and ``::`` for some ports), even with
 ``_node_ip_address="127.0.0.1"``. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the
 environment *before Ray is imported* (Ray reads it into a constant at import), Ray
 takes the single-machine path it uses on laptops: every port of the instance binds to
