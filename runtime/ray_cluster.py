@@ -117,8 +117,10 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
         started = True
     else:
         ray = import_ray(loopback=True)
-        ray.init(num_cpus=layout.num_cpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
+        # address="local": always a new instance, never a cluster that RAY_ADDRESS or
+        # /tmp/ray/ray_current_cluster (written by `ray start`) points at
+        ray.init(address="local", num_cpus=layout.num_cpus, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False, _node_ip_address="127.0.0.1")
         started = True
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # executor chatter; errors stay
     try:

@@ -37,8 +37,17 @@ POLICY = "rates:0.6,0.3"
 @pytest.fixture(scope="module")
 def ray_local():
     assets()  # build the tiny model and its export before Ray takes the cores
-    with ray_instance(RayLayout(num_cpus=2)) as ray:
-        yield ray
+    # a stale cluster address (RAY_ADDRESS, or `ray start`'s /tmp/ray/ray_current_cluster)
+    # must not be joined: the embedded default always starts its own instance
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:1"
+    try:
+        with ray_instance(RayLayout(num_cpus=2)) as ray:
+            yield ray
+    finally:
+        os.environ.pop("RAY_ADDRESS")
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 def _reference(videos: list[str], policy: str = POLICY) -> dict[str, dict]:
