@@ -141,7 +141,7 @@ def classify_ray(
     session = Session(**session_kwargs)
     options = session.options(steps=steps, policy=policy, budget=budget, topk=topk,
                               no_audio_policy=no_audio_policy, allow_truncated=allow_truncated)
-    results = output
+    results: Any = output
     if output is not None and not isinstance(output, ResultsFile):
         results = ResultsFile(output, settings=run_settings(session, options))
     todo = [str(v) for v in videos if results is None or not results.done(str(v))]

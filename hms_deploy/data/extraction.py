@@ -138,7 +138,7 @@ def encode_job(
         feats = encode_video(encoders, inputs, batch_size)
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
         return None, f"{key}: backbone failed ({first_line(e, typed=True)})"
-    return VideoFeatures(inputs.duration_s, inputs.has_audio, feats), None
+    return VideoFeatures(inputs.duration_s, bool(inputs.has_audio), feats), None
 
 
 # -- main side ------------------------------------------------------------------------
