@@ -11,7 +11,9 @@ Public API (importing this package loads neither onnxruntime nor tensorrt)::
 - :class:`Policy`, :func:`parse_policy` (:mod:`hms_deploy.runtime.policy`),
 - :class:`RunOptions`, :func:`resolve_options` (:mod:`hms_deploy.runtime.options`),
   :func:`run_batch` (:mod:`hms_deploy.runtime.scheduler`),
-- :class:`ResultsFile` (:mod:`hms_deploy.runtime.results`).
+- :class:`ResultsFile` (:mod:`hms_deploy.runtime.results`),
+- :func:`classify_ray`, :class:`RayLayout` (:mod:`hms_deploy.runtime.ray_batch`; needs
+  the ``[ray]`` extra).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import Any
 __all__ = [
     "EngineSet",
     "Policy",
+    "RayLayout",
     "ResultsFile",
     "RunOptions",
     "Session",
+    "classify_ray",
     "open_engine_set",
     "parse_policy",
     "resolve_options",
@@ -40,6 +44,8 @@ _WHERE = {
     "resolve_options": "options",
     "run_batch": "scheduler",
     "Session": "session",
+    "classify_ray": "ray_batch",
+    "RayLayout": "ray_batch",
 }
 
 

@@ -15,10 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into .venv (a few minutes the first time; log in .venv/setup.log)"
   {
     .venv/bin/pip install --upgrade pip &&
-    .venv/bin/pip install -e ".[dev,serve]" &&
+    .venv/bin/pip install -e ".[dev,serve,ray]" &&
     .venv/bin/pip install --no-deps "tensorrt-stubs>=10.13"
   } > .venv/setup.log 2>&1 || { tail -30 .venv/setup.log >&2; echo "setup: pip failed" >&2; exit 1; }
-  .venv/bin/python -c "import hms_deploy, torch, torchvision, timm, pytorchvideo, onnx, onnxruntime, av" \
+  .venv/bin/python -c "import hms_deploy, torch, torchvision, timm, pytorchvideo, onnx, onnxruntime, av, ray.data" \
     || { echo "setup: the environment does not import; see .venv/setup.log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

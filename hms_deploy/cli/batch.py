@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,9 @@ class JobOptions:
     debug: bool = False
     show_partial: bool = True  # print the partial records of online mode (False: --explain only)
     collect: list[dict[str, Any]] | None = None  # every record that is not an error (--explain)
+    # where the records come from: ``records(videos)`` (e.g. a Ray Data actor pool,
+    # ``--ray``); None classifies in this process with the session
+    records: Callable[[list[str]], Iterable[dict[str, Any]]] | None = None
 
 
 def error_line(rec: dict[str, Any]) -> str:
@@ -136,7 +139,16 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
         with sigterm_raises():
             for name, error in inputs.problems:
                 emit({"video": name, "error": error})
-            if todo:
+            if todo and job.records is not None:
+                stream = job.records(todo)
+                try:
+                    for rec in stream:
+                        emit(rec)
+                finally:  # a generator's cleanup (e.g. stopping Ray) runs now, not at GC
+                    close = getattr(stream, "close", None)
+                    if close is not None:
+                        close()
+            elif todo:
                 with session:
                     for rec in session.classify_many(todo, options=opts,
                                                      batch_size=job.batch_size):

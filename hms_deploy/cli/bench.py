@@ -3,7 +3,9 @@
 ``hms-bench`` runs the end-to-end benchmark (HMS policies vs dense stepped, dense
 batched and compute-then-mask on the reference video); ``--suite parts`` the per-part
 latency per backend; ``--suite all`` both; ``--suite decode`` the decode work of an HMS
-run vs decoding every frame (a generated 2-minute 720p long-GOP file). ``--smoke`` is the seconds-long CI mode
+run vs decoding every frame (a generated 2-minute 720p long-GOP file); ``--suite
+throughput`` videos/s over a set of videos one by one, in lockstep and on a Ray Data actor
+pool (``benchmarks/bench_throughput.py``). ``--smoke`` is the seconds-long CI mode
 (tiny variant, 8 steps, a 6 s video). The benchmark scripts live in the source tree's
 ``benchmarks/`` folder (results are committed there), so this command runs from a
 source checkout (an editable install), like ``python -m benchmarks.bench_e2e``.
@@ -37,10 +39,12 @@ def _bench_module(name: str) -> ModuleType:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--suite", type=click.Choice(["e2e", "parts", "all", "serve", "decode"]),
+@click.option("--suite",
+              type=click.Choice(["e2e", "parts", "throughput", "all", "serve", "decode"]),
               default="e2e", show_default=True,
-              help="End-to-end, per-part, or both; serve: hms-serve vs hms-run; decode: HMS decode "
-                   "vs full decode (720p).")
+              help="End-to-end, per-part, or both (all); serve: hms-serve vs hms-run; "
+                   "throughput: sequential vs lockstep vs Ray Data over --throughput-videos "
+                   "copies; decode: HMS decode vs full decode (720p).")
 @click.option("--variant", type=click.Choice(["paper", "tiny"]), default=None,
               help="Model variant (default paper; tiny with --smoke).")
 @click.option("--engine", type=click.Choice(["onnx", "torch", "trt"]), default=None,
@@ -123,6 +127,17 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
         e2e.run(settings, log=click.echo)
     if suite == "serve":
         _serve_suite(variant, steps, smoke, common, video)
+    if suite == "throughput":
+        tp = _bench_module("bench_throughput")
+        given = {k: v for k, v in common.items() if k not in ("threads",)}
+        for k, v in (("engine", engine), ("steps", steps), ("videos", throughput_videos),
+                     ("hms_repeats", throughput_repeats), ("video", video)):
+            if v is not None:
+                given[k] = v
+        if smoke:
+            given.setdefault("out", str(Path(tp.MEDIA_DIR) / "smoke"))
+        tp.run(tp.smoke_settings(**given) if smoke else tp.ThroughputSettings(**given),
+               log=click.echo)
     if suite in ("parts", "all"):
         parts = _bench_module("bench_parts")
         given = dict(common)

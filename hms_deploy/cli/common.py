@@ -112,3 +112,41 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+RAY_WORKERS_HELP = ("With --ray: actors (default: one per CPU / threads per worker; one per "
+                    "GPU with --device cuda).")
+
+
+def ray_options(f: F, workers_help: str = RAY_WORKERS_HELP, workers_min: int = 1) -> F:
+    """``--ray [--ray-address ADDR] [--workers K] [--threads-per-worker J]`` (hms-run, hms-extract).
+
+    ``workers_min``: the smallest ``--workers`` (a usage error below it, exit 2).
+    """
+    for opt in reversed([
+        click.option("--ray", is_flag=True, default=False,
+                     help="Run on a Ray Data actor pool (a loopback-only local Ray instance "
+                          "unless --ray-address is given)."),
+        click.option("--ray-address", default=None,
+                     help="With --ray: an existing Ray cluster (e.g. ray://head:10001); its "
+                          "nodes must see the model and the videos at the same paths."),
+        click.option("--workers", type=click.IntRange(min=workers_min), default=None,
+                     help=workers_help),
+        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="With --ray: intra-op threads (= CPUs reserved) per actor."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def ray_layout(ray: bool, address: str | None, workers: int | None, threads: int) -> Any:
+    """The :class:`~hms_deploy.runtime.ray_cluster.RayLayout` of the options, or None without --ray."""
+    if not ray:
+        if address is not None:
+            raise click.UsageError("--ray-address needs --ray")
+        return None
+    from hms_deploy.runtime.ray_cluster import RayLayout
+
+    layout = RayLayout(address=address, workers=workers, threads_per_worker=threads)
+    layout.check()
+    return layout

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, fail, handle_errors, set_threads
+from hms_deploy.cli.common import (
+    debug_option,
+    fail,
+    handle_errors,
+    ray_layout,
+    ray_options,
+    set_threads,
+)
 from hms_deploy.errors import HMSError
 from hms_deploy.outputs import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STOPPED, Terminated, sigterm_raises
 
@@ -47,8 +55,6 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Feature store directory (created, or resumed if it exists).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps T per video (default: the checkpoint's).")
-@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Decoding processes (decode, log-mel, resize/crop); 0 decodes in this process.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage precision of the features.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -58,10 +64,14 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads in this process (default: torch's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@functools.partial(ray_options, workers_help=(
+    "Decoding processes (decode, log-mel, resize/crop; default 1; 0 decodes in this process); "
+    "with --ray: actors that decode and encode (default: one per CPU / threads per worker)."),
+    workers_min=0)
 @debug_option
 @handle_errors("hms-extract")
-def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_size, threads, quiet,
-         debug):
+def main(checkpoint, list_path, out, steps, dtype, batch_size, shard_size, threads, quiet,
+         ray, ray_address, workers, threads_per_worker, debug):
     """Extract per-step raw audio/appearance/motion features for every video of a CSV.
 
     A rerun skips videos already in the store whose file is unchanged (same size and
@@ -85,13 +95,20 @@ def main(checkpoint, list_path, out, steps, workers, dtype, batch_size, shard_si
     from hms_deploy.data.extraction import extract
 
     set_threads(threads)
+    layout = ray_layout(ray, ray_address, workers, threads_per_worker)
+    source = None
+    if layout is not None:
+        from hms_deploy.runtime.ray_batch import ray_feature_source
+
+        source = ray_feature_source(checkpoint, layout, batch_size=batch_size)
     ckpt = load_checkpoint(checkpoint)
     dataset = read_list(list_path)
     try:
         with sigterm_raises():
             report = extract(
-                ckpt, dataset, out, steps=steps, workers=workers, dtype=dtype,
-                batch_size=batch_size, shard_size=shard_size, progress=not quiet,
+                ckpt, dataset, out, steps=steps,
+                workers=1 if workers is None else workers, dtype=dtype,
+                batch_size=batch_size, shard_size=shard_size, progress=not quiet, source=source,
             )
     except (KeyboardInterrupt, Terminated, OSError, HMSError) as e:
         if debug and not isinstance(e, (KeyboardInterrupt, Terminated)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.batch import PROGRESS_MIN_INPUTS, JobOptions, run_job, warn
-from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.cli.common import debug_option, handle_errors, ray_layout, ray_options
 from hms_deploy.cli.inputs import VIDEO_EXTENSIONS, expand, expand_inputs
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import NO_AUDIO_HELP
@@ -107,11 +107,12 @@ def summary(rec: dict) -> str:
 @click.option("--progress/--no-progress", default=None,
               help=f"Progress bar on stderr (default: if stderr is a terminal or >= "
                    f"{PROGRESS_MIN_INPUTS} videos).")
+@ray_options
 @debug_option
 @handle_errors("hms-run")
 def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, no_audio_policy,
          allow_truncated, explain, online, as_json, output, output_mode, topk, batch_size, progress,
-         debug):
+         ray, ray_address, workers, threads_per_worker, debug):
     """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real.
 
     Directories are scanned recursively (symlinked sub-directories followed, loops
@@ -132,6 +133,10 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
 
     check_options(steps=steps, budget=budget, policy=policy, no_audio_policy=no_audio_policy,
                   topk=topk)
+    layout = ray_layout(ray, ray_address, workers, threads_per_worker)
+    if layout is not None and (online or batch_size > 1 or explain is not None):
+        raise ConfigError("--ray runs whole videos on each worker: drop --online / --batch-size "
+                          "/ --explain")
     inputs = expand(videos)
     if not inputs.total:
         for w in inputs.warnings:
@@ -153,8 +158,9 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         from hms_deploy.export import add_trt_plans
 
         options["build_plans"] = add_trt_plans
-    session = Session(engines_dir=engines_dir, checkpoint=checkpoint, engine=engine, device=device,
-                      **options)
+    session_kwargs = {"engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine,
+                      "device": device, **options}
+    session = Session(**session_kwargs)
     opts = session.options(steps=steps, policy=policy, budget=budget, online=online or bool(explain),
                            topk=topk, no_audio_policy=no_audio_policy,
                            allow_truncated=allow_truncated)
@@ -162,6 +168,10 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
     job = JobOptions(output=output, output_mode=output_mode, as_json=as_json, progress=progress,
                      batch_size=batch_size, debug=debug, show_partial=online,
                      collect=explained if explain is not None else None)
+    if layout is not None:  # Ray Data actor pool: the same job, records from the actors
+        from hms_deploy.runtime.ray_batch import ray_records
+
+        job.records = ray_records(session_kwargs, opts, layout)
     code = run_job(session, opts, inputs, job, summary)
     if explained and not explained[-1].get("partial"):
         from hms_deploy.runtime.explain import write_contact_sheet

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,15 @@ from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.errors import DatasetError, first_line
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
+
+
+@dataclass
+class VideoFeatures:
+    """One video's raw features ``feats`` {modality: (T, D) float32}, ready for the store."""
+
+    duration_s: float
+    has_audio: bool
+    feats: dict[str, np.ndarray]
 
 
 def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> VideoInputs:
@@ -115,6 +124,23 @@ def _prepare_job(key: str, path: str, config_json: str, steps: int) -> tuple[str
         return key, None, f"{path}: {first_line(e, typed=True)}"
 
 
+def decode_job(key: str, path: str, config: HMSConfig, steps: int) -> tuple[Any, str | None]:
+    """Decode one video in this process: ``(VideoInputs, None)`` or ``(None, one-line error)``."""
+    _, inputs, error = _prepare_job(key, path, json.dumps(config.to_dict()), steps)
+    return inputs, error
+
+
+def encode_job(
+    key: str, encoders: dict[str, Any], inputs: VideoInputs, batch_size: int
+) -> tuple[VideoFeatures | None, str | None]:
+    """Run the encoders on one decoded video: ``(VideoFeatures, None)`` or ``(None, error)``."""
+    try:
+        feats = encode_video(encoders, inputs, batch_size)
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        return None, f"{key}: backbone failed ({first_line(e, typed=True)})"
+    return VideoFeatures(inputs.duration_s, bool(inputs.has_audio), feats), None
+
+
 # -- main side ------------------------------------------------------------------------
 
 
@@ -163,6 +189,25 @@ def iter_inputs(
                 f.cancel()
 
 
+def local_features(
+    entries: Sequence[Any], config: HMSConfig, steps: int, *, workers: int,
+    encoders: dict[str, Any], batch_size: int,
+) -> Iterator[tuple[Any, VideoFeatures | None, str | None]]:
+    """The single-machine source of :func:`extract`: decode in ``workers`` processes
+    (:func:`iter_inputs`), encode here. Yields ``(entry, features or None, error)``."""
+    for e, inputs, error in iter_inputs(entries, config, steps, workers):
+        feats = None
+        if error is None and inputs is not None:
+            feats, error = encode_job(e.key, encoders, inputs, batch_size)
+        yield e, feats, error
+
+
+FeatureSource = Callable[
+    [Sequence[Any], HMSConfig, int], Iterable[tuple[Any, VideoFeatures | None, str | None]]
+]
+"""``source(entries, config, steps)``: see :func:`extract`."""
+
+
 @dataclass
 class ExtractReport:
     """Outcome of :func:`extract`: counts, failures (key, one-line error) and timing."""
@@ -203,6 +248,7 @@ def extract(
     batch_size: int = 16,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
+    source: FeatureSource | None = None,
 ) -> ExtractReport:
     """Extract raw features of every video of ``dataset`` into the store ``out``.
 
@@ -214,6 +260,10 @@ def extract(
             backbones run in this process). 0 decodes in this process.
         dtype: ``float16`` (default, half the disk) or ``float32``.
         batch_size: steps per backbone call.
+        source: what computes the features of the videos to extract: ``source(entries,
+            config, steps)`` yields ``(entry, VideoFeatures or None, one-line error or
+            None)`` per entry, in any order (default :func:`local_features`; the Ray
+            Data source is :func:`hms_deploy.runtime.ray_batch.ray_feature_source`).
 
     Videos already in the store are skipped; per-video failures (row problems, unknown
     labels, missing or undecodable files) are recorded in ``errors.jsonl`` and returned,
@@ -258,37 +308,39 @@ def extract(
             else:
                 todo.append(e)
         total = len(dataset.entries) + len(dataset.problems)
-        encoders = build_encoders(cfg, ckpt.state_dict)
+        if source is None:
+            encoders = build_encoders(cfg, ckpt.state_dict)
+
+            def local(entries: Sequence[Any], config: HMSConfig, steps: int) -> Iterator[Any]:
+                return local_features(entries, config, steps, workers=workers,
+                                      encoders=encoders, batch_size=batch_size)
+            source = local
         bar = _progress(total, skipped + len(failed), progress)
 
-        def finish(entry: Any, inputs: Any, error: str | None) -> None:
+        def finish(entry: Any, video: VideoFeatures | None, error: str | None) -> None:
             nonlocal extracted
-            if error is None:
-                try:
-                    feats = encode_video(encoders, inputs, batch_size)
-                except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                    error = f"{entry.key}: backbone failed ({first_line(e, typed=True)})"
-            if error is not None:
+            if error is not None or video is None:
+                error = error or f"{entry.key}: no features"
                 failed.append((entry.key, error))
                 store.record_error(entry.key, str(entry.path), error)
             else:
                 if extracted == 0 and dtype == "float16":
-                    warnings.extend(_float16_warnings(feats))
-                shard, slot = store.write_features(feats)
+                    warnings.extend(_float16_warnings(video.feats))
+                shard, slot = store.write_features(video.feats)
                 if extracted == crash_after:
                     os._exit(137)
                 store.commit(
                     key=entry.key, path=str(entry.path), label=entry.label,
-                    label_index=label_index[entry.label], duration_s=inputs.duration_s,
-                    has_audio=inputs.has_audio, shard=shard, slot=slot,
+                    label_index=label_index[entry.label], duration_s=video.duration_s,
+                    has_audio=video.has_audio, shard=shard, slot=slot,
                     identity=identity[entry.key],
                 )
                 extracted += 1
             bar.update(1)
             bar.set_postfix(failed=len(failed), refresh=False)
 
-        for e, inputs, error in iter_inputs(todo, cfg, steps, workers):
-            finish(e, inputs, error)
+        for e, video, error in source(todo, cfg, steps):
+            finish(e, video, error)
         bar.close()
     finally:
         store.close()
