@@ -56,19 +56,7 @@ from hms_deploy.data.store_meta import (  # noqa: F401 - part of this module's A
 )
 from hms_deploy.errors import DatasetError
 from hms_deploy.outputs import OutputLock, OutputLocked, replace_atomically
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from hms_deploy.outputs import fsync_dir as _fsync_dir
 
 
 def _current(records: Iterable[VideoRecord]) -> list[VideoRecord]:
