@@ -43,4 +43,4 @@ def test_demo_classifies_every_sample(tmp_path):
 
 def test_demo_refuses_too_few_videos(tmp_path):
     r = CliRunner().invoke(demo_main, [str(tmp_path / "d"), "--per-class", "2"])
-    assert r.exit_code == 1 and "--per-class must be >= 3" in r.output
+    assert r.exit_code == 2 and "--per-class must be >= 3" in r.output

@@ -321,9 +321,16 @@ def test_exit_code_3_when_the_output_is_locked_or_not_a_file(tmp_path):
     assert "File exists" not in r.stderr
 
 
+# A shell's background job (e.g. a CI runner's) starts with SIGINT ignored, and a Python
+# started so never raises KeyboardInterrupt: the child restores Python's SIGINT handler.
+_RUN_WITH_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                    "signal.default_int_handler); sys.argv[0] = 'hms-run'; "
+                    "runpy.run_module('hms_deploy.cli.run', run_name='__main__')")
+
+
 def _cli(args, **kw):
     return subprocess.Popen(
-        [sys.executable, "-m", "hms_deploy.cli.run", *map(str, args)],
+        [sys.executable, "-c", _RUN_WITH_SIGINT, *map(str, args)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw,
     )

@@ -259,7 +259,12 @@ def _same(a: dict, b: dict) -> None:
     assert a["score"] == pytest.approx(b["score"], abs=1e-5)
     assert [k for k, _ in a["topk"]] == [k for k, _ in b["topk"]]
     assert [p for _, p in a["topk"]] == pytest.approx([p for _, p in b["topk"]], abs=1e-5)
-    assert a["stats"] == b["stats"]
+    # the decoder's counters depend on how far the read-ahead thread ran before a seek
+    # (timing), not on the engines: compare the engine-side stats
+    decoder = {"frames_decoded", "frames_converted", "seeks", "window_hits", "frames_walked",
+               "frames_skipped"}
+    assert ({k: v for k, v in a["stats"].items() if k not in decoder}
+            == {k: v for k, v in b["stats"].items() if k not in decoder})
 
 
 MODES = {

@@ -68,21 +68,25 @@ def main(store, checkpoint, out, policy, modalities, preset, epochs, batch_size,
     from hms_deploy.train.loop import TrainConfig, train
     from hms_deploy.train.presets import preset_values, resolve_preset
 
+    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam}
+
+    def config(base: dict) -> TrainConfig:
+        values = {**base, **{k: v for k, v in given.items() if v is not None}}
+        return TrainConfig(
+            policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"
+            else ["audio", "appearance", "motion"],
+            epochs=values["epochs"], batch_size=batch_size, lr=values["lr"],
+            lr_decay=values["lr_decay"], tau=tau, tau_decay=tau_decay, lam=values["lam"],
+            gamma_i=gamma_i, gamma_m=gamma_m, val_fraction=val_fraction, seed=seed, hidden=hidden,
+        )
+
+    config(asdict(TrainConfig())).check()  # option errors (exit 2) before anything is loaded
     set_threads(threads)
     train_store = open_store(store)
     n_train = len(train_store) if val_store else round(len(train_store) * (1 - val_fraction))
     chosen = resolve_preset(preset, n_train)
-    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam}
-    values = {**asdict(TrainConfig()), **preset_values(chosen, policy),
-              **{k: v for k, v in given.items() if v is not None}}
-    cfg = TrainConfig(
-        policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"
-        else ["audio", "appearance", "motion"],
-        epochs=values["epochs"], batch_size=batch_size, lr=values["lr"],
-        lr_decay=values["lr_decay"], tau=tau, tau_decay=tau_decay, lam=values["lam"],
-        gamma_i=gamma_i, gamma_m=gamma_m, val_fraction=val_fraction, seed=seed, hidden=hidden,
-    )
-    cfg.check()  # option errors (exit 2) before anything is loaded
+    cfg = config({**asdict(TrainConfig()), **preset_values(chosen, policy)})
+    cfg.check()
     if not quiet:
         click.echo(f"hms-train: preset {chosen}"
                    + (f" (auto: ~{n_train} training videos)" if preset == "auto" else "")
