@@ -160,10 +160,11 @@ def replace_atomically(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (then restored)."""
+def sigterm_raises(exc: type[BaseException] = Terminated) -> Iterator[None]:
+    """Within the block, SIGTERM raises ``exc`` (default :class:`Terminated`) in the main
+    thread; the previous handler is restored after it. Off the main thread: no change."""
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
+        raise exc()
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from hms_deploy.cli.common import debug_option, handle_errors
-
-
-def _handler(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+from hms_deploy.outputs import sigterm_raises
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +50,8 @@ def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, 
         if not quiet:
             click.echo(msg, err=True)
 
-    with _interrupt_on_sigterm():
+    # SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up
+    with sigterm_raises(KeyboardInterrupt):
         if triton_repo is not None and engines_dir is not None and engine == "onnx":
             done = engines_dir  # an existing export: only the repository
         else:
