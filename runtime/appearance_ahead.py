@@ -38,6 +38,11 @@ step (a chunk's frames in one read, which walks them in order), and seeks exactl
 often. ``dense`` therefore gains nothing (motion on every step); ``rates:0.6,0.03``
 does.
 
+**Decoding ahead.** The decode thread of each video (:mod:`hms_deploy.runtime.frames`)
+normally runs two steps ahead; under a forced policy without a budget it may run twice a
+chunk ahead (:func:`read_ahead_steps`, still capped in bytes), so that the next chunk's
+frames decode while this chunk's backbone call runs.
+
 Features are copied out of the engine's output (backends reuse their output buffers
 across calls of one batch size) and dropped as their step takes them. The features of
 one frame at batch k equal those at batch 1 to float tolerance, not bit for bit.
@@ -61,7 +66,7 @@ from hms_deploy.transfer import to_device
 
 Tensor = torch.Tensor
 
-__all__ = ["AppearanceAhead", "appearance_ahead", "chunk_steps"]
+__all__ = ["AppearanceAhead", "appearance_ahead", "chunk_steps", "read_ahead_steps"]
 
 
 def chunk_steps(appearance: np.ndarray, motion: np.ndarray, t: int, size: int) -> list[int]:
@@ -129,12 +134,27 @@ class AppearanceAhead:
                 row += 1
 
 
+def _steps_per_call(opts: RunOptions, n_videos: int) -> int:
+    return opts.appearance_batch // max(1, n_videos)
+
+
+def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
+    """Steps' worth of frames the decode thread may run ahead of the step loop
+    (:func:`~hms_deploy.runtime.frames.open_video`): 2, or twice a chunk's steps when the
+    run may compute appearance ahead, so that decoding the next chunk overlaps the
+    backbone call of this one (a chunk of k appearance steps spans k / PI steps)."""
+    size = _steps_per_call(opts, n_videos)
+    if size < 2 or opts.budget is not None or not opts.policy.forced:
+        return 2
+    return max(2, 2 * size)
+
+
 def appearance_ahead(
     es: EngineSet, videos: Sequence[VideoRun], opts: RunOptions, timer: Timer
 ) -> AppearanceAhead | None:
     """An :class:`AppearanceAhead` when the run may compute appearance ahead, else None
     (the conditions are in the module docstring). ``videos`` have their plans."""
-    size = opts.appearance_batch // max(1, len(videos))
+    size = _steps_per_call(opts, len(videos))
     if size < 2 or opts.budget is not None:
         return None
     for v in videos:

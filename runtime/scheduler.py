@@ -58,7 +58,7 @@ import torch
 
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
-from hms_deploy.runtime.appearance_ahead import appearance_ahead
+from hms_deploy.runtime.appearance_ahead import appearance_ahead, read_ahead_steps
 from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
@@ -163,7 +163,9 @@ class _BatchRun:
         T = opts.steps
         with timer.host_section("decode"):
             checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
-            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info, decode=opts.decode))
+            ahead = read_ahead_steps(opts, len(names))
+            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info, decode=opts.decode,
+                                                       steps_ahead=ahead))
                            for n, (info, _) in zip(names, checked)]
         self.reads = HostReads()  # every device->host read of the run, counted
         self.audio_calls = 0

@@ -308,3 +308,26 @@ def test_bad_appearance_batch_is_one_clear_error(onnx_session):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="appearance_batch must be an integer >= 1"):
             onnx_session.options(appearance_batch=bad)
+
+
+def test_the_decoder_reads_ahead_a_chunk_when_frames_run_ahead(onnx_session):
+    """Twice a chunk's steps of frames may be decoded ahead (next chunk while this one
+    runs); two steps otherwise; always capped in bytes."""
+    from hms_deploy.runtime.appearance_ahead import read_ahead_steps
+    from hms_deploy.runtime.frames import READ_AHEAD_BYTES, open_video
+
+    opts = onnx_session.options(policy="rates:0.5,0.125")
+    assert read_ahead_steps(opts, 1) == 2 * DEFAULT_APPEARANCE_BATCH
+    assert read_ahead_steps(opts, 3) == 2 * (DEFAULT_APPEARANCE_BATCH // 3)
+    assert read_ahead_steps(opts, DEFAULT_APPEARANCE_BATCH) == 2  # one step per video per call
+    assert read_ahead_steps(replace(opts, appearance_batch=1), 1) == 2
+    assert read_ahead_steps(onnx_session.options(policy="learned"), 1) == 2
+    assert read_ahead_steps(onnx_session.options(policy="dense", budget=1e6), 1) == 2
+    cfg = onnx_session.engine_set.config
+    sizes = {}
+    for k in (2, 16, 10_000):
+        inputs = open_video(assets().long, cfg, STEPS, steps_ahead=k)
+        sizes[k] = inputs.source.read_ahead
+        frame_bytes = inputs.info.width * inputs.info.height * 3 // 2
+        inputs.close()
+    assert sizes[2] < sizes[16] < sizes[10_000] == READ_AHEAD_BYTES // frame_bytes
