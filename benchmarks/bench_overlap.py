@@ -81,18 +81,16 @@ class Run:
 
 
 def runs(s: OverlapSettings) -> list[Run]:
-    p = s.policy
+    p, old = s.policy, {"new_decoder": False, "appearance_batch": 1}
     return [
-        Run(f"{p} before", "all", "session", p, new_decoder=False, appearance_batch=1),
+        Run(f"{p} before", "all", "session", p, **old),
         Run(f"{p} after", "tuned", "session", p),
         Run(f"{p} after, appearance_batch=1", "tuned", "session", p, appearance_batch=1),
         Run(f"{p} after, all threads", "all", "session", p),
-        Run(f"{p} after, all threads, appearance_batch=1", "all", "session", p,
-            appearance_batch=1),
-        Run("learned before", "all", "session", "learned", new_decoder=False, appearance_batch=1),
+        Run(f"{p} after, all threads, appearance_batch=1", "all", "session", p, appearance_batch=1),
+        Run("learned before", "all", "session", "learned", **old),
         Run("learned after", "tuned", "session", "learned"),
-        Run("audio-only before", "all", "session", "audio-only", new_decoder=False,
-            appearance_batch=1),
+        Run("audio-only before", "all", "session", "audio-only", **old),
         Run("audio-only after", "tuned", "session", "audio-only"),
         Run("dense (batched)", "all", "dense_batched", "dense", heavy=True),
         Run(f"mask ({p})", "all", "compute_then_mask", p, heavy=True),
