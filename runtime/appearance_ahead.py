@@ -7,8 +7,12 @@ policy of silent videos) and the run has no budget, every plan decision is the d
 that runs, so the steps that will run the appearance backbone are known before the loop
 starts. :class:`AppearanceAhead` then decodes the frames of the next steps that run it
 and computes their features in one ``appearance_backbone`` call, keeps the features on
-the device and serves ``appearance_feature(t, rows)`` from them. EfficientNet-B3 on a
-CPU takes ~25-28 ms per frame at batch 1 and ~17 ms per frame at batch 8 (issue 9).
+the device and serves ``appearance_feature(t, rows)`` from them. Batching pays where
+one frame cannot use the engine's parallelism: EfficientNet-B3 on 2 idle CPU cores
+takes ~28 ms per frame at batch 1 and ~17 ms per frame at batch 4 (issue 9); on one
+intra-op thread ~8 % less per frame at 2-8 frames per call, more at 16
+(benchmarks/results/appearance_batch_cpu_paper_onnx.md); on a GPU, one launch instead
+of k.
 
 When it is used (:func:`appearance_ahead` returns None otherwise, and the scheduler
 runs today's step-by-step path unchanged):
