@@ -57,6 +57,7 @@ Counters: ``batches[v]``, the backbone calls that computed video v's frames ahea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ Tensor = torch.Tensor
 __all__ = ["AppearanceAhead", "appearance_ahead", "chunk_steps", "read_ahead_steps"]
 
 
-def chunk_steps(appearance: np.ndarray, motion: np.ndarray, t: int, size: int) -> list[int]:
+def chunk_steps(
+    appearance: np.ndarray[Any, Any], motion: np.ndarray[Any, Any], t: int, size: int
+) -> list[int]:
     """The steps whose appearance frames one call computes, asked for at step ``t``.
 
     ``t``, then the following steps whose ``appearance`` plan is 1, ``size`` steps at most,
@@ -139,7 +142,7 @@ class AppearanceAhead:
 
 
 def _steps_per_call(opts: RunOptions, n_videos: int) -> int:
-    return opts.appearance_batch // max(1, n_videos)
+    return int(opts.appearance_batch) // max(1, n_videos)
 
 
 def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
