@@ -5,11 +5,15 @@ keyframe every 2 s). Every configuration runs in the same process, rounds interl
 with a rotating order, medians over repeats after one warm-up pass:
 
 - ``<policy> before``: the decoder as it was (no read-ahead thread, no frame skipping),
-  every ORT session on all cores (the committed ``cpu_paper_onnx`` configuration);
+  every ORT session on all cores, appearance frames one step at a time (the committed
+  ``cpu_paper_onnx`` configuration);
 - ``<policy> after``: read-ahead thread + skipping (:class:`~hms_deploy.runtime.frames.
   DecodeOptions` defaults) with the appearance backbone on ``appearance_threads``
-  intra-op threads (the other core decodes);
-- ``<policy> after, all threads``: the new decoder, every session on all cores;
+  intra-op threads (the other core decodes) and ``appearance_batch`` frames per call
+  (the runtime's default; :mod:`hms_deploy.runtime.appearance_ahead`);
+- ``<policy> after, appearance_batch=1``: the same, one step's frame per call;
+- ``<policy> after, all threads`` (and ``..., appearance_batch=1``): the new decoder,
+  every session on all cores;
 - ``learned`` and ``audio-only``, before and after (they must not get slower);
 - dense batched (the better dense baseline in ``cpu_paper_onnx``; its decoding uses the
   read-ahead thread too) and compute-then-mask with the policy's decisions.
@@ -18,7 +22,7 @@ The summary gives ``wall_ratio_over_gmac_ratio`` (HMS wall / dense wall over HMS
 dense GMAC; target <= 1.10) for each HMS configuration, the orchestration overhead, the
 speedup over compute-then-mask and the load average during every run.
 
-    python -m benchmarks.bench_overlap [--repeats 5] [--heavy-repeats 2]
+    python -m benchmarks.bench_overlap [--repeats 5] [--heavy-repeats 2] [--appearance-batch 8]
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from benchmarks.common import (
     write_json,
 )
 
+LABELS = ("before", "after", "after, appearance_batch=1", "after, all threads",
+          "after, all threads, appearance_batch=1")
 TARGETS = {"wall_over_gmac_max": 1.10, "overhead_max": 0.03, "speedup_over_mask_min": 10.0}
 STAGES = ("total", "decode", "audio", "appearance", "motion", "cells_gates", "other")
 
@@ -56,6 +62,7 @@ class OverlapSettings:
     batch: int = 4
     policy: str = "rates:0.6,0.03"
     appearance_threads: int = 1
+    appearance_batch: int | None = None  # "after" runs (None: the runtime's default); "before": 1
     heavy_first: bool = False
     video: str | None = None
     out: str = str(RESULTS_DIR)
@@ -70,17 +77,20 @@ class Run:
     policy: str
     new_decoder: bool = True
     heavy: bool = False
+    appearance_batch: int | None = None  # None: the settings'
 
 
 def runs(s: OverlapSettings) -> list[Run]:
-    p = s.policy
+    p, old = s.policy, {"new_decoder": False, "appearance_batch": 1}
     return [
-        Run(f"{p} before", "all", "session", p, new_decoder=False),
+        Run(f"{p} before", "all", "session", p, **old),
         Run(f"{p} after", "tuned", "session", p),
+        Run(f"{p} after, appearance_batch=1", "tuned", "session", p, appearance_batch=1),
         Run(f"{p} after, all threads", "all", "session", p),
-        Run("learned before", "all", "session", "learned", new_decoder=False),
+        Run(f"{p} after, all threads, appearance_batch=1", "all", "session", p, appearance_batch=1),
+        Run("learned before", "all", "session", "learned", **old),
         Run("learned after", "tuned", "session", "learned"),
-        Run("audio-only before", "all", "session", "audio-only", new_decoder=False),
+        Run("audio-only before", "all", "session", "audio-only", **old),
         Run("audio-only after", "tuned", "session", "audio-only"),
         Run("dense (batched)", "all", "dense_batched", "dense", heavy=True),
         Run(f"mask ({p})", "all", "compute_then_mask", p, heavy=True),
@@ -92,8 +102,8 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _runner(sessions: dict[str, Any], run: Run, video: str, steps: int, batch: int
-            ) -> Callable[[], dict[str, Any]]:
+def _runner(sessions: dict[str, Any], run: Run, video: str, steps: int, batch: int,
+            appearance_batch: int | None) -> Callable[[], dict[str, Any]]:
     from hms_deploy.runtime import dense
     from hms_deploy.runtime.frames import DecodeOptions
 
@@ -106,6 +116,9 @@ def _runner(sessions: dict[str, Any], run: Run, video: str, steps: int, batch: i
                                                         policy=run.policy, batch=batch)
     decode = DecodeOptions() if run.new_decoder else DecodeOptions(read_ahead=0, skip_nonref=False)
     opts = replace(session.options(steps=steps, policy=run.policy), decode=decode)
+    ab = appearance_batch if run.appearance_batch is None else run.appearance_batch
+    if ab is not None:
+        opts = replace(opts, appearance_batch=ab)
 
     def classify() -> dict[str, Any]:
         (rec,) = list(session.classify_many([video], options=opts))
@@ -120,9 +133,12 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
     import warnings
 
     from benchmarks.make_reference_video import reference_video
+    from hms_deploy.runtime.options import DEFAULT_APPEARANCE_BATCH
     from hms_deploy.runtime.session import Session
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if s.appearance_batch is None:
+        s = replace(s, appearance_batch=DEFAULT_APPEARANCE_BATCH)
     t0 = time.perf_counter()
     prov = provenance("cpu")
     _, eng = ensure_model(s.variant, log=log)
@@ -139,13 +155,14 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
     try:
         for sess in sessions.values():
             sess.open()
-        fns = {r.name: _runner(sessions, r, video, s.steps, s.batch) for r in specs}
+        fns = {r.name: _runner(sessions, r, video, s.steps, s.batch, s.appearance_batch)
+               for r in specs}
         want = {r.name: (s.mask_repeats if r.executor == "compute_then_mask" else
                          s.heavy_repeats if r.heavy else s.repeats) for r in specs}
         specs = [r for r in specs if want[r.name] > 0]
         log("warm-up: every run once at T=8")
         for r in specs:
-            _runner(sessions, r, video, 8, s.batch)()
+            _runner(sessions, r, video, 8, s.batch, s.appearance_batch)()
         rnd = 0
         while any(len(data[r.name]["wall"]) < want[r.name] for r in specs):
             k = rnd % len(specs)
@@ -165,7 +182,7 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
                 d["load"].append(round(os.getloadavg()[0], 2))
                 d["timing"].append(rec["timing_ms"])
                 records.setdefault(r.name, rec)
-                log(f"round {rnd + 1}: {r.name:<32} {fmt_ms(1e3 * wall):>9}  "
+                log(f"round {rnd + 1}: {r.name:<44} {fmt_ms(1e3 * wall):>9}  "
                     f"load {d['load'][-1]:.1f}  usage {rec['usage']}")
                 # raw measurements so far (a long run on a busy machine may be cut short)
                 write_json(Path(s.out) / f"{s.name}.partial.json", {**prov, "raw": data})
@@ -184,6 +201,7 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
             "gmac": round(rec["gflops"]["used"], 4), "gmac_dense": round(rec["gflops"]["dense"], 4),
             "usage": rec["usage"], "decisions": rec["decisions"], "label": rec["label"],
             "score": rec["score"],
+            "appearance_calls": st["engine_calls"]["appearance_backbone"],
             "decode": {k: st.get(k) for k in ("frames_walked", "frames_decoded", "frames_skipped",
                                               "frames_converted", "seeks", "window_hits")},
             "wall_ms": summarize(d["wall"]), "cpu_ms": summarize(d["cpu"]),
@@ -264,8 +282,10 @@ def summary(res: dict[str, dict[str, Any]], s: OverlapSettings) -> dict[str, Any
     d_wall, d_cpu = dense["wall_ms"]["median"], dense["cpu_ms"]["median"]
     out: dict[str, Any] = {"gmac_ratio": round(gmac_ratio, 5), "dense_wall_ms": d_wall,
                            "targets": TARGETS}
-    for label in ("before", "after", "after, all threads"):
-        r = res[f"{p} {label}"]
+    for label in LABELS:
+        r = res.get(f"{p} {label}")
+        if r is None:
+            continue
         w = r["wall_ms"]["median"] / d_wall
         out[label] = {
             "wall_ms": r["wall_ms"]["median"],
@@ -286,9 +306,15 @@ def summary(res: dict[str, dict[str, Any]], s: OverlapSettings) -> dict[str, Any
     out["mask_met"] = (None if mask is None else
                        bool(out["speedup_over_mask"] >= TARGETS["speedup_over_mask_min"]))
     pairs = [(res.get(f"{q} after"), res.get(f"{q} before")) for q in (p, "learned", "audio-only")]
+    # scores within 1e-5: appearance frames batched ahead agree with batch 1 to float tolerance
     out["same_decisions_and_scores"] = (
         None if any(a is None or b is None or a["decisions"] is None for a, b in pairs)
-        else all(a["decisions"] == b["decisions"] and a["score"] == b["score"] for a, b in pairs))
+        else all(a["decisions"] == b["decisions"] and abs(a["score"] - b["score"]) <= 1e-5
+                 for a, b in pairs))
+    # wall with one step's frame per call / wall with appearance_batch frames per call
+    out["appearance_batch_gain"] = {
+        k: round(out[f"{k}, appearance_batch=1"]["wall_ms"] / out[k]["wall_ms"], 3)
+        for k in ("after", "after, all threads") if f"{k}, appearance_batch=1" in out}
     for q in ("learned", "audio-only"):
         b, a = res.get(f"{q} before"), res.get(f"{q} after")
         out[f"{q}_after_over_before"] = (
@@ -300,6 +326,7 @@ def summary(res: dict[str, dict[str, Any]], s: OverlapSettings) -> dict[str, Any
 
 def markdown(r: dict[str, Any]) -> str:
     s, sm = r["settings"], r["summary"]
+    after_name = f"{s['policy']} after"
     lines = [f"# HMS before / after the decode overlap: {r['variant']}, onnx, T = {r['T']}", "",
              *header_lines(r), f"- load average at end: {r['machine']['loadavg_at_end']}",
              (f"- video: {Path(r['video']).name}; appearance backbone threads (after): "
@@ -319,8 +346,10 @@ def markdown(r: dict[str, Any]) -> str:
                f"{d['frames_converted']} |"))
     lines += ["", (f"## Summary (HMS = `{s['policy']}`, dense = dense batched, "
               f"GMAC ratio {sm['gmac_ratio']:.4f})"), ""]
-    for label in ("before", "after", "after, all threads"):
-        x = sm[label]
+    for label in LABELS:
+        x = sm.get(label)
+        if x is None:
+            continue
         lines.append(f"- {label}: wall {fmt_ms(x['wall_ms'])}, wall ratio {x['wall_ratio']:.4f}, "
                      f"**wall ratio / GMAC ratio = {x['wall_ratio_over_gmac_ratio']:.3f}** "
                      f"(CPU-time ratio / GMAC ratio {x['cpu_ratio_over_gmac_ratio']:.3f}), "
@@ -336,7 +365,11 @@ def markdown(r: dict[str, Any]) -> str:
               f"{sm['learned_cpu_after_over_before']}); audio-only after / before = "
               f"{sm['audio-only_after_over_before']} (CPU time "
               f"{sm['audio-only_cpu_after_over_before']}); decisions and scores unchanged: "
-              f"{sm['same_decisions_and_scores']}")]
+              f"{sm['same_decisions_and_scores']} (scores within 1e-5)"),
+              (f"- appearance_batch {s['appearance_batch']} (after) vs 1: wall with 1 / wall with "
+               f"{s['appearance_batch']} = {sm.get('appearance_batch_gain')}; appearance backbone "
+               f"calls {r['runs'].get(after_name, {}).get('appearance_calls')} vs "
+               f"{r['runs'].get(after_name + ', appearance_batch=1', {}).get('appearance_calls')}")]
     return "\n".join(lines) + "\n"
 
 
@@ -348,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heavy-first", action="store_true", help="dense (and mask) runs first")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--appearance-threads", type=int, default=1)
+    ap.add_argument("--appearance-batch", type=int, default=None,
+                    help="appearance frames per call in the 'after' runs (default: the runtime's)")
     ap.add_argument("--variant", default="paper")
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--name", default="overlap_cpu_paper_onnx")
@@ -360,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     run(OverlapSettings(variant=a.variant, steps=a.steps, repeats=a.repeats,
                         heavy_repeats=a.heavy_repeats, mask_repeats=a.mask_repeats,
                         heavy_first=a.heavy_first,
-                        appearance_threads=a.appearance_threads, out=a.out, name=a.name))
+                        appearance_threads=a.appearance_threads,
+                        appearance_batch=a.appearance_batch, out=a.out, name=a.name))
     return 0
 
 

@@ -120,6 +120,7 @@ def _static(rec: dict[str, Any]) -> dict[str, Any]:
         "prediction_reads": st.get("prediction_reads"),
         "decision_reads": st.get("decision_reads", 0),
         "engine_calls": st.get("engine_calls"),
+        "appearance_batches": st.get("appearance_batches", 0),
         "decode": {k: st.get(k) for k in ("appearance_frames", "motion_clips", "frames_decoded",
                                           "frames_converted", "seeks", "window_hits")},
     }
@@ -255,8 +256,14 @@ def call_checks(results: dict[str, dict[str, Any]], s: E2ESettings) -> dict[str,
                                                ("appearance_cell", "motion_cell",
                                                 "appearance_gate", "motion_gate")),
         "dense_batched_backbone_calls": {p: dense_b[p] for p in BACKBONES},
-        "hms_backbone_calls_equal_usage": (
-            hms["engine_calls"]["appearance_backbone"] == hms["usage"]["appearance"]
+        # inputs handed to the backbones = usage; motion one call per clip; appearance one
+        # call per frame, or per chunk of steps when its plan is forced (appearance_ahead.py)
+        "hms_backbone_inputs_equal_usage": (
+            hms["decode"]["appearance_frames"] == hms["usage"]["appearance"]
+            and hms["decode"]["motion_clips"] == hms["usage"]["motion"]),
+        "hms_backbone_calls_equal_usage_or_chunks": (
+            hms["engine_calls"]["appearance_backbone"]
+            == (hms["appearance_batches"] or hms["usage"]["appearance"])
             and hms["engine_calls"]["motion_backbone"] == hms["usage"]["motion"]),
         "audio_only_launches_no_visual_backbone": (
             ao["appearance_backbone"] == 0 and ao["motion_backbone"] == 0),

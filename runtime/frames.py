@@ -70,7 +70,9 @@ class DecodeOptions:
 
     ``read_ahead``: decode in a background thread, up to this many frames ahead of the
     step loop (0: decode in the step loop's thread, as before); ``None`` picks two
-    steps' worth of frames (at least 16), capped at :data:`READ_AHEAD_BYTES`.
+    steps' worth of frames (at least 16; twice the steps of a chunk when appearance
+    frames are computed several steps ahead, :mod:`hms_deploy.runtime.appearance_ahead`),
+    capped at :data:`READ_AHEAD_BYTES`.
     ``skip_nonref``: when the frames every step may ask for are known in advance (a
     video's plan), skip the non-reference frames outside them.
     """
@@ -87,24 +89,27 @@ def _retain_frames(info: VideoInfo, config: HMSConfig) -> int:
     return max(8, min(want, RETAIN_BYTES // frame_bytes))
 
 
-def _read_ahead_frames(info: VideoInfo, steps: int, read_ahead: int | None) -> int:
-    """Frames the decode thread may run ahead: two steps' worth (>= 16), capped in bytes."""
+def _read_ahead_frames(info: VideoInfo, steps: int, read_ahead: int | None,
+                       steps_ahead: int = 2) -> int:
+    """Frames the decode thread may run ahead: ``steps_ahead`` steps' worth (>= 16),
+    capped in bytes."""
     if read_ahead is not None:
         return max(0, int(read_ahead))
     per_step = info.num_frames / max(1, steps)
     frame_bytes = max(1, info.width * info.height * 3 // 2)
-    return max(2, min(max(16, math.ceil(2 * per_step)), READ_AHEAD_BYTES // frame_bytes))
+    want = max(16, math.ceil(steps_ahead * per_step))
+    return max(2, min(want, READ_AHEAD_BYTES // frame_bytes))
 
 
 def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
-               decode: DecodeOptions | None = None) -> VideoInputs:
+               decode: DecodeOptions | None = None, steps_ahead: int = 2) -> VideoInputs:
     """The runtime's per-video inputs: :class:`~hms_deploy.data.inputs.VideoInputs` decoding
     on demand through a :class:`RetainingFrameSource` sized by :func:`_retain_frames`,
-    reading ahead as ``decode`` says."""
+    reading ahead as ``decode`` says (by default ``steps_ahead`` steps' worth)."""
     decode = decode or DecodeOptions()
     return VideoInputs(
         path, config, steps, info=info, skip_nonref=decode.skip_nonref,
         frame_source=lambda info: RetainingFrameSource(
             info, retain_frames=_retain_frames(info, config),
-            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead)),
+            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead, steps_ahead)),
     )

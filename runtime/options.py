@@ -14,6 +14,8 @@ from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import DecodeOptions
 from hms_deploy.runtime.policy import Policy, parse_policy
 
+DEFAULT_APPEARANCE_BATCH = 8  # measured: benchmarks/results/appearance_batch_cpu_paper_onnx.md
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -29,6 +31,9 @@ class RunOptions:
     no_audio: Policy | None = field(default_factory=lambda: parse_no_audio_policy(None))
     allow_truncated: bool = False  # classify the decodable part of a truncated file
     decode: DecodeOptions = field(default_factory=DecodeOptions)  # thread / skipping; same frames
+    # appearance frames per backbone call when plans are known in advance (forced policies
+    # without a budget; runtime/appearance_ahead.py); 1: one step at a time
+    appearance_batch: int = DEFAULT_APPEARANCE_BATCH
 
 
 def resolve_options(
@@ -42,12 +47,15 @@ def resolve_options(
     audio_batch: int = 64,
     no_audio_policy: str | Policy | None = None,
     allow_truncated: bool = False,
+    appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
 ) -> RunOptions:
     """Check options against the model; :class:`ConfigError` with one clear line if bad.
 
     ``steps`` defaults to the model's T. A ``budget`` (GMAC) must be > 0 and afford at
     least one step (its base cost plus the head). ``no_audio_policy``: a policy or
     ``"error"`` (default ``dense-appearance``; :mod:`hms_deploy.runtime.checks`).
+    ``appearance_batch``: appearance frames per backbone call where the plans are known
+    in advance (:mod:`hms_deploy.runtime.appearance_ahead`; 1 = step by step).
     """
     if steps is None:
         steps = engine_set.config.steps
@@ -72,6 +80,10 @@ def resolve_options(
         raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
     if audio_batch < 1:
         raise ConfigError(f"audio_batch must be >= 1, got {audio_batch}")
+    if (isinstance(appearance_batch, bool) or not isinstance(appearance_batch, (int, np.integer))
+            or appearance_batch < 1):
+        raise ConfigError(f"appearance_batch must be an integer >= 1, got {appearance_batch!r}")
     return RunOptions(int(steps), pol, budget, bool(online), int(topk), int(audio_batch),
                       no_audio=parse_no_audio_policy(no_audio_policy),
-                      allow_truncated=bool(allow_truncated))
+                      allow_truncated=bool(allow_truncated),
+                      appearance_batch=int(appearance_batch))

@@ -73,6 +73,7 @@ def build_record(
             "batch": stats["batch"],
             "vetoed": stats["vetoed"],
             "appearance_frames": video.inputs.appearance_frames,
+            "appearance_batches": stats["appearance_batches"],
             "motion_clips": video.inputs.motion_clips,
             **video.inputs.decode_stats,
             "engine_calls": stats["engine_calls"],

@@ -12,7 +12,9 @@
    video's plan (:mod:`hms_deploy.runtime.checks`: a forced 0/1, or GATE) and runs the
    gate engine on the GATE rows only, then applies the budget veto; ``*_feature`` decodes the inputs of only the rows that run (the appearance
    frame, or the 32-frame clip, of step t; see :mod:`hms_deploy.runtime.frames`) and runs
-   that backbone on the sub-batch.
+   that backbone on the sub-batch. Where every plan is forced and there is no budget, the
+   appearance frames of several steps run in one call instead
+   (:mod:`hms_deploy.runtime.appearance_ahead`; ``RunOptions.appearance_batch``).
 3. **Head** once at the end (``online``: after every step, yielding partial results).
 
 Host reads: the step loop waits on the device only to read a gate's decision, exactly
@@ -56,6 +58,7 @@ import torch
 
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
+from hms_deploy.runtime.appearance_ahead import appearance_ahead, read_ahead_steps
 from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
@@ -115,6 +118,8 @@ class EngineStepOps:
     # -- features ------------------------------------------------------------------------
     def appearance_feature(self, t: int, rows: Tensor) -> Tensor:
         run = self.run
+        if run.ahead is not None:  # plans known in advance: computed several steps per call
+            return run.ahead.features(t, self.active[rows].tolist())
         with run.timer.host_section("decode"):
             frames = np.stack([run.videos[v].inputs.appearance(t) for v in self.active[rows].tolist()])
             x = to_device(frames, run.es.device)
@@ -158,7 +163,9 @@ class _BatchRun:
         T = opts.steps
         with timer.host_section("decode"):
             checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
-            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info, decode=opts.decode))
+            ahead = read_ahead_steps(opts, len(names))
+            self.videos = [VideoRun(str(n), open_video(n, cfg, T, info=info, decode=opts.decode,
+                                                       steps_ahead=ahead))
                            for n, (info, _) in zip(names, checked)]
         self.reads = HostReads()  # every device->host read of the run, counted
         self.audio_calls = 0
@@ -184,6 +191,7 @@ class _BatchRun:
             video.plan.warnings[:0] = warnings
             # frames no step can want (the plan's 0s; GATE may run): the decoder may skip them
             video.inputs.plan(video.plan.appearance, video.plan.motion)
+        self.ahead = appearance_ahead(es, self.videos, opts, timer)
         self.state = gating.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev
         )
@@ -290,6 +298,7 @@ class _BatchRun:
         # a lockstep job's memory grew without bound (benchmarks/bench_memory.py)
         del self.ops
         self.patches = []
+        self.ahead = None
 
     # -- records -------------------------------------------------------------------------
     def record(self, v: int, probs: Tensor, timing: dict[str, float], *, partial: bool) -> dict[str, Any]:
@@ -301,6 +310,7 @@ class _BatchRun:
             "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
             "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
             "audio_steps": self.audio_done,
+            "appearance_batches": self.ahead.batches[v] if self.ahead is not None else 0,
         }
         return build_record(self.es, self.opts, self.videos[v], probs, timing, stats=stats,
                             partial=partial)

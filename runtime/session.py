@@ -26,12 +26,15 @@ Opening verifies the export's hashes; the engines are created once, on ``__enter
 (or on first use) and freed by ``close()`` / ``__exit__``.
 
 ``classify(video, *, steps=None, policy="learned", budget=None, online=False, topk=5,
-no_audio_policy=None, allow_truncated=False)``:
+no_audio_policy=None, allow_truncated=False, appearance_batch=8)``:
 ``steps`` = T (default: the model's); ``policy`` = ``learned | dense | audio-only |
 dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`);
 ``no_audio_policy`` = what a video without audio runs when the gates would decide (a
 policy, default ``dense-appearance``, or ``"error"``; :mod:`hms_deploy.runtime.checks`);
-``allow_truncated`` classifies the decodable part of a truncated file (with a warning); ``budget`` in
+``allow_truncated`` classifies the decodable part of a truncated file (with a warning);
+``appearance_batch`` (default 8): appearance frames per backbone call where every plan is
+forced and there is no budget (:mod:`hms_deploy.runtime.appearance_ahead`; 1 = one step
+at a time; records equal to float tolerance, same decisions and usage); ``budget`` in
 GMAC (:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head
 after every step (``classify`` returns only the final record; ``classify_many`` yields
 the partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
@@ -63,7 +66,10 @@ Record fields beyond INTERFACES.md (additions, never changes):
   decoder's counters), ``engine_calls`` ({part: calls made by this run so far:
   cumulative, and the audio path runs ahead of the gated loop, so without a budget a
   partial record at step 1 already counts all T ``audio_cell`` calls}), ``audio_steps``
-  (steps whose audio path has run so far: T without a budget, from the first record on).
+  (steps whose audio path has run so far: T without a budget, from the first record on),
+  ``appearance_batches`` (appearance backbone calls that computed this video's frames of
+  several steps ahead, :mod:`hms_deploy.runtime.appearance_ahead`; 0 when its frames ran
+  step by step).
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
-from hms_deploy.runtime.options import RunOptions, resolve_options
+from hms_deploy.runtime.options import DEFAULT_APPEARANCE_BATCH, RunOptions, resolve_options
 from hms_deploy.runtime.policy import Policy
 from hms_deploy.runtime.scheduler import engine_stream, run_batch
 
@@ -168,11 +174,13 @@ class Session:
         topk: int = 5,
         no_audio_policy: str | Policy | None = None,
         allow_truncated: bool = False,
+        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
     ) -> RunOptions:
         """Validated options (:class:`ConfigError` if bad), for reuse across calls."""
         return resolve_options(
             self.engine_set, steps=steps, policy=policy, budget=budget, online=online, topk=topk,
             no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
+            appearance_batch=appearance_batch,
         )
 
     # -- classify ------------------------------------------------------------------------
@@ -192,10 +200,12 @@ class Session:
         topk: int = 5,
         no_audio_policy: str | Policy | None = None,
         allow_truncated: bool = False,
+        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
     ) -> dict[str, Any]:
         """Classify one video; the final record (errors raise)."""
         opts = self.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk,
-                            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated)
+                            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
+                            appearance_batch=appearance_batch)
         self.open()
         final: list[dict[str, Any]] = []
         for recs in run_batch(self.engine_set, [str(video)], opts, stream=self._stream):
@@ -215,11 +225,13 @@ class Session:
         options: RunOptions | None = None,
         no_audio_policy: str | Policy | None = None,
         allow_truncated: bool = False,
+        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
     ) -> Iterator[dict[str, Any]]:
         """Yield one record per video (error records included); see the module docstring."""
         opts = options or self.options(
             steps=steps, policy=policy, budget=budget, online=online, topk=topk,
             no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
+            appearance_batch=appearance_batch,
         )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hms_deploy.model.hms import HMS
@@ -51,3 +53,18 @@ def make_gates_mixed(
         model.appearance_gate.linear.bias[1] -= torch.quantile(m_i, 1 - appearance)
         if m_m.numel():
             model.motion_gate.linear.bias[1] -= torch.quantile(m_m, 1 - motion)
+
+
+def appearance_calls(appearance, motion, per_call: int) -> int:
+    """``appearance_backbone`` calls of one forced plan with ``per_call`` steps per call
+    (runtime/appearance_ahead.py), written independently: the appearance steps split into
+    segments that end at a step whose motion runs (its clip must be read before later
+    frames), each segment in ceil(len / per_call) calls."""
+    calls = seg = 0
+    for a, m in zip(list(appearance), list(motion)):
+        if a:
+            seg += 1
+            if m:
+                calls += math.ceil(seg / per_call)
+                seg = 0
+    return calls + math.ceil(seg / per_call)

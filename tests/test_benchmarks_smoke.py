@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import appearance_calls
+
+from hms_deploy.runtime.options import DEFAULT_APPEARANCE_BATCH
+from hms_deploy.runtime.policy import parse_policy
 
 HMS_BENCH = Path(sys.executable).parent / "hms-bench"
 T = 8  # smoke steps
@@ -77,7 +81,11 @@ def test_call_counts_prove_skipping_and_computing(smoke):
     assert stepped["appearance_backbone"] == stepped["motion_backbone"] == T
     hms = runs["rates:0.6,0.03"]
     calls = hms["engine_calls"]
-    assert calls["appearance_backbone"] == hms["usage"]["appearance"] == round(0.6 * T)
+    assert hms["usage"]["appearance"] == round(0.6 * T)
+    # a forced plan: the appearance frames of several steps per call (appearance_ahead.py)
+    plan_a, plan_m = parse_policy("rates:0.6,0.03").plan(T)
+    assert calls["appearance_backbone"] == appearance_calls(plan_a, plan_m, DEFAULT_APPEARANCE_BATCH)
+    assert calls["appearance_backbone"] < hms["usage"]["appearance"]
     assert hms["engine_calls"]["motion_backbone"] == hms["usage"]["motion"]
     assert hms["host_reads"] == 0  # forced policies read nothing back inside the loop
     learned = runs["learned"]

@@ -106,6 +106,16 @@ class VideoInputs:
         self.appearance_frames += 1
         return x
 
+    def appearance_steps(self, steps: list[int]) -> np.ndarray:
+        """``(len(steps), 3, S, S)`` uint8: :meth:`appearance` of several steps (in time
+        order), their frames read in one forward pass."""
+        if self.frames is not None:
+            x = self.frames[np.asarray(steps, dtype=np.int64)]
+        else:
+            x = self.sampler.appearance_inputs(self._source(), steps)
+        self.appearance_frames += len(steps)
+        return x
+
     def motion(self, t: int) -> np.ndarray:
         """``(3, 32, S, S)`` uint8: the motion clip of step t, resized and centre-cropped."""
         if self.motion_frames is not None:
