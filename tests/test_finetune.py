@@ -145,7 +145,17 @@ def test_finetune_cli(tmp_path, videos, base):
     assert "hms-finetune: warning: validation set too small" in r.output
     new = load_checkpoint(tmp_path / "ft.pt")
     assert new.extra["finetune"]["runs"][0]["trained"] == ["motion"]
-    assert json.loads((tmp_path / "r.json").read_text())["videos"] == 6
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["videos"] == 6 and report["config"]["augment"] is True
+    # --no-colour-jitter: the recipe without jitter (another trajectory, same seed)
+    r = CliRunner().invoke(ft_main, [*args[:-2], "--no-colour-jitter", "--out",
+                                     str(tmp_path / "plain.pt"), "--report",
+                                     str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())["config"]["augment"] is False
+    plain = load_checkpoint(tmp_path / "plain.pt")
+    key = "motion_backbone.encoder.net.fast.net.0.weight"
+    assert not torch.equal(plain.state_dict[key], new.state_dict[key])
     r = CliRunner().invoke(ft_main, [*args[:2], "--list", str(tmp_path / "nope.csv"),
                                      "--out", str(tmp_path / "x.pt")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "nope.csv" in r.output

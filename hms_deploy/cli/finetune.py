@@ -33,6 +33,9 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
               help="Steps T per video to draw training steps from (default: the checkpoint's).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Decoding processes; 0 decodes in this process.")
+@click.option("--no-colour-jitter", "no_jitter", is_flag=True,
+              help="Do not jitter the colours of the visual inputs in training (the recipe "
+                   "does; turn it off when colour shades tell your classes apart).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="JSON report: per-epoch loss and step accuracies.")
@@ -42,11 +45,11 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 @debug_option
 @handle_errors("hms-finetune")
 def main(checkpoint, list_path, val_list, val_fraction, out, modalities, epochs, lr, batch_size,
-         steps, workers, seed, report_path, threads, quiet, debug):
+         steps, workers, no_jitter, seed, report_path, threads, quiet, debug):
     """Fine-tune backbones on single steps of the videos of a CSV (the step before
     hms-extract: HMS trains on frozen features, so they must already tell the classes
-    apart). The recipe (schedule, early stopping, kept epoch, BatchNorm recalibration) is
-    the one the synthetic quality study uses; bad videos are skipped and listed.
+    apart). The recipe (linear probe, schedule, colour jitter, early stopping, kept epoch,
+    BatchNorm recalibration) is the one the synthetic quality study uses; bad videos are skipped and listed.
     """
     from dataclasses import asdict
 
@@ -59,7 +62,7 @@ def main(checkpoint, list_path, val_list, val_fraction, out, modalities, epochs,
     mods = parse_modalities(modalities)
     given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
     cfg = FinetuneConfig(**{**asdict(FinetuneConfig()), "modalities": mods, "seed": seed,
-                            "workers": workers,
+                            "workers": workers, "augment": not no_jitter,
                             **{k: v for k, v in given.items() if v is not None}})
     cfg.check()
     ckpt = load_checkpoint(checkpoint)

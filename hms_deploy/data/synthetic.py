@@ -11,8 +11,9 @@ appearance     ``red_disc``,                the look: a red disc vs a green squa
                ``green_square``
 motion         ``move_left``,               the movement: the grey disc drifts left vs
                ``move_right``               right (~0.25 frame widths per second,
-                                            wrapping around); any single frame looks
-                                            like a stationary class
+                                            wrapping around just outside the centre
+                                            crop); any single frame looks like a
+                                            stationary class
 =============  ==========================  =============================================
 
 Shared "neutral" parts: a grey background with a slight per-video tint and sensor-like
@@ -102,11 +103,19 @@ def _frame_fn(label: str, p: _Params, width: int, height: int) -> FrameFn:
     colour = p.colour.astype(np.float32)
     square = label == "green_square"
 
+    # A drifting object wraps around within a band that ends just outside the centre crop
+    # the models see (the middle ~2/3 of a 4:3 frame: 64 of 96 px for tiny, 224 of 341
+    # for paper), so it never leaves their view: wrapping at the frame's edges hid it
+    # completely ~12 % of the time, and a step whose clip shows no motion cannot be
+    # classified (the first-hour demo's move_left sample: hidden on steps 1-2).
+    lo = width / 6.0 - p.radius if p.speed else 0.0
+    band = (width - 2.0 * lo) if p.speed else float(width)
+
     def frame_fn(i: int, t: float) -> np.ndarray:
         wob = np.sin(2 * np.pi * p.wobble_hz * t + p.wobble_phase)
-        cx = (p.cx + p.speed * t + 1.0 * wob) % width
+        cx = lo + (p.cx - lo + p.speed * t + 1.0 * wob) % band
         cy = p.cy + 1.0 * np.cos(2 * np.pi * p.wobble_hz * t + p.wobble_phase)
-        dx = (xs - cx + width / 2) % width - width / 2  # wraps around horizontally
+        dx = (xs - cx + band / 2) % band - band / 2  # wraps around horizontally (in the band)
         dy = ys - cy
         if square:
             dist = np.maximum(np.abs(dx), np.abs(dy)) - p.radius * 0.9

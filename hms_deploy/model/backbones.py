@@ -100,11 +100,45 @@ class _Pathway3d(nn.Module):
         return self.net(x).mean(dim=(2, 3, 4))
 
 
+def motion_filters(out_chans: int, in_chans: int = 3) -> torch.Tensor:
+    """A bank of oriented spatio-temporal derivative filters, ``(out, in, 3, 3, 3)``.
+
+    With ``D = [-1, 0, 1]`` and ``B = [1, 2, 1] / 4`` along (t, y, x): ``T = D x B x B``
+    (change over time), ``X = B x B x D`` and ``Y = B x D x B`` (change along x and y).
+    For a pattern moving at v pixels per frame, ``T ~ -v X``, so ``T + X ~ (1 - v) X``
+    and ``T - X ~ (-1 - v) X``: after a ReLU and a spatial average their magnitudes differ
+    with the direction of motion (a linear motion-energy pair). The bank cycles through
+    ``T + X, T - X, T + Y, T - Y`` and their negatives (both contrast polarities), the
+    same on every (luminance-like) input channel, each scaled to unit norm.
+    """
+    d = torch.tensor([-1.0, 0.0, 1.0])
+    b = torch.tensor([1.0, 2.0, 1.0]) / 4
+    t = torch.einsum("t,y,x->tyx", d, b, b)
+    x = torch.einsum("t,y,x->tyx", b, b, d)
+    y = torch.einsum("t,y,x->tyx", b, d, b)
+    base = [t + x, t - x, t + y, t - y]
+    bank = base + [-f for f in base]
+    w = torch.stack([bank[i % len(bank)] for i in range(out_chans)])
+    w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return w.unsqueeze(1).expand(out_chans, in_chans, 3, 3, 3) / in_chans**0.5
+
+
 class TinySlowFast(nn.Module):
     """A two-pathway 3-D CNN with SlowFast's interface: ``forward([slow, fast])``.
 
     The slow pathway is wide with a temporal kernel of 1; the fast one is narrow
     (1/4 width) with a temporal kernel of 3, like SlowFast's channel ratio.
+
+    The fast pathway's first convolution starts as :func:`motion_filters` (everything
+    else is PyTorch's default random init, drawn as before). ``tiny`` has no pretrained
+    weights, and a random 8-channel first layer is rarely direction-selective: on the
+    synthetic study's left/right-drift classes the motion fine-tune then stalled at
+    0.71-0.87 validation step accuracy on two seeds of five (seeds 1, 2; 18 s epochs, no
+    progress over 7 epochs), and reached 0.979 / 0.992 from this start (measured in the
+    study's setting; figures per seed in ``benchmarks/results/synthetic_quality.json``).
+    Pretrained SlowFast (``paper``) learns such filters in its first fast layer from
+    Kinetics; this stands in for that pretraining. The filters are trained like any
+    other weight.
     """
 
     def __init__(self, width: int, feat_dim: int):
@@ -112,6 +146,17 @@ class TinySlowFast(nn.Module):
         self.slow = _Pathway3d(3, 4 * width, 1)
         self.fast = _Pathway3d(3, width, 3)
         self.fc = nn.Linear(self.slow.out_chans + self.fast.out_chans, feat_dim)
+        self.init_structured()
+
+    def init_structured(self) -> None:
+        """Set the fast pathway's first filters to :func:`motion_filters`, at the mean
+        norm of the current (default-initialised) filters. Called after any re-draw of
+        the random weights (see :func:`hms_deploy.train.finetune._restart`)."""
+        first = self.fast.net[0]
+        assert isinstance(first, nn.Conv3d) and first.kernel_size == (3, 3, 3)
+        with torch.no_grad():
+            scale = first.weight.flatten(1).norm(dim=1).mean()
+            first.weight.copy_(motion_filters(first.out_channels, first.in_channels) * scale)
 
     def forward(self, pathways: list[torch.Tensor]) -> torch.Tensor:
         slow, fast = pathways

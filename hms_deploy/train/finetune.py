@@ -98,6 +98,8 @@ class FinetuneConfig:
     bn_recalibration_steps: int = 2  # random steps per video for the final BatchNorm statistics
     head: str = "joint"  # "joint": one classifier over all three modalities' features;
     #                      "separate": one classifier per fine-tuned modality, on its own
+    augment: bool = True  # colour jitter of the trained visual encoders' inputs
+    #                       (step_classifier.colour_jitter: why, and what it measured)
     focus: bool = True  # after the first epoch, draw videos of class c with probability
     #                     proportional to max(1 - train accuracy of c, 0.05)
 
@@ -186,6 +188,9 @@ def _restart(encoders: dict[str, nn.Module], trainable: list[str],
             for mod in encoders[m].modules():
                 if mod is not encoders[m] and hasattr(mod, "reset_parameters"):
                     mod.reset_parameters()
+            for mod in encoders[m].modules():  # structured starts (TinySlowFast's filters)
+                if hasattr(mod, "init_structured"):
+                    mod.init_structured()
         else:
             encoders[m].load_state_dict(start[m])
 
@@ -221,6 +226,7 @@ def _train_one(model: StepClassifier, train: StepData, val: StepData | None, ste
         epochs.append({"linear_probe": True,
                        "train_step_accuracy_per_class": dict(zip(labels_names, probe.tolist()))})
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    jitter = torch.Generator().manual_seed(cfg.seed + 7) if cfg.augment else None
     for epoch in range(cfg.epochs):
         pairs = draw_pairs(rng, len(videos), steps, cfg.steps_per_video, weights)
         model.train()
@@ -236,7 +242,7 @@ def _train_one(model: StepClassifier, train: StepData, val: StepData | None, ste
             if len(p) < 2:
                 continue  # BatchNorm needs 2 samples
             y = torch.from_numpy(labels[p[:, 0]])
-            logits = model(train, p)
+            logits = model(train, p, jitter)
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -357,8 +363,9 @@ def finetune_decoded(ckpt: Checkpoint, train: Decoded, val: Decoded | None,
                                 "tries_val_step_accuracy": [t[0] for t in tries],
                                 "tries_epochs": [t[2] for t in tries]}]
         recal = draw_pairs(rng, len(train[0]), steps, cfg.bn_recalibration_steps)
+        jitter = torch.Generator().manual_seed(cfg.seed + 8) if cfg.augment else None
         for m in trainable:
-            recalibrate_batchnorm(encoders[m], train[0], m, recal, cfg.batch_size)
+            recalibrate_batchnorm(encoders[m], train[0], m, recal, cfg.batch_size, jitter)
         run: dict[str, Any] = {"inputs": inputs, "trained": trainable, "epochs": epochs}
         if val_data is not None:
             acc, per_class = step_accuracy(model, val_data, _val_pairs(val_data, steps, cfg),
