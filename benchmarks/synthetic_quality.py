@@ -9,13 +9,14 @@ hms-eval):
    train / val / test split;
 2. initialise a ``tiny`` checkpoint;
 3. fine-tune backbones on the training split (:func:`hms_deploy.train.finetune.
-   finetune_backbones`). Frozen random tiny backbones already separate the audio and
-   appearance groups (per-step linear probe on their features: 1.00), but not the motion
-   group's left/right drift (0.73 per step), and trained on those features HMS and early
-   fusion overfit (test mAP ~0.84 / 0.82) with no class-dependent motion use. So the
-   motion encoder is fine-tuned with ``hms-finetune``'s recipe (FinetuneConfig's
-   defaults; the choices and their measurements are written there); the audio and
-   appearance encoders stay random. ``--no-finetune`` skips it;
+   finetune_backbones`). Frozen random tiny backbones separate the appearance group, but
+   not the motion group's left/right drift (0.73 per step), and their audio features
+   let tone_high slip on validation videos (0.38-0.8 on seed 1); trained on such features
+   HMS and early fusion overfit (test mAP ~0.84 / 0.82) with no class-dependent motion
+   use. So the audio and motion encoders are fine-tuned with ``hms-finetune``'s recipe
+   (``--modalities A+M``; FinetuneConfig's defaults, the choices and their measurements
+   written there and in :class:`~hms_deploy.model.backbones.TinySlowFast`); the
+   appearance encoder stays random. ``--no-finetune`` skips it;
 4. extract features of the three splits (same T), train HMS and the early-fusion
    A+I+M baseline on train (model selection on val);
 5. evaluate both on test and write the result JSON with the targets checked:
@@ -80,7 +81,7 @@ class Settings:
     workers: int = 2  # decoding processes (decoding, not the tiny backbones, is the bottleneck)
     # the fine-tune recipe is FinetuneConfig's defaults (what hms-finetune runs); only the
     # modalities are named here
-    finetune: dict = field(default_factory=lambda: {"modalities": ["motion"]})
+    finetune: dict = field(default_factory=lambda: {"modalities": ["audio", "motion"]})
     # HMS and early fusion: hms-train's "small" preset (hms_deploy/train/presets.py); the
     # other fields are TrainConfig's defaults (batch 32, tau 5 x0.965, gamma_I 0.6, gamma_M 0.05)
     hms: dict = field(default_factory=lambda: preset_values("small", "hms"))
