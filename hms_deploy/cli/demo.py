@@ -30,6 +30,10 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 # class and got 3/6 samples right; 12 per class (20) got them right (see tests/test_demo.py).
 DEMO_PER_CLASS = 20  # -> 12 train / 4 val / 4 test videos per class
 DEMO_DURATION_S = 4.0
+# Fine-tune batch: 4 instead of the recipe's 8 gives the 72 training videos twice the
+# updates per epoch; at 8 the motion fine-tune ended at 0.885 validation step accuracy
+# (move_right 0.38) and the demo at 5/6; at 4, 0.9375 on the same data.
+DEMO_FT_BATCH = 4
 DEMO_STEPS = 8
 
 
@@ -69,10 +73,12 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
     save_checkpoint(ckpt, out / "init.pt")
 
     stage(f"hms-finetune --checkpoint {out / 'init.pt'} --list {data / 'train.csv'} "
-          f"--val-list {data / 'val.csv'} --modalities A+M --out {out / 'backbones.pt'}")
+          f"--val-list {data / 'val.csv'} --modalities A+M --batch-size {DEMO_FT_BATCH} "
+          f"--out {out / 'backbones.pt'}")
     ckpt, report = finetune_backbones(
         ckpt, splits["train"].entries,
-        FinetuneConfig(modalities=["audio", "motion"], seed=seed, workers=workers),
+        FinetuneConfig(modalities=["audio", "motion"], batch_size=DEMO_FT_BATCH, seed=seed,
+                       workers=workers),
         val_entries=splits["val"].entries, progress=progress)
     save_checkpoint(ckpt, out / "backbones.pt")
     echo(f"   audio+motion fine-tune: val step accuracy {report['runs'][0]['val_step_accuracy']:.3f}")
