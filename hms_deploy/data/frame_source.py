@@ -50,7 +50,6 @@ class DecodeStats:
     frames_walked: int = 0
     window_hits: int = 0
     frames_converted_ahead: int = 0
-    frames_derived_ahead: int = 0  # frames :attr:`FrameSource.derive` ran on in the thread
 
     @property
     def frames_skipped(self) -> int:
@@ -86,10 +85,6 @@ class FrameSource:
       seek, an error or ``close`` stops and joins the thread first.
     - :meth:`expect` (before the first read): the frames later reads may ask for; the
       walk then skips non-reference frames outside that set (:mod:`~hms_deploy.data.frame_walk`).
-    - :attr:`derive` (with ``read_ahead`` and :meth:`expect`): a function the read-ahead
-      thread also runs on each expected frame it converts (``derive(index, rgb) ->
-      {key: array}``; :class:`~hms_deploy.data.inputs.VideoInputs` resizes and crops
-      there), taken once by the reader with :meth:`take_derived`.
 
     Use as a context manager (the container is opened on first use and closed on exit)::
 
@@ -128,10 +123,6 @@ class FrameSource:
         self._window: OrderedDict[int, Any] = OrderedDict()
         # RGB of expected frames, converted by the read-ahead thread (popped by the reader)
         self._preconverted: dict[int, np.ndarray] = {}
-        # derive(index, rgb) -> {key: array}: run by the read-ahead thread on the expected
-        # frames it converts (e.g. the resized crops a step will want); taken by the reader
-        self.derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None
-        self._derived: dict[int, dict[str, np.ndarray]] = {}
 
     # -- resources -------------------------------------------------------------------
     def open(self) -> Self:
@@ -154,7 +145,6 @@ class FrameSource:
         if close is not None:
             close()
         self._preconverted.clear()  # the thread is gone: nothing writes here any more
-        self._derived.clear()
 
     def close(self) -> None:
         try:
@@ -203,7 +193,7 @@ class FrameSource:
                 # the thread also converts the frames reads will want (same function)
                 frames = _convert_ahead(
                     frames, self._index, self._expected, self.info.rotation,
-                    self._preconverted, self.stats, self.derive, self._derived,
+                    self._preconverted, self.stats,
                 )
             if self._expected is not None and self._seek_ok:
                 pause = _pause_before_seeks(
@@ -252,17 +242,6 @@ class FrameSource:
     def _convert(self, frame: Any) -> np.ndarray:
         self.stats.frames_converted += 1
         return _to_rgb(frame, self.info.rotation)
-
-    def take_derived(self, index: int, key: str) -> np.ndarray | None:
-        """What :attr:`derive` made under ``key`` from frame ``index`` in the read-ahead
-        thread, once (None: not made, e.g. no thread, or the frame came from a seek)."""
-        d = self._derived.get(index)
-        if d is None:
-            return None
-        x = d.pop(key, None)
-        if not d:
-            self._derived.pop(index, None)
-        return x
 
     def _remember(self, index: int, rgb: np.ndarray) -> None:
         if self.cache_frames <= 0:
@@ -417,21 +396,12 @@ def _convert_ahead(
     rotation: int,
     store: dict[int, np.ndarray],
     stats: DecodeStats,
-    derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None,
-    derived: dict[int, dict[str, np.ndarray]] | None = None,
 ) -> Iterator[Any]:
     """Pass ``frames`` through, converting the expected ones to RGB into ``store`` first
-    (and, with ``derive``, what it derives from them into ``derived``; runs in the
-    read-ahead thread; the reader pops what it consumes)."""
+    (runs in the read-ahead thread; the reader pops what it consumes)."""
     for frame in frames:
         i = index.get(int(frame.pts)) if frame.pts is not None else None
         if i is not None and i in expected:
-            rgb = _to_rgb(frame, rotation)
-            if derive is not None and derived is not None:
-                d = derive(i, rgb)
-                if d:
-                    derived[i] = d
-                    stats.frames_derived_ahead += 1  # only this thread writes this counter
-            store[i] = rgb
+            store[i] = _to_rgb(frame, rotation)
             stats.frames_converted_ahead += 1  # only this thread writes this counter
         yield frame
