@@ -142,7 +142,10 @@ class AppearanceAhead:
 
 
 def _steps_per_call(opts: RunOptions, n_videos: int) -> int:
-    return int(opts.appearance_batch) // max(1, n_videos)
+    """Steps per video in one call; 0 where the run cannot compute ahead whatever the
+    plans (under 2 steps, or a budget)."""
+    size = int(opts.appearance_batch) // max(1, n_videos)
+    return 0 if size < 2 or opts.budget is not None else size
 
 
 def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
@@ -151,7 +154,7 @@ def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
     run may compute appearance ahead, so that decoding the next chunk overlaps the
     backbone call of this one (a chunk of k appearance steps spans k / PI steps)."""
     size = _steps_per_call(opts, n_videos)
-    if size < 2 or opts.budget is not None or not opts.policy.forced:
+    if not size or not opts.policy.forced:
         return 2
     return max(2, 2 * size)
 
@@ -162,7 +165,7 @@ def appearance_ahead(
     """An :class:`AppearanceAhead` when the run may compute appearance ahead, else None
     (the conditions are in the module docstring). ``videos`` have their plans."""
     size = _steps_per_call(opts, len(videos))
-    if size < 2 or opts.budget is not None:
+    if not size:
         return None
     for v in videos:
         plan = v.plan

@@ -99,12 +99,7 @@ class VideoInputs:
 
     def appearance(self, t: int) -> np.ndarray:
         """``(3, S, S)`` uint8: the frame nearest tau_t, resized and centre-cropped."""
-        if self.frames is not None:
-            x = self.frames[t]
-        else:
-            x = self.sampler.appearance_inputs(self._source(), [t])[0]
-        self.appearance_frames += 1
-        return x
+        return self.appearance_steps([t])[0]
 
     def appearance_steps(self, steps: list[int]) -> np.ndarray:
         """``(len(steps), 3, S, S)`` uint8: :meth:`appearance` of several steps (in time
