@@ -32,8 +32,14 @@ def step_input(inputs: VideoInputs, modality: str, t: int) -> np.ndarray:
     return inputs.clips(np.array([t]))[0]
 
 
-def batch_inputs(videos: list[VideoInputs], pairs: np.ndarray, modality: str) -> torch.Tensor:
-    return torch.from_numpy(np.stack([step_input(videos[i], modality, t) for i, t in pairs]))
+def batch_inputs(videos: list[VideoInputs], pairs: np.ndarray, modality: str,
+                 jitter: torch.Generator | None = None) -> torch.Tensor:
+    """The inputs of ``pairs``; with ``jitter`` visual ones are colour-jittered
+    (:func:`colour_jitter`, float32)."""
+    x = torch.from_numpy(np.stack([step_input(videos[i], modality, t) for i, t in pairs]))
+    if jitter is not None and modality != "audio":
+        x = colour_jitter(x, jitter)
+    return x
 
 
 @torch.no_grad()
@@ -78,10 +84,7 @@ class StepClassifier(nn.Module):
         idx = torch.from_numpy(pairs)
         for m in self.inputs:
             if m in self.trainable:
-                x = batch_inputs(data.videos, pairs, m)
-                if generator is not None and m != "audio":
-                    x = colour_jitter(x, generator)
-                feats.append(self.encoders[m](x))
+                feats.append(self.encoders[m](batch_inputs(data.videos, pairs, m, generator)))
             else:
                 feats.append(data.frozen[m][idx[:, 0], idx[:, 1]])
         return self.linear(self.norm(torch.cat(feats, dim=1)))
@@ -140,10 +143,7 @@ def recalibrate_batchnorm(encoder: nn.Module, videos: list[VideoInputs], modalit
         bn.momentum = None  # cumulative average
     encoder.train()
     for a in range(0, len(pairs), batch_size):
-        x = batch_inputs(videos, pairs[a:a + batch_size], modality)
-        if generator is not None and modality != "audio":
-            x = colour_jitter(x, generator)
-        encoder(x)
+        encoder(batch_inputs(videos, pairs[a:a + batch_size], modality, generator))
     for bn, mom in zip(bns, saved):
         bn.momentum = mom
     encoder.eval()
