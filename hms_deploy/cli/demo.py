@@ -6,7 +6,7 @@ goes), so the demo is the README workflow at a small size:
 
     hms-synth dataset OUT/data --per-class N --split
     hms-init --variant tiny --steps 8 ...            (T = 8, as the synthetic study)
-    hms-finetune --list train.csv --val-list val.csv --modalities A+M
+    hms-finetune --list train.csv --val-list val.csv --modalities A+M --batch-size 4
                                                      (random tiny backbones cannot tell
                                                       left from right, nor reliably the tones)
     hms-extract (train, val) ; hms-train --preset small
