@@ -13,19 +13,22 @@ Measured side by side, rounds interleaved, medians over ``repeats``:
   appearance frame / motion clip of every planned step, in step order (conversion to
   RGB and resize/crop included, no engine), once per decoder configuration: plain
   (the decoder before read-ahead and skipping), ``skip`` (non-reference frames no
-  step wants are skipped), ``thread`` (read-ahead thread), ``thread+skip`` (the
-  default). Every configuration's inputs are checked equal to the plain one's, bit
-  for bit;
+  step wants are skipped), ``thread`` (read-ahead thread, bounded by a count of
+  decoded frames), ``thread+skip``, ``thread+skip+plan`` (the default: the thread
+  hands over only the frames the plan can use, converted, resized and cropped, bounded
+  by the bytes they hold). Every configuration's inputs are checked equal to the plain
+  one's, bit for bit;
 - the same plan run by the Session with the variant's exported engines (ONNX Runtime),
-  before (plain decoder) and after (the default): the run's own ``timing_ms.decode``,
-  the time its step loop spends on frames (waiting for the decoder, converting,
-  resizing), with the decoder running ahead while the engines compute;
+  ``before`` (plain decoder), ``thread+skip`` (the previous default) and ``after``
+  (the default): the run's own ``timing_ms.decode``, the time its step loop spends on
+  frames (waiting for the decoder, converting, resizing), with the decoder running
+  ahead while the engines compute;
 - the seek-vs-walk crossover: frames requested every G frames (G from 30 to 600) read
   with ``seek_threshold`` 0 (seek whenever a keyframe lies between) and "never".
 
 The summary's ``hms_decode_over_full_decode`` is the Session run's decode time (after)
 over the full decode (target <= 0.5); ``decoder_work_over_full_decode`` is the
-decoder-only ``thread+skip`` time over the full decode (all the decode work, hidden or
+decoder-only ``thread+skip+plan`` time over the full decode (all the decode work, hidden or
 not). Frames walked (packets fed to the decoder), decoded,
 skipped and converted come from the decoder's counters.
 """
@@ -53,11 +56,17 @@ from benchmarks.common import (
 
 LONG_GOP = MEDIA_DIR / "long_gop_120s_1280x720.mp4"
 TARGET = 0.5
-CONFIGS = {  # name -> (read_ahead, skip_nonref); read_ahead None = the runtime's default
-    "plain": (0, False),
-    "skip": (0, True),
-    "thread": (None, False),
-    "thread+skip": (None, True),
+CONFIGS = {  # name -> (read_ahead, skip_nonref, plan_ahead); read_ahead None = default
+    "plain": (0, False, False),
+    "skip": (0, True, False),
+    "thread": (None, False, False),
+    "thread+skip": (None, True, False),
+    "thread+skip+plan": (None, True, True),
+}
+SESSION_RUNS = {  # label -> DecodeOptions fields
+    "before": {"read_ahead": 0, "skip_nonref": False},
+    "thread+skip": {"plan_ahead": False},
+    "after": {},  # the runtime's default (thread+skip+plan)
 }
 
 
@@ -107,14 +116,14 @@ def full_decode(path: str) -> tuple[float, int]:
 
 
 def hms_decode(path: str, s: DecodeSettings, read_ahead: int | None, skip: bool,
-               plan: tuple[np.ndarray, np.ndarray], config: Any
+               plan_ahead: bool, plan: tuple[np.ndarray, np.ndarray], config: Any
                ) -> tuple[float, list[np.ndarray], dict[str, int]]:
     """The step loop's decode work for a plan: seconds, the inputs, the decoder counters."""
     from hms_deploy.runtime.frames import DecodeOptions, open_video
 
     plan_a, plan_m = plan
     t = time.perf_counter()
-    vi = open_video(path, config, s.steps, decode=DecodeOptions(read_ahead, skip))
+    vi = open_video(path, config, s.steps, decode=DecodeOptions(read_ahead, skip, plan_ahead))
     try:
         vi.plan(plan_a, plan_m)
         out = []
@@ -129,13 +138,14 @@ def hms_decode(path: str, s: DecodeSettings, read_ahead: int | None, skip: bool,
     return time.perf_counter() - t, out, stats
 
 
-def session_decode(session: Any, path: str, s: DecodeSettings, new: bool) -> dict[str, Any]:
-    """One Session run of the plan on ``path``; its decode time and decoder counters."""
+def session_decode(session: Any, path: str, s: DecodeSettings, label: str) -> dict[str, Any]:
+    """One Session run of the plan on ``path`` with the decoder of ``SESSION_RUNS[label]``;
+    its decode time and decoder counters."""
     from dataclasses import replace
 
     from hms_deploy.runtime.frames import DecodeOptions
 
-    dec = DecodeOptions() if new else DecodeOptions(read_ahead=0, skip_nonref=False)
+    dec = DecodeOptions(**SESSION_RUNS[label])
     opts = replace(session.options(steps=s.steps, policy=s.policy), decode=dec)
     t = time.perf_counter()
     (rec,) = list(session.classify_many([path], options=opts))
@@ -190,8 +200,8 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
         full.append(dt)
         log(f"round {r + 1}: full decode {dt:.2f} s ({frames} frames)")
         for name in order:
-            ra, skip = CONFIGS[name]
-            dt, inputs, st = hms_decode(path, s, ra, skip, plan, config)
+            ra, skip, ahead = CONFIGS[name]
+            dt, inputs, st = hms_decode(path, s, ra, skip, ahead, plan, config)
             times[name].append(dt)
             counters[name] = st
             if name == "plain" and reference is None:
@@ -201,17 +211,18 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
                     np.array_equal(a, b) for a, b in zip(inputs, reference))
                 identical[name] = identical.get(name, True) and same
             log(f"round {r + 1}: {name:<12} {dt:.2f} s {st}")
-    session_runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    session_runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SESSION_RUNS}
     if s.engines:
         from benchmarks.common import ensure_model
         from hms_deploy.runtime.session import Session
 
         _, eng = ensure_model(s.variant, log=log)
         with Session(engines_dir=eng, engine="onnx", device="cpu") as session:
-            session_decode(session, path, replace_steps(s, 8), True)  # warm-up
+            session_decode(session, path, replace_steps(s, 8), "after")  # warm-up
+            labels = list(SESSION_RUNS)
             for r in range(s.session_repeats):
-                for label in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    x = session_decode(session, path, s, label == "after")
+                for label in (labels if r % 2 == 0 else labels[::-1]):
+                    x = session_decode(session, path, s, label)
                     session_runs[label].append(x)
                     log(f"session {label}: wall {x['wall_s']:.2f} s, decode {x['decode_s']:.2f} s")
     crossover = []
@@ -234,11 +245,12 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
                            **{k: xs[0][k] for k in xs[0] if k.startswith("frames_") or
                               k in ("seeks", "window_hits")}}
             sess[label]["over_full_decode"] = round(sess[label]["decode_s"]["median"] / full_med, 4)
-    if len(sess) == 2:
-        b, a = session_runs["before"][0], session_runs["after"][0]
-        sess["same_decisions_and_scores"] = (a["decisions"] == b["decisions"]
-                                             and a["score"] == b["score"])
-    work = results["thread+skip"]["over_full_decode"]
+    if "after" in sess:
+        b = session_runs["before"][0]
+        sess["same_decisions_and_scores"] = all(
+            x["decisions"] == b["decisions"] and x["score"] == b["score"]
+            for xs in session_runs.values() for x in xs)
+    work = results["thread+skip+plan"]["over_full_decode"]
     ratio = sess["after"]["over_full_decode"] if "after" in sess else work
     kt = info.keyframe_times
     out = {
@@ -257,6 +269,8 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
                     "met": bool(ratio <= TARGET),
                     "decoder_work_over_full_decode": work,
                     "plain_over_full_decode": results["plain"]["over_full_decode"],
+                    "session_thread_skip_over_full_decode": sess.get("thread+skip", {}).get(
+                        "over_full_decode"),
                     "session_before_over_full_decode": sess.get("before", {}).get(
                         "over_full_decode")},
         "seconds": round(time.perf_counter() - t0, 1),
@@ -293,17 +307,19 @@ def markdown(r: dict[str, Any]) -> str:
                   "run's timing_ms.decode, the step loop's time on frames):"), "",
                   ("| decoder | decode (median) | / full decode | wall | walked | decoded | "
                   "skipped | converted |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for label in ("before", "after"):
+        for label in SESSION_RUNS:
+            if label not in sess:
+                continue
             x = sess[label]
             lines.append(f"| {label} | {x['decode_s']['median']:.2f} s | {x['over_full_decode']:.3f} "
                          f"| {x['wall_s']['median']:.2f} s | {x['frames_walked']} | "
                          f"{x['frames_decoded']} | {x['frames_skipped']} | {x['frames_converted']} |")
-        lines.append(f"\nDecisions and scores equal before/after: "
+        lines.append(f"\nDecisions and scores equal in every run: "
                      f"{sess.get('same_decisions_and_scores')}")
     sm = r["summary"]
     lines += ["", (f"**hms_decode_over_full_decode = {sm['hms_decode_over_full_decode']:.3f}** "
               f"(target <= {sm['target_max']}): {'met' if sm['met'] else '**missed**'}; "
-              f"decoder work (decoder-only thread+skip) / full decode: "
+              f"decoder work (decoder-only thread+skip+plan) / full decode: "
               f"{sm['decoder_work_over_full_decode']:.3f}; the decoder before this change "
               f"(decoder-only): {sm['plain_over_full_decode']:.3f}"), "",
               "## Seek vs walk (frames 0, G, 2G, ... read in order, plain FrameSource)", "",

@@ -19,8 +19,11 @@ two steps' worth of decoded frames, bounded in bytes) while the step loop comput
 conversion and resizing stay in the step loop and only for the frames a running step
 asks for. When a video's plan says in advance which steps may run each backbone
 (:meth:`~hms_deploy.data.inputs.VideoInputs.plan`: a forced policy, or the no-audio
-fallback), the walk skips the non-reference frames outside them. Neither changes which
-frames are used: records are identical with both off.
+fallback), the walk skips the non-reference frames outside them, and the thread hands
+over only the frames those steps can use, already converted, resized and cropped
+(``plan_ahead``): bounded by the bytes it holds (:data:`READ_AHEAD_BYTES`), it runs as
+many steps ahead as that allows. None of this changes which frames are used: records
+are identical with all of it off.
 
 Only frames that a running step needs are converted to RGB and resized; a modality that
 never runs decodes nothing (``audio-only`` does not even open the video stream).
@@ -75,10 +78,16 @@ class DecodeOptions:
     capped at :data:`READ_AHEAD_BYTES`.
     ``skip_nonref``: when the frames every step may ask for are known in advance (a
     video's plan), skip the non-reference frames outside them.
+    ``plan_ahead`` (with the default ``read_ahead`` and a plan): the thread hands over
+    only the frames the plan's steps can use, converted to RGB, resized and cropped
+    (the rest as bare indices), so it runs ahead as far as :data:`READ_AHEAD_BYTES` of
+    those frames allow (many steps of a sparse plan) instead of a count of decoded
+    frames.
     """
 
     read_ahead: int | None = None
     skip_nonref: bool = True
+    plan_ahead: bool = True
 
 
 def _retain_frames(info: VideoInfo, config: HMSConfig) -> int:
@@ -111,5 +120,7 @@ def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoIn
         path, config, steps, info=info, skip_nonref=decode.skip_nonref,
         frame_source=lambda info: RetainingFrameSource(
             info, retain_frames=_retain_frames(info, config),
-            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead, steps_ahead)),
+            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead, steps_ahead),
+            read_ahead_bytes=(READ_AHEAD_BYTES if decode.read_ahead is None and decode.plan_ahead
+                              else 0)),
     )

@@ -85,6 +85,9 @@ OPTIONS = [
     {"read_ahead": 4},
     {"read_ahead": 32, "retain_frames": 48},
     {"read_ahead": 0, "retain_frames": 48, "seek_threshold": 0},
+    # with a plan (skip): the thread hands over only the frames reads can use
+    {"read_ahead": 4, "read_ahead_bytes": 2**30},
+    {"read_ahead": 4, "read_ahead_bytes": 1, "retain_frames": 48},
 ]
 
 
@@ -196,6 +199,101 @@ def test_damaged_stream_behaves_the_same_with_read_ahead(media):
         assert decode_threads() == []
 
 
+def planned(info, **opts):
+    return FrameSource(info, cache_frames=0, read_ahead=4, read_ahead_bytes=2**30, **opts)
+
+
+def test_planned_read_ahead_runs_ahead_in_usable_frames_only(media):
+    info = probe(media["long"])  # one keyframe: nothing to pause for
+    frame_bytes = info.width * info.height * 3 // 2 + info.width * info.height * 3
+    wanted = list(range(0, info.num_frames, 30))
+    with FrameSource(info, cache_frames=0, read_ahead=1,
+                     read_ahead_bytes=2 * frame_bytes) as src:
+        src.expect(wanted)
+        assert read_index(src.read([0])[0]) == 0
+        for _ in range(200):
+            if src.stats.frames_walked >= 60:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)
+        walked = src.stats.frames_walked
+        # two expected frames (30, 60) fit: the thread walked past ~60 frames it did
+        # not hand over, where a count of decoded frames would have stopped it at 1
+        assert 60 <= walked <= 90 + 8
+        got = src.read(wanted[1:])
+        assert [read_index(got[i]) for i in wanted[1:]] == wanted[1:]
+        assert src.stats.frames_converted_ahead == len(wanted)
+        assert src.stats.frames_converted == 0 and src.stats.substituted == 0
+    assert decode_threads() == []
+
+
+def test_planned_read_ahead_seeks_where_the_reader_would(media):
+    info = probe(media["gop30"])  # keyframes every 30 frames
+    with planned(info) as src:
+        src.expect([5, 200, 201])
+        assert read_index(src.read([5])[5]) == 5
+        for _ in range(300):  # the thread seeks to keyframe 180 and converts 200, 201
+            if src.stats.frames_converted_ahead >= 3:
+                break
+            time.sleep(0.01)
+        assert src.stats.frames_converted_ahead == 3
+        assert src.stats.seeks == 0  # counted when the reader takes the seek
+        got = src.read([200, 201])
+        assert [read_index(got[i]) for i in (200, 201)] == [200, 201]
+        st = src.stats
+        assert st.seeks == 1 and st.frames_converted == 0
+        assert st.frames_walked <= 6 + 4 + 22 + 4  # 0..5 (+ reorder delay), then 180..201
+    assert decode_threads() == []
+
+
+@pytest.mark.parametrize("name", ["gop30", "long"])
+def test_planned_read_ahead_serves_reads_outside_the_plan_like_the_plain_reader(media, name):
+    info = probe(media[name])
+    plan = [5, 40, 41, 42, 120, 200]
+    reads = [[5], [17], [40, 41], [42, 60], [33], [120], [130, 131], [200], [239]]
+
+    def run(src):
+        with src:
+            src.expect(plan)
+            got = [src.read(r) for r in reads]
+            return got, src.stats.substituted
+
+    plain, plain_sub = run(FrameSource(info, cache_frames=0))
+    got, sub = run(planned(info))
+    assert sub == plain_sub
+    for a, b in zip(got, plain):
+        assert sorted(a) == sorted(b)
+        for i in a:
+            np.testing.assert_array_equal(a[i], b[i])
+    assert decode_threads() == []
+
+
+def test_planned_read_ahead_on_a_damaged_stream_matches_the_plain_reader(media):
+    info = probe(media["damaged"])
+    wanted = list(range(0, info.num_frames, 7)) + [info.num_frames - 1]
+
+    def outcome(src):
+        try:
+            with src:
+                src.expect(wanted)
+                frames = src.read(wanted)
+                return "ok", {i: f.copy() for i, f in frames.items()}, src.stats.substituted
+        except VideoError as e:
+            return "error", str(e), None
+
+    plain = outcome(FrameSource(info, cache_frames=0))
+    got = outcome(planned(info))
+    assert got[0] == plain[0]
+    if plain[0] == "ok":
+        assert plain[2] > 0  # the damage made substitutes: they are the same frames
+        assert got[2] == plain[2]
+        for i in wanted:
+            np.testing.assert_array_equal(got[1][i], plain[1][i])
+    else:
+        assert got[1] == plain[1]
+    assert decode_threads() == []
+
+
 # -- ReadAhead itself ------------------------------------------------------------------
 
 
@@ -267,6 +365,29 @@ def test_unclosed_read_ahead_stops_when_collected():
     assert decode_threads() == []
 
 
+def test_read_ahead_bounds_the_weight_of_queued_items():
+    produced = []
+
+    def source():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    # odd items weigh 3, even ones 0 (markers): the queue holds at most 4 units
+    ra = ReadAhead(source(), 4, name="hms-test", weight=lambda i: 3 * (i % 2))
+    assert next(ra) == 0
+    for _ in range(200):
+        if len(produced) >= 4:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)
+    # queued: 1, 2, 3 (weight 6 >= 4 after 3), + 1 in the producer's hand
+    assert 4 <= len(produced) <= 5
+    assert list(ra) == list(range(1, 100))  # every item, in order
+    ra.close()
+    assert decode_threads() == []
+
+
 def test_read_ahead_rejects_zero_capacity():
     with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
         ReadAhead(iter([]), 0)
@@ -291,18 +412,26 @@ def test_video_inputs_are_identical_with_and_without_read_ahead_and_skipping():
                     out.append(vi.appearance(t))
                 if plan_m[t]:
                     out.append(vi.motion(t))
-            return out, vi.decode_stats
+            assert vi.source is not None
+            return out, {**vi.decode_stats, "derived": vi.source.stats.frames_derived_ahead}
         finally:
             vi.close()
 
     ref, ref_stats = inputs(DecodeOptions(read_ahead=0, skip_nonref=False))
+    assert ref_stats["derived"] == 0
     for opts in (DecodeOptions(), DecodeOptions(read_ahead=2), DecodeOptions(skip_nonref=False),
-                 DecodeOptions(read_ahead=0)):
+                 DecodeOptions(read_ahead=0), DecodeOptions(plan_ahead=False)):
         got, stats = inputs(opts)
         assert len(got) == len(ref)
         for x, y in zip(got, ref):
             np.testing.assert_array_equal(x, y)
         assert stats["frames_converted"] == ref_stats["frames_converted"]
+        # with the planned read-ahead (the default), the thread resized and cropped the
+        # frames the steps wanted (the same function: the inputs above are bit-identical)
+        if opts == DecodeOptions():
+            assert stats["derived"] > 0
+        else:
+            assert stats["derived"] == 0
     assert decode_threads() == []
 
 

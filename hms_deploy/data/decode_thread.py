@@ -12,8 +12,10 @@ Guarantees:
 - **Same items, same order, same errors.** The consumer sees exactly what iterating the
   source directly would give; an exception raised by the source is re-raised in the
   consumer, once, after the items produced before it.
-- **Bounded memory.** At most ``capacity`` produced-but-not-consumed items exist; the
-  producer waits while the queue is full.
+- **Bounded memory.** The produced-but-not-consumed items weigh at most ``capacity``
+  (each item weighs 1, or what ``weight(item)`` says; an item of weight 0, e.g. a
+  marker that holds no frame, never fills the queue); the producer waits while the
+  queue is full.
 - **Pauses where the consumer will not continue.** ``pause_after(item)`` (evaluated in
   the producer thread) may say that the consumer will not want the items after this
   one (e.g. it is about to seek); the producer then waits until the consumer asks for
@@ -44,9 +46,11 @@ _END = object()
 class _Channel:
     """What the producer thread and the consumer share (never the consumer's handle)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, weight: Callable[[object], int] | None = None):
         self.capacity = capacity
-        self.items: deque[object] = deque()
+        self.weight = weight
+        self.load = 0  # total weight of the queued items
+        self.items: deque[tuple[object, int]] = deque()
         self.cond = threading.Condition()
         self.stopped = False  # set by the consumer: stop producing
         self.done = False  # set by the producer: the source ended or failed
@@ -63,17 +67,19 @@ def _produce(
     try:
         while True:
             with channel.cond:
-                while len(channel.items) >= channel.capacity and not channel.stopped:
+                while channel.load >= channel.capacity and not channel.stopped:
                     channel.cond.wait()
                 if channel.stopped:
                     return
             item = next(it, _END)  # the work (decoding) happens outside the lock
             if item is _END:
                 return
+            w = 1 if channel.weight is None else max(0, int(channel.weight(item)))
             with channel.cond:
                 if channel.stopped:
                     return
-                channel.items.append(item)
+                channel.items.append((item, w))
+                channel.load += w
                 channel.cond.notify_all()
             if pause_after is not None and pause_after(item):
                 with channel.cond:
@@ -99,7 +105,8 @@ def _produce(
 
 
 class ReadAhead(Generic[T]):
-    """Iterate ``source`` in a background thread, at most ``capacity`` items ahead.
+    """Iterate ``source`` in a background thread, at most ``capacity`` items ahead
+    (``weight``: what one item counts for, default 1 each; see the module docstring).
 
     Use as an iterator; call :meth:`close` (or use ``with``) when done. ``name`` names
     the thread (``threading.enumerate()`` shows it while it runs).
@@ -112,11 +119,12 @@ class ReadAhead(Generic[T]):
         *,
         name: str = "hms-read-ahead",
         pause_after: Callable[[T], bool] | None = None,
+        weight: Callable[[T], int] | None = None,
     ):
         if capacity < 1:
             raise ValueError(f"read-ahead capacity must be >= 1, got {capacity}")
         self._source: Iterable[T] | None = source
-        self._channel = _Channel(int(capacity))
+        self._channel = _Channel(int(capacity), weight)  # type: ignore[arg-type]
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pause_after = pause_after
@@ -152,7 +160,8 @@ class ReadAhead(Generic[T]):
                 ch.cond.wait()
             ch.wanting = False
             if ch.items:
-                item = ch.items.popleft()
+                item, w = ch.items.popleft()
+                ch.load -= w
                 ch.cond.notify_all()
                 return item  # type: ignore[return-value]
             error, ch.error = ch.error, None
@@ -167,6 +176,7 @@ class ReadAhead(Generic[T]):
         with ch.cond:
             ch.stopped = True
             ch.items.clear()
+            ch.load = 0
             ch.cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -189,4 +199,5 @@ class ReadAhead(Generic[T]):
             with ch.cond:
                 ch.stopped = True
                 ch.items.clear()
+                ch.load = 0
                 ch.cond.notify_all()

@@ -50,6 +50,7 @@ class DecodeStats:
     frames_walked: int = 0
     window_hits: int = 0
     frames_converted_ahead: int = 0
+    frames_derived_ahead: int = 0  # frames :attr:`FrameSource.derive` ran on in the thread
 
     @property
     def frames_skipped(self) -> int:
@@ -85,6 +86,18 @@ class FrameSource:
       seek, an error or ``close`` stops and joins the thread first.
     - :meth:`expect` (before the first read): the frames later reads may ask for; the
       walk then skips non-reference frames outside that set (:mod:`~hms_deploy.data.frame_walk`).
+      With ``read_ahead`` too, the thread converts the expected frames to RGB, and with
+      ``read_ahead_bytes`` it hands over only the frames a read can use (the expected
+      ones, the substitute of an expected frame the stream lacks, the stream's last
+      frame); of every other frame only its index (:class:`Passed`), so it may run
+      ahead as far as ``read_ahead_bytes`` of those frames (decoded + RGB) allow, many
+      steps of a sparse plan. A read of a frame outside the plan still gets that
+      frame: the reader then re-walks from the keyframe before it, handing over every
+      frame from there on.
+    - :attr:`derive` (with ``read_ahead_bytes`` and :meth:`expect`): a function the read-ahead
+      thread also runs on each expected frame it converts (``derive(index, rgb) ->
+      {key: array}``; :class:`~hms_deploy.data.inputs.VideoInputs` resizes and crops
+      there), taken once by the reader with :meth:`take_derived`.
 
     Use as a context manager (the container is opened on first use and closed on exit)::
 
@@ -101,6 +114,7 @@ class FrameSource:
         threads: int = 0,
         retain_frames: int = 0,
         read_ahead: int = 0,
+        read_ahead_bytes: int = 0,
     ) -> None:
         self.info = path if isinstance(path, VideoInfo) else probe(path)
         self.path = self.info.path
@@ -109,6 +123,9 @@ class FrameSource:
         self.threads = int(threads)
         self.retain_frames = int(retain_frames)
         self.read_ahead = int(read_ahead)
+        self.read_ahead_bytes = int(read_ahead_bytes)
+        self._pass_all = False  # a read left the plan: hand over every decoded frame
+        self._thread_seeks = False  # the current walk seeks where the reader would
         self.stats = DecodeStats()
         self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
         self._expected: frozenset[int] | None = None
@@ -123,6 +140,10 @@ class FrameSource:
         self._window: OrderedDict[int, Any] = OrderedDict()
         # RGB of expected frames, converted by the read-ahead thread (popped by the reader)
         self._preconverted: dict[int, np.ndarray] = {}
+        # derive(index, rgb) -> {key: array}: run by the read-ahead thread on the expected
+        # frames it converts (e.g. the resized crops a step will want); taken by the reader
+        self.derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None
+        self._derived: dict[int, dict[str, np.ndarray]] = {}
 
     # -- resources -------------------------------------------------------------------
     def open(self) -> Self:
@@ -145,6 +166,7 @@ class FrameSource:
         if close is not None:
             close()
         self._preconverted.clear()  # the thread is gone: nothing writes here any more
+        self._derived.clear()
 
     def close(self) -> None:
         try:
@@ -184,24 +206,43 @@ class FrameSource:
 
     # -- decoding ----------------------------------------------------------------------
     def _decode_iter(self) -> Iterator[Any]:
-        frames = walk_frames(
-            self._container, self._stream, self.stats, wanted=self._expected, index=self._index
-        )
+        planned = (self.read_ahead > 0 and self._expected is not None
+                   and self.read_ahead_bytes > 0 and not self._pass_all)
+        if planned and self._seek_ok:
+            assert self._expected is not None
+            frames = _walk_seeking(
+                self._container, self._stream, self.stats, self._expected, self._index,
+                self.info.frame_pts, self.info.keyframe_indices, self.seek_threshold,
+            )
+        else:
+            frames = walk_frames(
+                self._container, self._stream, self.stats, wanted=self._expected,
+                index=self._index,
+            )
+        self._thread_seeks = planned and self._seek_ok
         if self.read_ahead > 0:
             pause = None
+            capacity, weight = self.read_ahead, None
             if self._expected is not None:
                 # the thread also converts the frames reads will want (same function)
                 frames = _convert_ahead(
                     frames, self._index, self._expected, self.info.rotation,
-                    self._preconverted, self.stats,
+                    self._preconverted, self.stats, self.derive if planned else None,
+                    self._derived, planned,
                 )
-            if self._expected is not None and self._seek_ok:
-                pause = _pause_before_seeks(
-                    self._index, self._expected, self.info.keyframe_indices, self.seek_threshold
-                )
+                if planned:
+                    capacity = self.read_ahead_bytes
+                    weight = _held_bytes(self.info, self._index, self._preconverted, self._derived)
+                if self._thread_seeks:
+                    pause = _pause_at_end(self._index, self._expected)
+                elif self._seek_ok:
+                    pause = _pause_before_seeks(
+                        self._index, self._expected, self.info.keyframe_indices,
+                        self.seek_threshold,
+                    )
             return ReadAhead(
-                frames, self.read_ahead, name=f"hms-decode:{Path(self.path).name}",
-                pause_after=pause,
+                frames, capacity, name=f"hms-decode:{Path(self.path).name}",
+                pause_after=pause, weight=weight,
             )
         return frames
 
@@ -231,6 +272,23 @@ class FrameSource:
         self._pos = key - 1
         self.stats.seeks += 1
 
+    def _take_thread_seek(self, target: int) -> bool:
+        """Whether the read-ahead thread made the seek to ``target`` this reader is about
+        to make (its next item is that :class:`Seeked`); if so, take it."""
+        if not self._thread_seeks or self._frames is None or not self._seek_ok:
+            return False
+        if target <= self._pos:
+            return False  # backward: the thread only seeks forward
+        item = next(self._frames, None)
+        key = self._keyframe_at_or_before(target)
+        if isinstance(item, Seeked) and item.key == key:
+            self._pos = key - 1
+            self.stats.seeks += 1
+            return True
+        if isinstance(item, Seeked):
+            self.stats.seeks += 1  # a container seek all the same
+        return False  # the caller seeks (and drops the thread's walk)
+
     def _frame_index(self, frame: Any) -> int:
         ts = frame.pts if frame.pts is not None else getattr(frame, "dts", None)
         if ts is not None:
@@ -242,6 +300,17 @@ class FrameSource:
     def _convert(self, frame: Any) -> np.ndarray:
         self.stats.frames_converted += 1
         return _to_rgb(frame, self.info.rotation)
+
+    def take_derived(self, index: int, key: str) -> np.ndarray | None:
+        """What :attr:`derive` made under ``key`` from frame ``index`` in the read-ahead
+        thread, once (None: not made, e.g. no thread, or the frame came from a seek)."""
+        d = self._derived.get(index)
+        if d is None:
+            return None
+        x = d.pop(key, None)
+        if not d:
+            self._derived.pop(index, None)
+        return x
 
     def _remember(self, index: int, rgb: np.ndarray) -> None:
         if self.cache_frames <= 0:
@@ -313,13 +382,23 @@ class FrameSource:
         while j < len(wanted):
             target = wanted[j]
             if self._should_seek(target):
-                self._seek(target)
+                if not self._take_thread_seek(target):
+                    self._seek(target)
                 check_landing = target if self._seek_ok else None
             frame = next(self._frames, None) if self._frames is not None else None
             if frame is None:
                 break  # end of stream
             self._started = True
-            i = self._frame_index(frame)
+            if isinstance(frame, Seeked):
+                # the thread seeked where this reader would not (a read outside the
+                # plan): hand over every frame from now on, from the keyframe before target
+                self.stats.seeks += 1
+                self._pass_all = True
+                self._seek(target)
+                check_landing = target if self._seek_ok else None
+                continue
+            passed = isinstance(frame, Passed)
+            i = frame.index if passed else self._frame_index(frame)
             if check_landing is not None:
                 landed_after = i > check_landing
                 check_landing = None
@@ -329,6 +408,13 @@ class FrameSource:
                     self._seek_ok = False
                     self._seek(target)
                     continue
+            if passed:
+                self._pos = i
+                if i >= target:
+                    # a read outside the plan: this frame's pixels were dropped. Hand
+                    # over every frame from now on; the next turn seeks back to it.
+                    self._pass_all = True
+                continue
             self._pos = i
             self._last_frame = frame
             self._retain(frame)
@@ -351,6 +437,102 @@ class FrameSource:
             for i in wanted[j:]:
                 out[i] = rgb
                 self.stats.substituted += 1
+
+
+class Passed:
+    """A frame the read-ahead thread decoded and did not hand over (no read of the plan
+    can use its pixels): its index and pts only."""
+
+    __slots__ = ("index", "pts")
+
+    def __init__(self, index: int, pts: int | None):
+        self.index = index
+        self.pts = pts
+
+
+class Seeked:
+    """The read-ahead thread seeked to keyframe ``key`` where the reader would (see
+    :func:`_walk_seeking`); the frames after this item are decoded from there."""
+
+    __slots__ = ("key",)
+    pts = None
+
+    def __init__(self, key: int):
+        self.key = key
+
+
+def _held_bytes(
+    info: VideoInfo, index: dict[int, int], store: dict[int, np.ndarray],
+    derived: dict[int, dict[str, np.ndarray]],
+) -> Callable[[Any], int]:
+    """The weight of an item of the planned read-ahead: the bytes it holds. Nothing for
+    a :class:`Passed`; a decoded frame (~1.5 bytes per pixel, YUV 4:2:0) plus, for an
+    expected one, its RGB and what was derived from it (the thread put them in
+    ``store`` / ``derived`` before handing the frame over)."""
+    yuv = max(1, info.width * info.height * 3 // 2)
+
+    def weight(item: Any) -> int:
+        if isinstance(item, (Passed, Seeked)):
+            return 0
+        i = index.get(int(item.pts)) if item.pts is not None else None
+        if i is None:
+            return yuv
+        rgb = store.get(i)
+        extra = sum(x.nbytes for x in derived.get(i, {}).values())
+        return yuv + (0 if rgb is None else rgb.nbytes) + extra
+
+    return weight
+
+
+def _walk_seeking(
+    container: Any, stream: Any, stats: DecodeStats, expected: frozenset[int],
+    index: dict[int, int], frame_pts: np.ndarray, keyframes: np.ndarray, threshold: int,
+) -> Iterator[Any]:
+    """:func:`~hms_deploy.data.frame_walk.walk_frames`, seeking where the reader would
+    (run in the read-ahead thread, which owns the container while it runs).
+
+    After handing over an expected frame ``e``, the next read's target is the next
+    expected frame, and :meth:`FrameSource._should_seek` seeks when the keyframe at or
+    before it lies more than ``threshold`` frames past ``e + 1``. The thread then seeks
+    there itself (the same container call), yields :class:`Seeked` and walks on, instead
+    of waiting for the reader to catch up and seek. The reader checks that the seek is
+    the one it would make, and makes its own otherwise (:meth:`FrameSource._read_forward`).
+    """
+    wanted = np.asarray(sorted(expected), dtype=np.int64)
+    while True:
+        walk = walk_frames(container, stream, stats, wanted=expected, index=index)
+        key = None
+        try:
+            for frame in walk:
+                yield frame
+                i = index.get(int(frame.pts)) if frame.pts is not None else None
+                if i is None or i not in expected:
+                    continue
+                k = int(np.searchsorted(wanted, i, side="right"))
+                if k == wanted.size:
+                    continue  # nothing after this frame can be wanted (the reader stops)
+                nxt = int(wanted[k])
+                key = int(keyframes[np.searchsorted(keyframes, nxt, side="right") - 1])
+                if key - (i + 1) > threshold:
+                    break
+                key = None
+        finally:
+            walk.close()
+        if key is None:
+            return  # end of stream
+        container.seek(int(frame_pts[key]), stream=stream, backward=True, any_frame=False)
+        yield Seeked(key)
+
+
+def _pause_at_end(index: dict[int, int], expected: frozenset[int]) -> Callable[[Any], bool]:
+    """Pause after the last expected frame: no read can want what follows."""
+    last = max(expected) if expected else -1
+
+    def pause_after(frame: Any) -> bool:
+        i = index.get(int(frame.pts)) if frame.pts is not None else None
+        return i is not None and i >= last
+
+    return pause_after
 
 
 def _pause_before_seeks(
@@ -396,12 +578,56 @@ def _convert_ahead(
     rotation: int,
     store: dict[int, np.ndarray],
     stats: DecodeStats,
+    derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None,
+    derived: dict[int, dict[str, np.ndarray]] | None = None,
+    usable_only: bool = False,
 ) -> Iterator[Any]:
-    """Pass ``frames`` through, converting the expected ones to RGB into ``store`` first
-    (runs in the read-ahead thread; the reader pops what it consumes)."""
+    """Pass ``frames`` on, converting the expected ones to RGB into ``store`` first (and,
+    with ``derive``, what it makes of them into ``derived``); runs in the read-ahead
+    thread, the reader pops what it consumes.
+
+    ``usable_only``: hand over only the frames a read of ``expected`` can use, a
+    :class:`Passed` for the others. The reader serves a target with the first decoded
+    frame at or after it, so a frame is usable when an expected frame lies after the
+    previous decoded frame and at or before it (the expected frame itself, or its
+    substitute when the stream lacks it), when it is the first of the walk or has no
+    known index, and when it is the last frame of the stream (the substitute of every
+    target past the end): each other frame is held back until the next one arrives,
+    then passed on as a :class:`Passed`.
+    """
+    wanted = np.asarray(sorted(expected), dtype=np.int64)
+    prev: int | None = None  # index of the previous decoded frame of this walk
+    held: Any = None  # the last frame so far, not usable unless the stream ends here
     for frame in frames:
+        if held is not None:
+            yield Passed(index[int(held.pts)], int(held.pts))
+            held = None
+        if isinstance(frame, Seeked):
+            prev = None  # the walk starts again at a keyframe
+            yield frame
+            continue
         i = index.get(int(frame.pts)) if frame.pts is not None else None
-        if i is not None and i in expected:
-            store[i] = _to_rgb(frame, rotation)
+        if i is None:
+            prev = None
+            yield frame
+            continue
+        if i in expected:
+            rgb = _to_rgb(frame, rotation)
+            if derive is not None and derived is not None:
+                d = derive(i, rgb)
+                if d:
+                    derived[i] = d
+                    stats.frames_derived_ahead += 1  # only this thread writes this counter
+            store[i] = rgb
             stats.frames_converted_ahead += 1  # only this thread writes this counter
-        yield frame
+        usable = not usable_only or prev is None or i <= prev
+        if not usable:
+            k = int(np.searchsorted(wanted, prev, side="right"))
+            usable = k < wanted.size and int(wanted[k]) <= i
+        prev = i
+        if usable:
+            yield frame
+        else:
+            held = frame
+    if held is not None:
+        yield held

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.data.resize import resize_center_crop_batch
+from hms_deploy.data.resize import resize_center_crop, resize_center_crop_batch
 from hms_deploy.data.sampling import StepSampler
 from hms_deploy.data.video import FrameSource, VideoInfo, decode_audio, probe
 
@@ -78,6 +78,39 @@ class VideoInputs:
         m = np.asarray(motion).reshape(-1) != 0
         frames = np.concatenate([s.appearance_indices[a], s.motion_indices[m].reshape(-1)])
         self.source.expect(frames)
+        # the read-ahead thread (if any) also resizes and crops what the steps will want,
+        # with the same function, so the step loop only stacks them
+        a_frames = frozenset(s.appearance_indices[a].tolist())
+        m_frames = frozenset(s.motion_indices[m].reshape(-1).tolist())
+
+        def derive(i: int, rgb: np.ndarray) -> dict[str, np.ndarray]:
+            out = {}
+            if i in a_frames:
+                out["appearance"] = resize_center_crop(rgb, s.appearance_resize, s.appearance_crop)
+            if i in m_frames:
+                out["motion"] = resize_center_crop(rgb, s.motion_resize, s.motion_crop)
+            return out
+
+        self.source.derive = derive
+
+    def _resized(self, frames: dict[int, np.ndarray], which: str) -> dict[int, np.ndarray]:
+        """``frames`` (index -> RGB, from a read) resized and cropped for ``which``
+        (appearance / motion): what the read-ahead thread made, the rest resized here."""
+        src, s = self._source(), self.sampler
+        out: dict[int, np.ndarray] = {}
+        rest = []
+        for i in sorted(frames):
+            x = src.take_derived(i, which)
+            if x is None:
+                rest.append(i)
+            else:
+                out[i] = x
+        if rest:
+            size = ((s.appearance_resize, s.appearance_crop) if which == "appearance"
+                    else (s.motion_resize, s.motion_crop))
+            for i, x in zip(rest, resize_center_crop_batch([frames[i] for i in rest], *size)):
+                out[i] = x
+        return out
 
     def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
         """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`);
@@ -107,7 +140,9 @@ class VideoInputs:
         if self.frames is not None:
             x = self.frames[np.asarray(steps, dtype=np.int64)]
         else:
-            x = self.sampler.appearance_inputs(self._source(), steps)
+            idx = self.sampler.appearance_indices[np.asarray(steps, dtype=np.int64)]
+            resized = self._resized(self._source().read(idx), "appearance")
+            x = np.stack([resized[i] for i in idx.tolist()])
         self.appearance_frames += len(steps)
         return x
 
@@ -120,12 +155,7 @@ class VideoInputs:
         cache = self._motion_frames
         need = [i for i in np.unique(idx).tolist() if i not in cache]
         if need:
-            frames = self._source().read(need)
-            resized = resize_center_crop_batch(
-                [frames[i] for i in need], self.sampler.motion_resize, self.sampler.motion_crop
-            )
-            for i, x in zip(need, resized):
-                cache[i] = x
+            cache.update(self._resized(self._source().read(need), "motion"))
         for i in idx.tolist():
             cache.move_to_end(i)
         clip = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
