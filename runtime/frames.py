@@ -82,7 +82,9 @@ class DecodeOptions:
     only the frames the plan's steps can use, converted to RGB, resized and cropped
     (the rest as bare indices), so it runs ahead as far as :data:`READ_AHEAD_BYTES` of
     those frames allow (many steps of a sparse plan) instead of a count of decoded
-    frames.
+    frames; it seeks where the step loop would, instead of pausing there; and for a
+    forced policy (whose plan does not depend on the audio) it starts before the audio
+    path runs.
     """
 
     read_ahead: int | None = None

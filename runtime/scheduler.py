@@ -181,16 +181,29 @@ class _BatchRun:
         )
         self.audio_done = 0  # steps [0, audio_done) of every active video have their audio path
         self.patches: list[np.ndarray] = []
-        for v in self.videos:
-            with timer.host_section("decode"):
-                wave = v.inputs.decode_audio(keep_partial=opts.allow_truncated)
-            with timer.host_section("audio"):
-                self.patches.append(v.inputs.audio_patches(wave))
-        for video, (_, warnings) in zip(self.videos, checked):
-            video.plan = plan_video(video.inputs, opts.policy, opts.no_audio, T)
-            video.plan.warnings[:0] = warnings
-            # frames no step can want (the plan's 0s; GATE may run): the decoder may skip them
-            video.inputs.plan(video.plan.appearance, video.plan.motion)
+        try:
+            if opts.policy.forced:
+                # a forced plan does not depend on the audio: the decode threads start now
+                # and work while the audio is decoded and its path runs
+                plan_a, plan_m = opts.policy.tier_plans(T)
+                for v in self.videos:
+                    v.inputs.plan(plan_a, plan_m)
+                    v.inputs.start_decoding()
+            for v in self.videos:
+                with timer.host_section("decode"):
+                    wave = v.inputs.decode_audio(keep_partial=opts.allow_truncated)
+                with timer.host_section("audio"):
+                    self.patches.append(v.inputs.audio_patches(wave))
+            for video, (_, warnings) in zip(self.videos, checked):
+                video.plan = plan_video(video.inputs, opts.policy, opts.no_audio, T)
+                video.plan.warnings[:0] = warnings
+                # frames no step can want (the plan's 0s; GATE may run): the decoder may
+                # skip them (the same plan as above for a forced policy: a no-op)
+                video.inputs.plan(video.plan.appearance, video.plan.motion)
+        except BaseException:
+            for v in self.videos:
+                v.inputs.close()  # no decode thread outlives a video that failed here
+            raise
         self.ahead = appearance_ahead(es, self.videos, opts, timer)
         self.state = gating.GatedState.zeros(
             n, cfg.hidden_appearance, cfg.hidden_motion, device=dev

@@ -467,3 +467,44 @@ def test_records_are_identical_with_and_without_the_new_decoder(policy, budget_s
     if policy == "rates:0.5,0.25":
         assert after["stats"]["frames_decoded"] < before["stats"]["frames_decoded"]
     assert decode_threads() == []
+
+
+def test_a_forced_plan_starts_decoding_before_the_first_read():
+    a = assets()
+    cfg = tiny_config(6)
+    plan_a, plan_m = parse_policy("rates:0.5,0.25").plan(16)
+    vi = open_video(a.long, cfg, 16)
+    try:
+        vi.plan(plan_a, plan_m)
+        vi.start_decoding()
+        assert vi.source is not None
+        for _ in range(300):  # the thread decodes while nobody reads
+            if vi.source.stats.frames_converted_ahead > 0:
+                break
+            time.sleep(0.01)
+        assert vi.source.stats.frames_converted_ahead > 0
+        vi.plan(plan_a, plan_m)  # the same plan again: a no-op, the walk goes on
+        first = vi.appearance(0)
+    finally:
+        vi.close()
+    ref = open_video(a.long, cfg, 16, decode=DecodeOptions(read_ahead=0, skip_nonref=False))
+    try:
+        np.testing.assert_array_equal(first, ref.appearance(0))
+    finally:
+        ref.close()
+    assert decode_threads() == []
+
+
+def test_no_decode_thread_outlives_a_video_refused_before_its_first_step():
+    from hms_deploy.runtime.session import Session
+
+    a = assets()
+    with Session(checkpoint=a.checkpoint) as s:
+        # a forced policy starts the decode thread before the audio is decoded; the
+        # silent video is then refused (--no-audio-policy error): its thread is stopped
+        with pytest.raises(VideoError, match="no audio track"):
+            s.classify(a.silent, policy="rates:1,1", no_audio_policy="error")
+        assert decode_threads() == []
+        rec = s.classify(a.long, policy="rates:1,1")  # the session still works
+        assert rec["usage"]["appearance"] > 0
+    assert decode_threads() == []

@@ -21,8 +21,8 @@ Guarantees:
   one (e.g. it is about to seek); the producer then waits until the consumer asks for
   more with an empty queue, or closes. It only saves work: when the prediction is wrong,
   the consumer's next ``next()`` resumes the producer and gets the same items.
-- **Lazy start.** The thread starts on the first ``next()``: a source nobody reads is
-  never touched (an ``audio-only`` run opens no decoder thread).
+- **Lazy start.** The thread starts on the first ``next()`` (or :meth:`ReadAhead.start`):
+  a source nobody reads is never touched (an ``audio-only`` run opens no decoder thread).
 - **Clean shutdown.** :meth:`ReadAhead.close` (early stop, a seek, an error in the
   consumer, ``with`` exit) wakes the producer, drops the queued items, closes the source
   *in the producer thread* (a generator's ``finally`` runs there) and joins it. After
@@ -146,13 +146,7 @@ class ReadAhead(Generic[T]):
         if self._closed:
             raise StopIteration
         ch = self._channel
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=_produce, args=(ch, self._source, self._pause_after), name=self.name,
-                daemon=True,
-            )
-            self._source = None  # the thread owns it now
-            self._thread.start()
+        self.start()
         with ch.cond:
             while not ch.items and not ch.done:
                 ch.wanting = True
@@ -168,6 +162,18 @@ class ReadAhead(Generic[T]):
         if error is not None:
             raise error
         raise StopIteration
+
+    def start(self) -> None:
+        """Start the producer now instead of on the first ``next()`` (no-op once started
+        or closed)."""
+        if self._thread is not None or self._closed:
+            return
+        self._thread = threading.Thread(
+            target=_produce, args=(self._channel, self._source, self._pause_after),
+            name=self.name, daemon=True,
+        )
+        self._source = None  # the thread owns it now
+        self._thread.start()
 
     def close(self) -> None:
         """Stop the producer, drop queued items, wait until the source is closed."""

@@ -159,6 +159,14 @@ class FrameSource:
             self._pos = -1
         return self
 
+    def start(self) -> None:
+        """Open the file and, with ``read_ahead``, start the decode thread now, so that it
+        decodes while the caller does other work (after :meth:`expect`; reads as usual)."""
+        self.open()
+        starter = getattr(self._frames, "start", None)
+        if starter is not None:
+            starter()
+
     def _stop_frames(self) -> None:
         """Stop the walk (and join its thread) before anyone else touches the container."""
         frames, self._frames = self._frames, None
@@ -184,6 +192,11 @@ class FrameSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def expected(self) -> frozenset[int] | None:
+        """The frames declared by :meth:`expect` (None: any frame)."""
+        return self._expected
+
     def expect(self, frame_indices: Sequence[int] | np.ndarray | None) -> None:
         """Declare every frame that reads of this source will ask for (None: any frame).
 
@@ -192,14 +205,13 @@ class FrameSource:
         later read of a frame outside the set is still served, but may get a
         substitute (the next decoded frame) if that frame was skipped.
         """
+        new = (None if frame_indices is None else
+               frozenset(np.asarray(frame_indices, dtype=np.int64).reshape(-1).tolist()))
+        if new is not None and new == self._expected:
+            return  # the same plan again (e.g. declared before decoding started, and after)
         if self._started:
             raise RuntimeError(f"{self.path}: expect() must come before the first read")
-        if frame_indices is None:
-            self._expected = None
-        else:
-            self._expected = frozenset(
-                np.asarray(frame_indices, dtype=np.int64).reshape(-1).tolist()
-            )
+        self._expected = new
         if self._container is not None:
             self._stop_frames()
             self._frames = self._decode_iter()

@@ -70,14 +70,13 @@ class VideoInputs:
         """Declare, before the first step, which steps may run each backbone (``(T,)``,
         nonzero: the step may run it). With ``skip_nonref`` the decoder then skips the
         non-reference frames that none of those steps' inputs contain; the frames used
-        do not change."""
+        do not change. Declaring the same plan again is a no-op."""
         if not self.skip_nonref or self.source is None:
             return
         s = self.sampler
         a = np.asarray(appearance).reshape(-1) != 0
         m = np.asarray(motion).reshape(-1) != 0
         frames = np.concatenate([s.appearance_indices[a], s.motion_indices[m].reshape(-1)])
-        self.source.expect(frames)
         # the read-ahead thread (if any) also resizes and crops what the steps will want,
         # with the same function, so the step loop only stacks them
         a_frames = frozenset(s.appearance_indices[a].tolist())
@@ -91,7 +90,17 @@ class VideoInputs:
                 out["motion"] = resize_center_crop(rgb, s.motion_resize, s.motion_crop)
             return out
 
-        self.source.derive = derive
+        if self.source.expected is None:  # a walk already under way keeps its function
+            self.source.derive = derive
+        self.source.expect(frames)
+
+    def start_decoding(self) -> None:
+        """Start decoding now (after :meth:`plan`, when the planned read-ahead is on and
+        the plan has frames to decode), so that the thread works while the audio path runs."""
+        src = self.source
+        if src is None or src.read_ahead <= 0 or src.read_ahead_bytes <= 0 or not src.expected:
+            return
+        src.start()
 
     def _resized(self, frames: dict[int, np.ndarray], which: str) -> dict[int, np.ndarray]:
         """``frames`` (index -> RGB, from a read) resized and cropped for ``which``
