@@ -508,3 +508,37 @@ def test_no_decode_thread_outlives_a_video_refused_before_its_first_step():
         rec = s.classify(a.long, policy="rates:1,1")  # the session still works
         assert rec["usage"]["appearance"] > 0
     assert decode_threads() == []
+
+
+def test_frames_a_gate_may_skip_are_not_converted_ahead():
+    from hms_deploy.runtime.policy import GATE
+
+    a = assets()
+    cfg = tiny_config(6)
+    steps = 16
+    app = np.full(steps, GATE, dtype=np.int64)  # the learned gate decides every step
+    app[::4] = 1  # ... except these, which run the backbone whatever it says
+    mot = np.zeros(steps, dtype=np.int64)
+    reads = [0, 3, 4, 9, 12]
+
+    def inputs(opts: DecodeOptions):
+        vi = open_video(a.long, cfg, steps, decode=opts)
+        try:
+            vi.plan(app, mot)
+            out = [vi.appearance(t) for t in reads]
+            assert vi.source is not None
+            return out, vi.source.stats
+        finally:
+            vi.close()
+
+    ref, _ = inputs(DecodeOptions(read_ahead=0, skip_nonref=False))
+    got, st = inputs(DecodeOptions())
+    for x, y in zip(got, ref):
+        np.testing.assert_array_equal(x, y)
+    # only the frames of the steps that surely run (0, 4, 12 among the reads) were
+    # converted and resized ahead; the gate's steps 3 and 9 were converted when read
+    n_sure = int((app == 1).sum())  # 4 steps; their frames are distinct on this video
+    assert 3 <= st.frames_converted_ahead <= n_sure
+    assert 3 <= st.frames_derived_ahead <= n_sure
+    assert st.frames_converted == 2  # steps 3 and 9, in the step loop
+    assert decode_threads() == []

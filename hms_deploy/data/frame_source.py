@@ -129,6 +129,7 @@ class FrameSource:
         self.stats = DecodeStats()
         self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
         self._expected: frozenset[int] | None = None
+        self._sure: frozenset[int] | None = None  # expected frames reads will ask for
         self._container: Any = None
         self._stream: Any = None
         self._frames: Iterator[Any] | None = None
@@ -197,21 +198,27 @@ class FrameSource:
         """The frames declared by :meth:`expect` (None: any frame)."""
         return self._expected
 
-    def expect(self, frame_indices: Sequence[int] | np.ndarray | None) -> None:
-        """Declare every frame that reads of this source will ask for (None: any frame).
+    def expect(self, frame_indices: Sequence[int] | np.ndarray | None, *,
+               sure: Sequence[int] | np.ndarray | None = None) -> None:
+        """Declare every frame that reads of this source may ask for (None: any frame).
 
         The forward walk then skips the non-reference frames outside this set (they are
         never converted, and no other frame needs them). Call before the first read; a
         later read of a frame outside the set is still served, but may get a
-        substitute (the next decoded frame) if that frame was skipped.
+        substitute (the next decoded frame) if that frame was skipped. ``sure``: the
+        frames among them that reads *will* ask for (default: all); only these are
+        converted (and derived) ahead by the read-ahead thread, so frames that a learned
+        gate may never want cost no conversion.
         """
         new = (None if frame_indices is None else
                frozenset(np.asarray(frame_indices, dtype=np.int64).reshape(-1).tolist()))
-        if new is not None and new == self._expected:
+        sure_set = (new if sure is None or new is None else
+                    frozenset(np.asarray(sure, dtype=np.int64).reshape(-1).tolist()) & new)
+        if new is not None and new == self._expected and sure_set == self._sure:
             return  # the same plan again (e.g. declared before decoding started, and after)
         if self._started:
             raise RuntimeError(f"{self.path}: expect() must come before the first read")
-        self._expected = new
+        self._expected, self._sure = new, sure_set
         if self._container is not None:
             self._stop_frames()
             self._frames = self._decode_iter()
@@ -240,7 +247,7 @@ class FrameSource:
                 frames = _convert_ahead(
                     frames, self._index, self._expected, self.info.rotation,
                     self._preconverted, self.stats, self.derive if planned else None,
-                    self._derived, planned,
+                    self._derived, planned, self._sure,
                 )
                 if planned:
                     capacity = self.read_ahead_bytes
@@ -593,10 +600,11 @@ def _convert_ahead(
     derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None,
     derived: dict[int, dict[str, np.ndarray]] | None = None,
     usable_only: bool = False,
+    sure: frozenset[int] | None = None,
 ) -> Iterator[Any]:
-    """Pass ``frames`` on, converting the expected ones to RGB into ``store`` first (and,
-    with ``derive``, what it makes of them into ``derived``); runs in the read-ahead
-    thread, the reader pops what it consumes.
+    """Pass ``frames`` on, converting the ``sure`` ones (default: the expected ones) to
+    RGB into ``store`` first (and, with ``derive``, what it makes of them into
+    ``derived``); runs in the read-ahead thread, the reader pops what it consumes.
 
     ``usable_only``: hand over only the frames a read of ``expected`` can use, a
     :class:`Passed` for the others. The reader serves a target with the first decoded
@@ -608,6 +616,7 @@ def _convert_ahead(
     then passed on as a :class:`Passed`.
     """
     wanted = np.asarray(sorted(expected), dtype=np.int64)
+    convert = expected if sure is None else sure
     prev: int | None = None  # index of the previous decoded frame of this walk
     held: Any = None  # the last frame so far, not usable unless the stream ends here
     for frame in frames:
@@ -623,7 +632,7 @@ def _convert_ahead(
             prev = None
             yield frame
             continue
-        if i in expected:
+        if i in convert:
             rgb = _to_rgb(frame, rotation)
             if derive is not None and derived is not None:
                 d = derive(i, rgb)

@@ -67,20 +67,22 @@ class VideoInputs:
         return float(self.info.duration_s)
 
     def plan(self, appearance: np.ndarray, motion: np.ndarray) -> None:
-        """Declare, before the first step, which steps may run each backbone (``(T,)``,
-        nonzero: the step may run it). With ``skip_nonref`` the decoder then skips the
-        non-reference frames that none of those steps' inputs contain; the frames used
-        do not change. Declaring the same plan again is a no-op."""
+        """Declare, before the first step, which steps may run each backbone (``(T,)``:
+        1 the step runs it, another nonzero value (a learned gate's step) it may, 0 it
+        does not). With ``skip_nonref`` the decoder then skips the non-reference frames
+        that none of those steps' inputs contain, and its read-ahead thread converts,
+        resizes and crops ahead the frames of the steps that run a backbone; the frames
+        used do not change. Declaring the same plan again is a no-op."""
         if not self.skip_nonref or self.source is None:
             return
         s = self.sampler
-        a = np.asarray(appearance).reshape(-1) != 0
-        m = np.asarray(motion).reshape(-1) != 0
+        app, mot = np.asarray(appearance).reshape(-1), np.asarray(motion).reshape(-1)
+        a, m = app != 0, mot != 0
         frames = np.concatenate([s.appearance_indices[a], s.motion_indices[m].reshape(-1)])
         # the read-ahead thread (if any) also resizes and crops what the steps will want,
         # with the same function, so the step loop only stacks them
-        a_frames = frozenset(s.appearance_indices[a].tolist())
-        m_frames = frozenset(s.motion_indices[m].reshape(-1).tolist())
+        a_frames = frozenset(s.appearance_indices[app == 1].tolist())
+        m_frames = frozenset(s.motion_indices[mot == 1].reshape(-1).tolist())
 
         def derive(i: int, rgb: np.ndarray) -> dict[str, np.ndarray]:
             out = {}
@@ -92,7 +94,7 @@ class VideoInputs:
 
         if self.source.expected is None:  # a walk already under way keeps its function
             self.source.derive = derive
-        self.source.expect(frames)
+        self.source.expect(frames, sure=sorted(a_frames | m_frames))
 
     def start_decoding(self) -> None:
         """Start decoding now (after :meth:`plan`, when the planned read-ahead is on and
