@@ -294,5 +294,11 @@ def decode_audio(
 
 
 # FrameSource lives in its own module (it needs probe() and _open() from this one);
-# re-exported here, where callers have always imported it from.
-from hms_deploy.data.frame_source import DecodeStats, FrameSource  # noqa: F401
+# re-exported here, where callers have always imported it from, lazily (PEP 562), so that
+# either module can be imported first.
+def __getattr__(name: str) -> Any:
+    if name in ("DecodeStats", "FrameSource"):
+        from hms_deploy.data import frame_source
+
+        return getattr(frame_source, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
