@@ -72,6 +72,12 @@ def probe_checked(path: str, *, allow_truncated: bool) -> tuple[VideoInfo, list[
     return check_truncation(info, allow_truncated=allow_truncated)
 
 
+def plan_before_audio(policy: Policy, steps: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The plan :func:`plan_video` will return, where it is known before the audio is
+    decoded (a forced policy: the same decisions with or without audio), else None."""
+    return policy.tier_plans(steps) if policy.forced else None
+
+
 def plan_video(
     inputs: VideoInputs, policy: Policy, no_audio: Policy | None, steps: int
 ) -> VideoPlan:

@@ -60,7 +60,7 @@ from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
 from hms_deploy.runtime.appearance_ahead import appearance_ahead, read_ahead_steps
 from hms_deploy.runtime.audio_path import run_audio_path
-from hms_deploy.runtime.checks import plan_video, probe_checked
+from hms_deploy.runtime.checks import plan_before_audio, plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunOptions, resolve_options
@@ -182,12 +182,12 @@ class _BatchRun:
         self.audio_done = 0  # steps [0, audio_done) of every active video have their audio path
         self.patches: list[np.ndarray] = []
         try:
-            if opts.policy.forced:
-                # a forced plan does not depend on the audio: the decode threads start now
-                # and work while the audio is decoded and its path runs
-                plan_a, plan_m = opts.policy.tier_plans(T)
+            early = plan_before_audio(opts.policy, T)
+            if early is not None:
+                # the decode threads start now and work while the audio is decoded and
+                # its path runs
                 for v in self.videos:
-                    v.inputs.plan(plan_a, plan_m)
+                    v.inputs.plan(*early)
                     v.inputs.start_decoding()
             for v in self.videos:
                 with timer.host_section("decode"):

@@ -3,16 +3,17 @@
 
 Frames are identified by their index in presentation (pts) order (see
 :func:`~hms_deploy.data.video.probe`) and returned as uint8 RGB ``(H, W, 3)`` with the
-container's display rotation applied. The forward walk is :mod:`hms_deploy.data.frame_walk`
-(non-reference frames no read can want are skipped); the optional background decoding
-is :mod:`hms_deploy.data.decode_thread`.
+container's display rotation applied. The forward walk, the seek rule and the counters
+are :mod:`hms_deploy.data.frame_walk` (non-reference frames no read can want are
+skipped); the optional background decoding is :mod:`hms_deploy.data.decode_thread`, and
+its side of a planned read-ahead (usable frames only, converted and resized, seeking
+where the reader would) :mod:`hms_deploy.data.plan_ahead`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,51 +21,25 @@ import numpy as np
 from typing_extensions import Self
 
 from hms_deploy.data.decode_thread import ReadAhead
-from hms_deploy.data.frame_walk import walk_frames
+from hms_deploy.data.frame_walk import (
+    DecodeStats,
+    keyframe_at_or_before,
+    seek_key,
+    seek_to,
+    walk_frames,
+)
 from hms_deploy.data.plan_ahead import (
     Passed,
     Seeked,
-    _convert_ahead,
-    _held_bytes,
-    _pause_at_end,
-    _pause_before_seeks,
-    _to_rgb,
-    _walk_seeking,
+    convert_ahead,
+    held_bytes,
+    pause_at_end,
+    pause_before_seeks,
+    to_rgb,
+    walk_seeking,
 )
 from hms_deploy.data.video import VideoInfo, _open, probe
 from hms_deploy.errors import VideoError, first_line
-
-
-@dataclass
-class DecodeStats:
-    """Counters of a :class:`FrameSource` since it was created.
-
-    ``frames_walked``: packets handed to the decoder; ``frames_decoded``: frames the
-    decoder produced (with read-ahead, also frames decoded ahead that a seek or ``close``
-    then dropped); ``frames_skipped``: walked minus decoded (non-reference frames skipped
-    because no read can want them, see :meth:`FrameSource.expect`, plus frames still
-    inside the decoder when a seek or ``close`` flushed it); ``frames_converted``: frames
-    converted to RGB by the reader, ``frames_converted_ahead`` by the read-ahead thread
-    (frames a plan expects, :meth:`FrameSource.expect`); ``seeks``: container seeks; ``cache_hits``: requested frames served
-    from the RGB cache; ``window_hits``: requested frames converted from the window of
-    retained decoded frames; ``substituted``: requested frames the decoder never produced
-    (a damaged stream) and that got the next decodable frame instead (the last one at the
-    end of the stream).
-    """
-
-    frames_decoded: int = 0
-    frames_converted: int = 0
-    seeks: int = 0
-    cache_hits: int = 0
-    substituted: int = 0
-    frames_walked: int = 0
-    window_hits: int = 0
-    frames_converted_ahead: int = 0
-    frames_derived_ahead: int = 0  # frames :attr:`FrameSource.derive` ran on in the thread
-
-    @property
-    def frames_skipped(self) -> int:
-        return max(0, self.frames_walked - self.frames_decoded)
 
 
 class FrameSource:
@@ -239,7 +214,7 @@ class FrameSource:
                    and self.read_ahead_bytes > 0 and not self._pass_all)
         if planned and self._seek_ok:
             assert self._expected is not None
-            frames = _walk_seeking(
+            frames = walk_seeking(
                 self._container, self._stream, self.stats, self._expected, self._index,
                 self.info.frame_pts, self.info.keyframe_indices, self.seek_threshold,
             )
@@ -254,18 +229,18 @@ class FrameSource:
             capacity, weight = self.read_ahead, None
             if self._expected is not None:
                 # the thread also converts the frames reads will want (same function)
-                frames = _convert_ahead(
+                frames = convert_ahead(
                     frames, self._index, self._expected, self.info.rotation,
                     self._preconverted, self.stats, self.derive if planned else None,
                     self._derived, planned, self._sure,
                 )
                 if planned:
                     capacity = self.read_ahead_bytes
-                    weight = _held_bytes(self.info, self._index, self._preconverted, self._derived)
+                    weight = held_bytes(self.info, self._index, self._preconverted, self._derived)
                 if self._thread_seeks:
-                    pause = _pause_at_end(self._index, self._expected)
+                    pause = pause_at_end(self._index, self._expected)
                 elif self._seek_ok:
-                    pause = _pause_before_seeks(
+                    pause = pause_before_seeks(
                         self._index, self._expected, self.info.keyframe_indices,
                         self.seek_threshold,
                     )
@@ -276,16 +251,15 @@ class FrameSource:
         return frames
 
     def _keyframe_at_or_before(self, index: int) -> int:
-        k = self.info.keyframe_indices
-        return int(k[np.searchsorted(k, index, side="right") - 1])
+        return keyframe_at_or_before(self.info.keyframe_indices, index)
 
     def _should_seek(self, target: int) -> bool:
         if target <= self._pos:
             return True  # backward: only a seek (or a reopen) gets there
         if not self._seek_ok:
             return False
-        key = self._keyframe_at_or_before(target)
-        return key - (self._pos + 1) > self.seek_threshold
+        return seek_key(self._pos, target, self.info.keyframe_indices,
+                        self.seek_threshold) is not None
 
     def _seek(self, target: int) -> None:
         if not self._seek_ok:
@@ -294,9 +268,7 @@ class FrameSource:
             return
         self._stop_frames()
         key = self._keyframe_at_or_before(target)
-        self._container.seek(
-            int(self.info.frame_pts[key]), stream=self._stream, backward=True, any_frame=False
-        )
+        seek_to(self._container, self._stream, self.info.frame_pts, key)
         self._frames = self._decode_iter()
         self._pos = key - 1
         self.stats.seeks += 1
@@ -328,7 +300,7 @@ class FrameSource:
 
     def _convert(self, frame: Any) -> np.ndarray:
         self.stats.frames_converted += 1
-        return _to_rgb(frame, self.info.rotation)
+        return to_rgb(frame, self.info.rotation)
 
     def take_derived(self, index: int, key: str) -> np.ndarray | None:
         """What :attr:`derive` made under ``key`` from frame ``index`` in the read-ahead

@@ -12,7 +12,7 @@ are decoded whatever ``wanted`` says, so every decoded frame is bit-identical to
 decode's. ``wanted=None`` decodes everything. A packet without a timestamp, or whose
 timestamp :func:`~hms_deploy.data.video.probe` did not see, is decoded.
 
-Counters (in :class:`~hms_deploy.data.video.DecodeStats`): ``frames_walked`` = packets
+Counters (in :class:`DecodeStats`): ``frames_walked`` = packets
 handed to the decoder, ``frames_decoded`` = frames it returned. The walk runs in the
 caller's thread or in a :class:`~hms_deploy.data.decode_thread.ReadAhead` thread; it
 holds references to the container and the counters only, never to the FrameSource.
@@ -21,18 +21,51 @@ holds references to the container and the counters only, never to the FrameSourc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
-class WalkCounters(Protocol):
-    frames_walked: int
-    frames_decoded: int
+@dataclass
+class DecodeStats:
+    """Counters of a :class:`~hms_deploy.data.frame_source.FrameSource` (and its walks)
+    since it was created.
+
+    ``frames_walked``: packets handed to the decoder; ``frames_decoded``: frames the
+    decoder produced (with read-ahead, also frames decoded ahead that a seek or ``close``
+    then dropped); ``frames_skipped``: walked minus decoded (non-reference frames skipped
+    because no read can want them, see ``FrameSource.expect``, plus frames still inside
+    the decoder when a seek or ``close`` flushed it); ``frames_converted``: frames
+    converted to RGB by the reader, ``frames_converted_ahead`` by the read-ahead thread
+    (the frames a plan surely reads), ``frames_derived_ahead`` those the thread also
+    resized (``FrameSource.derive``); ``seeks``: container seeks (the reader's, and the
+    thread's where the reader took them); ``cache_hits``: requested frames served from
+    the RGB cache; ``window_hits``: requested frames converted from the window of
+    retained decoded frames; ``substituted``: requested frames the decoder never produced
+    (a damaged stream) and that got the next decodable frame instead (the last one at the
+    end of the stream).
+    """
+
+    frames_decoded: int = 0
+    frames_converted: int = 0
+    seeks: int = 0
+    cache_hits: int = 0
+    substituted: int = 0
+    frames_walked: int = 0
+    window_hits: int = 0
+    frames_converted_ahead: int = 0
+    frames_derived_ahead: int = 0
+
+    @property
+    def frames_skipped(self) -> int:
+        return max(0, self.frames_walked - self.frames_decoded)
 
 
 def walk_frames(
     container: Any,
     stream: Any,
-    counters: WalkCounters,
+    counters: DecodeStats,
     *,
     wanted: frozenset[int] | None = None,
     index: dict[int, int] | None = None,
@@ -59,3 +92,21 @@ def walk_frames(
         for frame in packet.decode():
             counters.frames_decoded += 1
             yield frame
+
+
+def keyframe_at_or_before(keyframes: np.ndarray, index: int) -> int:
+    """The index of the last keyframe at or before frame ``index`` (``keyframes``: sorted
+    keyframe indices, starting at 0)."""
+    return int(keyframes[np.searchsorted(keyframes, index, side="right") - 1])
+
+
+def seek_key(pos: int, target: int, keyframes: np.ndarray, threshold: int) -> int | None:
+    """The forward seek rule: the keyframe to seek to for ``target`` (> ``pos``, the last
+    frame taken) when it lies more than ``threshold`` frames past ``pos + 1``; None: walk."""
+    key = keyframe_at_or_before(keyframes, target)
+    return key if key - (pos + 1) > threshold else None
+
+
+def seek_to(container: Any, stream: Any, frame_pts: np.ndarray, key: int) -> None:
+    """Seek the container to keyframe ``key`` (by its pts; PyAV flushes the decoder)."""
+    container.seek(int(frame_pts[key]), stream=stream, backward=True, any_frame=False)

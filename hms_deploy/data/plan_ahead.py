@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hms_deploy.data.frame_walk import walk_frames
+from hms_deploy.data.frame_walk import DecodeStats, seek_key, seek_to, walk_frames
 
 if TYPE_CHECKING:
-    from hms_deploy.data.frame_source import DecodeStats
     from hms_deploy.data.video import VideoInfo
 
 
@@ -33,7 +32,7 @@ class Passed:
 
 class Seeked:
     """The read-ahead thread seeked to keyframe ``key`` where the reader would (see
-    :func:`_walk_seeking`); the frames after this item are decoded from there."""
+    :func:`walk_seeking`); the frames after this item are decoded from there."""
 
     __slots__ = ("key",)
     pts = None
@@ -42,7 +41,7 @@ class Seeked:
         self.key = key
 
 
-def _held_bytes(
+def held_bytes(
     info: VideoInfo, index: dict[int, int], store: dict[int, np.ndarray],
     derived: dict[int, dict[str, np.ndarray]],
 ) -> Callable[[Any], int]:
@@ -65,7 +64,7 @@ def _held_bytes(
     return weight
 
 
-def _walk_seeking(
+def walk_seeking(
     container: Any, stream: Any, stats: DecodeStats, expected: frozenset[int],
     index: dict[int, int], frame_pts: np.ndarray, keyframes: np.ndarray, threshold: int,
 ) -> Iterator[Any]:
@@ -73,8 +72,7 @@ def _walk_seeking(
     (run in the read-ahead thread, which owns the container while it runs).
 
     After handing over an expected frame ``e``, the next read's target is the next
-    expected frame, and :meth:`FrameSource._should_seek` seeks when the keyframe at or
-    before it lies more than ``threshold`` frames past ``e + 1``. The thread then seeks
+    expected frame, and the reader seeks by :func:`~hms_deploy.data.frame_walk.seek_key`. The thread then seeks
     there itself (the same container call), yields :class:`Seeked` and walks on, instead
     of waiting for the reader to catch up and seek. The reader checks that the seek is
     the one it would make, and makes its own otherwise (:meth:`FrameSource._read_forward`).
@@ -87,25 +85,26 @@ def _walk_seeking(
             for frame in walk:
                 yield frame
                 i = index.get(int(frame.pts)) if frame.pts is not None else None
-                if i is None or i not in expected:
-                    continue
-                k = int(np.searchsorted(wanted, i, side="right"))
-                if k == wanted.size:
-                    continue  # nothing after this frame can be wanted (the reader stops)
-                nxt = int(wanted[k])
-                key = int(keyframes[np.searchsorted(keyframes, nxt, side="right") - 1])
-                if key - (i + 1) > threshold:
-                    break
-                key = None
+                if i is not None and i in expected:
+                    nxt = next_expected(wanted, i)
+                    key = None if nxt is None else seek_key(i, nxt, keyframes, threshold)
+                    if key is not None:
+                        break
         finally:
             walk.close()
         if key is None:
             return  # end of stream
-        container.seek(int(frame_pts[key]), stream=stream, backward=True, any_frame=False)
+        seek_to(container, stream, frame_pts, key)
         yield Seeked(key)
 
 
-def _pause_at_end(index: dict[int, int], expected: frozenset[int]) -> Callable[[Any], bool]:
+def next_expected(wanted: np.ndarray, i: int) -> int | None:
+    """The first of the sorted ``wanted`` frames after ``i`` (None: none is)."""
+    k = int(np.searchsorted(wanted, i, side="right"))
+    return None if k == wanted.size else int(wanted[k])
+
+
+def pause_at_end(index: dict[int, int], expected: frozenset[int]) -> Callable[[Any], bool]:
     """Pause after the last expected frame: no read can want what follows."""
     last = max(expected) if expected else -1
 
@@ -116,15 +115,15 @@ def _pause_at_end(index: dict[int, int], expected: frozenset[int]) -> Callable[[
     return pause_after
 
 
-def _pause_before_seeks(
+def pause_before_seeks(
     index: dict[int, int], expected: frozenset[int], keyframes: np.ndarray, threshold: int
 ) -> Callable[[Any], bool]:
     """When reads can only ask for ``expected`` frames: whether the reader will seek (or
     stop) after this decoded frame, so that decoding further ahead would be wasted.
 
     After serving an expected frame ``e``, the next read's target is an expected frame
-    ``>= n`` (the next one after ``e``), and :meth:`FrameSource._should_seek` seeks when
-    the keyframe at or before it is more than ``threshold`` frames past ``e + 1``. A
+    ``>= n`` (the next one after ``e``), and the reader seeks by
+    :func:`~hms_deploy.data.frame_walk.seek_key`. A
     wrong guess costs only time: the read-ahead thread resumes when the reader asks.
     Holds no reference to the FrameSource (its thread must not keep it alive).
     """
@@ -134,17 +133,13 @@ def _pause_before_seeks(
         i = index.get(int(frame.pts)) if frame.pts is not None else None
         if i is None or i not in expected:
             return False
-        k = int(np.searchsorted(wanted, i, side="right"))
-        if k == wanted.size:
-            return True  # nothing after this frame can be wanted
-        nxt = int(wanted[k])
-        key = int(keyframes[np.searchsorted(keyframes, nxt, side="right") - 1])
-        return key - (i + 1) > threshold
+        nxt = next_expected(wanted, i)
+        return nxt is None or seek_key(i, nxt, keyframes, threshold) is not None
 
     return pause_after
 
 
-def _to_rgb(frame: Any, rotation: int) -> np.ndarray:
+def to_rgb(frame: Any, rotation: int) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB of a decoded frame, display rotation applied."""
     rgb = frame.to_ndarray(format="rgb24")
     if rotation:
@@ -152,7 +147,7 @@ def _to_rgb(frame: Any, rotation: int) -> np.ndarray:
     return rgb
 
 
-def _convert_ahead(
+def convert_ahead(
     frames: Iterator[Any],
     index: dict[int, int],
     expected: frozenset[int],
@@ -195,7 +190,7 @@ def _convert_ahead(
             yield frame
             continue
         if i in convert:
-            rgb = _to_rgb(frame, rotation)
+            rgb = to_rgb(frame, rotation)
             if derive is not None and derived is not None:
                 d = derive(i, rgb)
                 if d:
