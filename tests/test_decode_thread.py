@@ -36,6 +36,15 @@ def read_index(rgb: np.ndarray) -> int:
     return int(sum(1 << b for b, m in enumerate(means) if m > 128))
 
 
+def wait_until(done, tries: int = 300) -> None:
+    """Poll ``done()`` every 10 ms until it holds (bounded: the assertions that follow
+    say whether it did)."""
+    for _ in range(tries):
+        if done():
+            return
+        time.sleep(0.01)
+
+
 def decode_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("hms-")]
 
@@ -150,10 +159,8 @@ def test_read_ahead_is_bounded_and_stops_on_close(media):
     with FrameSource(info, read_ahead=8, cache_frames=0) as src:
         src.read([10])
         assert len(decode_threads()) == 1
-        for _ in range(200):  # let the thread fill its queue (bounded wait)
-            if src.stats.frames_decoded >= 10 + 1 + 8:
-                break
-            time.sleep(0.01)
+        # let the thread fill its queue (bounded wait)
+        wait_until(lambda: src.stats.frames_decoded >= 10 + 1 + 8)
         time.sleep(0.05)
         # consumed 11 frames (0..10); at most 8 decoded ahead, +1 in the decoder's hand
         assert 11 <= src.stats.frames_decoded <= 11 + 8 + 1
@@ -215,10 +222,7 @@ def test_planned_read_ahead_runs_ahead_in_usable_frames_only(media):
                      read_ahead_bytes=2 * frame_bytes) as src:
         src.expect(wanted)
         assert read_index(src.read([0])[0]) == 0
-        for _ in range(200):
-            if src.stats.frames_walked >= 60:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: src.stats.frames_walked >= 60)
         time.sleep(0.1)
         walked = src.stats.frames_walked
         # two expected frames (30, 60) fit: the thread walked past ~60 frames it did
@@ -236,10 +240,8 @@ def test_planned_read_ahead_seeks_where_the_reader_would(media):
     with planned(info) as src:
         src.expect([5, 200, 201])
         assert read_index(src.read([5])[5]) == 5
-        for _ in range(300):  # the thread seeks to keyframe 180 and converts 200, 201
-            if src.stats.frames_converted_ahead >= 3:
-                break
-            time.sleep(0.01)
+        # the thread seeks to keyframe 180 and converts 200, 201
+        wait_until(lambda: src.stats.frames_converted_ahead >= 3)
         assert src.stats.frames_converted_ahead == 3
         assert src.stats.seeks == 0  # counted when the reader takes the seek
         got = src.read([200, 201])
@@ -329,10 +331,7 @@ def test_read_ahead_close_mid_stream_and_before_start():
 
     ra = ReadAhead(endless(), 3, name="hms-test")
     assert next(ra) == 0
-    for _ in range(200):
-        if len(produced) >= 4:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: len(produced) >= 4)
     time.sleep(0.05)
     assert len(produced) <= 1 + 3 + 1  # bounded: consumed 1, queue 3, 1 in hand
     ra.close()
@@ -357,10 +356,7 @@ def test_unclosed_read_ahead_stops_when_collected():
     assert [t.name for t in decode_threads()] == ["hms-test-gc"]
     del ra
     gc.collect()
-    for _ in range(200):
-        if not decode_threads():
-            break
-        time.sleep(0.01)
+    wait_until(lambda: not decode_threads())
     assert decode_threads() == []
 
 
@@ -375,10 +371,7 @@ def test_read_ahead_bounds_the_weight_of_queued_items():
     # odd items weigh 3, even ones 0 (markers): the queue holds at most 4 units
     ra = ReadAhead(source(), 4, name="hms-test", weight=lambda i: 3 * (i % 2))
     assert next(ra) == 0
-    for _ in range(200):
-        if len(produced) >= 4:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: len(produced) >= 4)
     time.sleep(0.05)
     # queued: 1, 2, 3 (weight 6 >= 4 after 3), + 1 in the producer's hand
     assert 4 <= len(produced) <= 5
@@ -477,10 +470,8 @@ def test_a_forced_plan_starts_decoding_before_the_first_read():
         vi.plan(plan_a, plan_m)
         vi.start_decoding()
         assert vi.source is not None
-        for _ in range(300):  # the thread decodes while nobody reads
-            if vi.source.stats.frames_converted_ahead > 0:
-                break
-            time.sleep(0.01)
+        # the thread decodes while nobody reads
+        wait_until(lambda: vi.source.stats.frames_converted_ahead > 0)
         assert vi.source.stats.frames_converted_ahead > 0
         vi.plan(plan_a, plan_m)  # the same plan again: a no-op, the walk goes on
         first = vi.appearance(0)
