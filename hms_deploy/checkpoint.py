@@ -120,8 +120,16 @@ def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
     """``torch.load(weights_only=True)``; pickled objects are refused without running them.
 
     A file that asks to import a global (a class, a function) is refused as "holds
-    pickled objects"; anything unreadable is "not a readable <what>".
+    pickled objects"; a file that is neither of ``torch.save``'s formats (a zip archive, or
+    a pickle: text, for instance) is "not a <what>"; anything else unreadable is "not a
+    readable <what>".
     """
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = ("empty" if not head else "text" if _looks_like_text(path)
+                else "another kind of file")
+        raise error(f"{path}: not a {what} (it is {kind}, not a file written by torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -132,8 +140,20 @@ def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
                 f"does not allow ({glob[:160]})"
             ) from None
         raise error(f"{path}: not a readable {what} (corrupt pickle data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError,
+            KeyError, AttributeError, TypeError) as e:
         raise error(f"{path}: not a readable {what} ({first_line(e, typed=False, limit=160)})") from None
+
+
+def _looks_like_text(path: Path) -> bool:
+    """The first 4 KiB decode as UTF-8 and hold no NUL byte."""
+    with path.open("rb") as f:
+        chunk = f.read(4096)
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in chunk
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -90,6 +90,11 @@ def test_missing_corrupt_and_foreign_checkpoints(tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(corrupt)
+    for name, data, kind in (("notes.pt", b"hello\nworld\n", "text"), ("empty.pt", b"", "empty"),
+                             ("blob.pt", b"\x00\x01\xfe binary", "another kind of file")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name}: not a checkpoint \(it is {kind}, "):
+            load_checkpoint(tmp_path / name)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not an hms-deploy checkpoint"):
@@ -188,7 +193,7 @@ def test_hms_init_tiny_writes_a_loadable_checkpoint(tmp_path):
         (["--variant", "tiny", "--num-classes", "3", "--audio-weights", "{missing}"],
          "weights file not found"),
         (["--variant", "tiny", "--num-classes", "3", "--audio-weights", "{garbage}"],
-         "not a readable weights file"),
+         "not a weights file"),
     ],
 )
 def test_hms_init_errors_are_one_line(tmp_path, args, message):

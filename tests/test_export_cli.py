@@ -61,8 +61,19 @@ def test_corrupt_checkpoint(tmp_path):
     bad.write_bytes(b"\x00garbage" * 100)
     code, _, err = run(export_main, ["--checkpoint", bad, "--out", tmp_path / "e"])
     assert code == 1
-    assert "bad.pt: not a readable checkpoint" in one_error_line(err, "hms-export")
+    assert "bad.pt: not a checkpoint (it is another kind of file" in one_error_line(err, "hms-export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_text_file_as_checkpoint(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are my notes\n" * 20)
+    code, _, err = run(export_main, ["--checkpoint", notes, "--out", tmp_path / "e"])
+    assert code == 1
+    line = one_error_line(err, "hms-export")
+    assert f"{notes}: not a checkpoint (it is text, not a file written by torch.save)" in line
+    assert "internal error" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_non_empty_out_refused(ckpt, tmp_path):

@@ -162,6 +162,13 @@ def _bad(args, match, code=2):
     assert err[0].startswith("hms-run: error: ") and match in err[0], err[0]
 
 
+def test_text_file_as_checkpoint(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are my notes\n" * 20)
+    _bad([assets().video, "--checkpoint", notes],
+         f"{notes}: not a checkpoint (it is text, not a file written by torch.save)", 1)
+
+
 def test_bad_options(tmp_path):
     a = assets()
     v, e, ck = a.video, a.engines, a.checkpoint
