@@ -48,7 +48,8 @@ def test_every_option_of_every_command_is_documented():
     assert COMMANDS == {k: scripts[k] for k in COMMANDS} and set(COMMANDS) == set(scripts)
     text = (ROOT / "docs" / "commands.md").read_text()
     parts: dict[str, str] = {}
-    for m in re.finditer(r"^#{3,4} `(hms-[a-z]+(?: [a-z]+)?)[^\n]*\n(.*?)(?=^#|\Z)", text, re.S | re.M):
+    for m in re.finditer(r"^#{3,4} `(hms-[a-z]+(?: [a-z]+)?)[^\n]*\n(.*?)(?=^#|\Z)", text,
+                         re.DOTALL | re.MULTILINE):
         parts[m.group(1)] = parts.get(m.group(1), "") + m.group(2)
     missing = []
     for name, target in scripts.items():

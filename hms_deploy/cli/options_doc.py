@@ -74,8 +74,8 @@ def _tables(name: str, cmd: click.Command) -> list[str]:
 def generate() -> str:
     """The generated block, markers included."""
     lines = [BEGIN, "", "## Every option", "",
-             "Generated from the commands themselves (the same text as `--help`); every "
-             "command also takes `-h`/`--help` and `--debug`.", ""]
+             ("Generated from the commands themselves (the same text as `--help`); every "
+              "command also takes `-h`/`--help` and `--debug`."), ""]
     for name, target in COMMANDS.items():
         lines += _tables(name, load(target))
     return "\n".join([*lines, END]) + "\n"
