@@ -85,6 +85,22 @@ def test_inputs_dirs_and_lists(tmp_path):
     assert "2 input(s): 2 classified, 0 failed, 1 scan warning(s)" in r.stderr
 
 
+def test_scan_probes_files_without_an_extension(tmp_path):
+    from hms_deploy.cli.inputs import expand
+    from hms_deploy.data.synthetic import render_class_video
+
+    d = tmp_path / "d"
+    render_class_video(d / "clip.mp4", "red_disc", seed=0, duration_s=1.0, size=(64, 48))
+    (d / "clip.mp4").rename(d / "clip")  # an MP4 without an extension: found by probing
+    (d / "README").write_text("notes, not a video\n")
+    (d / "blob").write_bytes(b"\x00" * 600)
+    (d / "notes.txt").write_text("skipped by extension, as before")
+    got = expand([str(d)])
+    assert got.videos == [str(d / "clip")] and not got.problems
+    assert got.warnings == [(f"2 file(s) without an extension are not videos (probed): "
+                            f"skipped: '{d / 'README'}', '{d / 'blob'}'")]
+
+
 def test_twenty_videos_two_corrupt(tmp_path):
     videos = make_videos(tmp_path / "v", 20, corrupt=(5, 12))
     out = tmp_path / "r.jsonl"

@@ -6,7 +6,9 @@ Rules (each skip that is not by extension is reported, and counted in the summar
   One that does not exist stays in the list (its error record says "no such file");
   a dangling symlink or a symlink loop becomes an error record saying so.
 - A directory is scanned recursively for :data:`VIDEO_EXTENSIONS` (case-insensitive),
-  in sorted order. Symlinked sub-directories are **followed**, with loop protection: a
+  in sorted order. A regular file without an extension is probed (:func:`looks_like_video`:
+  the first bytes of the common containers) and classified when it is one; the others
+  are reported in one warning per directory. Symlinked sub-directories are **followed**, with loop protection: a
   directory already scanned (the same device and inode, e.g. a link back to an
   ancestor) is skipped with a warning. A dangling symlink or a symlink loop whose name
   has a video extension becomes an error record; an entry with a video extension that
@@ -83,12 +85,33 @@ def link_problem(name: str) -> str | None:
     return None
 
 
+def looks_like_video(path: str) -> bool:
+    """Whether the file starts like a video container: ISO BMFF (MP4/MOV/3GP: ``ftyp``,
+    ``moov``, ``mdat``... at byte 4), Matroska/WebM (EBML), AVI (RIFF...AVI), FLV, Ogg,
+    MPEG-PS (pack header), ASF/WMV, or MPEG-TS (sync byte 0x47 every 188 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(188 * 3 + 1)
+    except OSError:
+        return False
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return True
+    if head.startswith((b"\x1a\x45\xdf\xa3", b"FLV\x01", b"OggS", b"\x00\x00\x01\xba",
+                        b"\x30\x26\xb2\x75\x8e\x66\xcf\x11")):
+        return True
+    if head.startswith(b"RIFF") and head[8:11] == b"AVI":
+        return True
+    return len(head) > 376 and head[0] == head[188] == head[376] == 0x47
+
+
 def scan_dir(top: str, into: Inputs) -> int:
     """Add the videos under directory ``top`` (see the module rules).
 
-    Returns how many entries with a video extension it met (duplicates included).
+    Returns how many entries with a video extension (or without an extension and probed
+    as a video) it met, duplicates included.
     """
     found = 0
+    not_videos: list[str] = []
     seen_dirs: dict[tuple[int, int], str] = {}
     st = os.stat(top)
     seen_dirs[(st.st_dev, st.st_ino)] = top
@@ -103,6 +126,10 @@ def scan_dir(top: str, into: Inputs) -> int:
         for entry in entries:
             path = os.path.join(d, entry.name)
             is_video = Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS
+            if not Path(entry.name).suffix and entry.is_file(follow_symlinks=True):
+                is_video = looks_like_video(path)
+                if not is_video:
+                    not_videos.append(path)
             found += is_video
             problem = link_problem(path) if entry.is_symlink() else None
             if problem is not None:
@@ -129,6 +156,11 @@ def scan_dir(top: str, into: Inputs) -> int:
                     into.warnings.append(f"'{path}' is not a regular file: skipped")
 
     walk(top)
+    if not_videos:
+        shown = ", ".join(f"'{p}'" for p in not_videos[:3])
+        more = f" and {len(not_videos) - 3} more" if len(not_videos) > 3 else ""
+        into.warnings.append(f"{len(not_videos)} file(s) without an extension are not videos "
+                             f"(probed): skipped: {shown}{more}")
     return found
 
 
