@@ -119,6 +119,20 @@ def provenance(device: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------- statistics
 
 
+SMOKE_NOTE = ("smoke mode: a seconds-long check that the suite runs (tiny model, few steps, "
+              "one repeat); its targets do not apply")
+
+
+def verdict(ok: bool | None, smoke: bool, *, bold: bool = True) -> str:
+    """How a report states a target: ``met`` / ``missed`` (bold unless ``bold=False``), or
+    ``n/a (smoke mode)`` where the run was a smoke run, whose figures mean nothing."""
+    if smoke:
+        return "n/a (smoke mode)"
+    if ok is None:
+        return "not measured"
+    return "met" if ok else ("**missed**" if bold else "missed")
+
+
 def summarize(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
     """Median and spread of repeated measurements: median, p25, p75, iqr, min, max, n, values."""
     v = np.asarray(values, dtype=np.float64)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt_gmac, fmt_ms, header_lines, write_json
+from benchmarks.common import SMOKE_NOTE, fmt_gmac, fmt_ms, header_lines, verdict, write_json
 from benchmarks.e2e_runs import E2ESettings
 from hms_deploy.runtime.timing import TIMING_KEYS
 
@@ -105,6 +105,7 @@ def markdown(out: dict[str, Any]) -> str:
         (f"- video: {Path(v['path']).name}, {v['duration_s']} s, {v['size'][0]}x{v['size'][1]}, "
         f"{v['fps']} fps, keyframe every {v['keyframe_interval_s']} s"),
         f"- intra-op threads: {out['settings'].get('threads') or 'default (all usable cores)'}",
+        *([f"- {SMOKE_NOTE}"] if out["settings"].get("smoke") else []),
         *([(f"- experiment: ONNX Runtime intra-op spinning forced "
            f"{'on' if out['settings']['ort_spinning'] else 'off'} in every session")]
           if out["settings"].get("ort_spinning") is not None else []),
@@ -131,7 +132,8 @@ def markdown(out: dict[str, Any]) -> str:
               f"{c['motion_backbone']} |"
         )
     t = su["targets"]
-    ok = lambda b: "met" if b else "**missed**"
+    smoke = bool(out.get("settings", {}).get("smoke"))
+    ok = lambda b: verdict(b, smoke)
     lines += [
         "",
         (f"## Summary (HMS = `{su['hms_policy']}`, dense = the better of stepped and batched: "

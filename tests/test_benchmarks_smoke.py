@@ -35,11 +35,11 @@ def smoke(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = d / "out" / "smoke_cpu_tiny_onnx.json"
-    return json.loads(path.read_text()), path
+    return json.loads(path.read_text()), path, proc.stdout
 
 
 def test_results_name_the_machine_versions_and_date(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     assert out["benchmark"] == "e2e" and out["variant"] == "tiny" and out["engine"] == "onnx"
     assert out["T"] == T
     m = out["machine"]
@@ -53,7 +53,7 @@ def test_results_name_the_machine_versions_and_date(smoke):
 
 
 def test_every_run_has_every_figure(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     assert tuple(out["runs"]) == RUNS
     for name, r in out["runs"].items():
         assert set(r["timing_ms"]) == set(TIMING), name
@@ -67,7 +67,7 @@ def test_every_run_has_every_figure(smoke):
 
 
 def test_call_counts_prove_skipping_and_computing(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     runs = out["runs"]
     batches = math.ceil(T / BATCH)
     for name in ("dense (batched)", "mask (rates:0.6,0.03)"):
@@ -97,7 +97,7 @@ def test_call_counts_prove_skipping_and_computing(smoke):
 
 
 def test_gmac_ratios_and_summary(smoke):
-    out, _ = smoke
+    out, _, _ = smoke
     runs, su = out["runs"], out["summary"]
     costs = out["model"]["part_gmac"]
     dense = runs["dense (stepped)"]["gmac"]
@@ -120,7 +120,7 @@ def test_gmac_ratios_and_summary(smoke):
 
 
 def test_throughput_and_reports(smoke):
-    out, path = smoke
+    out, path, _ = smoke
     tp = out["throughput"]
     assert tp["videos"] == 2
     for mode in ("sequential", "lockstep"):
@@ -128,8 +128,19 @@ def test_throughput_and_reports(smoke):
     assert tp["lockstep"]["batch_size"] == 2
     md = path.with_suffix(".md").read_text()
     assert "| rates:0.6,0.03 | session |" in md and "## Summary" in md
+    # a smoke run's figures say nothing about the targets: it says so instead of met/missed
+    assert "targets do not apply" in md and "n/a (smoke mode)" in md
+    assert "missed" not in md and ": met" not in md
     png = path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_says_targets_do_not_apply(smoke):
+    *_, stdout = smoke
+    assert stdout.strip().splitlines()[-1] == (
+        "hms-bench: smoke mode: a seconds-long check that the suite runs (tiny model, few "
+        "steps, one repeat); its targets do not apply")
+    assert "missed" not in stdout
 
 
 def test_cli_refuses_bad_options_in_one_line():

@@ -153,6 +153,8 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
         else:
             settings = parts.PartsSettings(**given)
         parts.run(settings, log=click.echo)
+    if smoke:
+        click.echo(f"hms-bench: {_bench_module('common').SMOKE_NOTE}")
 
 
 def _serve_suite(variant: str | None, steps: int | None, smoke: bool, common: dict[str, Any],
