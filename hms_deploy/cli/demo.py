@@ -7,44 +7,47 @@ goes), so the demo is the README workflow at a small size:
     hms-synth dataset OUT/data --per-class N --split
     hms-init --variant tiny --steps 8 ...            (T = 8, as the synthetic study)
     hms-finetune --list train.csv --val-list val.csv --modalities A+M --batch-size 4
-                                                     (random tiny backbones cannot tell
-                                                      left from right, nor reliably the tones)
+                                                     (HMS learns from frozen features:
+                                                      the drift direction must stand out)
     hms-extract (train, val) ; hms-train --preset small
     hms-export --checkpoint trained.pt --out OUT/engines
     hms-run sample.mp4 --engines OUT/engines --engine onnx   (one new sample per class)
+    hms-run <test split> --engines OUT/engines --engine onnx
 
-and ends with the line ``demo: K/M correct``.
+and ends with two lines: the share of steps that ran motion on those videos per class
+group (``motion used: motion classes X %, audio classes Y %, appearance classes Z %``;
+HMS should run motion on the motion classes, whose videos need it), and
+``demo: K/M correct`` (the new samples).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
 from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 
-# Sizes measured to keep the whole demo (after setup) under ~3 minutes on 2 idle CPU cores.
-# With 8 training videos per class (per-class 12) the trained model put ~0.2 on every
-# class and got 3/6 samples right; 12 per class (20) got them right (see tests/test_demo.py).
-DEMO_PER_CLASS = 20  # -> 12 train / 4 val / 4 test videos per class
+# The demo's size: 12 train / 4 val / 4 test videos per class.
+DEMO_PER_CLASS = 20
 DEMO_DURATION_S = 4.0
 # Fine-tune batch: 4 instead of the recipe's 8 gives the 72 training videos twice the
-# updates per epoch; at 8 the motion fine-tune ended at 0.885 validation step accuracy
-# (move_right 0.38) and the demo at 5/6; at 4, 0.9375 on the same data.
+# updates per epoch.
 DEMO_FT_BATCH = 4
-# torch threads: training results move with the thread count (reduction order). Measured
-# on the 2-core machine: 6/6 with 2 threads (twice), 5/6 with 1 (the move_left sample,
-# whose only motion step, step 0, holds the drift's wrap-around: 0.47 vs move_right).
+# torch threads: training results move with the thread count (reduction order) and with
+# the CPU's kernels; what the demo gets over seeds and thread counts, and on which CPU, is
+# in benchmarks/results/demo_seeds.md (benchmarks/demo_seeds.py).
 DEMO_THREADS = 2
 DEMO_STEPS = 8
 
 
 def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = DEMO_DURATION_S,
              seed: int = 0, workers: int = 1, engine: str = "onnx", quiet: bool = False,
-             echo=click.echo) -> tuple[int, int]:
-    """The demo's stages (see the module docstring); returns (correct, samples)."""
+             echo=click.echo) -> DemoResult:
+    """The demo's stages (see the module docstring): the samples right, and the motion usage
+    per class group over the samples and the test split."""
     import torch
 
     from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
@@ -112,6 +115,7 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     correct = 0
+    usage = GroupUsage()
     with Session(engines_dir=out / "engines", engine=engine) as session:
         for i, label in enumerate(labels):
             path = samples / f"{label}.mp4"
@@ -120,12 +124,55 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
             rec = session.classify(path)
             ok = rec["label"] == label
             correct += ok
-            usage = rec.get("usage", {})
+            usage.add(label, rec)
+            used = rec.get("usage", {})
             echo(f"   {label:>12} -> {rec['label']:<12} {rec['score']:.3f} "
                  f"{'ok' if ok else 'WRONG'}  (steps run: appearance "
-                 f"{usage.get('appearance', '?')}, motion {usage.get('motion', '?')})")
+                 f"{used.get('appearance', '?')}, motion {used.get('motion', '?')})")
+        test = read_list(data / "test.csv").entries
+        stage(f"hms-run <the {len(test)} videos of {data / 'test.csv'}> --engines "
+              f"{out / 'engines'} --engine {engine}")
+        test_ok = 0
+        for e, rec in zip(test, session.classify_many([e.path for e in test])):
+            test_ok += rec.get("label") == e.label
+            usage.add(e.label, rec)
+        echo(f"   test videos: {test_ok}/{len(test)} correct")
     echo(f"   total {time.perf_counter() - t0:.0f} s")
-    return correct, len(labels)
+    return DemoResult(correct, len(labels), usage.shares())
+
+
+class GroupUsage:
+    """Steps that ran motion, per class group (synthetic.CLASS_GROUPS), over records."""
+
+    def __init__(self) -> None:
+        self.motion = {g: 0 for g in GROUP_ORDER}
+        self.steps = {g: 0 for g in GROUP_ORDER}
+
+    def add(self, label: str, rec: dict) -> None:
+        from hms_deploy.data.synthetic import CLASS_GROUPS
+
+        if "error" in rec:
+            return
+        group = CLASS_GROUPS[label]
+        self.motion[group] += int(rec["usage"]["motion"])
+        self.steps[group] += int(rec["steps"])
+
+    def shares(self) -> dict[str, float]:
+        """Group -> fraction of its videos' steps that ran motion."""
+        return {g: self.motion[g] / self.steps[g] if self.steps[g] else 0.0 for g in GROUP_ORDER}
+
+
+GROUP_ORDER = ("motion", "audio", "appearance")
+
+
+class DemoResult(NamedTuple):
+    correct: int
+    samples: int
+    motion_usage: dict[str, float]  # per class group: share of steps that ran motion
+
+    def usage_line(self) -> str:
+        u = self.motion_usage
+        return ("motion used: " + ", ".join(f"{g} classes {100 * u[g]:.1f} %" for g in GROUP_ORDER))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,10 +186,13 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
 @click.option("--threads", type=int, default=DEMO_THREADS, show_default=True,
               help="torch intra-op threads (fixed so that the demo's training does not "
                    "depend on the machine's core count).")
+@click.option("--deterministic", is_flag=True,
+              help="torch.use_deterministic_algorithms(True): torch's deterministic CPU "
+                   "kernels instead of its default ones.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @handle_errors("hms-demo")
-def main(out, per_class, duration, seed, workers, threads, quiet, debug):
+def main(out, per_class, duration, seed, workers, threads, deterministic, quiet, debug):
     """Train a tiny HMS model on a small synthetic set in OUT, export it to ONNX, classify
     one new sample per class with the exported engines; last line: demo: K/M correct."""
     from hms_deploy.errors import ConfigError
@@ -150,6 +200,11 @@ def main(out, per_class, duration, seed, workers, threads, quiet, debug):
     if per_class < 3:
         raise ConfigError(f"--per-class must be >= 3 (train, val and test videos), got {per_class}")
     set_threads(threads)
-    correct, total = run_demo(out, per_class=per_class, duration_s=duration, seed=seed,
-                              workers=workers, quiet=quiet)
-    click.echo(f"demo: {correct}/{total} correct")
+    if deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    result = run_demo(out, per_class=per_class, duration_s=duration, seed=seed,
+                      workers=workers, quiet=quiet)
+    click.echo(result.usage_line())
+    click.echo(f"demo: {result.correct}/{result.samples} correct")
