@@ -112,7 +112,7 @@ def test_cli_json_output_and_resume(ray_local, tmp_path, monkeypatch):
             "--policy", POLICY, "--no-progress"]
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 1, r.stderr  # one video failed
-    assert "1 of 4 video(s) failed" in r.stderr
+    assert "4 input(s): 3 classified, 1 failed" in r.stderr
     printed = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     written = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(x["video"] for x in printed) == sorted(x["video"] for x in written)

@@ -112,7 +112,9 @@ def test_twenty_videos_two_corrupt(tmp_path):
     errors = [x for x in recs if "error" in x]
     assert sorted(x["video"] for x in errors) == [str(videos[5]), str(videos[12])]
     assert all(set(x) == {"video", "error"} for x in errors)
-    assert "2 of 20 video(s) failed" in r.stderr
+    summary = [ln for ln in r.stderr.splitlines() if "input(s)" in ln or "failed" in ln
+               and not ln.startswith("hms-run: error:")]
+    assert summary == ["hms-run: 20 input(s): 18 classified, 2 failed"], r.stderr  # one line
     assert [_strip_resume(x) for x in _json_lines(out.read_text())] == recs
     # rerun: the 18 results are skipped, the 2 errors retried (fixed one now succeeds)
     videos[5].write_bytes(assets().video.read_bytes())

@@ -181,9 +181,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
     scan = len(inputs.warnings)
     if scan:
         parts.append(f"{scan} scan warning(s) (above)")
-    if failed or total > 1 or scan:
+    if failed or total > 1 or scan:  # one summary line
         click.echo(f"{PROG}: {total} input(s): " + ", ".join(parts), err=True)
     if failed:
-        click.echo(f"{PROG}: {failed} of {attempt} video(s) failed", err=True)
         code = EXIT_FAILED_INPUTS
     return code
