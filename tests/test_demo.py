@@ -11,6 +11,8 @@ benchmarks/demo_seeds.py (benchmarks/results/demo_seeds.md), not asserted in a t
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -66,3 +68,25 @@ def test_group_usage_counts_motion_steps_per_class_group():
 def test_demo_refuses_too_few_videos(tmp_path):
     r = CliRunner().invoke(demo_main, [str(tmp_path / "d"), "--per-class", "2"])
     assert r.exit_code == 2 and "--per-class must be >= 3" in r.output
+
+
+def test_demo_seeds_table_target_and_parsing():
+    """benchmarks/demo_seeds.py: the target rule and the line parsing it applies to hms-demo."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.demo_seeds import LINES, meets_target, parse_seeds
+
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5]
+    out = ("   test videos: 20/24 correct\n"
+           "motion used: motion classes 25.0 %, audio classes 6.2 %, appearance classes 12.5 %\n"
+           "demo: 6/6 correct\n")
+    assert LINES["demo"].search(out).groups() == ("6", "6")
+    assert LINES["usage"].search(out).groups() == ("25.0", "6.2", "12.5")
+    assert LINES["test"].search(out).groups() == ("20", "24")
+    run = {"correct": 6, "samples": 6,
+           "motion_used_pct": {"motion": 25.0, "audio": 6.2, "appearance": 12.5}}
+    assert meets_target(run)
+    assert not meets_target({**run, "correct": 5})
+    assert not meets_target({**run, "motion_used_pct": {"motion": 12.5, "audio": 12.5,
+                                                        "appearance": 0.0}})
+    assert not meets_target({**run, "motion_used_pct": {"motion": 0.0, "audio": 0.0,
+                                                        "appearance": 0.0}})
