@@ -181,7 +181,8 @@ class DemoResult(NamedTuple):
               help="Synthetic videos per class (train/val/test 60/20/20).")
 @click.option("--duration", type=float, default=DEMO_DURATION_S, show_default=True,
               help="Seconds per video.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the synthetic set, the initialisation and the training.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Decoding processes.")
 @click.option("--threads", type=int, default=DEMO_THREADS, show_default=True,
               help="torch intra-op threads (fixed so that the demo's training does not "
