@@ -304,16 +304,13 @@ def run_settings(session: Any, options: Any, **extra: Any) -> dict[str, Any]:
     """The settings that change a record, for :class:`ResultsFile` (``extra``: more of them).
 
     ``model`` is the export's manifest hash (or the checkpoint's, torch engine); then
-    engine, device, policy, budget (GMAC), T, topk, the no-audio policy and whether
-    truncated files are classified. ``--batch-size`` and ``--online`` are not settings:
-    they do not change a final record's decisions or probabilities.
+    engine, device, and the run settings' resume key
+    (:meth:`~hms_deploy.runtime.options.RunSettings.resume_key`: policy, budget (GMAC), T,
+    topk, the no-audio policy and whether truncated files are classified; batch size,
+    online mode and decoding do not change a final record's decisions or probabilities).
     """
     es = session.engine_set
-    no_audio = getattr(options, "no_audio", None)
     return {
         "model": es.export_sha256 or session.checkpoint_sha256,
-        "engine": es.backend, "device": str(es.device), "policy": str(options.policy),
-        "budget": options.budget, "T": options.steps, "topk": options.topk,
-        "no_audio_policy": "error" if no_audio is None else str(no_audio),
-        "allow_truncated": bool(getattr(options, "allow_truncated", False)), **extra,
+        "engine": es.backend, "device": str(es.device), **options.resume_key(), **extra,
     }

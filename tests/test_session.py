@@ -107,7 +107,7 @@ def test_session_errors(tmp_path):
     a = assets()
     with pytest.raises(ConfigError, match="engines directory .* not found"):
         Session(engines_dir=tmp_path / "nope")
-    with pytest.raises(ConfigError, match="needs --checkpoint"):
+    with pytest.raises(ConfigError, match="engine torch needs checkpoint"):
         Session(engine="torch")
     with pytest.raises(ConfigError, match="not both"):
         Session(engines_dir=a.engines, checkpoint=a.checkpoint)

@@ -1,6 +1,6 @@
 """The job behind ``hms-run``: records to stdout and ``--output``, progress, the outcome.
 
-Exit codes (:mod:`hms_deploy.outputs`): 0 every input has a result (classified now or
+Exit codes (:mod:`hms_deploy.cli.common`): 0 every input has a result (classified now or
 skipped as already in ``--output``); 1 the run completed and some inputs failed (each
 has an error record); 3 the run stopped, or could not start, before attempting every
 input (output locked, not writable, made with other settings, disk full, an engine
@@ -20,18 +20,17 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import fail
-from hms_deploy.cli.inputs import Inputs
-from hms_deploy.errors import ConfigError
-from hms_deploy.outputs import (
+from hms_deploy.cli.common import (
     EXIT_FAILED_INPUTS,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_STOPPED,
-    Terminated,
-    sigterm_raises,
+    fail,
 )
+from hms_deploy.cli.inputs import Inputs
+from hms_deploy.errors import ConfigError
+from hms_deploy.outputs import Terminated, sigterm_raises
 
 PROG = "hms-run"
 PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
@@ -47,7 +46,6 @@ class JobOptions:
     output_mode: str = "resume"
     as_json: bool = False
     progress: bool | None = None
-    batch_size: int = 1
     debug: bool = False
     show_partial: bool = True  # print the partial records of online mode (False: --explain only)
     collect: list[dict[str, Any]] | None = None  # every record that is not an error (--explain)
@@ -150,8 +148,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
                         close()
             elif todo:
                 with session:
-                    for rec in session.classify_many(todo, options=opts,
-                                                     batch_size=job.batch_size):
+                    for rec in session.classify_many(todo, opts):
                         emit(rec)
     except KeyboardInterrupt:
         code, stop = EXIT_SIGINT, "interrupted (SIGINT)"

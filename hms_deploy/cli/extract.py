@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.common import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_STOPPED,
     debug_option,
     fail,
     handle_errors,
@@ -16,7 +19,7 @@ from hms_deploy.cli.common import (
     set_threads,
 )
 from hms_deploy.errors import HMSError
-from hms_deploy.outputs import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STOPPED, Terminated, sigterm_raises
+from hms_deploy.outputs import Terminated, sigterm_raises
 
 
 def _stopped(e: BaseException, dataset: object, out: Path) -> None:
@@ -95,7 +98,7 @@ def main(checkpoint, list_path, out, steps, dtype, batch_size, shard_size, threa
     from hms_deploy.data.extraction import extract
 
     set_threads(threads)
-    layout = ray_layout(ray, ray_address, workers, threads_per_worker)
+    layout = ray_layout(ray, ray_address, workers, threads_per_worker, local_workers=True)
     source = None
     if layout is not None:
         from hms_deploy.runtime.ray_batch import ray_feature_source
