@@ -215,6 +215,7 @@ def _record(es: EngineSet, feats: _Features, opts: RunOptions, executor: str, pr
         "export": es.export_sha256,
         "executor": executor,
         "timing_ms": timing,
+        "coverage": inputs.sampler.audio_coverage(),
         "stats": {
             **stats,
             "batch": 1,

@@ -67,6 +67,7 @@ def build_record(
         "T": opts.steps,
         "export": es.export_sha256,
         "timing_ms": timing,
+        "coverage": video.inputs.sampler.audio_coverage(),
         "stats": {
             "host_reads": stats["host_reads"],
             "prediction_reads": stats["prediction_reads"],

@@ -60,6 +60,8 @@ Record fields beyond INTERFACES.md (additions, never changes):
 - ``warnings`` (INTERFACES.md): a list of one-line remarks (a fallback used, a truncated
   file classified, steps that outnumber distinct frames or audio patches); ``fallback``:
   ``"no_audio"`` when the no-audio policy replaced the gates, else null.
+- ``coverage``: ``{"audio_s", "duration_s", "share"}``: seconds of the video inside some
+  step's audio window, the duration, and their ratio (docs/record.md).
 - ``partial``: ``true`` on the running records of ``online`` mode (absent otherwise).
 - ``stats``: ``host_reads`` (gate decisions read from the device: one per gate
   evaluated), ``prediction_reads`` (head outputs read: 1, or one per step online),

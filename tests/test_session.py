@@ -39,7 +39,7 @@ def test_record_is_the_interfaces_record(onnx_session):
     a = assets()
     rec = onnx_session.classify(a.video)
     assert list(rec)[: len(RECORD_KEYS)] == RECORD_KEYS
-    assert set(rec) - set(RECORD_KEYS) == {"stats"}
+    assert set(rec) - set(RECORD_KEYS) == {"stats", "coverage"}
     assert rec["warnings"] == [] and rec["fallback"] is None
     assert rec["video"] == str(a.video)
     assert isinstance(rec["label"], str) and rec["label"] in onnx_session.labels

@@ -34,6 +34,8 @@ from hms_deploy.outputs import Terminated, sigterm_raises
 
 PROG = "hms-run"
 PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
+# warn when the steps' audio windows see less than this share of a video this long
+LOW_COVERAGE, LONG_VIDEO_S = 0.25, 30.0
 
 
 class _Stopped(Exception):
@@ -62,6 +64,25 @@ def error_line(rec: dict[str, Any]) -> str:
 
 def warn(message: str) -> None:
     click.echo(f"{PROG}: warning: {message}", err=True)
+
+
+def low_coverage(rec: dict[str, Any]) -> bool:
+    """Whether a final record's steps saw under :data:`LOW_COVERAGE` of a long video's audio."""
+    cov = rec.get("coverage")
+    return (isinstance(cov, dict) and cov.get("duration_s", 0) >= LONG_VIDEO_S
+            and cov.get("share", 1.0) < LOW_COVERAGE)
+
+
+def coverage_warning(recs: list[dict[str, Any]]) -> str:
+    """One line for the videos of :func:`low_coverage`, suggesting more steps."""
+    rec = min(recs, key=lambda r: r["coverage"]["share"])
+    cov, steps = rec["coverage"], int(rec["T"])
+    more = steps * max(2, -(-int(LOW_COVERAGE * cov["duration_s"] / max(cov["audio_s"], 1e-9)
+                                 * steps) // steps))
+    return (f"{len(recs)} video(s) of {LONG_VIDEO_S:g} s or more had under "
+            f"{LOW_COVERAGE:.0%} of their audio seen by T={steps} steps (least: {rec['video']}, "
+            f"{cov['share']:.1%} of {cov['duration_s']:g} s); the audio between steps is "
+            f"unseen: raise --steps (e.g. --steps {more})")
 
 
 def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
@@ -101,6 +122,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
 
         bar = tqdm(total=attempt, unit="video", file=sys.stderr, dynamic_ncols=True)
     finished = failed = 0
+    sparse: list[dict[str, Any]] = []  # final records of long videos that T covers thinly
 
     def emit(rec: dict[str, Any]) -> None:
         nonlocal finished, failed
@@ -128,6 +150,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
                 raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
         finished += 1
         failed += "error" in rec
+        if low_coverage(rec):
+            sparse.append(rec)
         if bar is not None:
             bar.update(1)
 
@@ -169,6 +193,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
                 warn(w)
     for w in inputs.warnings:
         warn(w)
+    if sparse:
+        warn(coverage_warning(sparse))
     if stop is not None:
         where = f" (rerun with the same --output {results.path} to resume)" if results else ""
         fail(PROG, f"{stop}; {attempt - finished} of {total} input(s) not attempted{where}", code)

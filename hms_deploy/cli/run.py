@@ -24,7 +24,13 @@ from hms_deploy.cli.common import (
 )
 from hms_deploy.cli.inputs import VIDEO_EXTENSIONS, expand, expand_inputs
 from hms_deploy.errors import ConfigError
-from hms_deploy.runtime.checks import NO_AUDIO_HELP
+from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
+
+NO_AUDIO_HELP = (
+    "Policy for videos without an audio track when the gates would decide (they need "
+    "audio): any --policy value, or 'error' to refuse such videos "
+    f"(default {DEFAULT_NO_AUDIO_POLICY}: appearance on every step, motion by its gate)."
+)
 
 __all__ = ["VIDEO_EXTENSIONS", "expand_inputs", "main", "strip", "summary"]
 

@@ -102,8 +102,8 @@ def _rows(arr: np.ndarray | None, n: int | None, what: str) -> list[Any] | None:
 def resolve_path(text: str, root: Path | None) -> Path:
     """The file ``text`` names under ``root`` (symlinks resolved); RequestError if outside."""
     if root is None:
-        raise RequestError("input 'path' is disabled on this server (no allowed root: hms-serve "
-                           "--allowed-root DIR, or the model's allowed_root parameter)")
+        raise RequestError("input 'path' is disabled on this server (no allowed root: the "
+                           "server's allowed root, or the model's allowed_root parameter)")
     if not text or "\x00" in text:
         raise RequestError("input 'path' is empty or holds a NUL byte")
     if ".." in Path(text).parts:

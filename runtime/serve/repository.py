@@ -132,7 +132,8 @@ def write_repository(
     repo = Path(repo)
     if repo.exists() and any(repo.iterdir()):
         if not force:
-            raise ConfigError(f"Triton repository '{repo}' exists and is not empty (use --force)")
+            raise ConfigError(f"Triton repository '{repo}' exists and is not empty (force "
+                              "replaces it)", setting="force", value=str(repo))
         shutil.rmtree(repo)
     version = repo / MODEL_NAME / "1"
     version.mkdir(parents=True)
