@@ -154,8 +154,6 @@ class RunSettings:
 
 FIELD_NAMES = frozenset(f.name for f in fields(RunSettings))
 
-RunOptions = RunSettings  # the name the scheduler and older callers use
-
 
 def settings_from(settings: RunSettings | None = None, **overrides: Any) -> RunSettings:
     """``settings`` (default: the defaults) with ``overrides`` (keyword API of the Session)."""

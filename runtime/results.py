@@ -118,6 +118,7 @@ class ResultsFile:
             path = _free_name(path)
         self.path = path
         self.settings = _normal(settings)
+        self._settings_json = record_json(self.settings)
         self.warnings: list[str] = []
         self.torn = False
         self._state: dict[str, _Current] = {}
@@ -222,11 +223,12 @@ class ResultsFile:
                 "errors": errors}
 
     # -- writing -------------------------------------------------------------------------
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], text: str | None = None) -> None:
         """Write one finished record (with ``source`` and ``settings``), fsynced.
 
-        Partial records are not results and are not written. Raises ``OSError`` if the
-        line cannot be written; the file is left as it was.
+        ``text``: the record already serialised (:func:`record_json`), so that a record
+        printed and stored is serialised once. Partial records are not results and are not
+        written. Raises ``OSError`` if the line cannot be written; the file is left as it was.
         """
         if record.get("partial"):
             return
@@ -234,10 +236,15 @@ class ResultsFile:
             raise ConfigError(f"{self.path}: closed")
         key = video_key(str(record.get("video")))
         ident = self._identity.pop(key, None) or file_identity(key)
-        line = dict(record)
-        line["source"] = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
-        line["settings"] = self.settings
-        data = (json.dumps(line, separators=(", ", ": ")) + "\n").encode()
+        source = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
+        if text is None or "source" in record or "settings" in record:
+            text = record_json({k: v for k, v in record.items() if k not in ("source", "settings")})
+        # the record's object with two more keys: as json.dumps of the extended dict
+        tail = f"{SEP[0]}\"source\"{SEP[1]}{record_json(source)}{SEP[0]}\"settings\"{SEP[1]}"
+        if text != "{}":
+            data = f"{text[:-1]}{tail}{self._settings_json}}}\n".encode()
+        else:
+            data = f"{{{tail[len(SEP[0]):]}{self._settings_json}}}\n".encode()
         start = os.fstat(self._fd).st_size
         try:
             view = memoryview(data)
@@ -298,6 +305,14 @@ class ResultsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SEP = (", ", ": ")  # the separators of every JSON line (hms-run --json, --output)
+
+
+def record_json(obj: Any) -> str:
+    """One record (or any JSON value) as the JSON text of ``hms-run --json`` / ``--output``."""
+    return json.dumps(obj, separators=SEP)
 
 
 def run_settings(session: Any, options: Any, **extra: Any) -> dict[str, Any]:

@@ -22,7 +22,8 @@ Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
 is given). ``engine_options`` go to the backend (e.g. ONNX Runtime ``providers``; for
 ``trt``, ``build_plans=add_trt_plans`` (from the export package) builds missing plans on first
 use, as ``hms-run`` does; without it a missing plan is an error saying how to build it).
-Opening verifies the export's hashes; the engines are created once, on ``__enter__``
+Opening verifies the export's hashes (each file read once per process while it is unchanged:
+:func:`~hms_deploy.runtime.manifest.file_sha256`); the engines are created once, on ``__enter__``
 (or on first use) and freed by ``close()`` / ``__exit__``.
 
 ``classify(video, options=None, **settings)``: ``options`` is a
@@ -79,7 +80,6 @@ Record fields beyond INTERFACES.md (additions, never changes):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -89,16 +89,9 @@ from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
+from hms_deploy.runtime.manifest import file_sha256
 from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.scheduler import engine_stream, run_batch
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Session:
@@ -133,7 +126,8 @@ class Session:
         self.engine_set: EngineSet = open_engine_set(
             engine, engines_dir=engines_dir, checkpoint=checkpoint, device=device, **engine_options
         )
-        self.checkpoint_sha256 = _sha256(checkpoint) if engine == "torch" and checkpoint else None
+        self.checkpoint_sha256 = (file_sha256(checkpoint) if engine == "torch" and checkpoint
+                                  else None)
         self._open = False
         self._stream: object = None
 

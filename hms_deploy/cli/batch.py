@@ -11,7 +11,6 @@ Whatever the outcome, ``--output`` is left valid and a rerun resumes.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def coverage_warning(recs: list[dict[str, Any]]) -> str:
 def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             summary: Callable[[dict[str, Any]], str]) -> int:
     """Classify ``inputs`` with an open-able ``session``; returns the exit code."""
-    from hms_deploy.runtime.results import ResultsFile, run_settings
+    from hms_deploy.runtime.results import ResultsFile, record_json, run_settings
 
     total = inputs.total
     results = None
@@ -131,8 +130,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             job.collect.append(rec)
         if partial and not job.show_partial:
             return  # computed for --explain only
+        line = record_json(rec) if job.as_json or (results is not None and not partial) else None
         if job.as_json:
-            line = json.dumps(rec, separators=(", ", ": "))
             (bar.write(line, file=sys.stdout) if bar else click.echo(line))
         elif "error" in rec:
             msg = f"{PROG}: error: {error_line(rec)}"
@@ -145,7 +144,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             return
         if results is not None:
             try:
-                results.append(rec)
+                results.append(rec, line)  # serialised once, above
             except OSError as e:
                 raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
         finished += 1
