@@ -51,13 +51,16 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, int] | None:
 
 
 def check_output_parent(path: Path, what: str) -> None:
-    """:class:`ConfigError` if ``path`` cannot be a file: it is a directory, or a parent is a file."""
+    """:class:`ConfigError` if ``path`` cannot be a file: it is a directory, or a parent is a
+    file. ``what``: the setting that names it (the error's ``setting``)."""
     if path.is_dir():
-        raise ConfigError(f"{what} {path}: is a directory, expected a file")
+        raise ConfigError(f"{what} {path}: is a directory, expected a file", setting=what,
+                          value=str(path), expected="a file")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{what} {path}: '{parent}' is a file, not a directory")
+                raise ConfigError(f"{what} {path}: '{parent}' is a file, not a directory",
+                                  setting=what, value=str(path), expected="a file")
             return
 
 

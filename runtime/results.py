@@ -91,7 +91,8 @@ def _free_name(path: Path) -> Path:
         p = path.with_name(f"{stem}.{i}{suffix}")
         if not p.exists():
             return p
-    raise ConfigError(f"--output {path}: no free name {stem}.N{suffix} left")
+    raise ConfigError(f"output {path}: no free name {stem}.N{suffix} left", setting="output",
+                      value=str(path))
 
 
 def _normal(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -110,9 +111,10 @@ class ResultsFile:
     def __init__(self, path: str | Path, *, settings: dict[str, Any] | None = None,
                  mode: str = "resume", command: str = "hms-run"):
         if mode not in MODES:
-            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}")
+            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}",
+                              setting="output_mode", value=mode, expected=" | ".join(MODES))
         path = Path(path)
-        check_output_parent(path, "--output")
+        check_output_parent(path, "output")
         path.parent.mkdir(parents=True, exist_ok=True)
         if mode == "new":
             path = _free_name(path)
@@ -200,8 +202,8 @@ class ResultsFile:
                              for k, (o, n) in diffs.items())
             raise SettingsMismatch(
                 f"{self.path} holds records made with other settings ({what}): use another "
-                "--output, or --output-mode new (a new file beside it) or overwrite"
-            )
+                "output file, or output_mode new (a new file beside it) or overwrite",
+                setting="output_mode", value=self.settings)
 
     def done(self, video: str | os.PathLike[str]) -> bool:
         """Whether ``video`` has a current result for this file content and these settings.

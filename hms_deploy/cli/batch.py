@@ -26,6 +26,7 @@ from hms_deploy.cli.common import (
     EXIT_SIGTERM,
     EXIT_STOPPED,
     fail,
+    flag_advice,
 )
 from hms_deploy.cli.inputs import Inputs
 from hms_deploy.errors import ConfigError
@@ -96,7 +97,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             results = ResultsFile(job.output, settings=run_settings(session, opts),
                                   mode=job.output_mode, command=PROG)
         except ConfigError as e:
-            fail(PROG, f"{e}; {total} input(s) not attempted", EXIT_STOPPED)
+            fail(PROG, f"{flag_advice(e)}; {total} input(s) not attempted", EXIT_STOPPED)
         except OSError as e:
             fail(PROG, f"cannot write {e.filename or job.output}: {e.strerror or e}; "
                        f"{total} input(s) not attempted", EXIT_STOPPED)
