@@ -13,6 +13,7 @@ from hms_deploy.cli.common import (
     EXIT_STOPPED,
     debug_option,
     fail,
+    flag_advice,
     handle_errors,
     ray_layout,
     ray_options,
@@ -34,8 +35,8 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
         keys = set()
     left = total - sum(e.key in keys for e in entries)
     if isinstance(e, (StoreLocked, StoreMismatch)):  # refused before any video
-        fail("hms-extract", f"{' '.join(str(e).split())}; {total} video(s) not attempted",
-             EXIT_STOPPED)
+        fail("hms-extract", f"{' '.join(flag_advice(e).split())}; {total} video(s) not "
+             "attempted", EXIT_STOPPED)
     if isinstance(e, KeyboardInterrupt):
         why, code = "interrupted (SIGINT)", EXIT_SIGINT
     elif isinstance(e, Terminated):
@@ -44,7 +45,7 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
         why = f"cannot write {e.filename or out}: {e.strerror or e}"
         code = EXIT_STOPPED
     else:
-        why, code = " ".join(str(e).split()), EXIT_STOPPED
+        why, code = " ".join(flag_advice(e).split()), EXIT_STOPPED
     fail("hms-extract", f"{why}; {left} of {total} video(s) not in the store "
                         "(rerun with the same --out to resume)", code)
 
