@@ -82,3 +82,29 @@ def test_hms_run_stops_on_a_bug(buggy_scheduler):
     assert "_SchedulerBug" in r.stderr and '"error"' not in r.stdout
     r = CliRunner().invoke(run_main, [*args, "--debug"])
     assert isinstance(r.exception, _SchedulerBug)
+
+
+def _tensorrt_and_gpu() -> bool:
+    import torch
+
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder") and torch.cuda.is_available()
+
+
+def test_a_missing_backend_stops_the_run_with_3():
+    """docs/commands.md: a backend that is unavailable (TensorRT, a GPU) is exit 3."""
+    import torch
+
+    if _tensorrt_and_gpu():
+        pytest.skip("TensorRT and a GPU are present")
+    a = assets()
+    r = CliRunner().invoke(run_main, [str(a.video), "--engines", str(a.engines), "--engine", "trt"])
+    assert r.exit_code == EXIT_STOPPED and r.stderr.count("\n") == 1, r.output
+    assert "TensorRT" in r.stderr or "CUDA" in r.stderr
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(run_main, [str(a.video), "--engines", str(a.engines),
+                                          "--device", "cuda"])
+        assert r.exit_code == EXIT_STOPPED and "no CUDA device" in r.stderr, r.output

@@ -207,7 +207,7 @@ def train(
     torch.manual_seed(cfg.seed)
     labels = store.label_indices()
     if val_store is not None:
-        val_store.check_backbones(want, "checkpoint (--val-store)")
+        val_store.check_backbones(want, "checkpoint (validation store)")
         if val_store.steps != store.steps or val_store.labels != store.labels:
             raise DatasetError(f"{val_store.root}: T or labels differ from the training store")
         train_idx = np.arange(len(store))
