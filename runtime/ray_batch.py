@@ -54,6 +54,7 @@ from hms_deploy.runtime.ray_cluster import (
     pool_size,
     ray_instance,
 )
+from hms_deploy.runtime.results import SerialisedRecord
 
 __all__ = [
     "ClassifyActor", "ExtractActor", "RayLayout", "classify_ray", "ray_feature_source",
@@ -204,7 +205,7 @@ def _run(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progres
         failed = 0
         try:
             for row in map_rows(ray, actor_cls, rows, layout, ctor_kwargs):
-                rec = json.loads(row["record"])
+                rec = SerialisedRecord(str(row["record"]))  # parsed once, never re-serialised
                 if bar is not None:
                     failed += "error" in rec
                     bar.set_postfix(failed=failed, refresh=False)

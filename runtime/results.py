@@ -239,8 +239,10 @@ class ResultsFile:
         key = video_key(str(record.get("video")))
         ident = self._identity.pop(key, None) or file_identity(key)
         source = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
-        if text is None or "source" in record or "settings" in record:
+        if "source" in record or "settings" in record:  # replaced below, as dict keys would be
             text = record_json({k: v for k, v in record.items() if k not in ("source", "settings")})
+        elif text is None:
+            text = record_json(record)
         # the record's object with two more keys: as json.dumps of the extended dict
         tail = f"{SEP[0]}\"source\"{SEP[1]}{record_json(source)}{SEP[0]}\"settings\"{SEP[1]}"
         if text != "{}":
@@ -312,8 +314,19 @@ class ResultsFile:
 SEP = (", ", ": ")  # the separators of every JSON line (hms-run --json, --output)
 
 
+class SerialisedRecord(dict):  # type: ignore[type-arg]
+    """A record that arrived as JSON text (from a Ray actor), kept with that text so that
+    printing and storing it do not serialise it again. Not to be modified."""
+
+    def __init__(self, text: str):
+        super().__init__(json.loads(text))
+        self.text = text
+
+
 def record_json(obj: Any) -> str:
     """One record (or any JSON value) as the JSON text of ``hms-run --json`` / ``--output``."""
+    if isinstance(obj, SerialisedRecord):
+        return obj.text
     return json.dumps(obj, separators=SEP)
 
 
