@@ -183,7 +183,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
     except Exception as e:  # an engine or the host failed: no input after it can run
         if job.debug:
             raise
-        code, stop = EXIT_STOPPED, f"stopped by {type(e).__name__}: {' '.join(str(e).split())}"
+        code, stop = EXIT_STOPPED, f"stopped by {type(e).__name__}: {' '.join(flag_advice(e).split())}"
     finally:
         if bar is not None:
             bar.close()
