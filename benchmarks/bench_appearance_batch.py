@@ -1,5 +1,5 @@
 """Appearance backbone per frame at batch 1 vs several frames per call (the default of
-``RunOptions.appearance_batch``, runtime/appearance_ahead.py), side by side in one run.
+``RunSettings.appearance_batch``, runtime/appearance_ahead.py), side by side in one run.
 
 Only the appearance part of the variant is built and exported (untrained weights: latency
 depends on the graph only), cached under benchmarks/media/. ONNX Runtime on the CPU with

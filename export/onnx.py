@@ -163,8 +163,8 @@ def _float16_converter() -> Any:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
         raise ExportError(
-            f"--precision fp16 needs onnxruntime's float16 converter ({first_line(e, typed=True)})"
-        ) from e
+            f"precision fp16 needs onnxruntime's float16 converter ({first_line(e, typed=True)})",
+            setting="precision", value="fp16") from e
     finally:
         sys.path[:] = saved
     return convert_float_to_float16

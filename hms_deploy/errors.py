@@ -1,11 +1,34 @@
-"""Typed errors. The CLI turns any :class:`HMSError` into one line on stderr and exit 1
-(exit 2 for :class:`ConfigError`, a usage error)."""
+"""Typed errors with fields. Below ``cli/`` no message names a command-line flag: an error
+about a setting says which one (``setting``, the library's name: a keyword of the API,
+a field of :class:`~hms_deploy.runtime.options.RunSettings`), the ``value`` it got and
+what was ``expected``; the CLI turns those into flag advice and an exit code
+(:mod:`hms_deploy.cli.common`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HMSError(Exception):
-    """Base of every error the library raises on bad input or a missing capability."""
+    """Base of every error the library raises on bad input or a missing capability.
+
+    ``setting``: the setting (or settings, a tuple) the error is about, by their library
+    names; ``value``: what it was given; ``expected``: what it takes (one phrase).
+    """
+
+    def __init__(self, message: str = "", *, setting: str | tuple[str, ...] | None = None,
+                 value: Any = None, expected: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+        self.value = value
+        self.expected = expected
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """``setting`` as a tuple (empty when the error is about no setting)."""
+        if self.setting is None:
+            return ()
+        return (self.setting,) if isinstance(self.setting, str) else tuple(self.setting)
 
 
 class ConfigError(HMSError):

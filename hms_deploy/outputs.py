@@ -1,4 +1,4 @@
-"""What every command that writes resumable output shares: a lock, file identities, exit codes.
+"""What every command that writes resumable output shares: a lock, file identities.
 
 ``hms-run --output`` (:mod:`hms_deploy.runtime.results`) and ``hms-extract --out`` (the
 feature store) follow the same rules:
@@ -6,7 +6,7 @@ feature store) follow the same rules:
 - **One writer.** A run takes an exclusive ``fcntl.flock`` on a lock file beside its
   output (``results.jsonl.lock``, or ``.lock`` inside a feature store) and holds it to
   the end. A second run on the same output does not wait: it refuses at once with one
-  line naming the output and the process that holds it (exit :data:`EXIT_STOPPED`).
+  line naming the output and the process that holds it (:class:`OutputLocked`).
   The lock file stays after the run (deleting it would race with a waiting opener);
   the lock, not the file, is what counts, and the kernel drops it when the process
   dies, even by SIGKILL.
@@ -14,12 +14,9 @@ feature store) follow the same rules:
   modification time in ns). A finished record counts for a rerun only while both
   match; a file that changed (grew, was rewritten) is processed again and its record
   superseded.
-- **Exit codes** (:data:`EXIT_OK` ...): 0 every input has a result; 1 the run completed
-  and some inputs failed (each has an error record); 2 a usage error (bad option);
-  3 the run stopped, or could not start, before attempting every input (output locked,
-  not writable, settings that do not match it, disk full...; the message names the
-  path and how many inputs were not attempted); 130 / 143 interrupted by SIGINT /
-  SIGTERM (what is written stays valid; rerun to resume).
+- **Exit codes** are the CLI's (:mod:`hms_deploy.cli.common`): a run that stops before
+  attempting every input (output locked, not writable, settings that do not match it,
+  disk full) exits 3, interrupted 130 / 143; what is written stays valid.
 """
 
 from __future__ import annotations
@@ -34,13 +31,6 @@ from typing import Any
 from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError
-
-EXIT_OK = 0
-EXIT_FAILED_INPUTS = 1
-EXIT_USAGE = 2
-EXIT_STOPPED = 3
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class OutputLocked(ConfigError):
@@ -61,13 +51,16 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, int] | None:
 
 
 def check_output_parent(path: Path, what: str) -> None:
-    """:class:`ConfigError` if ``path`` cannot be a file: it is a directory, or a parent is a file."""
+    """:class:`ConfigError` if ``path`` cannot be a file: it is a directory, or a parent is a
+    file. ``what``: the setting that names it (the error's ``setting``)."""
     if path.is_dir():
-        raise ConfigError(f"{what} {path}: is a directory, expected a file")
+        raise ConfigError(f"{what} {path}: is a directory, expected a file", setting=what,
+                          value=str(path), expected="a file")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{what} {path}: '{parent}' is a file, not a directory")
+                raise ConfigError(f"{what} {path}: '{parent}' is a file, not a directory",
+                                  setting=what, value=str(path), expected="a file")
             return
 
 

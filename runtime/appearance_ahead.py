@@ -17,7 +17,7 @@ of k.
 When it is used (:func:`appearance_ahead` returns None otherwise, and the scheduler
 runs today's step-by-step path unchanged):
 
-- ``RunOptions.appearance_batch`` >= 2 frames per call, and ``appearance_batch // N`` >=
+- ``RunSettings.appearance_batch`` >= 2 frames per call, and ``appearance_batch // N`` >=
   2 steps per video for N videos in lockstep (lockstep already batches N frames per
   call; calls stay at most ``max(N, appearance_batch)`` frames, inside the backends'
   batch profiles);
@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.options import RunOptions
+from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import VideoRun
 from hms_deploy.runtime.timing import Timer
@@ -141,14 +141,14 @@ class AppearanceAhead:
                 row += 1
 
 
-def _steps_per_call(opts: RunOptions, n_videos: int) -> int:
+def _steps_per_call(opts: RunSettings, n_videos: int) -> int:
     """Steps per video in one call; 0 where the run cannot compute ahead whatever the
     plans (under 2 steps, or a budget)."""
     size = int(opts.appearance_batch) // max(1, n_videos)
     return 0 if size < 2 or opts.budget is not None else size
 
 
-def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
+def read_ahead_steps(opts: RunSettings, n_videos: int) -> int:
     """Steps' worth of frames the decode thread may run ahead of the step loop
     (:func:`~hms_deploy.runtime.frames.open_video`): 2, or twice a chunk's steps when the
     run may compute appearance ahead, so that decoding the next chunk overlaps the
@@ -160,7 +160,7 @@ def read_ahead_steps(opts: RunOptions, n_videos: int) -> int:
 
 
 def appearance_ahead(
-    es: EngineSet, videos: Sequence[VideoRun], opts: RunOptions, timer: Timer
+    es: EngineSet, videos: Sequence[VideoRun], opts: RunSettings, timer: Timer
 ) -> AppearanceAhead | None:
     """An :class:`AppearanceAhead` when the run may compute appearance ahead, else None
     (the conditions are in the module docstring). ``videos`` have their plans."""

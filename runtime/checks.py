@@ -33,11 +33,6 @@ from hms_deploy.errors import ConfigError, VideoError
 from hms_deploy.runtime.policy import Policy, parse_policy
 
 DEFAULT_NO_AUDIO_POLICY = "dense-appearance"
-NO_AUDIO_HELP = (
-    "Policy for videos without an audio track when the gates would decide (they need "
-    "audio): any --policy value, or 'error' to refuse such videos "
-    f"(default {DEFAULT_NO_AUDIO_POLICY}: appearance on every step, motion by its gate)."
-)
 
 
 def parse_no_audio_policy(text: str | Policy | None) -> Policy | None:

@@ -50,14 +50,16 @@ import numpy as np
 import torch
 
 from hms_deploy import gating
-from hms_deploy.costs import UNIT, dense_cost, video_cost
+from hms_deploy.costs import video_cost
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.audio_path import run_audio_path
+from hms_deploy.runtime.cells import EngineCells
 from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
-from hms_deploy.runtime.options import RunOptions, resolve_options
+from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.policy import GATE, Policy
+from hms_deploy.runtime.records import RunStats, VideoRun, build_record
 from hms_deploy.runtime.timing import Timer
 from hms_deploy.transfer import to_device
 
@@ -76,7 +78,7 @@ def _check_batch(batch: int, what: str) -> int:
 class _Features:
     """Every step's projected features and audio hidden states of one video, (T, 1, *)."""
 
-    def __init__(self, es: EngineSet, video: str | Path, opts: RunOptions, batch: int,
+    def __init__(self, es: EngineSet, video: str | Path, opts: RunSettings, batch: int,
                  audio_batch: int, timer: Timer):
         self.es = es
         cfg = es.config
@@ -92,7 +94,7 @@ class _Features:
         self.plan.warnings[:0] = warnings
         self._visual(opts, batch, timer)
 
-    def _audio(self, opts: RunOptions, audio_batch: int, timer: Timer) -> None:
+    def _audio(self, opts: RunSettings, audio_batch: int, timer: Timer) -> None:
         es = self.es
         with timer.host_section("decode"):
             wave = self.inputs.decode_audio(keep_partial=opts.allow_truncated)
@@ -102,7 +104,7 @@ class _Features:
         self.p_a, self.h_a, _, _ = run_audio_path(es, mel[:, None], (zero, zero.clone()),
                                                   audio_batch=audio_batch, timer=timer)
 
-    def _visual(self, opts: RunOptions, batch: int, timer: Timer) -> None:
+    def _visual(self, opts: RunSettings, batch: int, timer: Timer) -> None:
         es, T, inputs = self.es, opts.steps, self.inputs
         for s in range(0, T, batch):
             steps = range(s, min(T, s + batch))
@@ -124,8 +126,9 @@ class _Features:
         self.inputs.close()
 
 
-class _AllOnOps:
-    """:class:`hms_deploy.gating.StepOps` with every gate on and precomputed features."""
+class _AllOnOps(EngineCells):
+    """:class:`hms_deploy.gating.StepOps` with every gate on and precomputed features (the
+    cells are :class:`~hms_deploy.runtime.cells.EngineCells`, as the scheduler's)."""
 
     def __init__(self, es: EngineSet, feats: _Features, timer: Timer):
         self.es, self.feats, self.timer = es, feats, timer
@@ -143,21 +146,6 @@ class _AllOnOps:
 
     def motion_feature(self, t: int, rows: Tensor) -> Tensor:
         return self.feats.p_m[t].index_select(0, rows.to(self.es.device))
-
-    def appearance_cell(
-        self, x_a: Tensor, x_i: Tensor, h: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        with self.timer.device_section("cells_gates"):
-            out = self.es.engines["appearance_cell"]({"x_a": x_a, "x_i": x_i, "h": h, "c": c})
-        return out["h_next"], out["c_next"]
-
-    def motion_cell(
-        self, x_a: Tensor, x_i: Tensor, x_m: Tensor, h: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        with self.timer.device_section("cells_gates"):
-            out = self.es.engines["motion_cell"](
-                {"x_a": x_a, "x_i": x_i, "x_m": x_m, "h": h, "c": c})
-        return out["h_next"], out["c_next"]
 
 
 def _positional(es: EngineSet, part: str, outputs: tuple[str, str], timer: Timer,
@@ -180,50 +168,19 @@ def _positional(es: EngineSet, part: str, outputs: tuple[str, str], timer: Timer
     return fn
 
 
-def _record(es: EngineSet, feats: _Features, opts: RunOptions, executor: str, probs: Tensor,
-            g_i: list[int], g_m: list[int], used: float, timing: dict[str, float],
-            calls0: dict[str, int], stats: dict[str, Any]) -> dict[str, Any]:
-    """The Session's record (INTERFACES.md keys) for a baseline run."""
-    T = opts.steps
-    k = min(opts.topk, probs.numel())
-    top = torch.topk(probs, k)
-    top_list = [[es.labels[i], float(p)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
+def _record(es: EngineSet, feats: _Features, opts: RunSettings, executor: str, probs: Tensor,
+            g_i: list[int], g_m: list[int], timing: dict[str, float], calls0: dict[str, int],
+            stats: dict[str, int]) -> dict[str, Any]:
+    """The Session's record (:func:`~hms_deploy.runtime.records.build_record`) for a baseline
+    run: every backbone launched on every step (``gflops.used``), ``decided`` by ``g_i``/``g_m``."""
+    T = opts.T
     calls = es.calls()
-    inputs = feats.inputs
-    return {
-        "video": inputs.path,
-        "label": top_list[0][0],
-        "score": top_list[0][1],
-        "topk": top_list,
-        "steps": T,
-        "decisions": {"appearance": list(g_i), "motion": list(g_m)},
-        "usage": {"appearance": sum(g_i), "motion": sum(g_m)},
-        "gflops": {
-            "used": used,
-            "dense": dense_cost(es.costs, T),
-            "decided": video_cost(es.costs, steps=T, appearance=sum(g_i), motion=sum(g_m)),
-            "unit": UNIT,
-        },
-        "has_audio": bool(inputs.has_audio),
-        "warnings": list(feats.plan.warnings),
-        "fallback": feats.plan.fallback,
-        "engine": es.backend,
-        "device": str(es.device),
-        "policy": str(opts.policy),
-        "budget": None,
-        "T": T,
-        "export": es.export_sha256,
-        "executor": executor,
-        "timing_ms": timing,
-        "stats": {
-            **stats,
-            "batch": 1,
-            "appearance_frames": inputs.appearance_frames,
-            "motion_clips": inputs.motion_clips,
-            **inputs.decode_stats,
-            "engine_calls": {p: calls[p] - calls0[p] for p in calls},
-        },
-    }
+    video = VideoRun(feats.inputs.path, feats.inputs, steps_done=T, appearance=list(g_i),
+                     motion=list(g_m), plan=feats.plan)
+    run = RunStats(engine_calls={p: calls[p] - calls0[p] for p in calls}, **stats)
+    launched = video_cost(es.costs, steps=T, appearance=T, motion=T)
+    return build_record(es, opts, video, probs, timing, stats=run, executor=executor,
+                        launched=launched)
 
 
 def _head(es: EngineSet, h_m: Tensor, timer: Timer) -> Tensor:
@@ -266,11 +223,9 @@ def classify_dense_batched(
             g_m_all.append(int(g_m[0]))
         probs = _head(es, state.h_m, timer)
         timing = timer.result()
-        T = opts.steps
-        used = video_cost(es.costs, steps=T, appearance=T, motion=T)
         stats = {"host_reads": 0, "prediction_reads": 1, "decision_reads": 0,
                  "backbone_batch": batch, "audio_batch": audio_batch}
-        return _record(es, feats, opts, "dense_batched", probs, g_i_all, g_m_all, used, timing,
+        return _record(es, feats, opts, "dense_batched", probs, g_i_all, g_m_all, timing,
                        calls0, stats)
     finally:
         feats.close()
@@ -343,11 +298,10 @@ def classify_compute_then_mask(
             decisions = torch.stack([torch.cat(g_i_all), torch.cat(g_m_all)]).to(
                 "cpu", torch.int64)  # the one decision read
         timing = timer.result()
-        used = video_cost(es.costs, steps=T, appearance=T, motion=T)
         stats = {"host_reads": 0, "prediction_reads": 1, "decision_reads": 1,
                  "backbone_batch": batch, "audio_batch": audio_batch}
         return _record(es, feats, opts, "compute_then_mask", probs, decisions[0].tolist(),
-                       decisions[1].tolist(), used, timing, calls0, stats)
+                       decisions[1].tolist(), timing, calls0, stats)
     finally:
         feats.close()
 

@@ -130,14 +130,16 @@ def open_engine_set(
 ) -> EngineSet:
     """The one entry point: ``torch`` needs ``checkpoint``; ``onnx``/``trt`` need ``engines_dir``."""
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown engine {backend!r}, expected one of {BACKENDS}")
+        raise ConfigError(f"unknown engine {backend!r}, expected one of {BACKENDS}",
+                          setting="engine", value=backend, expected=" | ".join(BACKENDS))
     if backend == "torch":
         if checkpoint is None:
-            raise ConfigError("--engine torch needs --checkpoint ckpt.pt")
+            raise ConfigError("engine torch needs checkpoint, a checkpoint file (.pt)",
+                              setting=("engine", "checkpoint"), value=backend)
         return engines_from_checkpoint(checkpoint, device)
     if checkpoint is not None and engines_dir is None:
         raise ConfigError(
-            f"--engine {backend} runs an export dir (--engines DIR); export the checkpoint "
-            "first with `hms-export --checkpoint CK`, or use --engine torch"
-        )
+            f"engine {backend} runs an export dir, not a checkpoint; export the checkpoint "
+            "first (hms-export), or run it with the torch engine",
+            setting=("engine", "engines_dir"), value=backend)
     return engines_from_export(engines_dir or "engines", backend, device, **options)

@@ -166,6 +166,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# (device, inode, size, mtime_ns) of a file -> its sha256, for this process
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_file`, read once per process per file: a file whose identity (device,
+    inode, size, modification time in ns) is unchanged since it was hashed is not read
+    again, so every Session (a Ray driver and its actors, a server's instances) of one
+    export in a process hashes it once; a rewritten file is hashed anew."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        if len(_HASHED) > 4096:  # bounded: a long-lived process that opens many exports
+            _HASHED.clear()
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 # ------------------------------------------------------------------------ path checking
 
 
@@ -262,7 +280,7 @@ def verify_files(manifest: Manifest) -> list[str]:
             if not path.is_file():
                 problems.append(f"{path}: missing (listed in {manifest.manifest_path} for {entry.name})")
                 continue
-            got = sha256_file(path)
+            got = file_sha256(path)
             want = entry.sha256.get(kind, "")
             if got != want:
                 problems.append(

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.ray_cluster import (
     RayLayout,
     actor_setup,
@@ -53,6 +54,7 @@ from hms_deploy.runtime.ray_cluster import (
     pool_size,
     ray_instance,
 )
+from hms_deploy.runtime.results import SerialisedRecord
 
 __all__ = [
     "ClassifyActor", "ExtractActor", "RayLayout", "classify_ray", "ray_feature_source",
@@ -70,7 +72,8 @@ def _abs(path: str | Path | None) -> str | None:
 class ClassifyActor:
     """One Session per actor; ``__call__`` classifies one row ``{"index", "video", "abs"}``."""
 
-    def __init__(self, session_kwargs: dict[str, Any], options: Any, threads: int, cwd: str):
+    def __init__(self, session_kwargs: dict[str, Any], options: RunSettings, threads: int,
+                 cwd: str):
         from hms_deploy.runtime.session import Session
 
         self.local_paths = actor_setup(threads, cwd)
@@ -105,21 +108,20 @@ def classify_ray(
     checkpoint: str | Path | None = None,
     engine: str | None = None,
     device: str = "cpu",
-    steps: int | None = None,
-    policy: str = "learned",
-    budget: float | None = None,
-    topk: int = 5,
-    no_audio_policy: str | None = None,
-    allow_truncated: bool = False,
+    options: RunSettings | None = None,
     layout: RayLayout | None = None,
     output: str | Path | Any | None = None,
     progress: bool = False,
     on_worker: Any = None,
+    **settings: Any,
 ) -> Iterator[dict[str, Any]]:
     """Classify ``videos`` on a Ray Data actor pool; yield one record per video as it finishes.
 
-    Options are ``hms-run``'s, validated at the call, before Ray starts
-    (:class:`ConfigError`); the records come from the returned iterator.
+    ``options`` / ``settings``: a :class:`~hms_deploy.runtime.options.RunSettings` and
+    overrides of its fields, as for :meth:`Session.classify_many
+    <hms_deploy.runtime.session.Session.classify_many>`, validated at the call, before Ray
+    starts (:class:`ConfigError`; ``online`` and ``batch_size`` > 1 are refused: actors
+    classify whole videos); the records come from the returned iterator.
     ``output``: a path or an open :class:`~hms_deploy.runtime.results.ResultsFile` (a path
     is opened with the run's settings, :func:`~hms_deploy.runtime.results.run_settings`,
     so ``hms-run --output`` resumes it and vice versa); videos already done there are
@@ -139,8 +141,8 @@ def classify_ray(
         "engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine, "device": device}
     # the driver validates the export and the options (cheap: no engine is created)
     session = Session(**session_kwargs)
-    options = session.options(steps=steps, policy=policy, budget=budget, topk=topk,
-                              no_audio_policy=no_audio_policy, allow_truncated=allow_truncated)
+    options = session.options(options, **settings)
+    options.require_whole_videos()
     results: Any = output
     if output is not None and not isinstance(output, ResultsFile):
         results = ResultsFile(output, settings=run_settings(session, options))
@@ -150,14 +152,15 @@ def classify_ray(
     return _stream(stream, todo, results, close=results is not output)
 
 
-def ray_records(session_kwargs: dict[str, Any], options: Any, layout: RayLayout, *,
+def ray_records(session_kwargs: dict[str, Any], options: RunSettings, layout: RayLayout, *,
                 progress: bool = False, on_worker: Any = None) -> Any:
     """``records(videos)``: the records of ``videos`` classified on a Ray Data actor pool,
     each actor a ``Session(**session_kwargs)`` run with ``options`` (a
-    :class:`~hms_deploy.runtime.options.RunOptions`), in the order they finish. The record
+    :class:`~hms_deploy.runtime.options.RunSettings`), in the order they finish. The record
     source of ``hms-run --ray`` (:class:`hms_deploy.cli.batch.JobOptions` ``records``):
     the job loop, its output file and its exit codes are the plain run's."""
     layout.check()
+    options.require_whole_videos()
     kwargs = dict(session_kwargs)
     for k in ("engines_dir", "checkpoint"):
         kwargs[k] = _abs(kwargs.get(k))
@@ -202,7 +205,7 @@ def _run(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progres
         failed = 0
         try:
             for row in map_rows(ray, actor_cls, rows, layout, ctor_kwargs):
-                rec = json.loads(row["record"])
+                rec = SerialisedRecord(str(row["record"]))  # parsed once, never re-serialised
                 if bar is not None:
                     failed += "error" in rec
                     bar.set_postfix(failed=failed, refresh=False)

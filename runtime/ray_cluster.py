@@ -54,9 +54,12 @@ class RayLayout:
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}", setting="workers",
+                              value=self.workers, expected=">= 1")
         if self.threads_per_worker < 1:
-            raise ConfigError(f"--threads-per-worker must be >= 1, got {self.threads_per_worker}")
+            raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}",
+                              setting="threads_per_worker", value=self.threads_per_worker,
+                              expected=">= 1")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus per worker must be >= 0, got {self.gpus_per_worker}")
 
@@ -81,8 +84,8 @@ def import_ray(*, loopback: bool | None = None) -> Any:
         from ray._private import ray_constants
     except ImportError as e:
         raise ConfigError(
-            f"--ray needs Ray Data ({e}); install it with `pip install \"hms-deploy[ray]\"`"
-        ) from None
+            f"running on Ray needs Ray Data ({e}); install it with "
+            "`pip install \"hms-deploy[ray]\"`", setting="ray") from None
     if loopback is not None:
         # Ray reads the switch once, at import: set the constant too if it was imported before.
         ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(
@@ -113,7 +116,8 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
                     "clusters), set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
                     "~/.ray/auth_token)")
             raise ConfigError(
-                f"--ray-address {layout.address}: cannot connect ({e}){hint}") from None
+                f"Ray cluster {layout.address}: cannot connect ({e}){hint}",
+                setting="ray_address", value=layout.address) from None
         started = True
     else:
         ray = import_ray(loopback=True)

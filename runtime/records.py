@@ -1,4 +1,6 @@
-"""The record of one classified video: the dict ``hms-run --json`` prints (INTERFACES.md).
+"""The record of one classified video: the dict ``hms-run --json`` prints (INTERFACES.md),
+built here for every path (the scheduler, the dense baselines, serving and Ray, which run
+the scheduler).
 
 Fields beyond INTERFACES.md are listed in :mod:`hms_deploy.runtime.session`.
 """
@@ -14,7 +16,7 @@ from hms_deploy.costs import UNIT, dense_cost, video_cost
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.runtime.checks import VideoPlan
 from hms_deploy.runtime.engines import EngineSet
-from hms_deploy.runtime.options import RunOptions
+from hms_deploy.runtime.options import RunSettings
 
 Tensor = torch.Tensor
 
@@ -32,22 +34,66 @@ class VideoRun:
     plan: VideoPlan | None = None  # its per-step plan, warnings and fallback (runtime/checks.py)
 
 
+@dataclass
+class RunStats:
+    """A run's counters for one record's ``stats`` (docs/record.md); the video's own input
+    and decoder counters are added from its inputs. Fields left None are not the path's:
+    ``vetoed`` / ``appearance_batches`` / ``audio_steps`` are the scheduler's,
+    ``decision_reads`` / ``backbone_batch`` / ``audio_batch`` the baselines'."""
+
+    host_reads: int
+    prediction_reads: int
+    engine_calls: dict[str, int]
+    batch: int = 1
+    vetoed: dict[str, int] | None = None
+    appearance_batches: int | None = None
+    audio_steps: int | None = None
+    decision_reads: int | None = None
+    backbone_batch: int | None = None
+    audio_batch: int | None = None
+
+    def as_dict(self, inputs: VideoInputs) -> dict[str, Any]:
+        def some(**kv: Any) -> dict[str, Any]:
+            return {k: v for k, v in kv.items() if v is not None}
+
+        return {
+            "host_reads": self.host_reads, "prediction_reads": self.prediction_reads,
+            **some(decision_reads=self.decision_reads, backbone_batch=self.backbone_batch,
+                   audio_batch=self.audio_batch),
+            "batch": self.batch,
+            **some(vetoed=self.vetoed),
+            "appearance_frames": inputs.appearance_frames,
+            **some(appearance_batches=self.appearance_batches),
+            "motion_clips": inputs.motion_clips,
+            **inputs.decode_stats,
+            "engine_calls": self.engine_calls,
+            **some(audio_steps=self.audio_steps),
+        }
+
+
 def build_record(
-    es: EngineSet, opts: RunOptions, video: VideoRun, probs: Tensor, timing: dict[str, float], *,
-    stats: dict[str, Any], partial: bool,
+    es: EngineSet, opts: RunSettings, video: VideoRun, probs: Tensor, timing: dict[str, float], *,
+    stats: RunStats, partial: bool = False, executor: str | None = None,
+    launched: float | None = None,
 ) -> dict[str, Any]:
     """The record of ``video`` with class probabilities ``probs`` (C,) on the host.
 
-    ``stats``: the batch's counters (host reads, batch size, vetoes, engine calls); the
-    video's own input and decoder counters are added here.
+    ``executor`` names a baseline (:mod:`hms_deploy.runtime.dense`) and ``launched`` the
+    GMAC it launched: ``gflops.used`` is then that, and ``gflops.decided`` what its
+    decisions would cost if the skipped work were skipped.
     """
     k = min(opts.topk, probs.numel())
     top = torch.topk(probs, k)
     top_list = [[es.labels[i], float(p)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
     a, m = video.appearance, video.motion
     predictions = video.steps_done if opts.online else 1
-    used = video_cost(es.costs, steps=video.steps_done, appearance=sum(a), motion=sum(m),
-                      predictions=predictions)
+    decided = video_cost(es.costs, steps=video.steps_done, appearance=sum(a), motion=sum(m),
+                         predictions=predictions)
+    gflops: dict[str, Any] = {"used": decided if launched is None else launched,
+                              "dense": dense_cost(es.costs, opts.T)}
+    if launched is not None:
+        gflops["decided"] = decided
+    gflops["unit"] = UNIT
     rec: dict[str, Any] = {
         "video": video.name,
         "label": top_list[0][0],
@@ -56,7 +102,7 @@ def build_record(
         "steps": video.steps_done,
         "decisions": {"appearance": list(a), "motion": list(m)},
         "usage": {"appearance": sum(a), "motion": sum(m)},
-        "gflops": {"used": used, "dense": dense_cost(es.costs, opts.steps), "unit": UNIT},
+        "gflops": gflops,
         "has_audio": bool(video.inputs.has_audio),
         "warnings": list(video.plan.warnings) if video.plan else [],
         "fallback": video.plan.fallback if video.plan else None,
@@ -64,21 +110,12 @@ def build_record(
         "device": str(es.device),
         "policy": str(opts.policy),
         "budget": opts.budget,
-        "T": opts.steps,
+        "T": opts.T,
         "export": es.export_sha256,
+        **({"executor": executor} if executor is not None else {}),
         "timing_ms": timing,
-        "stats": {
-            "host_reads": stats["host_reads"],
-            "prediction_reads": stats["prediction_reads"],
-            "batch": stats["batch"],
-            "vetoed": stats["vetoed"],
-            "appearance_frames": video.inputs.appearance_frames,
-            "appearance_batches": stats["appearance_batches"],
-            "motion_clips": video.inputs.motion_clips,
-            **video.inputs.decode_stats,
-            "engine_calls": stats["engine_calls"],
-            "audio_steps": stats["audio_steps"],
-        },
+        "coverage": video.inputs.sampler.audio_coverage(),
+        "stats": stats.as_dict(video.inputs),
     }
     if partial:
         rec["partial"] = True

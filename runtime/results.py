@@ -91,7 +91,8 @@ def _free_name(path: Path) -> Path:
         p = path.with_name(f"{stem}.{i}{suffix}")
         if not p.exists():
             return p
-    raise ConfigError(f"--output {path}: no free name {stem}.N{suffix} left")
+    raise ConfigError(f"output {path}: no free name {stem}.N{suffix} left", setting="output",
+                      value=str(path))
 
 
 def _normal(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -110,14 +111,16 @@ class ResultsFile:
     def __init__(self, path: str | Path, *, settings: dict[str, Any] | None = None,
                  mode: str = "resume", command: str = "hms-run"):
         if mode not in MODES:
-            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}")
+            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}",
+                              setting="output_mode", value=mode, expected=" | ".join(MODES))
         path = Path(path)
-        check_output_parent(path, "--output")
+        check_output_parent(path, "output")
         path.parent.mkdir(parents=True, exist_ok=True)
         if mode == "new":
             path = _free_name(path)
         self.path = path
         self.settings = _normal(settings)
+        self._settings_json = record_json(self.settings)
         self.warnings: list[str] = []
         self.torn = False
         self._state: dict[str, _Current] = {}
@@ -199,8 +202,8 @@ class ResultsFile:
                              for k, (o, n) in diffs.items())
             raise SettingsMismatch(
                 f"{self.path} holds records made with other settings ({what}): use another "
-                "--output, or --output-mode new (a new file beside it) or overwrite"
-            )
+                "output file, or output_mode new (a new file beside it) or overwrite",
+                setting="output_mode", value=self.settings)
 
     def done(self, video: str | os.PathLike[str]) -> bool:
         """Whether ``video`` has a current result for this file content and these settings.
@@ -222,11 +225,12 @@ class ResultsFile:
                 "errors": errors}
 
     # -- writing -------------------------------------------------------------------------
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], text: str | None = None) -> None:
         """Write one finished record (with ``source`` and ``settings``), fsynced.
 
-        Partial records are not results and are not written. Raises ``OSError`` if the
-        line cannot be written; the file is left as it was.
+        ``text``: the record already serialised (:func:`record_json`), so that a record
+        printed and stored is serialised once. Partial records are not results and are not
+        written. Raises ``OSError`` if the line cannot be written; the file is left as it was.
         """
         if record.get("partial"):
             return
@@ -234,10 +238,17 @@ class ResultsFile:
             raise ConfigError(f"{self.path}: closed")
         key = video_key(str(record.get("video")))
         ident = self._identity.pop(key, None) or file_identity(key)
-        line = dict(record)
-        line["source"] = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
-        line["settings"] = self.settings
-        data = (json.dumps(line, separators=(", ", ": ")) + "\n").encode()
+        source = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
+        if "source" in record or "settings" in record:  # replaced below, as dict keys would be
+            text = record_json({k: v for k, v in record.items() if k not in ("source", "settings")})
+        elif text is None:
+            text = record_json(record)
+        # the record's object with two more keys: as json.dumps of the extended dict
+        tail = f"{SEP[0]}\"source\"{SEP[1]}{record_json(source)}{SEP[0]}\"settings\"{SEP[1]}"
+        if text != "{}":
+            data = f"{text[:-1]}{tail}{self._settings_json}}}\n".encode()
+        else:
+            data = f"{{{tail[len(SEP[0]):]}{self._settings_json}}}\n".encode()
         start = os.fstat(self._fd).st_size
         try:
             view = memoryview(data)
@@ -300,20 +311,36 @@ class ResultsFile:
         self.close()
 
 
+SEP = (", ", ": ")  # the separators of every JSON line (hms-run --json, --output)
+
+
+class SerialisedRecord(dict):  # type: ignore[type-arg]
+    """A record that arrived as JSON text (from a Ray actor), kept with that text so that
+    printing and storing it do not serialise it again. Not to be modified."""
+
+    def __init__(self, text: str):
+        super().__init__(json.loads(text))
+        self.text = text
+
+
+def record_json(obj: Any) -> str:
+    """One record (or any JSON value) as the JSON text of ``hms-run --json`` / ``--output``."""
+    if isinstance(obj, SerialisedRecord):
+        return obj.text
+    return json.dumps(obj, separators=SEP)
+
+
 def run_settings(session: Any, options: Any, **extra: Any) -> dict[str, Any]:
     """The settings that change a record, for :class:`ResultsFile` (``extra``: more of them).
 
     ``model`` is the export's manifest hash (or the checkpoint's, torch engine); then
-    engine, device, policy, budget (GMAC), T, topk, the no-audio policy and whether
-    truncated files are classified. ``--batch-size`` and ``--online`` are not settings:
-    they do not change a final record's decisions or probabilities.
+    engine, device, and the run settings' resume key
+    (:meth:`~hms_deploy.runtime.options.RunSettings.resume_key`: policy, budget (GMAC), T,
+    topk, the no-audio policy and whether truncated files are classified; batch size,
+    online mode and decoding do not change a final record's decisions or probabilities).
     """
     es = session.engine_set
-    no_audio = getattr(options, "no_audio", None)
     return {
         "model": es.export_sha256 or session.checkpoint_sha256,
-        "engine": es.backend, "device": str(es.device), "policy": str(options.policy),
-        "budget": options.budget, "T": options.steps, "topk": options.topk,
-        "no_audio_policy": "error" if no_audio is None else str(no_audio),
-        "allow_truncated": bool(getattr(options, "allow_truncated", False)), **extra,
+        "engine": es.backend, "device": str(es.device), **options.resume_key(), **extra,
     }

@@ -14,7 +14,7 @@
    frame, or the 32-frame clip, of step t; see :mod:`hms_deploy.runtime.frames`) and runs
    that backbone on the sub-batch. Where every plan is forced and there is no budget, the
    appearance frames of several steps run in one call instead
-   (:mod:`hms_deploy.runtime.appearance_ahead`; ``RunOptions.appearance_batch``).
+   (:mod:`hms_deploy.runtime.appearance_ahead`; ``RunSettings.appearance_batch``).
 3. **Head** once at the end (``online``: after every step, yielding partial results).
 
 Host reads: the step loop waits on the device only to read a gate's decision, exactly
@@ -60,22 +60,23 @@ from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
 from hms_deploy.runtime.appearance_ahead import appearance_ahead, read_ahead_steps
 from hms_deploy.runtime.audio_path import run_audio_path
+from hms_deploy.runtime.cells import EngineCells
 from hms_deploy.runtime.checks import plan_before_audio, plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
-from hms_deploy.runtime.options import RunOptions, resolve_options
+from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.policy import GATE
-from hms_deploy.runtime.records import VideoRun, build_record
+from hms_deploy.runtime.records import RunStats, VideoRun, build_record
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer
 from hms_deploy.transfer import HostReads, to_device
 
 Tensor = torch.Tensor
 
-__all__ = ["TIMING_KEYS", "EngineStepOps", "RunOptions", "Timer", "engine_stream", "resolve_options",
+__all__ = ["TIMING_KEYS", "EngineStepOps", "RunSettings", "Timer", "engine_stream", "resolve_options",
            "run_batch"]
 
 
-class EngineStepOps:
+class EngineStepOps(EngineCells):
     """:class:`hms_deploy.gating.StepOps` over an EngineSet and decode-on-demand inputs.
 
     ``active`` maps the rows of the current sub-batch to indices into ``videos``.
@@ -134,27 +135,21 @@ class EngineStepOps:
         with run.timer.device_section("motion"):
             return run.es.engines["motion_backbone"]({"clip": x})["feat"]
 
-    # -- cells ---------------------------------------------------------------------------
-    def appearance_cell(self, x_a: Tensor, x_i: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        with self.run.timer.device_section("cells_gates"):
-            out = self.run.es.engines["appearance_cell"]({"x_a": x_a, "x_i": x_i, "h": h, "c": c})
-        return out["h_next"], out["c_next"]
+    # the cells: EngineCells, over the run's engines and timer
+    @property
+    def es(self) -> EngineSet:  # type: ignore[override]
+        return self.run.es
 
-    def motion_cell(
-        self, x_a: Tensor, x_i: Tensor, x_m: Tensor, h: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        with self.run.timer.device_section("cells_gates"):
-            out = self.run.es.engines["motion_cell"](
-                {"x_a": x_a, "x_i": x_i, "x_m": x_m, "h": h, "c": c}
-            )
-        return out["h_next"], out["c_next"]
+    @property
+    def timer(self) -> Timer:  # type: ignore[override]
+        return self.run.timer
 
 
 # ------------------------------------------------------------------------------- the run
 
 
 class _BatchRun:
-    def __init__(self, es: EngineSet, names: Sequence[str], opts: RunOptions, timer: Timer):
+    def __init__(self, es: EngineSet, names: Sequence[str], opts: RunSettings, timer: Timer):
         self.es = es
         self.opts = opts
         self.timer = timer
@@ -316,15 +311,15 @@ class _BatchRun:
     # -- records -------------------------------------------------------------------------
     def record(self, v: int, probs: Tensor, timing: dict[str, float], *, partial: bool) -> dict[str, Any]:
         calls = self.es.calls()
-        stats = {
-            "host_reads": self.reads.counts["decision"],
-            "prediction_reads": self.reads.counts["prediction"],
-            "batch": len(self.videos),
-            "vetoed": {k: int(n[v]) for k, n in self.ledger.vetoed.items()},
-            "engine_calls": {p: calls[p] - self.calls0[p] for p in calls},
-            "audio_steps": self.audio_done,
-            "appearance_batches": self.ahead.batches[v] if self.ahead is not None else 0,
-        }
+        stats = RunStats(
+            host_reads=self.reads.counts["decision"],
+            prediction_reads=self.reads.counts["prediction"],
+            engine_calls={p: calls[p] - self.calls0[p] for p in calls},
+            batch=len(self.videos),
+            vetoed={k: int(n[v]) for k, n in self.ledger.vetoed.items()},
+            appearance_batches=self.ahead.batches[v] if self.ahead is not None else 0,
+            audio_steps=self.audio_done,
+        )
         return build_record(self.es, self.opts, self.videos[v], probs, timing, stats=stats,
                             partial=partial)
 
@@ -341,7 +336,7 @@ def engine_stream(engine_set: EngineSet) -> Any:
 
 
 def run_batch(
-    engine_set: EngineSet, videos: Sequence[str], options: RunOptions, *, stream: Any = None
+    engine_set: EngineSet, videos: Sequence[str], options: RunSettings, *, stream: Any = None
 ) -> Iterator[list[dict[str, Any]]]:
     """Classify ``videos`` in lockstep; yield lists of records.
 

@@ -22,33 +22,37 @@ Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
 is given). ``engine_options`` go to the backend (e.g. ONNX Runtime ``providers``; for
 ``trt``, ``build_plans=add_trt_plans`` (from the export package) builds missing plans on first
 use, as ``hms-run`` does; without it a missing plan is an error saying how to build it).
-Opening verifies the export's hashes; the engines are created once, on ``__enter__``
+Opening verifies the export's hashes (each file read once per process while it is unchanged:
+:func:`~hms_deploy.runtime.manifest.file_sha256`); the engines are created once, on ``__enter__``
 (or on first use) and freed by ``close()`` / ``__exit__``.
 
-``classify(video, *, steps=None, policy="learned", budget=None, online=False, topk=5,
-no_audio_policy=None, allow_truncated=False, appearance_batch=8)``:
-``steps`` = T (default: the model's); ``policy`` = ``learned | dense | audio-only |
-dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]`` (:mod:`hms_deploy.runtime.policy`);
-``no_audio_policy`` = what a video without audio runs when the gates would decide (a
-policy, default ``dense-appearance``, or ``"error"``; :mod:`hms_deploy.runtime.checks`);
-``allow_truncated`` classifies the decodable part of a truncated file (with a warning);
-``appearance_batch`` (default 8): appearance frames per backbone call where every plan is
-forced and there is no budget (:mod:`hms_deploy.runtime.appearance_ahead`; 1 = one step
-at a time; records equal to float tolerance, same decisions and usage); ``budget`` in
-GMAC (:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head
-after every step (``classify`` returns only the final record; ``classify_many`` yields
-the partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
+``classify(video, options=None, **settings)``: ``options`` is a
+:class:`~hms_deploy.runtime.options.RunSettings` (default: its defaults) and ``settings``
+override its fields by name: ``steps`` = T (default: the model's); ``policy`` = ``learned |
+dense | audio-only | dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]``
+(:mod:`hms_deploy.runtime.policy`); ``no_audio_policy`` = what a video without audio runs
+when the gates would decide (a policy, default ``dense-appearance``, or ``"error"``;
+:mod:`hms_deploy.runtime.checks`); ``allow_truncated`` classifies the decodable part of a
+truncated file (with a warning); ``appearance_batch`` (default 8): appearance frames per
+backbone call where every plan is forced and there is no budget
+(:mod:`hms_deploy.runtime.appearance_ahead`; 1 = one step at a time; records equal to
+float tolerance, same decisions and usage); ``budget`` in GMAC
+(:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head after
+every step (``classify`` returns only the final record; ``classify_many`` yields the
+partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
 only once the whole batch has finished, because a failure reruns the batch video by
-video and partials already yielded could not be taken back); ``topk`` = how many (label, probability) pairs. Raises
-:class:`~hms_deploy.errors.ConfigError` for bad options and
+video and partials already yielded could not be taken back); ``topk`` = how many (label,
+probability) pairs. An unknown name or a bad value raises
+:class:`~hms_deploy.errors.ConfigError` (its ``setting`` names the field);
 :class:`~hms_deploy.errors.VideoError` for a video that cannot be read.
 
-``classify_many(videos, *, ..., batch_size=1)`` validates the options first (raising at
-the call, not at the first ``next``), then yields one record per video, in order;
-a failed video yields ``{"video": ..., "error": "one line"}`` and the rest go on.
-``batch_size > 1`` steps that many videos in lockstep, each skipping on its own
-(records then carry the batch's timing and engine-call counts); if one video of a batch
-fails, the others are rerun one by one.
+``classify_many(videos, options=None, **settings)`` validates the settings first (raising
+at the call, not at the first ``next``), then yields one record per video, in order; a
+video that fails with an :class:`~hms_deploy.errors.HMSError` (a bad input) yields
+``{"video": ..., "error": "one line"}`` and the rest go on; any other exception is a bug
+and propagates. ``batch_size > 1`` steps that many videos in lockstep, each skipping on
+its own (records then carry the batch's timing and engine-call counts); if one video of a
+batch fails, the others are rerun one by one.
 
 Record fields beyond INTERFACES.md (additions, never changes):
 
@@ -57,6 +61,8 @@ Record fields beyond INTERFACES.md (additions, never changes):
 - ``warnings`` (INTERFACES.md): a list of one-line remarks (a fallback used, a truncated
   file classified, steps that outnumber distinct frames or audio patches); ``fallback``:
   ``"no_audio"`` when the no-audio policy replaced the gates, else null.
+- ``coverage``: ``{"audio_s", "duration_s", "share"}``: seconds of the video inside some
+  step's audio window, the duration, and their ratio (docs/record.md).
 - ``partial``: ``true`` on the running records of ``online`` mode (absent otherwise).
 - ``stats``: ``host_reads`` (gate decisions read from the device: one per gate
   evaluated), ``prediction_reads`` (head outputs read: 1, or one per step online),
@@ -74,7 +80,6 @@ Record fields beyond INTERFACES.md (additions, never changes):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -84,17 +89,9 @@ from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
-from hms_deploy.runtime.options import DEFAULT_APPEARANCE_BATCH, RunOptions, resolve_options
-from hms_deploy.runtime.policy import Policy
+from hms_deploy.runtime.manifest import file_sha256
+from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.scheduler import engine_stream, run_batch
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Session:
@@ -111,25 +108,26 @@ class Session:
         if engine is None:
             engine = "torch" if checkpoint is not None and engines_dir is None else "onnx"
         if checkpoint is not None and engines_dir is not None:
-            raise ConfigError("give an export dir (--engines) or a checkpoint, not both")
+            raise ConfigError("give an export dir or a checkpoint, not both",
+                              setting=("engines_dir", "checkpoint"))
         if engine != "torch" and checkpoint is None:
             d = Path(engines_dir if engines_dir is not None else "engines")
             if d.is_file():
                 raise ConfigError(
-                    f"--engines expects an export directory, but '{d}' is a file; run a "
-                    f"checkpoint with --checkpoint {d}, or export it first with "
-                    f"`hms-export --checkpoint {d} --out engines/`"
-                )
+                    f"engines_dir expects an export directory, but '{d}' is a file; run a "
+                    "checkpoint with the torch engine, or export it first (hms-export)",
+                    setting="engines_dir", value=d, expected="an export directory")
             if not d.is_dir():
                 raise ConfigError(
-                    f"engines directory '{d}' not found; export a checkpoint with "
-                    f"`hms-export --checkpoint CK --out {d}`, or run it with --checkpoint CK"
-                )
+                    f"engines directory '{d}' not found; export a checkpoint first "
+                    "(hms-export), or run the checkpoint with the torch engine",
+                    setting="engines_dir", value=d, expected="an export directory")
             engines_dir = d
         self.engine_set: EngineSet = open_engine_set(
             engine, engines_dir=engines_dir, checkpoint=checkpoint, device=device, **engine_options
         )
-        self.checkpoint_sha256 = _sha256(checkpoint) if engine == "torch" and checkpoint else None
+        self.checkpoint_sha256 = (file_sha256(checkpoint) if engine == "torch" and checkpoint
+                                  else None)
         self._open = False
         self._stream: object = None
 
@@ -164,24 +162,10 @@ class Session:
         """The model's default T."""
         return self.engine_set.config.steps
 
-    def options(
-        self,
-        *,
-        steps: int | None = None,
-        policy: str | Policy = "learned",
-        budget: float | None = None,
-        online: bool = False,
-        topk: int = 5,
-        no_audio_policy: str | Policy | None = None,
-        allow_truncated: bool = False,
-        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
-    ) -> RunOptions:
-        """Validated options (:class:`ConfigError` if bad), for reuse across calls."""
-        return resolve_options(
-            self.engine_set, steps=steps, policy=policy, budget=budget, online=online, topk=topk,
-            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
-            appearance_batch=appearance_batch,
-        )
+    def options(self, options: RunSettings | None = None, **overrides: Any) -> RunSettings:
+        """``options`` (default: the defaults) with ``overrides`` (:class:`RunSettings` field
+        names), checked against the model (:class:`ConfigError` if bad), for reuse."""
+        return resolve_options(self.engine_set, options, **overrides)
 
     # -- classify ------------------------------------------------------------------------
     def _finish(self, rec: dict[str, Any]) -> dict[str, Any]:
@@ -189,56 +173,25 @@ class Session:
             rec["checkpoint"] = self.checkpoint_sha256
         return rec
 
-    def classify(
-        self,
-        video: str | Path,
-        *,
-        steps: int | None = None,
-        policy: str | Policy = "learned",
-        budget: float | None = None,
-        online: bool = False,
-        topk: int = 5,
-        no_audio_policy: str | Policy | None = None,
-        allow_truncated: bool = False,
-        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
-    ) -> dict[str, Any]:
-        """Classify one video; the final record (errors raise)."""
-        opts = self.options(steps=steps, policy=policy, budget=budget, online=online, topk=topk,
-                            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
-                            appearance_batch=appearance_batch)
+    def classify(self, video: str | Path, options: RunSettings | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+        """Classify one video; the final record (errors raise). Settings as :meth:`options`."""
+        opts = self.options(options, **overrides)
         self.open()
         final: list[dict[str, Any]] = []
         for recs in run_batch(self.engine_set, [str(video)], opts, stream=self._stream):
             final = recs
         return self._finish(final[0])
 
-    def classify_many(
-        self,
-        videos: Iterable[str | Path],
-        *,
-        steps: int | None = None,
-        policy: str | Policy = "learned",
-        budget: float | None = None,
-        online: bool = False,
-        topk: int = 5,
-        batch_size: int = 1,
-        options: RunOptions | None = None,
-        no_audio_policy: str | Policy | None = None,
-        allow_truncated: bool = False,
-        appearance_batch: int = DEFAULT_APPEARANCE_BATCH,
-    ) -> Iterator[dict[str, Any]]:
-        """Yield one record per video (error records included); see the module docstring."""
-        opts = options or self.options(
-            steps=steps, policy=policy, budget=budget, online=online, topk=topk,
-            no_audio_policy=no_audio_policy, allow_truncated=allow_truncated,
-            appearance_batch=appearance_batch,
-        )
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    def classify_many(self, videos: Iterable[str | Path], options: RunSettings | None = None,
+                      **overrides: Any) -> Iterator[dict[str, Any]]:
+        """Yield one record per video (error records included); see the module docstring.
+        Settings as :meth:`options` (``batch_size`` among them)."""
+        opts = self.options(options, **overrides)
         self.open()
-        return self._many(videos, opts, batch_size)
+        return self._many(videos, opts, opts.batch_size)
 
-    def _many(self, videos: Iterable[str | Path], opts: RunOptions, batch_size: int) -> Iterator[dict[str, Any]]:
+    def _many(self, videos: Iterable[str | Path], opts: RunSettings, batch_size: int) -> Iterator[dict[str, Any]]:
         batch: list[str] = []
         for v in videos:
             batch.append(str(v))
@@ -248,13 +201,13 @@ class Session:
         if batch:
             yield from self._run(batch, opts)
 
-    def _run(self, batch: list[str], opts: RunOptions) -> Iterator[dict[str, Any]]:
+    def _run(self, batch: list[str], opts: RunSettings) -> Iterator[dict[str, Any]]:
         if len(batch) > 1:
             held: list[dict[str, Any]] = []  # partials of a batch are released only if it succeeds
             try:
                 for recs in run_batch(self.engine_set, batch, opts, stream=self._stream):
                     held.extend(self._finish(r) for r in recs)
-            except (HMSError, OSError, RuntimeError, ValueError, IndexError):
+            except HMSError:  # a bad input: rerun the batch's videos one by one
                 for v in batch:
                     yield from self._run([v], opts)
                 return
@@ -264,5 +217,5 @@ class Session:
             for recs in run_batch(self.engine_set, batch, opts, stream=self._stream):
                 for r in recs:
                     yield self._finish(r)
-        except (HMSError, OSError, RuntimeError, ValueError, IndexError) as e:
+        except HMSError as e:  # a bad input; anything else is a bug and propagates
             yield {"video": batch[0], "error": first_line(e)}

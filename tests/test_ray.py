@@ -95,7 +95,7 @@ def test_bad_options_fail_before_any_video(ray_local):
 
     with pytest.raises(ConfigError, match="policy"):  # at the call, not at the first next()
         classify_ray([str(assets().video)], engines_dir=assets().engines, policy="sometimes")
-    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
         classify_ray([str(assets().video)], engines_dir=assets().engines,
                      layout=RayLayout(workers=0))
     with pytest.raises(ConfigError, match="not found"):

@@ -209,8 +209,9 @@ def test_bad_options(tmp_path):
     _bad([tmp_path / "empty", "--engines", e], "holds no video files")
     _bad([v, "--engines", e, "--device", "tpu"], "unknown device 'tpu'")
     if not torch.cuda.is_available():
-        _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device", 1)
-        _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device", 1)
+        # a missing backend or GPU: the run could not start (exit 3, docs/commands.md)
+        _bad([v, "--engines", e, "--device", "cuda"], "no CUDA device", 3)
+        _bad([v, "--checkpoint", ck, "--device", "cuda:0"], "no CUDA device", 3)
     _bad([v, "--engines", e, "--output", tmp_path], "is a directory", code=3)  # output unusable: stopped
     # the options alone are checked before anything is loaded or looked up
     missing = tmp_path / "no-engines"

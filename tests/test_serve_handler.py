@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from runtime_helpers import assets, one_torch_thread  # noqa: F401 - autouse fixture
 
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.serve.handler import Handler, RequestError, ServeOptions, resolve_path
 from hms_deploy.runtime.serve.launch import Endpoints, server_command, server_env
 from hms_deploy.runtime.serve.repository import (
@@ -62,7 +63,7 @@ def test_resolve_path(root):
 
 
 def test_handler_answers_each_request_of_a_batch(session, root):
-    h = Handler(session, ServeOptions(allowed_root=root, max_upload_bytes=1 << 20, topk=3))
+    h = Handler(session, ServeOptions(allowed_root=root, max_upload_bytes=1 << 20, run=RunSettings(topk=3)))
     ref = session.classify(assets().video, topk=3)
     data = assets().video.read_bytes()
     answers = h.run([

@@ -39,7 +39,7 @@ def test_record_is_the_interfaces_record(onnx_session):
     a = assets()
     rec = onnx_session.classify(a.video)
     assert list(rec)[: len(RECORD_KEYS)] == RECORD_KEYS
-    assert set(rec) - set(RECORD_KEYS) == {"stats"}
+    assert set(rec) - set(RECORD_KEYS) == {"stats", "coverage"}
     assert rec["warnings"] == [] and rec["fallback"] is None
     assert rec["video"] == str(a.video)
     assert isinstance(rec["label"], str) and rec["label"] in onnx_session.labels
@@ -107,7 +107,7 @@ def test_session_errors(tmp_path):
     a = assets()
     with pytest.raises(ConfigError, match="engines directory .* not found"):
         Session(engines_dir=tmp_path / "nope")
-    with pytest.raises(ConfigError, match="needs --checkpoint"):
+    with pytest.raises(ConfigError, match="engine torch needs checkpoint"):
         Session(engine="torch")
     with pytest.raises(ConfigError, match="not both"):
         Session(engines_dir=a.engines, checkpoint=a.checkpoint)

@@ -1,6 +1,6 @@
 """The job behind ``hms-run``: records to stdout and ``--output``, progress, the outcome.
 
-Exit codes (:mod:`hms_deploy.outputs`): 0 every input has a result (classified now or
+Exit codes (:mod:`hms_deploy.cli.common`): 0 every input has a result (classified now or
 skipped as already in ``--output``); 1 the run completed and some inputs failed (each
 has an error record); 3 the run stopped, or could not start, before attempting every
 input (output locked, not writable, made with other settings, disk full, an engine
@@ -11,7 +11,6 @@ Whatever the outcome, ``--output`` is left valid and a rerun resumes.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,21 +19,23 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import fail
-from hms_deploy.cli.inputs import Inputs
-from hms_deploy.errors import ConfigError
-from hms_deploy.outputs import (
+from hms_deploy.cli.common import (
     EXIT_FAILED_INPUTS,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_STOPPED,
-    Terminated,
-    sigterm_raises,
+    fail,
+    flag_advice,
 )
+from hms_deploy.cli.inputs import Inputs
+from hms_deploy.errors import ConfigError
+from hms_deploy.outputs import Terminated, sigterm_raises
 
 PROG = "hms-run"
 PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
+# warn when the steps' audio windows see less than this share of a video this long
+LOW_COVERAGE, LONG_VIDEO_S = 0.25, 30.0
 
 
 class _Stopped(Exception):
@@ -47,7 +48,6 @@ class JobOptions:
     output_mode: str = "resume"
     as_json: bool = False
     progress: bool | None = None
-    batch_size: int = 1
     debug: bool = False
     show_partial: bool = True  # print the partial records of online mode (False: --explain only)
     collect: list[dict[str, Any]] | None = None  # every record that is not an error (--explain)
@@ -66,10 +66,29 @@ def warn(message: str) -> None:
     click.echo(f"{PROG}: warning: {message}", err=True)
 
 
+def low_coverage(rec: dict[str, Any]) -> bool:
+    """Whether a final record's steps saw under :data:`LOW_COVERAGE` of a long video's audio."""
+    cov = rec.get("coverage")
+    return (isinstance(cov, dict) and cov.get("duration_s", 0) >= LONG_VIDEO_S
+            and cov.get("share", 1.0) < LOW_COVERAGE)
+
+
+def coverage_warning(recs: list[dict[str, Any]]) -> str:
+    """One line for the videos of :func:`low_coverage`, suggesting more steps."""
+    rec = min(recs, key=lambda r: r["coverage"]["share"])
+    cov, steps = rec["coverage"], int(rec["T"])
+    more = steps * max(2, -(-int(LOW_COVERAGE * cov["duration_s"] / max(cov["audio_s"], 1e-9)
+                                 * steps) // steps))
+    return (f"{len(recs)} video(s) of {LONG_VIDEO_S:g} s or more had under "
+            f"{LOW_COVERAGE:.0%} of their audio seen by T={steps} steps (least: {rec['video']}, "
+            f"{cov['share']:.1%} of {cov['duration_s']:g} s); the audio between steps is "
+            f"unseen: raise --steps (e.g. --steps {more})")
+
+
 def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             summary: Callable[[dict[str, Any]], str]) -> int:
     """Classify ``inputs`` with an open-able ``session``; returns the exit code."""
-    from hms_deploy.runtime.results import ResultsFile, run_settings
+    from hms_deploy.runtime.results import ResultsFile, record_json, run_settings
 
     total = inputs.total
     results = None
@@ -78,7 +97,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             results = ResultsFile(job.output, settings=run_settings(session, opts),
                                   mode=job.output_mode, command=PROG)
         except ConfigError as e:
-            fail(PROG, f"{e}; {total} input(s) not attempted", EXIT_STOPPED)
+            fail(PROG, f"{flag_advice(e)}; {total} input(s) not attempted", EXIT_STOPPED)
         except OSError as e:
             fail(PROG, f"cannot write {e.filename or job.output}: {e.strerror or e}; "
                        f"{total} input(s) not attempted", EXIT_STOPPED)
@@ -103,6 +122,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
 
         bar = tqdm(total=attempt, unit="video", file=sys.stderr, dynamic_ncols=True)
     finished = failed = 0
+    sparse: list[dict[str, Any]] = []  # final records of long videos that T covers thinly
 
     def emit(rec: dict[str, Any]) -> None:
         nonlocal finished, failed
@@ -111,8 +131,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             job.collect.append(rec)
         if partial and not job.show_partial:
             return  # computed for --explain only
+        line = record_json(rec) if job.as_json or (results is not None and not partial) else None
         if job.as_json:
-            line = json.dumps(rec, separators=(", ", ": "))
             (bar.write(line, file=sys.stdout) if bar else click.echo(line))
         elif "error" in rec:
             msg = f"{PROG}: error: {error_line(rec)}"
@@ -125,11 +145,13 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             return
         if results is not None:
             try:
-                results.append(rec)
+                results.append(rec, line)  # serialised once, above
             except OSError as e:
                 raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
         finished += 1
         failed += "error" in rec
+        if low_coverage(rec):
+            sparse.append(rec)
         if bar is not None:
             bar.update(1)
 
@@ -150,8 +172,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
                         close()
             elif todo:
                 with session:
-                    for rec in session.classify_many(todo, options=opts,
-                                                     batch_size=job.batch_size):
+                    for rec in session.classify_many(todo, opts):
                         emit(rec)
     except KeyboardInterrupt:
         code, stop = EXIT_SIGINT, "interrupted (SIGINT)"
@@ -162,7 +183,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
     except Exception as e:  # an engine or the host failed: no input after it can run
         if job.debug:
             raise
-        code, stop = EXIT_STOPPED, f"stopped by {type(e).__name__}: {' '.join(str(e).split())}"
+        code, stop = EXIT_STOPPED, f"stopped by {type(e).__name__}: {' '.join(flag_advice(e).split())}"
     finally:
         if bar is not None:
             bar.close()
@@ -172,6 +193,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
                 warn(w)
     for w in inputs.warnings:
         warn(w)
+    if sparse:
+        warn(coverage_warning(sparse))
     if stop is not None:
         where = f" (rerun with the same --output {results.path} to resume)" if results else ""
         fail(PROG, f"{stop}; {attempt - finished} of {total} input(s) not attempted{where}", code)

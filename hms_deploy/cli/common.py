@@ -1,10 +1,18 @@
-"""What every CLI shares: one-line errors, exit codes, ``--debug``.
+"""What every CLI shares: one-line errors, exit codes, ``--debug``, run settings from flags.
 
-Exit codes: 0 success; 1 a failure (a bad input, a failed check); 2 a usage error (a bad
-option value or combination: :class:`~hms_deploy.errors.ConfigError`, or click's own
-checks), reported before anything is loaded where the option alone shows it; 130 when
-interrupted. A reader that closes the pipe early (``hms-inspect DIR | head -1``) ends the
-command quietly with 141, as a shell tool killed by SIGPIPE would.
+Exit codes (the table of docs/commands.md): 0 success; 1 a failure (a bad input, a failed
+check); 2 a usage error (a bad option value or combination:
+:class:`~hms_deploy.errors.ConfigError`, or click's own checks), reported before anything
+is loaded where the option alone shows it; 3 a backend that is unavailable (TensorRT, a
+GPU, tritonserver: :class:`~hms_deploy.errors.BackendUnavailable`), and for ``hms-run`` /
+``hms-extract`` a run that stopped before attempting every input; 130 / 143 when
+interrupted (SIGINT / SIGTERM). A reader that closes the pipe early (``hms-inspect DIR |
+head -1``) ends the command quietly with 141, as a shell tool killed by SIGPIPE would.
+Any other exception is a bug: one line naming its type, or the traceback with
+``--debug``, and exit 3.
+
+Library errors name settings, not flags (:class:`~hms_deploy.errors.HMSError`
+``setting``); :func:`flag_advice` rewrites them with the flags of the running command.
 """
 
 from __future__ import annotations
@@ -17,12 +25,80 @@ from typing import Any, TypeVar
 
 import click
 
-from hms_deploy.errors import ConfigError, HMSError
+from hms_deploy.errors import BackendUnavailable, ConfigError, HMSError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-USAGE_EXIT = 2  # click's code for usage errors
+EXIT_OK = 0
+EXIT_FAILED_INPUTS = 1  # a failure; for a batch: some inputs failed, each has an error record
+EXIT_USAGE = USAGE_EXIT = 2  # click's code for usage errors
+EXIT_STOPPED = 3  # a backend unavailable, a run stopped before every input, a bug
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
+
+
+def exit_code(e: HMSError) -> int:
+    """The exit code of a library error that ends a command."""
+    if isinstance(e, ConfigError):
+        return EXIT_USAGE
+    if isinstance(e, BackendUnavailable):
+        return EXIT_STOPPED
+    return EXIT_FAILED_INPUTS
+
+
+def _flags() -> dict[str, str]:
+    """The running command's options: parameter name -> its longest flag."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {p.name: max(p.opts, key=len) for p in ctx.command.params
+            if isinstance(p, click.Option) and p.name}
+
+
+def flag_advice(e: BaseException, flags: dict[str, str] | None = None) -> str:
+    """The message of ``e`` with the command's flag for each setting it is about.
+
+    For a setting (:attr:`HMSError.settings`) whose flag is its own name
+    (``batch_size`` -> ``--batch-size``) the first mention of the name is replaced by the
+    flag; any other flag the message does not show is added in parentheses
+    (``budget`` -> ``... (--budget-gflops)``).
+    """
+    import re
+
+    text = str(e)
+    settings = e.settings if isinstance(e, HMSError) else ()
+    flags = _flags() if flags is None else flags
+    missing = []
+    for name in settings:
+        flag = flags.get(name)
+        if flag is None or flag in text:
+            continue
+        pattern = rf"(?<![\w'-]){re.escape(name)}(?![\w'-])"
+        if flag == "--" + name.replace("_", "-") and re.search(pattern, text):
+            text = re.sub(pattern, flag, text, count=1)
+        else:
+            missing.append(flag)
+    return f"{text} ({', '.join(missing)})" if missing else text
+
+
+def settings_from_flags(**overrides: Any) -> Any:
+    """The :class:`~hms_deploy.runtime.options.RunSettings` of the running command: every
+    parameter named as one of its fields (a flag left at None keeps the field's default),
+    then ``overrides``. The settings' checks are the only ones: a bad value is a
+    :class:`ConfigError` naming the field, which :func:`flag_advice` turns into the flag."""
+    from hms_deploy.runtime.options import FIELD_NAMES, RunSettings
+
+    params = click.get_current_context().params
+    given = {k: v for k, v in params.items() if k in FIELD_NAMES and v is not None}
+    return RunSettings(**{**given, **overrides})
+
+
+def setting_default(name: str) -> Any:
+    """A :class:`~hms_deploy.runtime.options.RunSettings` field's default (for ``--help``)."""
+    from hms_deploy.runtime.options import RunSettings
+
+    return getattr(RunSettings(), name)
 
 
 def quiet_third_party_warnings() -> None:
@@ -88,7 +164,7 @@ def handle_errors(prog: str) -> Callable[[F], F]:
             except HMSError as e:
                 if debug:
                     raise
-                fail(prog, str(e), USAGE_EXIT if isinstance(e, ConfigError) else 1)
+                fail(prog, flag_advice(e), exit_code(e))
             except OSError as e:
                 if debug:
                     raise
@@ -96,7 +172,8 @@ def handle_errors(prog: str) -> Callable[[F], F]:
             except Exception as e:
                 if debug:
                     raise
-                fail(prog, f"internal error ({type(e).__name__}: {e}); rerun with --debug")
+                fail(prog, f"internal error ({type(e).__name__}: {e}); rerun with --debug",
+                     EXIT_STOPPED)
 
         return inner  # type: ignore[return-value]
 
@@ -132,21 +209,31 @@ def ray_options(f: F, workers_help: str = RAY_WORKERS_HELP, workers_min: int = 1
                           "nodes must see the model and the videos at the same paths."),
         click.option("--workers", type=click.IntRange(min=workers_min), default=None,
                      help=workers_help),
-        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="With --ray: intra-op threads (= CPUs reserved) per actor."),
+        click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+                     help="With --ray: intra-op threads (= CPUs reserved) per actor "
+                          "[default: 1]."),
     ]):
         f = opt(f)
     return f
 
 
-def ray_layout(ray: bool, address: str | None, workers: int | None, threads: int) -> Any:
-    """The :class:`~hms_deploy.runtime.ray_cluster.RayLayout` of the options, or None without --ray."""
+def ray_layout(ray: bool, address: str | None, workers: int | None, threads: int | None, *,
+               local_workers: bool = False) -> Any:
+    """The :class:`~hms_deploy.runtime.ray_cluster.RayLayout` of the options, or None without
+    --ray. An option that only applies with --ray is refused without it (a usage error):
+    --ray-address, --threads-per-worker, and --workers unless ``local_workers`` (a
+    command whose --workers also means something without Ray)."""
     if not ray:
-        if address is not None:
-            raise click.UsageError("--ray-address needs --ray")
+        given = [flag for flag, value in (("--ray-address", address),
+                                          ("--workers", None if local_workers else workers),
+                                          ("--threads-per-worker", threads)) if value is not None]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} "
+                                   "--ray")
         return None
     from hms_deploy.runtime.ray_cluster import RayLayout
 
-    layout = RayLayout(address=address, workers=workers, threads_per_worker=threads)
+    layout = RayLayout(address=address, workers=workers,
+                       threads_per_worker=1 if threads is None else threads)
     layout.check()
     return layout

@@ -8,15 +8,19 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.common import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_STOPPED,
     debug_option,
     fail,
+    flag_advice,
     handle_errors,
     ray_layout,
     ray_options,
     set_threads,
 )
 from hms_deploy.errors import HMSError
-from hms_deploy.outputs import EXIT_SIGINT, EXIT_SIGTERM, EXIT_STOPPED, Terminated, sigterm_raises
+from hms_deploy.outputs import Terminated, sigterm_raises
 
 
 def _stopped(e: BaseException, dataset: object, out: Path) -> None:
@@ -31,8 +35,8 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
         keys = set()
     left = total - sum(e.key in keys for e in entries)
     if isinstance(e, (StoreLocked, StoreMismatch)):  # refused before any video
-        fail("hms-extract", f"{' '.join(str(e).split())}; {total} video(s) not attempted",
-             EXIT_STOPPED)
+        fail("hms-extract", f"{' '.join(flag_advice(e).split())}; {total} video(s) not "
+             "attempted", EXIT_STOPPED)
     if isinstance(e, KeyboardInterrupt):
         why, code = "interrupted (SIGINT)", EXIT_SIGINT
     elif isinstance(e, Terminated):
@@ -41,7 +45,7 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
         why = f"cannot write {e.filename or out}: {e.strerror or e}"
         code = EXIT_STOPPED
     else:
-        why, code = " ".join(str(e).split()), EXIT_STOPPED
+        why, code = " ".join(flag_advice(e).split()), EXIT_STOPPED
     fail("hms-extract", f"{why}; {left} of {total} video(s) not in the store "
                         "(rerun with the same --out to resume)", code)
 
@@ -95,7 +99,7 @@ def main(checkpoint, list_path, out, steps, dtype, batch_size, shard_size, threa
     from hms_deploy.data.extraction import extract
 
     set_threads(threads)
-    layout = ray_layout(ray, ray_address, workers, threads_per_worker)
+    layout = ray_layout(ray, ray_address, workers, threads_per_worker, local_workers=True)
     source = None
     if layout is not None:
         from hms_deploy.runtime.ray_batch import ray_feature_source

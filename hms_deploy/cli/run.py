@@ -9,36 +9,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from hms_deploy.cli.batch import PROGRESS_MIN_INPUTS, JobOptions, run_job, warn
-from hms_deploy.cli.common import debug_option, handle_errors, ray_layout, ray_options
+from hms_deploy.cli.common import (
+    debug_option,
+    handle_errors,
+    ray_layout,
+    ray_options,
+    setting_default,
+    settings_from_flags,
+)
 from hms_deploy.cli.inputs import VIDEO_EXTENSIONS, expand, expand_inputs
 from hms_deploy.errors import ConfigError
-from hms_deploy.runtime.checks import NO_AUDIO_HELP
+from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
 
-__all__ = ["VIDEO_EXTENSIONS", "check_options", "expand_inputs", "main", "strip", "summary"]
+NO_AUDIO_HELP = (
+    "Policy for videos without an audio track when the gates would decide (they need "
+    "audio): any --policy value, or 'error' to refuse such videos "
+    f"(default {DEFAULT_NO_AUDIO_POLICY}: appearance on every step, motion by its gate)."
+)
 
-
-def check_options(*, steps, budget, policy, no_audio_policy, topk) -> None:
-    """What the options alone show to be wrong, before any model is loaded (exit 2).
-
-    The budget's affordability needs the model's costs and is checked after loading.
-    """
-    import math
-
-    from hms_deploy.runtime.checks import parse_no_audio_policy
-    from hms_deploy.runtime.policy import parse_policy
-
-    parse_policy(policy)
-    parse_no_audio_policy(no_audio_policy)
-    if steps is not None and steps < 1:
-        raise ConfigError(f"steps must be an integer >= 1, got {steps}")
-    if topk < 1:
-        raise ConfigError(f"topk must be an integer >= 1, got {topk}")
-    if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise ConfigError(f"budget must be a number of GMAC > 0, got {budget:g}")
+__all__ = ["VIDEO_EXTENSIONS", "expand_inputs", "main", "strip", "summary"]
 
 
 def strip(decisions: dict[str, list[int]]) -> str:
@@ -68,6 +62,20 @@ def summary(rec: dict) -> str:
     return f"{head}\n{top}\n  A/I/M: {strip(rec['decisions'])}{warn}"
 
 
+def open_session(session_cls: type, kwargs: dict) -> Any:
+    """The Session of the options; a file given as the export dir gets a command that works."""
+    try:
+        return session_cls(**kwargs)
+    except ConfigError as e:
+        d = e.value
+        if e.setting == "engines_dir" and isinstance(d, Path) and d.is_file():
+            raise ConfigError(
+                f"--engines expects an export directory, but '{d}' is a file; run a checkpoint "
+                f"with --checkpoint {d}, or export it first with `hms-export --checkpoint {d} "
+                "--out engines/`") from e
+        raise
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("videos", nargs=-1, required=True)
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
@@ -80,7 +88,7 @@ def summary(rec: dict) -> str:
 @click.option("--steps", type=int, default=None, help="Steps T (default: the model's).")
 @click.option("--budget-gflops", "--budget-gmacs", "budget", type=float, default=None,
               help="Per-video budget in GMAC (the paper's 'GFLOPs').")
-@click.option("--policy", default="learned", show_default=True,
+@click.option("--policy", default=str(setting_default("policy")), show_default=True,
               help="learned | dense | audio-only | dense-appearance | every:KI[,KM] | "
                    "rates:PI,PM[,SEED].")
 @click.option("--no-audio-policy", default=None, metavar="POLICY|error", help=NO_AUDIO_HELP)
@@ -101,8 +109,9 @@ def summary(rec: dict) -> str:
               default="resume", show_default=True,
               help="If --output holds records made with other settings, resume refuses; new "
                    "writes NAME.1.jsonl (the first free name); overwrite starts it over.")
-@click.option("--topk", type=int, default=5, show_default=True, help="How many classes to report.")
-@click.option("--batch-size", type=int, default=1, show_default=True,
+@click.option("--topk", type=int, default=setting_default("topk"), show_default=True,
+              help="How many classes to report.")
+@click.option("--batch-size", type=int, default=setting_default("batch_size"), show_default=True,
               help="Videos stepped in lockstep (each skips on its own).")
 @click.option("--progress/--no-progress", default=None,
               help=f"Progress bar on stderr (default: if stderr is a terminal or >= "
@@ -131,12 +140,13 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
     """
     from hms_deploy.runtime.session import Session
 
-    check_options(steps=steps, budget=budget, policy=policy, no_audio_policy=no_audio_policy,
-                  topk=topk)
+    # every run setting is checked here, by RunSettings itself, before anything is loaded
+    settings = settings_from_flags(online=online or explain is not None)
     layout = ray_layout(ray, ray_address, workers, threads_per_worker)
-    if layout is not None and (online or batch_size > 1 or explain is not None):
-        raise ConfigError("--ray runs whole videos on each worker: drop --online / --batch-size "
-                          "/ --explain")
+    if layout is not None:
+        if explain is not None:
+            raise ConfigError("--ray runs whole videos on each worker: drop --explain")
+        settings.require_whole_videos()
     inputs = expand(videos)
     if not inputs.total:
         for w in inputs.warnings:
@@ -144,15 +154,6 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         raise ConfigError("no videos given")
     if explain is not None and inputs.total != 1:
         raise ConfigError(f"--explain draws one video's run, got {inputs.total} videos")
-    if engine == "torch" and checkpoint is None:
-        raise ConfigError("--engine torch needs --checkpoint ckpt.pt")
-    if checkpoint is not None and engine in ("onnx", "trt"):
-        raise ConfigError(
-            f"--engine {engine} runs an export dir (--engines DIR); export the checkpoint "
-            "first with `hms-export --checkpoint CK`, or use --engine torch"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     options = {}
     if engine == "trt":  # plans missing from DIR are built once on first use (INTERFACES.md)
         from hms_deploy.export import add_trt_plans
@@ -160,13 +161,11 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         options["build_plans"] = add_trt_plans
     session_kwargs = {"engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine,
                       "device": device, **options}
-    session = Session(**session_kwargs)
-    opts = session.options(steps=steps, policy=policy, budget=budget, online=online or bool(explain),
-                           topk=topk, no_audio_policy=no_audio_policy,
-                           allow_truncated=allow_truncated)
+    session = open_session(Session, session_kwargs)
+    opts = session.options(settings)
     explained: list[dict] = []  # with --explain: the partial records, then the final one
     job = JobOptions(output=output, output_mode=output_mode, as_json=as_json, progress=progress,
-                     batch_size=batch_size, debug=debug, show_partial=online,
+                     debug=debug, show_partial=online,
                      collect=explained if explain is not None else None)
     if layout is not None:  # Ray Data actor pool: the same job, records from the actors
         from hms_deploy.runtime.ray_batch import ray_records

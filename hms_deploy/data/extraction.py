@@ -181,8 +181,7 @@ def iter_inputs(
                 except cf.process.BrokenProcessPool:
                     raise DatasetError(
                         "a decoding worker died (out of memory?); rerun to resume, with fewer "
-                        "--workers"
-                    ) from None
+                        "workers", setting="workers") from None
                 yield e, inputs, error
         finally:
             for _, f in window:

@@ -243,8 +243,8 @@ class FeatureStore:
                 if diffs:
                     raise StoreMismatch(
                         f"{root}: existing store does not match this extraction: "
-                        + "; ".join(diffs) + " (use another --out)"
-                    )
+                        + "; ".join(diffs) + " (use another out directory)",
+                        setting="out", value=str(root))
             else:
                 if any(root.iterdir()) and not ({p.name for p in root.iterdir()} <= {".lock"}):
                     raise DatasetError(f"{root}: not empty and not a feature store")

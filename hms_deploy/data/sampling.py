@@ -37,6 +37,21 @@ def step_centers(duration_s: float, steps: int) -> np.ndarray:
     return (np.arange(int(steps), dtype=np.float64) + 0.5) * (float(duration_s) / int(steps))
 
 
+def window_coverage(centers_s: ArrayLike, window_s: float, duration_s: float) -> float:
+    """Seconds of ``[0, duration_s]`` inside at least one window ``[c - w/2, c + w/2]``
+    centred at ``centers_s`` (the union: overlapping windows count once)."""
+    c = np.sort(np.asarray(centers_s, dtype=np.float64).reshape(-1))
+    lo = np.clip(c - window_s / 2, 0.0, duration_s)
+    hi = np.clip(c + window_s / 2, 0.0, duration_s)
+    seen, end = 0.0, 0.0
+    for a, b in zip(lo, hi):
+        a = max(a, end)
+        if b > a:
+            seen += b - a
+            end = b
+    return float(seen)
+
+
 def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
     """Offsets of the clip's timestamps from its centre: ``(k - (frames - 1) / 2) * stride_s``.
 
@@ -170,6 +185,18 @@ class StepSampler:
     def motion_frame_indices(self, t: int) -> np.ndarray:
         """``(clip.frames,)`` int64 frame indices of step ``t``'s motion clip (time order)."""
         return self.motion_indices[self._step(t)].copy()
+
+    def audio_coverage(self) -> dict[str, float]:
+        """How much of the video the steps' audio windows see: ``audio_s`` (seconds of the
+        video inside some step's window), ``duration_s`` and ``share`` (their ratio, 1.0
+        for an empty video). Videos longer than T windows are seen in part (method.md 8)."""
+        fe = self.front_end
+        window = fe.patch_frames * fe.hop_length / fe.sample_rate
+        duration = float(self.info.duration_s)
+        seen = window_coverage(self.centers, window, duration)
+        share = seen / duration if duration > 0 else 1.0
+        return {"audio_s": round(seen, 3), "duration_s": round(duration, 3),
+                "share": round(min(share, 1.0), 4)}
 
     def audio_patches(self, waveform: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
         """``(T, 1, 96, 64)`` float32 log-mel patches of all steps from an aligned waveform.

@@ -181,7 +181,8 @@ def _split_rows(
     n_val = max(1, round(per_class * fractions[1]))
     n_test = max(1, round(per_class * fractions[2]))
     if per_class - n_val - n_test < 1:
-        raise ConfigError(f"--split needs per_class >= 3, got {per_class}")
+        raise ConfigError(f"split needs per_class >= 3, got {per_class}",
+                          setting=("split", "per_class"), value=per_class, expected=">= 3")
     rng = np.random.default_rng([int(seed), 7919])
     out: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
     for c, label in enumerate(classes):

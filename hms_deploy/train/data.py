@@ -116,5 +116,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         val.extend(idx[:k].tolist())
         train.extend(idx[k:].tolist())
     if not val:
-        raise DatasetError("validation split is empty: the store is too small; use --val-store")
+        raise DatasetError("validation split is empty: the store is too small; use val_store",
+                           setting="val_store", expected="a validation store")
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))

@@ -165,7 +165,8 @@ def split_entries(entries: list, fraction: float, seed: int) -> tuple[list, list
     try:
         tr, va = stratified_split(labels, fraction, seed)
     except DatasetError as e:
-        raise DatasetError(f"fine-tuning: {e}".replace("--val-store", "--val-list")) from None
+        raise DatasetError(f"fine-tuning: {e}".replace("val_store", "val_list"),
+                           setting="val_list", expected="a validation list") from None
     return [entries[i] for i in tr], [entries[i] for i in va]
 
 

@@ -61,7 +61,8 @@ class TrainConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r}, expected one of {POLICIES}")
         if self.policy == "hms" and list(self.modalities) != list(MODALITIES):
-            raise ConfigError("--modalities applies to --policy early_fusion; HMS uses A+I+M")
+            raise ConfigError("modalities applies to policy early_fusion; HMS uses A+I+M",
+                              setting=("modalities", "policy"), value=list(self.modalities))
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -206,7 +207,7 @@ def train(
     torch.manual_seed(cfg.seed)
     labels = store.label_indices()
     if val_store is not None:
-        val_store.check_backbones(want, "checkpoint (--val-store)")
+        val_store.check_backbones(want, "checkpoint (validation store)")
         if val_store.steps != store.steps or val_store.labels != store.labels:
             raise DatasetError(f"{val_store.root}: T or labels differ from the training store")
         train_idx = np.arange(len(store))

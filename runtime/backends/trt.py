@@ -82,7 +82,8 @@ def require_tensorrt() -> str:
 def require_cuda(device: torch.device) -> torch.device:
     """``device`` with its index, or :class:`BackendUnavailable` if it is not a usable GPU."""
     if device.type != "cuda":
-        raise BackendUnavailable(f"TensorRT runs on an NVIDIA GPU; got device {device} (use --device cuda)")
+        raise BackendUnavailable(f"TensorRT runs on an NVIDIA GPU; got device {device}, expected "
+                                 "cuda", setting="device", value=str(device), expected="cuda")
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT needs CUDA, but torch sees no CUDA device")
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hms_deploy.errors import ConfigError, HMSError
-from hms_deploy.runtime.scheduler import RunOptions
+from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.session import Session
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 << 20  # 512 MiB
@@ -54,8 +54,8 @@ class ServeOptions:
 
     allowed_root: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    topk: int = 5
-    steps: int | None = None  # T of every request (None: the model's)
+    # the settings of every request; each request may set its policy and budget
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 @dataclass
@@ -102,8 +102,8 @@ def _rows(arr: np.ndarray | None, n: int | None, what: str) -> list[Any] | None:
 def resolve_path(text: str, root: Path | None) -> Path:
     """The file ``text`` names under ``root`` (symlinks resolved); RequestError if outside."""
     if root is None:
-        raise RequestError("input 'path' is disabled on this server (no allowed root: hms-serve "
-                           "--allowed-root DIR, or the model's allowed_root parameter)")
+        raise RequestError("input 'path' is disabled on this server (no allowed root: the "
+                           "server's allowed root, or the model's allowed_root parameter)")
     if not text or "\x00" in text:
         raise RequestError("input 'path' is empty or holds a NUL byte")
     if ".." in Path(text).parts:
@@ -124,16 +124,15 @@ class Handler:
     def __init__(self, session: Session, options: ServeOptions | None = None):
         self.session = session
         self.options = options or ServeOptions()
-        self._opts: dict[tuple[str, float | None], RunOptions] = {}
+        self._opts: dict[tuple[str, float | None], RunSettings] = {}
 
     # -- parsing -------------------------------------------------------------------------
-    def run_options(self, policy: str, budget: float | None) -> RunOptions:
+    def run_options(self, policy: str, budget: float | None) -> RunSettings:
         key = (policy, budget)
         if key not in self._opts:
             try:
-                self._opts[key] = self.session.options(
-                    policy=policy, budget=budget, topk=self.options.topk, steps=self.options.steps
-                )
+                self._opts[key] = self.session.options(self.options.run, policy=policy,
+                                                       budget=budget)
             except ConfigError as e:
                 raise RequestError(str(e)) from None
             if len(self._opts) > 256:  # clients choose the keys: keep the cache bounded

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hms_deploy.errors import ConfigError
+from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.serve import MODEL_NAME
 from hms_deploy.runtime.serve.handler import DEFAULT_MAX_UPLOAD_BYTES
 
@@ -61,12 +62,11 @@ class RepositoryOptions:
             raise ConfigError(f"engine must be onnx or trt for serving an export, got {self.engine!r}")
         for name, value, low in (("max_batch", self.max_batch, 1), ("instances", self.instances, 1),
                                  ("max_queue_delay_us", self.max_queue_delay_us, 0),
-                                 ("max_upload_bytes", self.max_upload_bytes, 1),
-                                 ("topk", self.topk, 1)):
+                                 ("max_upload_bytes", self.max_upload_bytes, 1)):
             if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+                raise ConfigError(f"{name} must be >= {low}, got {value}", setting=name,
+                                  value=value, expected=f">= {low}")
+        RunSettings(topk=self.topk, steps=self.steps)  # the run settings' own checks
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.allowed_root is not None and not Path(self.allowed_root).is_dir():
@@ -132,7 +132,8 @@ def write_repository(
     repo = Path(repo)
     if repo.exists() and any(repo.iterdir()):
         if not force:
-            raise ConfigError(f"Triton repository '{repo}' exists and is not empty (use --force)")
+            raise ConfigError(f"Triton repository '{repo}' exists and is not empty (force "
+                              "replaces it)", setting="force", value=str(repo))
         shutil.rmtree(repo)
     version = repo / MODEL_NAME / "1"
     version.mkdir(parents=True)

@@ -41,6 +41,7 @@ def parameters(model_config: dict[str, Any]) -> dict[str, str]:
 
 def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
     """An opened Session and its Handler from the model's parameters."""
+    from hms_deploy.runtime.options import RunSettings
     from hms_deploy.runtime.session import Session
 
     engines = Path(params.get("engines_dir") or "engines")
@@ -57,8 +58,8 @@ def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
     options = ServeOptions(
         allowed_root=Path(root) if root else None,
         max_upload_bytes=int(params.get("max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES),
-        topk=int(params.get("topk") or 5),
-        steps=int(params["steps"]) if params.get("steps") else None,
+        run=RunSettings(topk=int(params.get("topk") or 5),
+                        steps=int(params["steps"]) if params.get("steps") else None),
     )
     return Handler(session, options)
 
