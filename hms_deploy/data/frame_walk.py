@@ -20,7 +20,7 @@ holds references to the container and the counters only, never to the FrameSourc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ def walk_frames(
     *,
     wanted: frozenset[int] | None = None,
     index: dict[int, int] | None = None,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Yield the decoded frames of ``stream`` from the container's current position.
 
     Args:

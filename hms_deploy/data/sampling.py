@@ -21,7 +21,8 @@ from hms_deploy.data.resize import resize_center_crop_batch
 from hms_deploy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hms_deploy.data.video import FrameSource, VideoInfo
+    from hms_deploy.data.frame_source import FrameSource
+    from hms_deploy.data.video import VideoInfo
 
 
 def step_centers(duration_s: float, steps: int) -> np.ndarray:
