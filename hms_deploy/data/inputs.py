@@ -124,11 +124,12 @@ class VideoInputs:
         return out
 
     def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
-        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`);
+        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`),
+        decoded as far as the steps' patches read (zero after that);
         ``keep_partial``: audio that stops decoding early is kept up to there."""
         wave, self.has_audio = decode_audio(
             self.path, self.config.front_end.sample_rate, info=self.info,
-            keep_partial=keep_partial,
+            keep_partial=keep_partial, needed=self.sampler.audio_samples_needed(),
         )
         return wave
 

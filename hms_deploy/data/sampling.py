@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 
 from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data.audio import audio_patches as _audio_patches
-from hms_deploy.data.audio import log_mel_spectrogram
+from hms_deploy.data.audio import log_mel_spectrogram, samples_needed, step_patches
 from hms_deploy.data.resize import resize_center_crop_batch
 from hms_deploy.errors import ConfigError
 
@@ -178,8 +178,16 @@ class StepSampler:
         ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).
         """
         sr = self.front_end.sample_rate if sample_rate is None else sample_rate
+        if sr == self.front_end.sample_rate and np.ndim(waveform) == 1:
+            return step_patches(waveform, self.centers, self.front_end)  # only their frames
         logmel = log_mel_spectrogram(waveform, sr, self.front_end)
         return _audio_patches(logmel, self.centers, self.front_end)
+
+    def audio_samples_needed(self) -> int:
+        """How many samples of :func:`decode_audio`'s waveform (``round(duration_s *
+        sample_rate)`` long) the patches of the steps read: the decoder may stop there."""
+        fe = self.front_end
+        return samples_needed(self.centers, round(self.info.duration_s * fe.sample_rate), fe)
 
     def appearance_inputs(
         self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None

@@ -316,7 +316,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
 
 def decode_audio(
     path: str | Path, sample_rate: int = 16000, *, info: VideoInfo | None = None,
-    keep_partial: bool = False,
+    keep_partial: bool = False, needed: int | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Decode the first audio stream to mono float32, aligned to the video.
 
@@ -330,6 +330,11 @@ def decode_audio(
 
     ``keep_partial``: a decoding error after some audio was decoded ends the stream
     there instead of raising (a truncated file whose decodable part is classified).
+
+    ``needed``: only the first ``needed`` samples will be read (the step patches':
+    :func:`~hms_deploy.data.audio.samples_needed`); decoding stops once they are out of
+    the resampler, which never changes a sample it has given, so they equal a whole
+    decode's, and the rest of the waveform is zero.
 
     Returns:
         ``(waveform (samples,) float32 in [-1, 1], has_audio)``; ``has_audio`` is False
@@ -349,13 +354,18 @@ def decode_audio(
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         first_time: float | None = None
+        given = 0  # samples out of the resampler
         for frame in container.decode(stream):
             if first_time is None and frame.pts is not None and frame.time_base is not None:
                 first_time = float(frame.pts * frame.time_base)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
+                given += chunks[-1].size
+            if needed is not None and chunks and given + _shift(info, first_time, sample_rate) >= needed:
+                break  # the samples after these are never read
+        else:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as e:
         if not (keep_partial and chunks):
             raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
@@ -364,9 +374,7 @@ def decode_audio(
     if not chunks:
         return silent, False
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
-    if first_time is None:
-        first_time = info.start_s + info.audio_start_s
-    shift = round((first_time - info.start_s) * sample_rate)
+    shift = _shift(info, first_time, sample_rate)
     if shift > 0:
         wave = np.concatenate([np.zeros(shift, dtype=np.float32), wave])
     elif shift < 0:
@@ -374,3 +382,11 @@ def decode_audio(
     if wave.size >= n:
         return np.ascontiguousarray(wave[:n]), True
     return np.concatenate([wave, np.zeros(n - wave.size, dtype=np.float32)]), True
+
+
+def _shift(info: VideoInfo, first_time: float | None, sample_rate: int) -> int:
+    """Samples of silence before the decoded audio (negative: samples trimmed) that align
+    it to the first video frame; ``first_time``: the first decoded audio frame's time."""
+    if first_time is None:
+        first_time = info.start_s + info.audio_start_s
+    return round((first_time - info.start_s) * sample_rate)
