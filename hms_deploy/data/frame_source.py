@@ -67,7 +67,8 @@ class FrameSource:
       seek, an error or ``close`` stops and joins the thread first.
     - :meth:`expect` (before the first read): the frames later reads may ask for; the
       walk then skips non-reference frames outside that set (:mod:`~hms_deploy.data.frame_walk`).
-      With ``read_ahead`` too, the thread converts the expected frames to RGB, and with
+      With ``read_ahead`` too, the thread converts the frames reads surely ask for to RGB
+      (``sure``, default: the expected ones), and with
       ``read_ahead_bytes`` it hands over only the frames a read can use (the expected
       ones, the substitute of an expected frame the stream lacks, the stream's last
       frame); of every other frame only its index (:class:`Passed`), so it may run

@@ -3,7 +3,7 @@ that turns them into the part inputs of the steps a runtime asks for.
 
 All times are seconds relative to the first video frame (the first frame's presentation
 time is 0). The functions are pure; :class:`StepSampler` reads frames through a
-:class:`~hms_deploy.data.video.FrameSource` (decoding lives in :mod:`hms_deploy.data.video`).
+:class:`~hms_deploy.data.frame_source.FrameSource` (decoding lives in :mod:`hms_deploy.data.frame_source`).
 """
 
 from __future__ import annotations
