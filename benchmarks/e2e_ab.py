@@ -10,6 +10,10 @@ of the rounds' ratios), and each version's summary figures.
 
     python -m benchmarks.e2e_ab --base-site /tmp/base_site --rounds 2 -- \\
         --variant paper --engine onnx --steps 32 --repeats 3 --heavy-repeats 1
+
+``--sessions-only ENGINES VIDEO``: only the Session runs and the per-video fixed cost
+(:mod:`benchmarks.ab_sessions`; no dense baselines, for a machine too loaded to run
+them), which also checks that both versions give the same records.
 """
 
 from __future__ import annotations
@@ -44,6 +48,38 @@ def _rows(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "fixed" in res:
         rows["per-video fixed"] = res["fixed"]
     return rows
+
+
+def _sessions(pythonpath: str, args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    with tempfile.TemporaryDirectory() as cwd:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.ab_sessions", *args], env=env,
+                           cwd=cwd, check=True, capture_output=True, text=True)
+    res = json.loads(p.stdout)
+    return {"runs": {name: {"wall_ms": {"median": r["wall_median_ms"], "values": r["wall_ms"]},
+                            "cpu_ms": {"median": r["cpu_median_ms"], "values": r["cpu_ms"]},
+                            "record": r["record"]} for name, r in res.items()}}
+
+
+def sessions_markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"# Side by side, Session runs only: this tree vs {res['base_label']}", "",
+        f"- date: {res['date']}; this tree: git {res['this_git']}; machine: {res['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
+        f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
+        (f"- {len(res['rounds'])} rounds (the order of the two versions flipped every round); "
+         f"arguments: `{' '.join(res['bench_args'])}`"),
+        f"- records equal (timings and read-ahead counters aside): {res['records_equal']}", "",
+        ("| run | wall base | wall this | this / base (rounds) | CPU base | CPU this "
+         "| this / base (rounds) |"),
+        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for name, e in res["compare"].items():
+        w, c = e["wall_ms"], e["cpu_ms"]
+        lines.append(f"| {name} | {fmt_ms(w['base'])} | {fmt_ms(w['this'])} | {w['ratio']} "
+                     f"({', '.join(map(str, w['ratios']))}) | {fmt_ms(c['base'])} | "
+                     f"{fmt_ms(c['this'])} | {c['ratio']} ({', '.join(map(str, c['ratios']))}) |")
+    return "\n".join(lines) + "\n"
 
 
 def compare(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -99,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--name", default="e2e_ab")
-    ap.add_argument("bench_args", nargs="*", help="arguments of benchmarks.bench_e2e (after --)")
+    ap.add_argument("--sessions-only", nargs=2, metavar=("ENGINES", "VIDEO"), default=None,
+                    help="only the Session runs (benchmarks.ab_sessions), no dense baselines")
+    ap.add_argument("bench_args", nargs="*",
+                    help="arguments of benchmarks.bench_e2e, or with --sessions-only: "
+                         "STEPS REPEATS POLICY... (after --)")
     args = ap.parse_args(argv)
-    from benchmarks.common import git_commit, now_utc
+    from benchmarks.common import git_commit, machine, now_utc, versions
 
     res: dict[str, Any] = {"benchmark": "e2e_ab", "date": now_utc(), "this_git": git_commit(),
                            "base_label": args.base_label or args.base_site,
@@ -114,13 +154,24 @@ def main(argv: list[str] | None = None) -> int:
             rnd = {}
             for which in order:
                 print(f"round {k + 1}: {which}", flush=True)
-                rnd[which] = _bench(paths[which], args.bench_args, Path(tmp) / f"{which}{k}")
+                rnd[which] = (
+                    _sessions(paths[which], [*args.sessions_only, *args.bench_args])
+                    if args.sessions_only else
+                    _bench(paths[which], args.bench_args, Path(tmp) / f"{which}{k}"))
             res["rounds"].append(rnd)
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res["compare"] = compare(res["rounds"])
     out = Path(args.out)
-    write_json(out / f"{args.name}.json", res)
-    (out / f"{args.name}.md").write_text(markdown(res))
+    if args.sessions_only:
+        res["machine"], res["versions"] = machine("cpu"), versions()
+        res["records_equal"] = all(
+            r["base"]["runs"][n]["record"] == r["this"]["runs"][n]["record"]
+            for r in res["rounds"] for n in r["base"]["runs"])
+        write_json(out / f"{args.name}.json", res)
+        (out / f"{args.name}.md").write_text(sessions_markdown(res))
+    else:
+        write_json(out / f"{args.name}.json", res)
+        (out / f"{args.name}.md").write_text(markdown(res))
     print(f"wrote {out / args.name}.json/.md")
     return 0
 
