@@ -69,7 +69,8 @@ def sessions_markdown(res: dict[str, Any]) -> str:
         f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
         (f"- {len(res['rounds'])} rounds (the order of the two versions flipped every round); "
          f"arguments: `{' '.join(res['bench_args'])}`"),
-        f"- records equal (timings and read-ahead counters aside): {res['records_equal']}", "",
+        f"- records equal (timings and read-ahead counters aside): {res['records_equal']}"
+        + (f" ({res['records_note']})" if res.get("records_note") else ""), "",
         ("| run | wall base | wall this | this / base (rounds) | CPU base | CPU this "
          "| this / base (rounds) |"),
         "| --- | ---: | ---: | --- | ---: | ---: | --- |",
