@@ -161,7 +161,8 @@ def session_decode(session: Any, path: str, s: DecodeSettings, label: str) -> di
 
 def sparse_reads(path: str, gap: int, seek_threshold: int) -> tuple[float, dict[str, int]]:
     """Frames 0, G, 2G, ... read in order with a plain FrameSource (walk or seek)."""
-    from hms_deploy.data.video import FrameSource, probe
+    from hms_deploy.data.frame_source import FrameSource
+    from hms_deploy.data.video import probe
 
     info = probe(path)
     t = time.perf_counter()

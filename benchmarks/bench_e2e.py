@@ -14,6 +14,8 @@ and one set of engines, at T steps, all in one run, interleaved round by round:
 Every figure is a median with its spread (p25/p75, min/max) over repeats after one
 warm-up pass; the per-stage breakdown is the records' ``timing_ms``. Throughput: N
 copies of the video processed by one Session one after another, and N in lockstep.
+The per-video fixed cost (work that does not scale with the steps run) is its own row:
+the Session at ``audio-only`` and T = 1 (:func:`~benchmarks.e2e_runs.measure_fixed`).
 
 Writes ``<out>/<name>.json``, ``.md`` and ``.png`` (wall time vs GMAC per run, log axes).
 The runs and their measurement loop are :mod:`benchmarks.e2e_runs`; the summary and
@@ -48,6 +50,7 @@ from benchmarks.e2e_runs import (
     call_checks,
     decisions_key,
     measure,
+    measure_fixed,
     run_specs,
     smoke_settings,
     throughput,
@@ -104,6 +107,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         es = session.engine_set
         runs = measure(session, specs, str(video), s, t_start, log)
         results = {name: r.result() for name, r in runs.items()}
+        fixed = measure_fixed(session, str(video), s, t_start, log)
         tput = throughput(session, s, str(video), log)
         calls_check = call_checks(results, s)
         hms_rec, mask_rec = runs[s.hms_policy].record, runs[f"mask ({s.hms_policy})"].record
@@ -122,6 +126,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
                   "export": hms_rec.get("export"), "part_gmac": costs},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
         "runs": results,
+        "fixed": fixed,
         "throughput": tput,
         "checks": calls_check,
         "summary": summ,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import SMOKE_NOTE, fmt_gmac, fmt_ms, header_lines, verdict, write_json
-from benchmarks.e2e_runs import E2ESettings
+from benchmarks.e2e_runs import FIXED_RUN, E2ESettings
 from hms_deploy.runtime.timing import TIMING_KEYS
 
 TARGETS = {"wall_over_gmac_max": 1.15, "overhead_max": 0.03, "speedup_over_mask_min": 10.0}
@@ -159,6 +159,22 @@ def markdown(out: dict[str, Any]) -> str:
         f"(target >= 10x): {ok(t['speedup_ge_10x']['holds'])}; decisions equal: "
         f"{su['mask_decisions_equal_hms']}"),
     ]
+    fx = out.get("fixed")
+    if fx is not None:
+        tm = fx["timing_ms"]
+        lines += [
+            "", f"## Per-video fixed cost (`{FIXED_RUN}`)", "",
+            ("The work per video that does not scale with the steps run: probe, file opens, "
+             "audio decode up to the one step's patch and its log-mel, set-up, record (plus "
+             "one audio step)."), "",
+            "| wall (median) | IQR | CPU time | decode | audio | other | share of the HMS run |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            (f"| {fmt_ms(fx['wall_ms']['median'])} | {fmt_ms(fx['wall_ms']['iqr'])} "
+             f"(n={fx['wall_ms']['n']}) | {fmt_ms(fx['cpu_ms']['median'])} | "
+             f"{fmt_ms(tm['decode']['median'])} | {fmt_ms(tm['audio']['median'])} | "
+             f"{fmt_ms(tm['other']['median'])} | "
+             f"{100 * fx['wall_ms']['median'] / su['hms_wall_ms']:.1f} % |"),
+        ]
     tp = out["throughput"]
     if "sequential" in tp:
         lines += ["", f"## Throughput (`{tp['policy']}`, {tp['videos']} copies of the video)", "",

@@ -1,5 +1,10 @@
 """The measured runs of :mod:`benchmarks.bench_e2e`: settings, one record per run, and
 the measurement loop (interleaved rounds, one warm-up pass, CPU time and load per repeat).
+
+Besides the policies, :func:`measure_fixed` measures the per-video work that does not
+scale with the steps run (:data:`FIXED_RUN`): the Session at ``audio-only`` and T = 1,
+i.e. probing, opening the file, decoding the audio up to the one step's patch and its
+log-mel, the per-video set-up and the record, plus one audio step.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from benchmarks.common import RESULTS_DIR, fmt_gmac, fmt_ms, summarize
 from hms_deploy.runtime.timing import TIMING_KEYS
 
 BACKBONES = ("audio_backbone", "appearance_backbone", "motion_backbone")
+FIXED_RUN = "per-video fixed (audio-only, T=1)"
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,24 @@ def measure(session: Any, specs: list[RunSpec], video: str, s: E2ESettings, t_st
                 f"(GMAC {fmt_gmac(rec['gflops']['used'])}, usage {rec['usage']})")
         r += 1
     return runs
+
+
+def measure_fixed(session: Any, video: str, s: E2ESettings, t_start: float,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """The per-video fixed cost (:data:`FIXED_RUN`), ``max(5, s.repeats)`` times after one
+    warm-up call; the entry of the results JSON (``fixed``), figures as a run's."""
+    spec = RunSpec(FIXED_RUN, "session", "audio-only")
+    run = RunRecord(spec, max(5, s.repeats))
+    session.classify(video, steps=1, policy=spec.policy)
+    while not run.done:
+        c0 = cpu_s()
+        t = time.perf_counter()
+        rec = session.classify(video, steps=1, policy=spec.policy)
+        wall = time.perf_counter() - t
+        run.add(rec, wall_ms=1e3 * wall, cpu_ms=1e3 * (cpu_s() - c0), start_s=t - t_start, s=s)
+    out = run.result()
+    log(f"{FIXED_RUN}: {fmt_ms(out['wall_ms']['median'])} (median of {out['wall_ms']['n']})")
+    return out
 
 
 def cpu_s() -> float:

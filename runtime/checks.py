@@ -28,7 +28,7 @@ import numpy as np
 
 from hms_deploy.data.checks import check_truncation, distinct_input_warnings, require_video
 from hms_deploy.data.inputs import VideoInputs
-from hms_deploy.data.video import VideoInfo, probe
+from hms_deploy.data.video import ProbedVideo, probe_open
 from hms_deploy.errors import ConfigError, VideoError
 from hms_deploy.runtime.policy import Policy, parse_policy
 
@@ -57,14 +57,23 @@ class VideoPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def probe_checked(path: str, *, allow_truncated: bool) -> tuple[VideoInfo, list[str]]:
-    """Probe and check a video (not a video, truncated); (info, warnings) or :class:`VideoError`.
+def probe_checked(path: str, *, allow_truncated: bool) -> tuple[ProbedVideo, list[str]]:
+    """Probe and check a video (not a video, truncated); (probe, warnings) or :class:`VideoError`.
 
-    With ``allow_truncated`` a truncated file's info is cut to its decodable part.
+    The probe keeps its container open for the frame reader
+    (:func:`~hms_deploy.runtime.frames.open_video` takes it as ``info``). With
+    ``allow_truncated`` a truncated file's info is cut to its decodable part.
     """
-    info = probe(path)
-    require_video(info)
-    return check_truncation(info, allow_truncated=allow_truncated)
+    probed = probe_open(path)
+    container = probed.take()
+    try:
+        require_video(probed.info)
+        info, warnings = check_truncation(probed.info, allow_truncated=allow_truncated,
+                                          container=container)
+    except BaseException:
+        container.close()
+        raise
+    return ProbedVideo(info, container), warnings
 
 
 def plan_before_audio(policy: Policy, steps: int) -> tuple[np.ndarray, np.ndarray] | None:

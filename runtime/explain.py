@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from hms_deploy.config import HMSConfig
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.sampling import StepSampler
-from hms_deploy.data.video import FrameSource, probe
+from hms_deploy.data.video import probe
 
 COLUMNS = 16
 THUMB_H = 72  # pixels; the width follows the video's aspect ratio (capped)
@@ -62,10 +63,9 @@ class ContactSheet:
 def _thumbnails(video: str, config: HMSConfig, steps: int, width: int) -> list[np.ndarray]:
     from PIL import Image
 
-    info = probe(video)
-    sampler = StepSampler.from_config(info, config, steps=steps)
-    idx = sampler.appearance_indices
-    with FrameSource(info) as src:
+    with FrameSource(video) as src:  # probes the video and reads the probe's container
+        sampler = StepSampler.from_config(src.info, config, steps=steps)
+        idx = sampler.appearance_indices
         frames = src.read(idx)
     out = []
     for i in idx.tolist():

@@ -5,7 +5,7 @@ time order: the appearance frame of step t (nearest tau_t), then, if motion runs
 32-frame clip around tau_t, which reaches ~1 s *behind* the decode position. A plain
 forward reader would have to seek backward for every motion clip (and for the appearance
 frames of the next steps, which lie inside the clip just decoded). So the per-video
-inputs read through a :class:`~hms_deploy.data.video.FrameSource` that retains a window
+inputs read through a :class:`~hms_deploy.data.frame_source.FrameSource` that retains a window
 of the most recently *decoded* (not converted) frames (its ``retain_frames`` option;
 :class:`RetainingFrameSource` gives the default): a request behind the decode position is
 converted from that window instead of seeking. Holding a decoded frame costs memory
@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from hms_deploy.config import HMSConfig
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.inputs import VideoInputs
-from hms_deploy.data.video import FrameSource, VideoInfo
+from hms_deploy.data.video import ProbedVideo, VideoInfo
 
 __all__ = ["RETAIN_BYTES", "DecodeOptions", "RetainingFrameSource", "VideoInputs", "open_video"]
 
@@ -59,7 +60,8 @@ class RetainingFrameSource(FrameSource):
     ``stats.window_hits`` counts frames served from the window.
     """
 
-    def __init__(self, path: str | Path | VideoInfo, *, retain_frames: int = 96, **kwargs: Any):
+    def __init__(self, path: str | Path | VideoInfo | ProbedVideo, *, retain_frames: int = 96,
+                 **kwargs: Any):
         super().__init__(path, retain_frames=retain_frames, **kwargs)
 
     @property
@@ -112,17 +114,23 @@ def _read_ahead_frames(info: VideoInfo, steps: int, read_ahead: int | None,
     return max(2, min(want, READ_AHEAD_BYTES // frame_bytes))
 
 
-def open_video(path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
+def open_video(path: str | Path, config: HMSConfig, steps: int, *,
+               info: VideoInfo | ProbedVideo | None = None,
                decode: DecodeOptions | None = None, steps_ahead: int = 2) -> VideoInputs:
     """The runtime's per-video inputs: :class:`~hms_deploy.data.inputs.VideoInputs` decoding
     on demand through a :class:`RetainingFrameSource` sized by :func:`_retain_frames`,
-    reading ahead as ``decode`` says (by default ``steps_ahead`` steps' worth)."""
+    reading ahead as ``decode`` says (by default ``steps_ahead`` steps' worth). ``info``:
+    the video's probe (its open container is read: :func:`~hms_deploy.runtime.checks.probe_checked`)
+    or its info; probed here when None."""
     decode = decode or DecodeOptions()
-    return VideoInputs(
-        path, config, steps, info=info, skip_nonref=decode.skip_nonref,
-        frame_source=lambda info: RetainingFrameSource(
-            info, retain_frames=_retain_frames(info, config),
-            read_ahead=_read_ahead_frames(info, steps, decode.read_ahead, steps_ahead),
+
+    def reader(probed: VideoInfo | ProbedVideo) -> FrameSource:
+        vi = probed if isinstance(probed, VideoInfo) else probed.info
+        return RetainingFrameSource(
+            probed, retain_frames=_retain_frames(vi, config),
+            read_ahead=_read_ahead_frames(vi, steps, decode.read_ahead, steps_ahead),
             read_ahead_bytes=(READ_AHEAD_BYTES if decode.read_ahead is None and decode.plan_ahead
-                              else 0)),
-    )
+                              else 0))
+
+    return VideoInputs(path, config, steps, info=info, skip_nonref=decode.skip_nonref,
+                       frame_source=reader)

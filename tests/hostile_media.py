@@ -1,5 +1,6 @@
 """Hostile inputs made in the test (HMS_SPEC.md 9): an image renamed .mp4, a cut faststart
-MP4, a 0.3 s clip, a 60-frame video, no audio track, an audio track of digital silence."""
+MP4, an MP4 cut before its index, a 0.3 s clip, a 60-frame video, no audio track, an
+audio track of digital silence."""
 
 from __future__ import annotations
 
@@ -50,5 +51,15 @@ def faststart_cut(path: Path, *, duration_s: float = 10.0, keep: float = 0.6) ->
             o.mux(packet)
     data = full.read_bytes()
     assert data[4:8] == b"ftyp" and data.find(b"moov") < data.find(b"mdat")  # faststart
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def index_last_cut(path: Path, *, duration_s: float = 3.0, keep: float = 0.6) -> Path:
+    """An MP4 whose index (moov box) comes after its media data, cut after ``keep`` of
+    its bytes: the index is gone, so no frame can be located."""
+    full = video(path.with_name(path.stem + "_full.mp4"), duration_s=duration_s)
+    data = full.read_bytes()
+    assert data[4:8] == b"ftyp" and data.find(b"mdat") < data.rfind(b"moov")  # index last
     path.write_bytes(data[: int(len(data) * keep)])
     return path

@@ -24,9 +24,10 @@ import torch
 
 from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.sampling import StepSampler
 from hms_deploy.data.synthetic import render_class_video, write_video
-from hms_deploy.data.video import FrameSource, decode_audio, probe
+from hms_deploy.data.video import decode_audio, probe
 from hms_deploy.model.hms import HMS
 
 STEPS = 16

@@ -15,8 +15,9 @@ from runtime_helpers import assets, one_torch_thread  # noqa: F401 - autouse fix
 
 from hms_deploy.config import tiny_config
 from hms_deploy.data.decode_thread import ReadAhead
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.synthetic import write_video
-from hms_deploy.data.video import FrameSource, probe
+from hms_deploy.data.video import probe
 from hms_deploy.errors import VideoError
 from hms_deploy.runtime.frames import DecodeOptions, open_video
 from hms_deploy.runtime.policy import parse_policy

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from hms_deploy.cli.synth import main as synth_main
 from hms_deploy.data.audio import log_mel_spectrogram
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.synthetic import (
     CLASS_GROUPS,
     DEFAULT_CLASSES,
@@ -21,7 +22,7 @@ from hms_deploy.data.synthetic import (
     render_class_video,
     write_video,
 )
-from hms_deploy.data.video import FrameSource, decode_audio, probe
+from hms_deploy.data.video import decode_audio, probe
 from hms_deploy.errors import ConfigError
 
 PER_CLASS, DURATION, FPS = 3, 2.0, 15

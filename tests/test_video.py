@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from hms_deploy.config import MotionClip, tiny_config
+from hms_deploy.data.frame_source import FrameSource
 from hms_deploy.data.resize import clip_tensor, resize_center_crop, resize_center_crop_batch
 from hms_deploy.data.sampling import StepSampler, clip_times, nearest_frames, step_centers
 from hms_deploy.data.synthetic import write_video
-from hms_deploy.data.video import FrameSource, decode_audio, probe
+from hms_deploy.data.video import decode_audio, probe
 from hms_deploy.errors import ConfigError, VideoError
 
 W, H, BITS = 160, 64, 10  # frames carry their index as 10 black/white blocks of 16 px

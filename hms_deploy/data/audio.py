@@ -14,6 +14,10 @@ Patch convention: the centre frame of step time ``tau`` (seconds) is
 whose *first sample* is nearest to ``tau`` (ties to the later frame). The patch is frames
 ``[c - 48, c + 48)``; it spans samples ``[tau - 0.48 s, tau + 0.495 s]`` (+-5 ms). Frames
 before 0 or past the last frame are ``log(0.01)``, the value a frame of digital silence has.
+
+:func:`step_patches` computes only the spectrogram frames the patches contain (each
+frame depends on its own 400 samples only), and :func:`samples_needed` says how much of
+the waveform they read, so that the audio decoder can stop there.
 """
 
 from __future__ import annotations
@@ -176,3 +180,45 @@ def audio_patches(
     patches = logmel[np.clip(idx, 0, n - 1)]  # (T, 96, 64)
     patches[~valid] = silence
     return patches[:, None]
+
+
+def patch_spans(centers_s: np.ndarray, num_samples: int,
+                front_end: AudioFrontEnd | None = None) -> list[tuple[int, int]]:
+    """The spectrogram frames ``[a, b)`` the patches of ``centers_s`` contain, inside the
+    ``num_frames(num_samples)`` frames of the waveform, merged where they overlap or touch."""
+    fe = front_end or _DEFAULT_FRONT_END
+    n = num_frames(num_samples, fe)
+    half = fe.patch_frames // 2
+    spans: list[tuple[int, int]] = []
+    for c in np.sort(center_frames(centers_s, fe)).tolist():
+        a, b = max(0, c - half), min(n, c - half + fe.patch_frames)
+        if a >= b:
+            continue
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+        else:
+            spans.append((a, b))
+    return spans
+
+
+def samples_needed(centers_s: np.ndarray, num_samples: int,
+                   front_end: AudioFrontEnd | None = None) -> int:
+    """How many samples from the start of a ``num_samples`` waveform the patches of
+    ``centers_s`` read (0: none; their frames all lie outside the waveform)."""
+    fe = front_end or _DEFAULT_FRONT_END
+    spans = patch_spans(centers_s, num_samples, fe)
+    return (spans[-1][1] - 1) * fe.hop_length + fe.win_length if spans else 0
+
+
+def step_patches(waveform: np.ndarray, centers_s: np.ndarray,
+                 front_end: AudioFrontEnd | None = None) -> np.ndarray:
+    """:func:`audio_patches` of :func:`log_mel_spectrogram` of a 1-D waveform at the front
+    end's rate, computing only the frames the patches contain (:func:`patch_spans`); each
+    of those frames equals the whole spectrogram's."""
+    fe = front_end or _DEFAULT_FRONT_END
+    x = to_mono(waveform)
+    logmel = np.zeros((num_frames(x.size, fe), fe.n_mels), dtype=np.float32)
+    for a, b in patch_spans(centers_s, x.size, fe):
+        logmel[a:b] = log_mel_spectrogram(
+            x[a * fe.hop_length:(b - 1) * fe.hop_length + fe.win_length], fe.sample_rate, fe)
+    return audio_patches(logmel, centers_s, fe)

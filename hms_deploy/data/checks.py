@@ -1,4 +1,4 @@
-"""Input checks for inputs the paper never sees (HMS_SPEC.md 9), from a probe alone.
+"""Input checks for inputs the paper never sees (docs/method.md 9), from a probe alone.
 
 - **Not a video**: an input whose video stream has fewer than two frames (an image, a
   PNG renamed ``.mp4``) is refused: :func:`require_video`.
@@ -49,9 +49,11 @@ def truncation(info: Any) -> tuple[float, float] | None:
     return None
 
 
-def check_truncation(info: Any, *, allow_truncated: bool = False) -> tuple[Any, list[str]]:
+def check_truncation(info: Any, *, allow_truncated: bool = False, container: Any = None
+                     ) -> tuple[Any, list[str]]:
     """Raise :class:`VideoError` for a truncated file; when allowed, return the info of
-    its decodable part (:func:`decodable_part`) and a warning. ``(info, [])`` otherwise."""
+    its decodable part (:func:`decodable_part`, reading ``container`` when given: the
+    probe's) and a warning. ``(info, [])`` otherwise."""
     cut = truncation(info)
     if cut is None:
         return info, []
@@ -61,27 +63,31 @@ def check_truncation(info: Any, *, allow_truncated: bool = False) -> tuple[Any, 
             f"{info.path}: truncated file: its streams end at {end:.2f} s but the container "
             f"declares {declared:.2f} s (--allow-truncated classifies the decodable part)"
         )
-    info = decodable_part(info)
+    info = decodable_part(info, container=container)
     end = info.duration_s
     return info, [
         f"truncated file: classified the decodable {end:.2f} s of the declared {declared:.2f} s"
     ]
 
 
-def decodable_part(info: Any) -> Any:
+def decodable_part(info: Any, *, container: Any = None) -> Any:
     """``info`` cut to the frames that decode: the last GOP is decoded once (the data of a
     truncated file ends inside it), and frames after the last one the decoder produced
     before an error (or the end) are dropped. The duration follows the kept frames.
+    ``container``: an open container of the file to read (left open; its position moves),
+    else the file is opened here.
     """
     import dataclasses
 
     import av
 
-    from hms_deploy.data.video import _open
+    from hms_deploy.data.video import open_media
 
     last_key = int(info.keyframe_indices[-1])
     decoded: set[int] = set()
-    container = _open(info.path)
+    own = container is None
+    if own:
+        container = open_media(info.path)
     try:
         stream = container.streams.video[0]
         container.seek(int(info.frame_pts[last_key]), stream=stream, backward=True)
@@ -92,7 +98,8 @@ def decodable_part(info: Any) -> Any:
     except av.FFmpegError:
         pass  # the cut: what decoded before it is the decodable part
     finally:
-        container.close()
+        if own:
+            container.close()
     pts = info.frame_pts
     keep = int(np.searchsorted(pts, max(decoded), side="right")) if decoded else last_key
     if keep < 2:

@@ -1,6 +1,6 @@
 """Read-ahead: run a decoder in a background thread, handing frames over a bounded queue.
 
-:class:`~hms_deploy.data.video.FrameSource` walks the bitstream forward to every wanted
+:class:`~hms_deploy.data.frame_source.FrameSource` walks the bitstream forward to every wanted
 frame whatever the consumer does with it, so that walk can run *ahead* of the consumer
 while the consumer computes (PyAV releases the GIL in ``av_read_frame``,
 ``avcodec_send_packet``/``avcodec_receive_frame`` and ``sws_scale``; ONNX Runtime and

@@ -50,12 +50,16 @@ def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> Vid
     :meth:`VideoInputs.decode_all`. Raises :class:`~hms_deploy.errors.VideoError` for a
     file that cannot be decoded, is not a video or is truncated (:mod:`hms_deploy.data.checks`)."""
     from hms_deploy.data.checks import check_truncation, require_video
-    from hms_deploy.data.video import probe
+    from hms_deploy.data.video import probe_open
 
-    info = probe(path)
-    require_video(info)  # HMS_SPEC.md 9: no features of an image or of a truncated file
-    check_truncation(info)
-    return VideoInputs(path, config, steps, info=info).decode_all()
+    probed = probe_open(path)  # its container is then read for the frames
+    try:
+        require_video(probed.info)  # no features of an image or of a truncated file
+        check_truncation(probed.info)
+    except BaseException:
+        probed.close()
+        raise
+    return VideoInputs(path, config, steps, info=probed).decode_all()
 
 
 def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, Any]:

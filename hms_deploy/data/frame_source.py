@@ -1,19 +1,24 @@
-"""Decode-on-demand of the frames steps need: :class:`FrameSource` (re-exported by
-:mod:`hms_deploy.data.video`, where it has always been imported from).
+"""Decode-on-demand of the frames steps need: :class:`FrameSource`, a reader of frames by index.
 
 Frames are identified by their index in presentation (pts) order (see
 :func:`~hms_deploy.data.video.probe`) and returned as uint8 RGB ``(H, W, 3)`` with the
-container's display rotation applied. The forward walk, the seek rule and the counters
-are :mod:`hms_deploy.data.frame_walk` (non-reference frames no read can want are
-skipped); the optional background decoding is :mod:`hms_deploy.data.decode_thread`, and
-its side of a planned read-ahead (usable frames only, converted and resized, seeking
-where the reader would) :mod:`hms_deploy.data.plan_ahead`.
+container's display rotation applied. The reader decides where to seek, serves frames
+from its caches and takes frames from a decode walk; the walk itself, with or without a
+read-ahead thread, is built by the plan of its reads
+(:class:`~hms_deploy.data.plan_ahead.ReadPlan`, which owns the thread's state) or, without
+a plan, by :func:`~hms_deploy.data.frame_walk.walk_frames` (non-reference frames no read
+can want are skipped there) and :class:`~hms_deploy.data.decode_thread.ReadAhead`.
+
+Given a path or a :class:`~hms_deploy.data.video.ProbedVideo`, the reader reads from the
+probe's container (seeking back to the first frame), so probing and reading a video open
+its file once; it opens the file again only when a seek cannot be trusted (a demuxer
+that lands after the target, or the rewind to the first frame landing late).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +33,8 @@ from hms_deploy.data.frame_walk import (
     seek_to,
     walk_frames,
 )
-from hms_deploy.data.plan_ahead import (
-    Passed,
-    Seeked,
-    convert_ahead,
-    held_bytes,
-    pause_at_end,
-    pause_before_seeks,
-    to_rgb,
-    walk_seeking,
-)
-from hms_deploy.data.video import VideoInfo, _open, probe
+from hms_deploy.data.plan_ahead import Crop, Passed, ReadPlan, Seeked, to_rgb
+from hms_deploy.data.video import ProbedVideo, VideoInfo, open_media, probe_open
 from hms_deploy.errors import VideoError, first_line
 
 
@@ -55,7 +51,7 @@ class FrameSource:
     :func:`probe`'s scan), so B-frame reordering and seeks that land early cannot shift
     indices.
 
-    Options (all off by default: the plain reader above):
+    Options (only ``cache_frames`` is on by default, 64 frames; 0 turns it off):
 
     - ``cache_frames``: converted frames are kept in an LRU cache of that many frames
       (overlapping motion clips of neighbouring steps reuse them); memory is
@@ -71,20 +67,22 @@ class FrameSource:
       seek, an error or ``close`` stops and joins the thread first.
     - :meth:`expect` (before the first read): the frames later reads may ask for; the
       walk then skips non-reference frames outside that set (:mod:`~hms_deploy.data.frame_walk`).
-      With ``read_ahead`` too, the thread converts the expected frames to RGB, and with
+      With ``read_ahead`` too, the thread converts the frames reads surely ask for to RGB
+      (``sure``, default: the expected ones), and with
       ``read_ahead_bytes`` it hands over only the frames a read can use (the expected
       ones, the substitute of an expected frame the stream lacks, the stream's last
       frame); of every other frame only its index (:class:`Passed`), so it may run
       ahead as far as ``read_ahead_bytes`` of those frames (decoded + RGB) allow, many
       steps of a sparse plan. A read of a frame outside the plan still gets that
       frame: the reader then re-walks from the keyframe before it, handing over every
-      frame from there on.
-    - :attr:`derive` (with ``read_ahead_bytes`` and :meth:`expect`): a function the read-ahead
-      thread also runs on each expected frame it converts (``derive(index, rgb) ->
-      {key: array}``; :class:`~hms_deploy.data.inputs.VideoInputs` resizes and crops
-      there), taken once by the reader with :meth:`take_derived`.
+      frame from there on. ``crops`` (:class:`~hms_deploy.data.plan_ahead.Crop`): the
+      resized crops the planned read-ahead also makes of the sure frames it converts
+      (:class:`~hms_deploy.data.inputs.VideoInputs` asks for its steps' inputs), taken
+      once by the reader with :meth:`take_crop`.
 
-    Use as a context manager (the container is opened on first use and closed on exit)::
+    ``path``: a file (probed here), a :class:`~hms_deploy.data.video.VideoInfo` (the file
+    is opened on first use) or a :class:`~hms_deploy.data.video.ProbedVideo` (its open
+    container is read). Use as a context manager (closed on exit)::
 
         with FrameSource(path) as src:
             frames = src.read([0, 15, 30])   # {index: (H, W, 3) uint8 RGB}
@@ -92,7 +90,7 @@ class FrameSource:
 
     def __init__(
         self,
-        path: str | Path | VideoInfo,
+        path: str | Path | VideoInfo | ProbedVideo,
         *,
         seek_threshold: int = 16,
         cache_frames: int = 64,
@@ -101,46 +99,55 @@ class FrameSource:
         read_ahead: int = 0,
         read_ahead_bytes: int = 0,
     ) -> None:
-        self.info = path if isinstance(path, VideoInfo) else probe(path)
-        self.path = self.info.path
+        if not isinstance(path, (VideoInfo, ProbedVideo)):
+            path = probe_open(path)
+        self.info = path if isinstance(path, VideoInfo) else path.info
+        # the probe's open container, read after a seek back to the first frame
+        self._probed = path if isinstance(path, ProbedVideo) else None
         self.seek_threshold = int(seek_threshold)
         self.cache_frames = int(cache_frames)
         self.threads = int(threads)
         self.retain_frames = int(retain_frames)
         self.read_ahead = int(read_ahead)
         self.read_ahead_bytes = int(read_ahead_bytes)
-        self._pass_all = False  # a read left the plan: hand over every decoded frame
-        self._thread_seeks = False  # the current walk seeks where the reader would
         self.stats = DecodeStats()
         self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
-        self._expected: frozenset[int] | None = None
-        self._sure: frozenset[int] | None = None  # expected frames reads will ask for
+        self._plan: ReadPlan | None = None  # expect(): the frames reads may ask for
         self._container: Any = None
         self._stream: Any = None
-        self._frames: Iterator[Any] | None = None
+        self._frames: Iterator[Any] | None = None  # the decode walk (maybe a thread's)
+        self._thread_seeks = False  # the current walk seeks where the reader would
+        self._pass_all = False  # a read left the plan: the walk hands over every frame
         self._pos = -1  # index of the last frame the reader took from the decoder
         self._started = False  # a frame has been decoded (expect() is too late)
-        self._seek_ok = True
+        self._seek_ok = True  # seeks land where asked (else: reopen, decode from the start)
+        self._rewound = False  # the probe's container was seeked back: check where it landed
         self._last_frame: Any = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._window: OrderedDict[int, Any] = OrderedDict()
-        # RGB of expected frames, converted by the read-ahead thread (popped by the reader)
-        self._preconverted: dict[int, np.ndarray] = {}
-        # derive(index, rgb) -> {key: array}: run by the read-ahead thread on the expected
-        # frames it converts (e.g. the resized crops a step will want); taken by the reader
-        self.derive: Callable[[int, np.ndarray], dict[str, np.ndarray]] | None = None
-        self._derived: dict[int, dict[str, np.ndarray]] = {}
+
+    @property
+    def path(self) -> str:
+        return self.info.path
 
     # -- resources -------------------------------------------------------------------
     def open(self) -> Self:
         if self._container is None:
-            self._container = _open(self.path)
+            probed, self._probed = self._probed, None
+            adopted = probed.take() if probed is not None else None
+            if adopted is not None and self.threads:
+                adopted.close()  # its decoder is open: the thread count can no longer change
+                adopted = None
+            self._container = adopted if adopted is not None else open_media(self.path)
             if not self._container.streams.video:
                 self.close()
                 raise VideoError(f"{self.path}: no video stream")
             self._stream = self._container.streams.video[0]
             if self.threads:
                 self._stream.codec_context.thread_count = self.threads
+            if adopted is not None:
+                seek_to(self._container, self._stream, self.info.frame_pts, 0)
+                self._rewound = True
             self._frames = self._decode_iter()
             self._pos = -1
         return self
@@ -159,8 +166,8 @@ class FrameSource:
         close = getattr(frames, "close", None)
         if close is not None:
             close()
-        self._preconverted.clear()  # the thread is gone: nothing writes here any more
-        self._derived.clear()
+        if self._plan is not None:
+            self._plan.clear()  # the thread is gone: nothing writes there any more
 
     def close(self) -> None:
         try:
@@ -168,8 +175,12 @@ class FrameSource:
         finally:
             if self._container is not None:
                 self._container.close()
+            if self._probed is not None:
+                self._probed.close()
+                self._probed = None
             self._container = self._stream = None
             self._pos = -1
+            self._rewound = False
             self._window = OrderedDict()
 
     def __enter__(self) -> Self:
@@ -181,10 +192,11 @@ class FrameSource:
     @property
     def expected(self) -> frozenset[int] | None:
         """The frames declared by :meth:`expect` (None: any frame)."""
-        return self._expected
+        return None if self._plan is None else self._plan.expected
 
     def expect(self, frame_indices: Sequence[int] | np.ndarray | None, *,
-               sure: Sequence[int] | np.ndarray | None = None) -> None:
+               sure: Sequence[int] | np.ndarray | None = None,
+               crops: Iterable[Crop] = ()) -> None:
         """Declare every frame that reads of this source may ask for (None: any frame).
 
         The forward walk then skips the non-reference frames outside this set (they are
@@ -192,62 +204,41 @@ class FrameSource:
         later read of a frame outside the set is still served, but may get a
         substitute (the next decoded frame) if that frame was skipped. ``sure``: the
         frames among them that reads *will* ask for (default: all); only these are
-        converted (and derived) ahead by the read-ahead thread, so frames that a learned
-        gate may never want cost no conversion.
+        converted (and cropped by ``crops``) ahead by the read-ahead thread, so frames
+        that a learned gate may never want cost no conversion. Declaring the same frames
+        again is a no-op.
         """
         new = (None if frame_indices is None else
                frozenset(np.asarray(frame_indices, dtype=np.int64).reshape(-1).tolist()))
         sure_set = (new if sure is None or new is None else
                     frozenset(np.asarray(sure, dtype=np.int64).reshape(-1).tolist()) & new)
-        if new is not None and new == self._expected and sure_set == self._sure:
+        plan = self._plan
+        if new is not None and plan is not None and (new, sure_set) == (plan.expected, plan.sure):
             return  # the same plan again (e.g. declared before decoding started, and after)
         if self._started:
             raise RuntimeError(f"{self.path}: expect() must come before the first read")
-        self._expected, self._sure = new, sure_set
+        self._plan = None if new is None or sure_set is None else ReadPlan(
+            self.info, self._index, new, sure_set, crops,
+            seek_threshold=self.seek_threshold, stats=self.stats,
+        )
         if self._container is not None:
             self._stop_frames()
             self._frames = self._decode_iter()
 
     # -- decoding ----------------------------------------------------------------------
     def _decode_iter(self) -> Iterator[Any]:
-        planned = (self.read_ahead > 0 and self._expected is not None
-                   and self.read_ahead_bytes > 0 and not self._pass_all)
-        if planned and self._seek_ok:
-            assert self._expected is not None
-            frames = walk_seeking(
-                self._container, self._stream, self.stats, self._expected, self._index,
-                self.info.frame_pts, self.info.keyframe_indices, self.seek_threshold,
+        """The decode walk from the container's position (see the module docstring)."""
+        if self._plan is not None:
+            frames, self._thread_seeks = self._plan.walk(
+                self._container, self._stream, read_ahead=self.read_ahead,
+                read_ahead_bytes=self.read_ahead_bytes, seek_ok=self._seek_ok,
+                pass_all=self._pass_all,
             )
-        else:
-            frames = walk_frames(
-                self._container, self._stream, self.stats, wanted=self._expected,
-                index=self._index,
-            )
-        self._thread_seeks = planned and self._seek_ok
+            return frames
+        self._thread_seeks = False
+        frames = walk_frames(self._container, self._stream, self.stats, index=self._index)
         if self.read_ahead > 0:
-            pause = None
-            capacity, weight = self.read_ahead, None
-            if self._expected is not None:
-                # the thread also converts the frames reads will want (same function)
-                frames = convert_ahead(
-                    frames, self._index, self._expected, self.info.rotation,
-                    self._preconverted, self.stats, self.derive if planned else None,
-                    self._derived, planned, self._sure,
-                )
-                if planned:
-                    capacity = self.read_ahead_bytes
-                    weight = held_bytes(self.info, self._index, self._preconverted, self._derived)
-                if self._thread_seeks:
-                    pause = pause_at_end(self._index, self._expected)
-                elif self._seek_ok:
-                    pause = pause_before_seeks(
-                        self._index, self._expected, self.info.keyframe_indices,
-                        self.seek_threshold,
-                    )
-            return ReadAhead(
-                frames, capacity, name=f"hms-decode:{Path(self.path).name}",
-                pause_after=pause, weight=weight,
-            )
+            return ReadAhead(frames, self.read_ahead, name=f"hms-decode:{Path(self.path).name}")
         return frames
 
     def _keyframe_at_or_before(self, index: int) -> int:
@@ -267,6 +258,7 @@ class FrameSource:
             self.open()
             return
         self._stop_frames()
+        self._rewound = False  # a seek decides where the walk is now
         key = self._keyframe_at_or_before(target)
         seek_to(self._container, self._stream, self.info.frame_pts, key)
         self._frames = self._decode_iter()
@@ -283,6 +275,7 @@ class FrameSource:
         item = next(self._frames, None)
         key = self._keyframe_at_or_before(target)
         if isinstance(item, Seeked) and item.key == key:
+            self._rewound = False
             self._pos = key - 1
             self.stats.seeks += 1
             return True
@@ -302,16 +295,11 @@ class FrameSource:
         self.stats.frames_converted += 1
         return to_rgb(frame, self.info.rotation)
 
-    def take_derived(self, index: int, key: str) -> np.ndarray | None:
-        """What :attr:`derive` made under ``key`` from frame ``index`` in the read-ahead
-        thread, once (None: not made, e.g. no thread, or the frame came from a seek)."""
-        d = self._derived.get(index)
-        if d is None:
-            return None
-        x = d.pop(key, None)
-        if not d:
-            self._derived.pop(index, None)
-        return x
+    def take_crop(self, index: int, key: str) -> np.ndarray | None:
+        """The crop ``key`` (a :class:`~hms_deploy.data.plan_ahead.Crop` of the plan) the
+        read-ahead thread made of frame ``index``, once (None: not made, e.g. no thread,
+        or the frame came from a seek)."""
+        return None if self._plan is None else self._plan.take_crop(index, key)
 
     def _remember(self, index: int, rgb: np.ndarray) -> None:
         if self.cache_frames <= 0:
@@ -400,6 +388,13 @@ class FrameSource:
                 continue
             passed = isinstance(frame, Passed)
             i = frame.index if passed else self._frame_index(frame)
+            if self._rewound:
+                self._rewound = False
+                if i > 0:
+                    # the seek back to the first frame landed late: read a fresh container
+                    self.close()
+                    self.open()
+                    continue
             if check_landing is not None:
                 landed_after = i > check_landing
                 check_landing = None
@@ -419,7 +414,7 @@ class FrameSource:
             self._pos = i
             self._last_frame = frame
             self._retain(frame)
-            pre = self._preconverted.pop(i, None) if self._preconverted else None
+            pre = self._plan.take_rgb(i) if self._plan is not None else None
             if i < target:
                 if pre is not None:
                     self._remember(i, pre)  # expected later (a clip reaching back): keep it

@@ -1,4 +1,4 @@
-"""The forward walk through a video stream that :class:`~hms_deploy.data.video.FrameSource`
+"""The forward walk through a video stream that :class:`~hms_deploy.data.frame_source.FrameSource`
 consumes: demux, skip what nothing wants, decode.
 
 Skipping (``skip_frame``): H.264/HEVC frames that no other frame references (x264's
@@ -20,7 +20,7 @@ holds references to the container and the counters only, never to the FrameSourc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ class DecodeStats:
     the decoder when a seek or ``close`` flushed it); ``frames_converted``: frames
     converted to RGB by the reader, ``frames_converted_ahead`` by the read-ahead thread
     (the frames a plan surely reads), ``frames_derived_ahead`` those the thread also
-    resized (``FrameSource.derive``); ``seeks``: container seeks (the reader's, and the
+    cropped (the plan's ``Crop`` s, :mod:`hms_deploy.data.plan_ahead`); ``seeks``: container seeks (the reader's, and the
     thread's where the reader took them); ``cache_hits``: requested frames served from
     the RGB cache; ``window_hits``: requested frames converted from the window of
     retained decoded frames; ``substituted``: requested frames the decoder never produced
@@ -69,7 +69,7 @@ def walk_frames(
     *,
     wanted: frozenset[int] | None = None,
     index: dict[int, int] | None = None,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Yield the decoded frames of ``stream`` from the container's current position.
 
     Args:

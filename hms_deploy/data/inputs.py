@@ -1,11 +1,12 @@
-"""The per-step part inputs of one video (HMS_SPEC.md 1): the one per-video input type.
+"""The per-step part inputs of one video (docs/method.md 1): the one per-video input type.
 
 :class:`VideoInputs` hands out, step by step, what the parts take: the log-mel patches
 of every step (``audio_patches``), the appearance frame of step t (``appearance``) and the
 32-frame motion clip of step t (``motion``), decoded on demand through a
-:class:`~hms_deploy.data.video.FrameSource` (the runtime gives it one that retains a
-window of decoded frames, :mod:`hms_deploy.runtime.frames`). It counts what it hands to
-each backbone.
+:class:`~hms_deploy.data.frame_source.FrameSource` (the runtime gives it one that retains a
+window of decoded frames, :mod:`hms_deploy.runtime.frames`). The frames are read from the
+probe's container (:class:`~hms_deploy.data.video.ProbedVideo`) and the audio from a
+second one: a video's file is opened twice. It counts what it hands to each backbone.
 
 :meth:`VideoInputs.decode_all` decodes every step at once instead (feature extraction,
 fine-tuning and the export's parity check): it keeps ``mel``, ``frames`` and the
@@ -23,11 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from hms_deploy.config import HMSConfig
-from hms_deploy.data.resize import resize_center_crop, resize_center_crop_batch
+from hms_deploy.data.frame_source import FrameSource
+from hms_deploy.data.plan_ahead import Crop
+from hms_deploy.data.resize import resize_center_crop_batch
 from hms_deploy.data.sampling import StepSampler
-from hms_deploy.data.video import FrameSource, VideoInfo, decode_audio, probe
+from hms_deploy.data.video import ProbedVideo, VideoInfo, decode_audio, probe_open
 
-FrameSourceFactory = Callable[[VideoInfo], FrameSource]
+# builds the reader of a video's frames from its probe (open container) or its info
+FrameSourceFactory = Callable[[VideoInfo | ProbedVideo], FrameSource]
 
 
 class VideoInputs:
@@ -37,14 +41,19 @@ class VideoInputs:
     the appearance / motion backbone; the decoder's own counters are in :attr:`decode_stats`.
     """
 
-    def __init__(self, path: str | Path, config: HMSConfig, steps: int, *, info: VideoInfo | None = None,
+    def __init__(self, path: str | Path, config: HMSConfig, steps: int, *,
+                 info: VideoInfo | ProbedVideo | None = None,
                  frame_source: FrameSourceFactory = FrameSource, skip_nonref: bool = True):
+        """``info``: the video's probe (with its open container, which the frame reader
+        then reads: :func:`~hms_deploy.data.video.probe_open`) or its info; probed here
+        when None."""
         self.path = str(path)
         self.skip_nonref = skip_nonref  # may plan() let the decoder skip unwanted frames
-        self.info = info or probe(path)
+        probed = probe_open(path) if info is None else info
+        self.info = probed if isinstance(probed, VideoInfo) else probed.info
         self.config = config
         self.sampler = StepSampler.from_config(self.info, config, steps=steps)
-        self.source: FrameSource | None = frame_source(self.info)
+        self.source: FrameSource | None = frame_source(probed)
         self.appearance_frames = 0
         self.motion_clips = 0
         self.has_audio: bool | None = None
@@ -83,18 +92,9 @@ class VideoInputs:
         # with the same function, so the step loop only stacks them
         a_frames = frozenset(s.appearance_indices[app == 1].tolist())
         m_frames = frozenset(s.motion_indices[mot == 1].reshape(-1).tolist())
-
-        def derive(i: int, rgb: np.ndarray) -> dict[str, np.ndarray]:
-            out = {}
-            if i in a_frames:
-                out["appearance"] = resize_center_crop(rgb, s.appearance_resize, s.appearance_crop)
-            if i in m_frames:
-                out["motion"] = resize_center_crop(rgb, s.motion_resize, s.motion_crop)
-            return out
-
-        if self.source.expected is None:  # a walk already under way keeps its function
-            self.source.derive = derive
-        self.source.expect(frames, sure=sorted(a_frames | m_frames))
+        crops = (Crop("appearance", a_frames, s.appearance_resize, s.appearance_crop),
+                 Crop("motion", m_frames, s.motion_resize, s.motion_crop))
+        self.source.expect(frames, sure=sorted(a_frames | m_frames), crops=crops)
 
     def start_decoding(self) -> None:
         """Start decoding now (after :meth:`plan`, when the planned read-ahead is on and
@@ -111,7 +111,7 @@ class VideoInputs:
         out: dict[int, np.ndarray] = {}
         rest = []
         for i in sorted(frames):
-            x = src.take_derived(i, which)
+            x = src.take_crop(i, which)
             if x is None:
                 rest.append(i)
             else:
@@ -124,11 +124,12 @@ class VideoInputs:
         return out
 
     def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
-        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`);
+        """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`),
+        decoded as far as the steps' patches read (zero after that);
         ``keep_partial``: audio that stops decoding early is kept up to there."""
         wave, self.has_audio = decode_audio(
             self.path, self.config.front_end.sample_rate, info=self.info,
-            keep_partial=keep_partial,
+            keep_partial=keep_partial, needed=self.sampler.audio_samples_needed(),
         )
         return wave
 

@@ -3,7 +3,7 @@ that turns them into the part inputs of the steps a runtime asks for.
 
 All times are seconds relative to the first video frame (the first frame's presentation
 time is 0). The functions are pure; :class:`StepSampler` reads frames through a
-:class:`~hms_deploy.data.video.FrameSource` (decoding lives in :mod:`hms_deploy.data.video`).
+:class:`~hms_deploy.data.frame_source.FrameSource` (decoding lives in :mod:`hms_deploy.data.frame_source`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from numpy.typing import ArrayLike
 
 from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data.audio import audio_patches as _audio_patches
-from hms_deploy.data.audio import log_mel_spectrogram
+from hms_deploy.data.audio import log_mel_spectrogram, samples_needed, step_patches
 from hms_deploy.data.resize import resize_center_crop_batch
 from hms_deploy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hms_deploy.data.video import FrameSource, VideoInfo
+    from hms_deploy.data.frame_source import FrameSource
+    from hms_deploy.data.video import VideoInfo
 
 
 def step_centers(duration_s: float, steps: int) -> np.ndarray:
@@ -204,8 +205,16 @@ class StepSampler:
         ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).
         """
         sr = self.front_end.sample_rate if sample_rate is None else sample_rate
+        if sr == self.front_end.sample_rate and np.ndim(waveform) == 1:
+            return step_patches(waveform, self.centers, self.front_end)  # only their frames
         logmel = log_mel_spectrogram(waveform, sr, self.front_end)
         return _audio_patches(logmel, self.centers, self.front_end)
+
+    def audio_samples_needed(self) -> int:
+        """How many samples of :func:`decode_audio`'s waveform (``round(duration_s *
+        sample_rate)`` long) the patches of the steps read: the decoder may stop there."""
+        fe = self.front_end
+        return samples_needed(self.centers, round(self.info.duration_s * fe.sample_rate), fe)
 
     def appearance_inputs(
         self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None

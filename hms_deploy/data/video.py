@@ -1,9 +1,14 @@
-"""Video probing, timestamp-aligned audio, and decode-on-demand of the frames steps need.
+"""Video probing and timestamp-aligned audio.
 
-Conventions (HMS_SPEC.md 1): every time is in seconds relative to the presentation time
+Conventions (docs/method.md 1): every time is in seconds relative to the presentation time
 of the first video frame; frames are identified by their index in presentation (pts)
-order, ``0 .. len(info.frame_times) - 1``. Frames are returned as uint8 RGB ``(H, W, 3)``
-with the container's display rotation already applied.
+order, ``0 .. len(info.frame_times) - 1``.
+
+A file is opened through :func:`open_media` (one typed error naming the file, and saying
+when an MP4 lacks its index: a file cut before its end). :func:`probe_open` scans a video
+and keeps its container open (:class:`ProbedVideo`) for the frame reader
+(:class:`~hms_deploy.data.frame_source.FrameSource`), so probing and reading the frames
+of a video open its file once; :func:`decode_audio` opens it once more for the audio.
 
 PyAV is imported lazily, so importing this module costs nothing until a video is opened.
 Which frames each step needs is :mod:`hms_deploy.data.sampling` (``StepSampler``); resizing
@@ -13,6 +18,7 @@ is :mod:`hms_deploy.data.resize`; the per-video inputs are :mod:`hms_deploy.data
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,7 +29,48 @@ import numpy as np
 from hms_deploy.errors import VideoError, first_line
 
 
-def _open(path: str | Path) -> Any:
+def _mp4_index_missing(path: Path) -> bool:
+    """Whether ``path`` is an ISO-BMFF (MP4/MOV) file whose top-level boxes hold no
+    complete ``moov`` (the index): a file cut before the index that ends it."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(12)
+            if len(head) < 8 or head[4:8] != b"ftyp":
+                return False
+            pos = 0
+            while pos + 8 <= size:
+                f.seek(pos)
+                box = f.read(16)
+                n, kind = struct.unpack(">I4s", box[:8])
+                if n == 1 and len(box) == 16:
+                    n = struct.unpack(">Q", box[8:16])[0]
+                elif n == 0:
+                    n = size - pos
+                if n < 8:
+                    return False  # not a box structure we can walk: say nothing
+                if kind == b"moov":
+                    return pos + n > size  # the index itself is cut
+                pos += n
+            return True
+    except OSError:
+        return False
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """The one-line message for a file FFmpeg cannot open (FFmpeg's words, no errno)."""
+    import av
+
+    reason = getattr(e, "strerror", None) or first_line(e, typed=False)
+    if _mp4_index_missing(path):
+        return (f"{path}: truncated or damaged MP4 file: its index (the 'moov' box) is "
+                f"missing or cut, so no frame can be located ({reason})")
+    if isinstance(e, av.InvalidDataError):
+        return f"{path}: not a readable media file: truncated, damaged or not media ({reason})"
+    return f"{path}: not a readable media file ({reason})"
+
+
+def open_media(path: str | Path) -> Any:
     """Open a media file for reading; a typed one-line error names the file otherwise."""
     import av
 
@@ -35,7 +82,7 @@ def _open(path: str | Path) -> Any:
     try:
         return av.open(str(p), mode="r")
     except av.FFmpegError as e:
-        raise VideoError(f"{p}: not a readable media file ({first_line(e, typed=False)})") from e
+        raise VideoError(_unreadable(p, e)) from e
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +97,7 @@ class VideoInfo:
             relative to the first frame (``frame_times[0] == 0``).
         keyframe_times: ``(K,)`` float64 presentation times of the keyframes, seconds.
         fps: average frame rate, ``F / duration_s``.
-        width, height: pixels of the frames :class:`FrameSource` returns (after rotation).
+        width, height: pixels of the frames the frame reader returns (after rotation).
         rotation: display rotation in degrees counter-clockwise, one of 0, 90, 180, 270
             (from the stream's display matrix, rounded to a multiple of 90).
         has_audio: whether the file has an audio stream with at least one packet.
@@ -115,15 +162,51 @@ def probe(path: str | Path) -> VideoInfo:
     on frames. Raises :class:`VideoError` naming the file for a missing file, a file
     that is not media, one without a video stream or without any video frame.
     """
+    probed = probe_open(path)
+    probed.close()
+    return probed.info
+
+
+class ProbedVideo:
+    """A probed video with the probe's container still open (at the end of its scan).
+
+    The frame reader takes the container (:meth:`take`) and seeks back to the first
+    frame instead of opening the file again; :meth:`close` closes it if nobody took it
+    (PyAV also closes a container that is garbage-collected).
+    """
+
+    def __init__(self, info: VideoInfo, container: Any):
+        self.info = info
+        self._container = container
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    def take(self) -> Any:
+        """The open container, once (None after the first call or :meth:`close`)."""
+        c, self._container = self._container, None
+        return c
+
+    def close(self) -> None:
+        c = self.take()
+        if c is not None:
+            c.close()
+
+
+def probe_open(path: str | Path) -> ProbedVideo:
+    """:func:`probe`, keeping the container open for the frame reader (see :class:`ProbedVideo`)."""
     import av
 
-    container = _open(path)
+    container = open_media(path)
     try:
-        return _probe_open(container, str(path))
+        return ProbedVideo(_probe_open(container, str(path)), container)
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: cannot read ({first_line(e, typed=False)})") from e
-    finally:
         container.close()
+        raise VideoError(f"{path}: cannot read ({first_line(e, typed=False)})") from e
+    except BaseException:
+        container.close()
+        raise
 
 
 def _probe_open(container: Any, path: str) -> VideoInfo:
@@ -233,7 +316,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
 
 def decode_audio(
     path: str | Path, sample_rate: int = 16000, *, info: VideoInfo | None = None,
-    keep_partial: bool = False,
+    keep_partial: bool = False, needed: int | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Decode the first audio stream to mono float32, aligned to the video.
 
@@ -248,6 +331,11 @@ def decode_audio(
     ``keep_partial``: a decoding error after some audio was decoded ends the stream
     there instead of raising (a truncated file whose decodable part is classified).
 
+    ``needed``: only the first ``needed`` samples will be read (the step patches':
+    :func:`~hms_deploy.data.audio.samples_needed`); decoding stops once they are out of
+    the resampler, which never changes a sample it has given, so they equal a whole
+    decode's, and the rest of the waveform is zero.
+
     Returns:
         ``(waveform (samples,) float32 in [-1, 1], has_audio)``; ``has_audio`` is False
         (and the waveform all zeros) when the file has no audio stream or it decodes to
@@ -258,7 +346,7 @@ def decode_audio(
     info = info or probe(path)
     n = round(info.duration_s * sample_rate)
     silent = np.zeros(n, dtype=np.float32)
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.audio:
             return silent, False
@@ -266,13 +354,18 @@ def decode_audio(
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         first_time: float | None = None
+        given = 0  # samples out of the resampler
         for frame in container.decode(stream):
             if first_time is None and frame.pts is not None and frame.time_base is not None:
                 first_time = float(frame.pts * frame.time_base)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
+                given += chunks[-1].size
+            if needed is not None and chunks and given + _shift(info, first_time, sample_rate) >= needed:
+                break  # the samples after these are never read
+        else:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as e:
         if not (keep_partial and chunks):
             raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
@@ -281,9 +374,7 @@ def decode_audio(
     if not chunks:
         return silent, False
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
-    if first_time is None:
-        first_time = info.start_s + info.audio_start_s
-    shift = round((first_time - info.start_s) * sample_rate)
+    shift = _shift(info, first_time, sample_rate)
     if shift > 0:
         wave = np.concatenate([np.zeros(shift, dtype=np.float32), wave])
     elif shift < 0:
@@ -293,12 +384,9 @@ def decode_audio(
     return np.concatenate([wave, np.zeros(n - wave.size, dtype=np.float32)]), True
 
 
-# FrameSource lives in its own module (it needs probe() and _open() from this one);
-# re-exported here, where callers have always imported it from, lazily (PEP 562), so that
-# either module can be imported first.
-def __getattr__(name: str) -> Any:
-    if name in ("DecodeStats", "FrameSource"):
-        from hms_deploy.data import frame_source
-
-        return getattr(frame_source, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _shift(info: VideoInfo, first_time: float | None, sample_rate: int) -> int:
+    """Samples of silence before the decoded audio (negative: samples trimmed) that align
+    it to the first video frame; ``first_time``: the first decoded audio frame's time."""
+    if first_time is None:
+        first_time = info.start_s + info.audio_start_s
+    return round((first_time - info.start_s) * sample_rate)

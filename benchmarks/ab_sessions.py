@@ -1,0 +1,57 @@
+"""One version's side of :mod:`benchmarks.e2e_ab` ``--sessions-only``: the Session on one
+video, per policy (and the per-video fixed cost: ``audio-only`` at T = 1), after one
+warm-up call each, interleaved repeats; prints JSON (medians of wall and CPU time, and
+each policy's record without its timings, to check that both versions give the same).
+
+    python -m benchmarks.ab_sessions ENGINES VIDEO STEPS REPEATS POLICY...
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+FIXED = "per-video fixed (audio-only, T=1)"
+# counters that vary between repeats of one version (where the read-ahead thread is when
+# a seek or the end stops it): not compared
+READ_AHEAD_COUNTERS = ("frames_decoded", "frames_walked", "frames_skipped", "frames_converted")
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def main(argv: list[str]) -> int:
+    from hms_deploy.runtime.session import Session
+
+    engines, video, steps, repeats, *policies = argv
+    runs = {p: (int(steps), p) for p in policies}
+    runs[FIXED] = (1, "audio-only")
+    out: dict[str, Any] = {}
+    with Session(engines_dir=engines) as s:
+        for name, (t, pol) in runs.items():
+            rec = s.classify(video, steps=t, policy=pol)
+            rec.pop("timing_ms", None)
+            for k in READ_AHEAD_COUNTERS:
+                rec.get("stats", {}).pop(k, None)
+            out[name] = {"record": rec, "wall_ms": [], "cpu_ms": []}
+        for _ in range(int(repeats)):
+            for name, (t, pol) in runs.items():
+                c0, t0 = _cpu(), time.perf_counter()
+                s.classify(video, steps=t, policy=pol)
+                out[name]["wall_ms"].append(1e3 * (time.perf_counter() - t0))
+                out[name]["cpu_ms"].append(1e3 * (_cpu() - c0))
+    for v in out.values():
+        v["wall_median_ms"] = statistics.median(v["wall_ms"])
+        v["cpu_median_ms"] = statistics.median(v["cpu_ms"])
+    json.dump(out, sys.stdout, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
