@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the test suite: lint, type-check of the TensorRT code, pytest.
+# Set up and run the test suite: lint, import contracts, type-check, pytest.
 # Tests that need a GPU or TensorRT skip themselves; paper-size tests (-m slow) run with
 # HMS_SLOW=1. Extra arguments go to pytest.
 set -euo pipefail
@@ -8,6 +8,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 echo "== ruff"
 ruff check hms_deploy export runtime benchmarks tests
+echo "== lint-imports (layers cli -> export -> runtime -> core; no import cycles)"
+bash scripts/lint_imports.sh
 echo "== mypy (TensorRT code against tensorrt-stubs, patched so that mypy reads them)"
 python tests/trt_stubs.py build/trt-stubs
 MYPYPATH=build/trt-stubs mypy --strict --follow-imports=silent \

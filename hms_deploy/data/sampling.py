@@ -86,18 +86,6 @@ def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray
     return np.where(take_right, right, left).astype(np.int64)
 
 
-def slow_indices(frames: int = 32, slow: int = 8) -> list[int]:
-    """pytorchvideo ``PackPathway``'s slow-pathway choice: ``torch.linspace(0, frames-1, slow).long()``.
-
-    For 32 / 8: ``[0, 4, 8, 13, 17, 22, 26, 31]``.
-    """
-    if frames < 1 or slow < 1:
-        raise ConfigError(f"frames and slow must be >= 1, got {frames}, {slow}")
-    import torch
-
-    return torch.linspace(0, frames - 1, slow).long().tolist()
-
-
 class StepSampler:
     """Which frames and audio each step of a video needs (HMS_SPEC.md 1).
 
@@ -162,10 +150,6 @@ class StepSampler:
         if s.size and (s.min() < 0 or s.max() >= self.steps):
             raise IndexError(f"steps {s.tolist()} are not all inside [0, {self.steps})")
         return s
-
-    def appearance_frame_index(self, t: int) -> int:
-        """Index of the frame nearest the centre of step ``t``."""
-        return int(self.appearance_indices[self._step(t)])
 
     def motion_frame_indices(self, t: int) -> np.ndarray:
         """``(clip.frames,)`` int64 frame indices of step ``t``'s motion clip (time order)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from hms_deploy.checkpoint import Checkpoint
 from hms_deploy.costs import UNIT, dense_cost, step_costs
+from hms_deploy.data.feature_batches import FeatureSource
 from hms_deploy.data.features import FeatureStore, backbone_hash
 from hms_deploy.errors import ConfigError, DatasetError
 from hms_deploy.eval.predict import (
@@ -22,7 +23,6 @@ from hms_deploy.eval.predict import (
     predict_hms,
 )
 from hms_deploy.metrics import average_precision_per_class, top1_accuracy
-from hms_deploy.train.data import FeatureSource
 from hms_deploy.version import __version__
 
 

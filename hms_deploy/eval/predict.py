@@ -19,8 +19,8 @@ import torch
 
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger, video_cost
+from hms_deploy.data.feature_batches import FeatureSource
 from hms_deploy.model.hms import HMS, FeatureStepOps
-from hms_deploy.train.data import FeatureSource
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ An *encoder* maps a part's raw input to the raw backbone feature x (before proje
 
 Visual encoders normalise inside (uint8 -> [0, 1] -> mean/std), so normalisation exists
 once and travels into the exported graphs. The motion encoder does SlowFast's PackPathway
-(8 slow frames chosen by :func:`hms_deploy.data.sampling.slow_indices` over the 32) inside.
+(8 slow frames chosen by :func:`slow_indices` over the 32) inside.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from hms_deploy.config import BackboneConfig, MotionClip
-from hms_deploy.data.sampling import slow_indices
 from hms_deploy.errors import ConfigError
 
 
@@ -30,6 +29,16 @@ def _pytorchvideo_compat() -> None:
         import torchvision.transforms._functional_tensor as ft
 
         sys.modules["torchvision.transforms.functional_tensor"] = ft
+
+
+def slow_indices(frames: int = 32, slow: int = 8) -> list[int]:
+    """pytorchvideo ``PackPathway``'s slow-pathway choice: ``torch.linspace(0, frames-1, slow).long()``.
+
+    For 32 / 8: ``[0, 4, 8, 13, 17, 22, 26, 31]``.
+    """
+    if frames < 1 or slow < 1:
+        raise ConfigError(f"frames and slow must be >= 1, got {frames}, {slow}")
+    return torch.linspace(0, frames - 1, slow).long().tolist()
 
 
 # ---------------------------------------------------------------------------- paper nets

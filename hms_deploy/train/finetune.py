@@ -158,7 +158,7 @@ Decoded = tuple[list[VideoInputs], np.ndarray]
 
 def split_entries(entries: list, fraction: float, seed: int) -> tuple[list, list]:
     """Stratified (train, val) split of dataset rows by label (as ``hms-train``'s)."""
-    from hms_deploy.train.data import stratified_split
+    from hms_deploy.data.feature_batches import stratified_split
 
     names = sorted({e.label for e in entries})
     labels = np.array([names.index(e.label) for e in entries], dtype=np.int64)

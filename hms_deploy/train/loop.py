@@ -28,10 +28,10 @@ import torch
 
 from hms_deploy.checkpoint import Checkpoint, save_checkpoint
 from hms_deploy.config import MODALITIES
+from hms_deploy.data.feature_batches import FeatureSource, stratified_split
 from hms_deploy.data.features import FeatureStore, backbone_hash
 from hms_deploy.errors import ConfigError, DatasetError
 from hms_deploy.metrics import mean_average_precision, top1_accuracy
-from hms_deploy.train.data import FeatureSource, stratified_split
 from hms_deploy.train.losses import hms_loss
 
 POLICIES = ("hms", "early_fusion")
