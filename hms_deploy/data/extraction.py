@@ -46,14 +46,14 @@ class VideoFeatures:
 
 
 def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> VideoInputs:
-    """Decode one video into the inputs of all ``steps`` steps (HMS_SPEC.md 1):
+    """Decode one video into the inputs of all ``steps`` steps (docs/method.md §1):
     :meth:`VideoInputs.decode_all`. Raises :class:`~hms_deploy.errors.VideoError` for a
     file that cannot be decoded, is not a video or is truncated (:mod:`hms_deploy.data.checks`)."""
     from hms_deploy.data.checks import check_truncation, require_video
     from hms_deploy.data.video import probe
 
     info = probe(path)
-    require_video(info)  # HMS_SPEC.md 9: no features of an image or of a truncated file
+    require_video(info)  # docs/method.md §9: no features of an image or of a truncated file
     check_truncation(info)
     return VideoInputs(path, config, steps, info=info).decode_all()
 
@@ -231,12 +231,6 @@ class ExtractReport:
         return s
 
 
-CRASH_ENV = "HMS_EXTRACT_CRASH_AFTER"
-"""Test hook: with ``HMS_EXTRACT_CRASH_AFTER=N`` the process dies (``os._exit(137)``,
-like a SIGKILL) after committing N videos in this run, with the next video's features
-already written but not indexed: the worst place to be killed."""
-
-
 def extract(
     ckpt: Any,
     dataset: Any,
@@ -284,7 +278,6 @@ def extract(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), producer=f"hms_deploy {__version__}",
     )
     t0 = time.perf_counter()
-    crash_after = int(os.environ.get(CRASH_ENV, "-1"))
     label_index = {name: i for i, name in enumerate(ckpt.labels)}
     store = FeatureStore.open_for_writing(out, meta)
     failed: list[tuple[str, str]] = []
@@ -327,8 +320,6 @@ def extract(
                 if extracted == 0 and dtype == "float16":
                     warnings.extend(_float16_warnings(video.feats))
                 shard, slot = store.write_features(video.feats)
-                if extracted == crash_after:
-                    os._exit(137)
                 store.commit(
                     key=entry.key, path=str(entry.path), label=entry.label,
                     label_index=label_index[entry.label], duration_s=video.duration_s,

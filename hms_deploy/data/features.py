@@ -1,6 +1,6 @@
 """The feature store: raw per-step backbone features of many videos, resumable.
 
-HMS trains on frozen features (HMS_SPEC.md 8): ``hms-extract`` runs the three encoders
+HMS trains on frozen features (docs/method.md §4): ``hms-extract`` runs the three encoders
 of a checkpoint once per video and step and stores the *raw* features x (before the
 projection), and ``hms-train`` / ``hms-eval`` read them.
 
@@ -200,12 +200,6 @@ class FeatureStore:
                 arr[j] = self._map(m, r.shard)[r.slot]
             out[m] = arr
         return out
-
-    def read_key(self, key: str, dtype: str | np.dtype = np.float32) -> dict[str, np.ndarray]:
-        """Features of one video: ``{modality: (T, D)}``."""
-        if key not in self._by_key:
-            raise DatasetError(f"{self.root}: no video {key!r} in the store")
-        return {m: a[0] for m, a in self.read([self._by_key[key]], dtype=dtype).items()}
 
     def errors(self) -> list[dict[str, Any]]:
         """Failures recorded by the latest extraction run: ``[{"key", "path", "error"}]``."""

@@ -68,10 +68,3 @@ def resize_center_crop_batch(
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"frames differ in size: {sorted({f.shape for f in frames})}")
     return _resize_crop_nhwc(np.stack(frames), resize_short, crop)
-
-
-def clip_tensor(frames: Sequence[np.ndarray], resize_short: int, crop: int) -> np.ndarray:
-    """A motion clip of frames (time order) -> ``(3, len(frames), crop, crop)`` uint8 (C, T, H, W)."""
-    return np.ascontiguousarray(
-        resize_center_crop_batch(frames, resize_short, crop).transpose(1, 0, 2, 3)
-    )

@@ -1,4 +1,4 @@
-"""Steps -> timestamps -> frame indices (HMS_SPEC.md 1), and the :class:`StepSampler`
+"""Steps -> timestamps -> frame indices (docs/method.md §1), and the :class:`StepSampler`
 that turns them into the part inputs of the steps a runtime asks for.
 
 All times are seconds relative to the first video frame (the first frame's presentation
@@ -87,7 +87,7 @@ def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray
 
 
 class StepSampler:
-    """Which frames and audio each step of a video needs (HMS_SPEC.md 1).
+    """Which frames and audio each step of a video needs (docs/method.md §1).
 
     Everything is precomputed from a :class:`VideoInfo` at construction (no decoding),
     so a runtime can ask for the inputs of only the steps it runs.

@@ -3,7 +3,7 @@
 The binary, its Python backend and the backend stubs come from the ``nvidia-pytriton``
 wheel (``pip install hms-deploy[serve]``); ``HMS_TRITONSERVER=/path/to/tritonserver``
 selects another build (its ``../backends`` is then used as is). What the wheel's
-backend needs on a machine like this one (measured; ENV_NOTES "Serving and scale-out"):
+backend needs on a machine like this one (README.md, "Online serving"):
 
 - a backend directory ``python/`` = the wheel's ``backends/python/*`` plus the stub
   built for this Python (``python_backend_stubs/3.X/triton_python_backend_stub``);
@@ -70,11 +70,6 @@ class Endpoints:
     def http_url(self) -> str:
         h = self.probe_host
         return f"[{h}]:{self.http_port}" if ":" in h else f"{h}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        h = self.probe_host
-        return f"[{h}]:{self.grpc_port}" if ":" in h else f"{h}:{self.grpc_port}"
 
 
 def _wheel_dir() -> Path | None:
