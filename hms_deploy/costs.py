@@ -1,4 +1,4 @@
-"""The cost model (HMS_SPEC.md 5), in GMAC (multiply-accumulates; the paper's "GFLOPs").
+"""The cost model (docs/method.md §5), in GMAC (multiply-accumulates; the paper's "GFLOPs").
 
 Per-part costs are measured from the configured graph with ``torch.utils.flop_counter``
 (which counts 2 FLOPs per MAC), at batch 1, and stored in the checkpoint and manifest.
@@ -37,7 +37,7 @@ def measure_part_costs(model, parts: Sequence[str] = PART_NAMES) -> dict[str, fl
 
 
 def step_costs(costs: dict[str, float]) -> dict[str, float]:
-    """What one step costs per tier (HMS_SPEC.md 5): base, appearance extra, motion extra."""
+    """What one step costs per tier (docs/method.md §5): base, appearance extra, motion extra."""
     return {
         "base": costs["audio_backbone"] + costs["audio_cell"] + costs["appearance_gate"],
         "appearance": costs["appearance_backbone"] + costs["appearance_cell"] + costs["motion_gate"],
@@ -61,7 +61,7 @@ def dense_cost(costs: dict[str, float], steps: int) -> float:
 
 
 class BudgetLedger:
-    """GMAC spent per video under the test-time budget rule (HMS_SPEC.md 5), for N videos.
+    """GMAC spent per video under the test-time budget rule (docs/method.md §5), for N videos.
 
     With ``used`` the work launched so far for a video, ``head`` the head's cost and B
     the budget: a step starts only if ``used + base + head <= B``; a modality whose gate

@@ -1,4 +1,4 @@
-"""Classification metrics (HMS_SPEC.md 6): mAP, per-class AP, top-1 accuracy.
+"""Classification metrics (docs/method.md §6): mAP, per-class AP, top-1 accuracy.
 
 Average precision of one class, from scores ``s`` and 0/1 targets ``y`` with ``P > 0``
 positives. Thresholds are the *distinct* scores in decreasing order (tied scores form one

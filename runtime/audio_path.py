@@ -1,4 +1,4 @@
-"""The audio path (HMS_SPEC.md 2): audio backbone on log-mel patches, then the aLSTM.
+"""The audio path (docs/method.md §2): audio backbone on log-mel patches, then the aLSTM.
 
 It never depends on a gate, so the scheduler and the dense baselines run it ahead of the
 gated steps, for many steps and videos at once, with this one function.

@@ -1,4 +1,4 @@
-"""Per-video input checks and the no-audio fallback (HMS_SPEC.md 9), for the scheduler.
+"""Per-video input checks and the no-audio fallback (docs/method.md §9), for the scheduler.
 
 **No audio track.** The gates read the audio LSTM's state; without audio it never
 changes, so the learned gates would give one fixed answer for every silent video. A

@@ -360,7 +360,7 @@ def part_record(
 
 
 def preprocessing(config: HMSConfig) -> dict[str, Any]:
-    """What a runtime needs to turn a video into part inputs (HMS_SPEC.md 1), from the config."""
+    """What a runtime needs to turn a video into part inputs (docs/method.md §1), from the config."""
     fe = config.front_end
     vis = {}
     for modality, layout, input_name in (

@@ -2,11 +2,11 @@
 
 Policy strings (``hms-run --policy``, ``Session.classify(policy=...)``):
 
-- ``learned`` (default): the exported gates decide (HMS_SPEC.md 3).
+- ``learned`` (default): the exported gates decide (docs/method.md §3).
 - ``dense``: appearance and motion on every step.
 - ``audio-only``: never appearance, never motion.
 - ``dense-appearance``: appearance on every step, motion by its learned gate (the
-  default no-audio policy, :mod:`hms_deploy.runtime.checks`; HMS_SPEC.md 9).
+  default no-audio policy, :mod:`hms_deploy.runtime.checks`; docs/method.md §9).
 - ``every:KI[,KM]``: appearance where ``t % KI == 0``; motion where ``t % KM == 0`` and
   appearance ran (KM defaults to KI). ``every:1`` is ``dense``.
 - ``rates:PI,PM[,SEED]``: seeded pseudo-random decisions: exactly ``round(PI * T)``

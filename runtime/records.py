@@ -1,6 +1,6 @@
-"""The record of one classified video: the dict ``hms-run --json`` prints (INTERFACES.md).
+"""The record of one classified video: the dict ``hms-run --json`` prints (docs/record.md).
 
-Fields beyond INTERFACES.md are listed in :mod:`hms_deploy.runtime.session`.
+Fields beyond the documented ones are listed in :mod:`hms_deploy.runtime.session`.
 """
 
 from __future__ import annotations

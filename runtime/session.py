@@ -1,6 +1,6 @@
 """The Python inference API: open an export (or a checkpoint) once, classify many videos.
 
-Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
+Every result is the same dict that ``hms-run --json`` prints (docs/record.md)::
 
     from hms_deploy.runtime import Session
 
@@ -50,11 +50,11 @@ a failed video yields ``{"video": ..., "error": "one line"}`` and the rest go on
 (records then carry the batch's timing and engine-call counts); if one video of a batch
 fails, the others are rerun one by one.
 
-Record fields beyond INTERFACES.md (additions, never changes):
+Record fields (docs/record.md; additions, never changes):
 
 - ``checkpoint``: sha256 of the checkpoint file (torch engine only; ``export`` is null
   there, as the record has no export).
-- ``warnings`` (INTERFACES.md): a list of one-line remarks (a fallback used, a truncated
+- ``warnings`` (docs/record.md): a list of one-line remarks (a fallback used, a truncated
   file classified, steps that outnumber distinct frames or audio patches); ``fallback``:
   ``"no_audio"`` when the no-audio policy replaced the gates, else null.
 - ``partial``: ``true`` on the running records of ``online`` mode (absent otherwise).
@@ -74,7 +74,6 @@ Record fields beyond INTERFACES.md (additions, never changes):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -84,17 +83,10 @@ from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
+from hms_deploy.runtime.manifest import sha256_file
 from hms_deploy.runtime.options import DEFAULT_APPEARANCE_BATCH, RunOptions, resolve_options
 from hms_deploy.runtime.policy import Policy
 from hms_deploy.runtime.scheduler import engine_stream, run_batch
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Session:
@@ -129,7 +121,7 @@ class Session:
         self.engine_set: EngineSet = open_engine_set(
             engine, engines_dir=engines_dir, checkpoint=checkpoint, device=device, **engine_options
         )
-        self.checkpoint_sha256 = _sha256(checkpoint) if engine == "torch" and checkpoint else None
+        self.checkpoint_sha256 = sha256_file(checkpoint) if engine == "torch" and checkpoint else None
         self._open = False
         self._stream: object = None
 

@@ -154,7 +154,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     options = {}
-    if engine == "trt":  # plans missing from DIR are built once on first use (INTERFACES.md)
+    if engine == "trt":  # plans missing from DIR are built once on first use (docs/export.md)
         from hms_deploy.export import add_trt_plans
 
         options["build_plans"] = add_trt_plans

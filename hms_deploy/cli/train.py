@@ -23,7 +23,7 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
               help="early_fusion: '+'-joined subset of A (audio), I (appearance), M (motion).")
 @click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto",
               show_default=True,
-              help="Defaults of --epochs/--lr/--lr-decay/--lambda: 'paper' (HMS_SPEC: 30 "
+              help="Defaults of --epochs/--lr/--lr-decay/--lambda: 'paper' (docs/method.md §4: 30 "
                    "epochs, lr 1e-4 x0.92/epoch, lambda 2; for large datasets), 'small' (60 "
                    "epochs, early fusion 40; lr 1e-3 x0.97/epoch; lambda 5; learns on a few "
                    "hundred videos); 'auto': small below 2000 training videos. Options given "

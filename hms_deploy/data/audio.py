@@ -1,4 +1,4 @@
-"""The VGGish log-mel front end and the per-step 96 x 64 audio patches (HMS_SPEC.md 1).
+"""The VGGish log-mel front end and the per-step 96 x 64 audio patches (docs/method.md §1).
 
 Geometry (defaults of :class:`~hms_deploy.config.AudioFrontEnd`): 16 kHz mono; frame ``i``
 covers samples ``[i * 160, i * 160 + 400)`` (25 ms, 10 ms hop, no centring), so a

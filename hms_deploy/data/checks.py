@@ -1,4 +1,4 @@
-"""Input checks for inputs the paper never sees (HMS_SPEC.md 9), from a probe alone.
+"""Input checks for inputs the paper never sees (docs/method.md §9), from a probe alone.
 
 - **Not a video**: an input whose video stream has fewer than two frames (an image, a
   PNG renamed ``.mp4``) is refused: :func:`require_video`.

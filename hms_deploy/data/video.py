@@ -1,6 +1,6 @@
 """Video probing, timestamp-aligned audio, and decode-on-demand of the frames steps need.
 
-Conventions (HMS_SPEC.md 1): every time is in seconds relative to the presentation time
+Conventions (docs/method.md §1): every time is in seconds relative to the presentation time
 of the first video frame; frames are identified by their index in presentation (pts)
 order, ``0 .. len(info.frame_times) - 1``. Frames are returned as uint8 RGB ``(H, W, 3)``
 with the container's display rotation already applied.

@@ -1,5 +1,5 @@
 """``hms-eval`` as a library: metrics, costs, usage and the test-time budget curve
-(HMS_SPEC.md 5-6) of a checkpoint on a feature store."""
+(docs/method.md §5-§6) of a checkpoint on a feature store."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Predictions over stored features: HMS (argmax decisions), HMS under a GMAC budget, and
-early-fusion baselines, with the GMAC each video used (HMS_SPEC.md 5).
+early-fusion baselines, with the GMAC each video used (docs/method.md §5).
 
 The budgeted forward is :func:`hms_deploy.gating.gated_step` over :class:`BudgetStepOps`,
 a :class:`~hms_deploy.model.hms.FeatureStepOps` whose ``decide_*`` veto a firing gate
@@ -53,7 +53,7 @@ def _hms_gmacs(costs: dict[str, float], steps: np.ndarray, g_i: np.ndarray,
 def predict_hms(model: HMS, source: FeatureSource, costs: dict[str, float],
                 batch_size: int = 64) -> Predictions:
     """Argmax decisions over all T steps, via the masked forward (same logits as the
-    skipping reference, HMS_SPEC.md 3)."""
+    skipping reference, docs/method.md §3)."""
     model.eval()
     scores, gi, gm = [], [], []
     for _, feats, _ in source.batches(batch_size):

@@ -7,7 +7,7 @@ hash still matches the feature store), and its own weights under the prefix
 ``early_fusion.``. It can be trained (``hms-train --policy early_fusion``) and evaluated
 (``hms-eval``), not exported or run (:meth:`Checkpoint.build_model` refuses it).
 
-Cost (GMAC per video, HMS_SPEC.md 5 conventions): every step runs the subset's backbone
+Cost (GMAC per video, docs/method.md §5 conventions): every step runs the subset's backbone
 parts (encoder + projection, ``costs["<modality>_backbone"]``) and the fusion LSTM cell;
 the head runs once: ``T * (sum of backbone parts + early_fusion_cell) + early_fusion_head``.
 """

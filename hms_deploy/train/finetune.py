@@ -1,4 +1,4 @@
-"""Fine-tuning backbones on the target data: the separate, earlier step of HMS_SPEC.md 8.
+"""Fine-tuning backbones on the target data: the separate, earlier step of docs/method.md §8.
 
 HMS trains on frozen features, so the backbones must already produce discriminative
 features for the target classes (the paper fine-tunes its ImageNet/Kinetics backbones on

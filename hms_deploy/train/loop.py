@@ -1,4 +1,4 @@
-"""Training on frozen features (HMS_SPEC.md 4): HMS or an early-fusion baseline.
+"""Training on frozen features (docs/method.md §4): HMS or an early-fusion baseline.
 
 Only projections, cells, gates and head are trained; the encoders of the source
 checkpoint are carried into the output unchanged. Features are standardised per
@@ -39,7 +39,7 @@ POLICIES = ("hms", "early_fusion")
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``hms-train`` (defaults: HMS_SPEC.md 4)."""
+    """Hyper-parameters of ``hms-train`` (defaults: docs/method.md §4)."""
 
     policy: str = "hms"
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))

@@ -1,6 +1,6 @@
 """Named training settings for ``hms-train`` (``--preset``), and the small-validation check.
 
-- ``paper``: HMS_SPEC.md 4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
+- ``paper``: docs/method.md §4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
   1e-4 decayed by 0.92 per epoch, 30 epochs, usage weight lambda 2), made for tens of
   thousands of videos (FCVID, ActivityNet). On a few hundred videos it barely moves
   from its initialisation in 30 epochs (36 synthetic videos: top-1 0.167, chance; after
