@@ -139,12 +139,11 @@ class TinySlowFast(nn.Module):
     (1/4 width) with a temporal kernel of 3, like SlowFast's channel ratio.
 
     The fast pathway's first convolution starts as :func:`motion_filters` (everything
-    else is PyTorch's default random init, drawn as before). ``tiny`` has no pretrained
-    weights, and a random 8-channel first layer is rarely direction-selective: on the
-    synthetic study's left/right-drift classes the motion fine-tune then stalled at
-    0.71-0.87 validation step accuracy on two seeds of five (seeds 1, 2; 18 s epochs, no
-    progress over 7 epochs), and reached 0.979 / 0.992 from this start (measured in the
-    study's setting; figures per seed in ``benchmarks/results/synthetic_quality.json``).
+    else is PyTorch's default random init). ``tiny`` has no pretrained weights, and a
+    random 8-channel first layer is rarely direction-selective, so fine-tuning the motion
+    encoder on classes that differ only in drift direction can stall; starting from
+    direction-selective filters it does not (figures per seed in
+    ``benchmarks/results/synthetic_quality.json``).
     Pretrained SlowFast (``paper``) learns such filters in its first fast layer from
     Kinetics; this stands in for that pretraining. The filters are trained like any
     other weight.

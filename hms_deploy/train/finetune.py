@@ -15,13 +15,13 @@ few random steps per video and epoch (:mod:`hms_deploy.train.step_classifier`):
   motion encoder on left vs right drift);
 - ``head="separate"``: one classifier per fine-tuned modality over its own feature.
 
-The schedule (measured on the synthetic study, see :class:`FinetuneConfig`): Adam with
+The schedule (:class:`FinetuneConfig`): Adam with
 a cosine learning-rate decay over ``epochs``, validation single-step accuracy after
 every epoch, early stopping (``patience`` epochs without improvement, or
 ``stop_accuracy`` reached) and the best validation epoch's weights kept. Afterwards
 BatchNorm statistics of the fine-tuned encoders are recomputed with the kept weights,
 the classifier is dropped, and a new checkpoint is returned whose encoders of those
-modalities are the fine-tuned ones. The graph is unchanged, so the measured part costs
+modalities are the fine-tuned ones. The graph is unchanged, so the part costs
 are too; projections, cells, gates and head are kept as they were (train them
 afterwards, on features extracted with the new encoders).
 """

@@ -24,8 +24,7 @@ tests' TensorRT emulator runs this exact code on CPU with deferred execution.
 
 No CUDA graphs: at the sizes HMS runs (one launch per part and step) a graph would save
 a few microseconds of launch per call but needs a static output set per N plus a copy
-to keep the engine contract's output lifetime; an unmeasured path was removed rather
-than shipped untested.
+to keep the engine contract's output lifetime.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ backend needs on a machine like this one (README.md, "Online serving"):
   (its bundled libcudart);
 - the stub's embedded Python ignores ``PYTHONPATH`` and finds its prefix through the
   first ``python3`` on ``PATH``: with none from a virtual environment it runs the *base*
-  interpreter with the base interpreter's packages (measured here: the base numpy 2.4
-  garbles every BYTES input of the stub, each byte read as the first one). ``PATH``
+  interpreter with the base interpreter's packages (whose numpy may not read the
+  stub's BYTES inputs correctly). ``PATH``
   therefore starts with this interpreter's folder, so the stub runs in this
   environment (its ``pyvenv.cfg``, its site-packages and ``.pth`` files);
 - a shared-memory region name of its own for the stubs (``shm-region-prefix-name``):
   the default name is the same for every ``tritonserver`` on the machine (PyTriton
-  sets a unique one for the same reason; not measured here).
+  sets a unique one for the same reason).
 
 ``python -m hms_deploy.runtime.serve.launch REPO [--host H] [--http-port P] ...`` execs
 the server (what a repository's ``launch.sh`` runs); :class:`TritonProcess` is the same
