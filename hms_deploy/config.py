@@ -88,7 +88,8 @@ class HMSConfig:
     def backbone(self, modality: str) -> BackboneConfig:
         if modality not in MODALITIES:
             raise ConfigError(f"unknown modality {modality!r}, expected one of {MODALITIES}")
-        return getattr(self, modality)
+        backbone: BackboneConfig = getattr(self, modality)
+        return backbone
 
     @property
     def hidden(self) -> dict[str, int]:

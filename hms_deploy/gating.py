@@ -82,7 +82,9 @@ class GatedState:
         cls, n: int, hidden_appearance: int, hidden_motion: int, *,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> GatedState:
-        z = lambda h: torch.zeros(n, h, device=device, dtype=dtype)
+        def z(h: int) -> Tensor:
+            return torch.zeros(n, h, device=device, dtype=dtype)
+
         return cls(z(hidden_appearance), z(hidden_appearance), z(hidden_motion), z(hidden_motion))
 
 

@@ -84,8 +84,8 @@ def import_ray(*, loopback: bool | None = None) -> Any:
         ) from None
     if loopback is not None:
         # Ray reads the switch once, at import: set the constant too if it was imported before.
-        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(
-            LOOPBACK_ENV, not ray_constants.IS_WINDOWS_OR_OSX)
+        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(  # type: ignore[attr-defined,no-untyped-call]
+            LOOPBACK_ENV, not ray_constants.IS_WINDOWS_OR_OSX)  # a private Ray helper, untyped
     return ray
 
 

@@ -10,12 +10,8 @@ echo "== ruff"
 ruff check hms_deploy export runtime benchmarks tests
 echo "== lint-imports (layers cli -> export -> runtime -> core; no import cycles)"
 bash scripts/lint_imports.sh
-echo "== mypy (TensorRT code against tensorrt-stubs, patched so that mypy reads them)"
-python tests/trt_stubs.py build/trt-stubs
-MYPYPATH=build/trt-stubs mypy --strict --follow-imports=silent \
-  export/tensorrt.py runtime/trt_plan.py runtime/backends/trt.py runtime/bindings.py \
-  runtime/engine.py runtime/streams.py runtime/backends/onnx.py hms_deploy/dtypes.py \
-  runtime/plan_cache.py hms_deploy/transfer.py
+echo "== mypy --strict (hms_deploy, export, runtime; see scripts/typecheck.sh)"
+bash scripts/typecheck.sh
 echo "== pytest"
 marks="not slow"
 [ "${HMS_SLOW:-0}" = "1" ] && marks=""

@@ -72,7 +72,7 @@ def test_every_cited_doc_and_section_exists():
             if not page.exists() and m.group(1) == "README.md":
                 continue
             assert page.is_file(), f"{src.relative_to(ROOT)}: cites missing docs/{m.group(1)}"
-            headings = set(re.findall(r"^## (\d+)\.", page.read_text(), flags=re.M))
+            headings = set(re.findall(r"^## (\d+)\.", page.read_text(), flags=re.MULTILINE))
             for section in re.findall(r"§(\d+)", m.group(2)):
                 assert section in headings, f"{src.relative_to(ROOT)}: docs/{m.group(1)} has no §{section}"
                 cited += 1

@@ -45,7 +45,7 @@ class VideoFeatures:
     feats: dict[str, np.ndarray]
 
 
-def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> VideoInputs:
+def prepare_video(path: str | os.PathLike[str], config: HMSConfig, steps: int) -> VideoInputs:
     """Decode one video into the inputs of all ``steps`` steps (docs/method.md §1):
     :meth:`VideoInputs.decode_all`. Raises :class:`~hms_deploy.errors.VideoError` for a
     file that cannot be decoded, is not a video or is truncated (:mod:`hms_deploy.data.checks`)."""
@@ -234,7 +234,7 @@ class ExtractReport:
 def extract(
     ckpt: Any,
     dataset: Any,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     *,
     steps: int | None = None,
     workers: int = 1,

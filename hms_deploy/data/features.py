@@ -96,7 +96,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 class FeatureStore:
     """Read (and, with :meth:`open_for_writing`, append to) a feature store directory."""
 
-    def __init__(self, root: str | os.PathLike, *, _writer: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, _writer: bool = False) -> None:
         self.root = Path(root)
         meta_path = self.root / "store.json"
         if not meta_path.is_file():
@@ -217,7 +217,7 @@ class FeatureStore:
 
     # -- writing ----------------------------------------------------------------------
     @classmethod
-    def open_for_writing(cls, root: str | os.PathLike, meta: StoreMeta) -> FeatureStore:
+    def open_for_writing(cls, root: str | os.PathLike[str], meta: StoreMeta) -> FeatureStore:
         """Create the store or reopen it to resume; refuses a store with other metadata.
 
         Takes an exclusive lock (``.lock``; a second writer fails), drops a torn index
@@ -387,6 +387,6 @@ def _unlock(lock: OutputLock) -> None:
     lock.release()
 
 
-def open_store(root: str | os.PathLike) -> FeatureStore:
+def open_store(root: str | os.PathLike[str]) -> FeatureStore:
     """Open a store for reading (:class:`DatasetError` if it is not one)."""
     return FeatureStore(root)

@@ -203,6 +203,8 @@ class _Normalize(nn.Module):
         super().__init__()
         shape = (1, 3) + (1,) * (ndim - 2)
         scale = torch.tensor(std, dtype=torch.float32).reshape(shape) * 255.0
+        self.mean255: torch.Tensor
+        self.scale255: torch.Tensor
         self.register_buffer("mean255", torch.tensor(mean).reshape(shape) * 255.0, False)
         self.register_buffer("scale255", scale, False)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"hms": {}, "early_fusion": {}},
@@ -52,7 +53,7 @@ def preset_values(name: str, policy: str) -> dict[str, Any]:
     return dict(PRESETS[name][policy])
 
 
-def small_validation_warning(labels: np.ndarray, class_names: list[str]) -> str | None:
+def small_validation_warning(labels: NDArray[np.int64], class_names: list[str]) -> str | None:
     """A one-line warning when the validation set (``labels``: class index per video) has
     fewer than :data:`MIN_VAL_VIDEOS` videos or a class with fewer than
     :data:`MIN_VAL_VIDEOS_PER_CLASS`; else None."""

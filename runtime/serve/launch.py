@@ -191,7 +191,7 @@ class TritonProcess:
         url = f"http://{self.ends.http_url}/v2/models/{MODEL_NAME}/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 
