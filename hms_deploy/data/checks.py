@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.data.audio import center_frames
 from hms_deploy.errors import VideoError
@@ -110,7 +111,7 @@ def decodable_part(info: Any) -> Any:
 
 
 def distinct_input_warnings(
-    steps: int, appearance_indices: np.ndarray, centers_s: np.ndarray, front_end: Any,
+    steps: int, appearance_indices: NDArray[np.int64], centers_s: NDArray[np.float64], front_end: Any,
     duration_s: float, *, has_audio: bool,
 ) -> list[str]:
     """Warnings when T exceeds the distinct frames, or the distinct audio patches, it samples.

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from hms_deploy.config import MODALITIES
 from hms_deploy.data.store_meta import (  # noqa: F401 - part of this module's API
@@ -119,7 +120,7 @@ class FeatureStore:
         self._slots: dict[int, int] = {}  # shard -> indexed slots
         for r in self.records:
             self._slots[r.shard] = max(self._slots.get(r.shard, 0), r.slot + 1)
-        self._maps: dict[tuple[str, int], np.memmap] = {}
+        self._maps: dict[tuple[str, int], np.memmap[Any, np.dtype[np.floating[Any]]]] = {}
         self._writer = _writer
         self._lock_fd: OutputLock | None = None
         self._superseded = 0  # index lines superseded in this session (compacted on close)
@@ -165,11 +166,11 @@ class FeatureStore:
     def keys(self) -> list[str]:
         return [r.key for r in self.records]
 
-    def label_indices(self) -> np.ndarray:
+    def label_indices(self) -> NDArray[np.int64]:
         """``(N,)`` int64 class index of every record, in index order."""
         return np.array([r.label_index for r in self.records], dtype=np.int64)
 
-    def _map(self, modality: str, shard: int) -> np.memmap:
+    def _map(self, modality: str, shard: int) -> np.memmap[Any, np.dtype[np.floating[Any]]]:
         key = (modality, shard)
         slots = self._slots[shard]
         m = self._maps.get(key)
@@ -183,14 +184,14 @@ class FeatureStore:
 
     def read(
         self,
-        indices: Sequence[int] | np.ndarray | None = None,
+        indices: Sequence[int] | NDArray[np.int64] | None = None,
         modalities: Iterable[str] | None = None,
-        dtype: str | np.dtype = np.float32,
-    ) -> dict[str, np.ndarray]:
+        dtype: DTypeLike = np.float32,
+    ) -> dict[str, NDArray[np.floating[Any]]]:
         """Features of records ``indices`` (all if None): ``{modality: (n, T, D)}`` in ``dtype``."""
         idx = np.arange(len(self.records)) if indices is None else np.asarray(indices, np.int64)
         mods = tuple(modalities) if modalities is not None else self.modalities
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, NDArray[np.floating[Any]]] = {}
         for m in mods:
             if m not in self.meta.dims:
                 raise DatasetError(f"{self.root}: store has no {m!r} features")
@@ -292,7 +293,7 @@ class FeatureStore:
             return shard, self._slots[shard]
         return shard + 1, 0
 
-    def write_features(self, feats: dict[str, np.ndarray]) -> tuple[int, int]:
+    def write_features(self, feats: dict[str, NDArray[np.float32]]) -> tuple[int, int]:
         """Append one video's features (not yet indexed) and fsync; returns (shard, slot).
 
         ``feats[modality]`` is (T, D). Call :meth:`commit` with the returned position to
@@ -343,7 +344,7 @@ class FeatureStore:
         self._slots[rec.shard] = max(self._slots.get(rec.shard, 0), rec.slot + 1)
         return rec
 
-    def add(self, *, feats: dict[str, np.ndarray], **fields: Any) -> VideoRecord:
+    def add(self, *, feats: dict[str, NDArray[np.float32]], **fields: Any) -> VideoRecord:
         """:meth:`write_features` then :meth:`commit`."""
         shard, slot = self.write_features(feats)
         return self.commit(shard=shard, slot=slot, **fields)
