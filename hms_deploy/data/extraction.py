@@ -21,16 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.config import MODALITIES, HMSConfig
-from hms_deploy.data.features import (
-    DEFAULT_SHARD_SIZE,
-    DTYPES,
-    FeatureStore,
-    StoreMeta,
-    backbone_hash,
-)
+from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.inputs import VideoInputs
+from hms_deploy.data.store_meta import DEFAULT_SHARD_SIZE, DTYPES, StoreMeta, backbone_hash
 from hms_deploy.errors import DatasetError, first_line
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
@@ -42,7 +38,7 @@ class VideoFeatures:
 
     duration_s: float
     has_audio: bool
-    feats: dict[str, np.ndarray]
+    feats: dict[str, NDArray[np.float32]]
 
 
 def prepare_video(path: str | os.PathLike[str], config: HMSConfig, steps: int) -> VideoInputs:
@@ -52,10 +48,10 @@ def prepare_video(path: str | os.PathLike[str], config: HMSConfig, steps: int) -
     from hms_deploy.data.checks import check_truncation, require_video
     from hms_deploy.data.video import probe
 
-    info = probe(path)
+    info = probe(Path(path))
     require_video(info)  # docs/method.md §9: no features of an image or of a truncated file
     check_truncation(info)
-    return VideoInputs(path, config, steps, info=info).decode_all()
+    return VideoInputs(Path(path), config, steps, info=info).decode_all()
 
 
 def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +69,7 @@ def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, A
 
 def encode_video(
     encoders: dict[str, Any], inputs: VideoInputs, batch_size: int = 16
-) -> dict[str, np.ndarray]:
+) -> dict[str, NDArray[np.float32]]:
     """Raw features of one video: ``{modality: (T, D) float32}``, in chunks of ``batch_size`` steps.
 
     Chunks depend only on T and ``batch_size``, so a video's features do not depend on
@@ -81,8 +77,9 @@ def encode_video(
     """
     import torch
 
+    assert inputs.mel is not None and inputs.frames is not None  # decoded (decode_all)
     steps = inputs.mel.shape[0]
-    out: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
+    out: dict[str, list[NDArray[np.float32]]] = {m: [] for m in MODALITIES}
     with torch.inference_mode():
         for a in range(0, steps, batch_size):
             s = slice(a, min(a + batch_size, steps))
@@ -163,7 +160,7 @@ def iter_inputs(
         return
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        window: list[tuple[Any, cf.Future]] = []
+        window: list[tuple[Any, cf.Future[tuple[str, VideoInputs | None, str | None]]]] = []
         it = iter(entries)
         try:
             while True:
@@ -339,7 +336,7 @@ def extract(
                          warnings)
 
 
-def _float16_warnings(feats: dict[str, np.ndarray]) -> list[str]:
+def _float16_warnings(feats: dict[str, NDArray[np.float32]]) -> list[str]:
     """Modalities whose typical |feature| is below float16's smallest normal number
     (6.1e-5), where float16 storage keeps only a few significant bits (e.g. random-init
     EfficientNet-B3 features, ~1e-5)."""

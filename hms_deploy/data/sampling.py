@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data.audio import audio_patches as _audio_patches
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from hms_deploy.data.video import FrameSource, VideoInfo
 
 
-def step_centers(duration_s: float, steps: int) -> np.ndarray:
+def step_centers(duration_s: float, steps: int) -> NDArray[np.float64]:
     """Centre time of each step: ``tau_t = (t + 0.5) * duration_s / steps``.
 
     Returns ``(steps,)`` float64 seconds. Raises :class:`ConfigError` for ``steps < 1``
@@ -37,7 +37,7 @@ def step_centers(duration_s: float, steps: int) -> np.ndarray:
     return (np.arange(int(steps), dtype=np.float64) + 0.5) * (float(duration_s) / int(steps))
 
 
-def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
+def clip_offsets(clip: MotionClip | None = None) -> NDArray[np.float64]:
     """Offsets of the clip's timestamps from its centre: ``(k - (frames - 1) / 2) * stride_s``.
 
     For the default clip: ``(k - 15.5) * 2/30`` s, k = 0..31; ``(frames,)`` float64.
@@ -50,7 +50,7 @@ def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
     return (np.arange(clip.frames, dtype=np.float64) - (clip.frames - 1) / 2.0) * clip.stride_s
 
 
-def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> np.ndarray:
+def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> NDArray[np.float64]:
     """Timestamps of the motion clip(s) centred at ``tau``.
 
     Args:
@@ -60,10 +60,11 @@ def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> np.ndarray:
         clamped to the video (:func:`nearest_frames` clamps).
     """
     tau = np.asarray(tau, dtype=np.float64)
-    return tau[..., None] + clip_offsets(clip)
+    times: NDArray[np.float64] = tau[..., None] + clip_offsets(clip)
+    return times
 
 
-def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray:
+def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> NDArray[np.int64]:
     """Index of the decoded frame whose presentation time is nearest each query time.
 
     Args:
@@ -143,7 +144,7 @@ class StepSampler:
             raise IndexError(f"step {t} is outside [0, {self.steps})")
         return int(t)
 
-    def _steps(self, steps: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    def _steps(self, steps: Sequence[int] | NDArray[np.int64] | None) -> NDArray[np.int64]:
         if steps is None:
             return np.arange(self.steps)
         s = np.asarray(steps, dtype=np.int64).reshape(-1)
@@ -151,11 +152,12 @@ class StepSampler:
             raise IndexError(f"steps {s.tolist()} are not all inside [0, {self.steps})")
         return s
 
-    def motion_frame_indices(self, t: int) -> np.ndarray:
+    def motion_frame_indices(self, t: int) -> NDArray[np.int64]:
         """``(clip.frames,)`` int64 frame indices of step ``t``'s motion clip (time order)."""
-        return self.motion_indices[self._step(t)].copy()
+        idx: NDArray[np.int64] = self.motion_indices[self._step(t)].copy()
+        return idx
 
-    def audio_patches(self, waveform: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+    def audio_patches(self, waveform: NDArray[np.float64], sample_rate: int | None = None) -> NDArray[np.float32]:
         """``(T, 1, 96, 64)`` float32 log-mel patches of all steps from an aligned waveform.
 
         ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).
@@ -165,8 +167,8 @@ class StepSampler:
         return _audio_patches(logmel, self.centers, self.front_end)
 
     def appearance_inputs(
-        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
-    ) -> np.ndarray:
+        self, source: FrameSource, steps: Sequence[int] | NDArray[np.int64] | None = None
+    ) -> NDArray[np.uint8]:
         """``(len(steps), 3, crop, crop)`` uint8 RGB appearance inputs (all steps if None)."""
         idx = self.appearance_indices[self._steps(steps)]
         frames = source.read(idx)
@@ -174,11 +176,12 @@ class StepSampler:
         batch = resize_center_crop_batch(
             [frames[i] for i in uniq], self.appearance_resize, self.appearance_crop
         )
-        return batch[np.searchsorted(uniq, idx)]
+        out: NDArray[np.uint8] = batch[np.searchsorted(uniq, idx)]
+        return out
 
     def motion_inputs(
-        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
-    ) -> np.ndarray:
+        self, source: FrameSource, steps: Sequence[int] | NDArray[np.int64] | None = None
+    ) -> NDArray[np.uint8]:
         """``(len(steps), 3, clip.frames, crop, crop)`` uint8 RGB motion clips (all steps if None).
 
         Each distinct frame is decoded and resized once, even where clips overlap.
