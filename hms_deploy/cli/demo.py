@@ -19,6 +19,7 @@ and ends with the line ``demo: K/M correct``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -43,7 +44,7 @@ DEMO_STEPS = 8
 
 def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = DEMO_DURATION_S,
              seed: int = 0, workers: int = 1, engine: str = "onnx", quiet: bool = False,
-             echo=click.echo) -> tuple[int, int]:
+             echo: Callable[..., None] = click.echo) -> tuple[int, int]:
     """The demo's stages (see the module docstring); returns (correct, samples)."""
     import torch
 
@@ -142,7 +143,16 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @handle_errors("hms-demo")
-def main(out, per_class, duration, seed, workers, threads, quiet, debug):
+def main(
+    out: Path,
+    per_class: int,
+    duration: float,
+    seed: int,
+    workers: int,
+    threads: int,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Train a tiny HMS model on a small synthetic set in OUT, export it to ONNX, classify
     one new sample per class with the exported engines; last line: demo: K/M correct."""
     from hms_deploy.errors import ConfigError
