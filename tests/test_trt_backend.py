@@ -31,13 +31,7 @@ from engine_assets import export_dir, specs, torch_engine, trt_unavailable_reaso
 from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, PartSpec, random_inputs
 from hms_deploy.runtime.backends import trt as trt_backend
-from hms_deploy.runtime.backends.trt import (
-    TRT_MISSING,
-    TrtEngine,
-    require_cuda,
-    require_tensorrt,
-    trt_engines,
-)
+from hms_deploy.runtime.backends.trt import TRT_MISSING, TrtEngine, require_cuda, trt_engines
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -59,24 +53,6 @@ def test_without_tensorrt_the_backend_says_what_to_install(monkeypatch: pytest.M
     with pytest.raises(BackendUnavailable) as e:
         trt_engines(manifest(), torch.device("cuda", 0))
     assert str(e.value) == TRT_MISSING
-
-
-def test_one_tensorrt_check_for_the_runtime_and_the_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hms_deploy.export import tensorrt as export_trt
-
-    stubs_only = types.ModuleType("tensorrt")
-    monkeypatch.setitem(sys.modules, "tensorrt", stubs_only)
-    for check in (require_tensorrt, export_trt.check_available):
-        with pytest.raises(BackendUnavailable) as e:
-            check()
-        assert str(e.value) == TRT_MISSING
-    old = types.ModuleType("tensorrt")
-    old.Runtime = old.Builder = object  # type: ignore[attr-defined]
-    old.__version__ = "8.6.1"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tensorrt", old)
-    for check in (require_tensorrt, export_trt.check_available):
-        with pytest.raises(BackendUnavailable, match=r"^TensorRT 8\.6\.1 is too old \(10 or newer needed\): pip"):
-            check()
 
 
 def test_tensorrt_needs_a_cuda_device() -> None:
