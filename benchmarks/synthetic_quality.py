@@ -23,7 +23,7 @@ hms-eval):
    HMS mAP >= early-fusion mAP - 1 point at <= 60 % of its GMAC/video; motion-group
    classes run motion on >= 10 % of steps and >= 2x as often as audio-group classes.
 
-Tuning (the values in :class:`Settings`): with HMS_SPEC's defaults (lambda 2,
+Tuning (the values in :class:`Settings`): with docs/method.md §4's defaults (lambda 2,
 gamma_M 0.05) at T = 16 every video ran motion on exactly one step: one fine-tuned clip
 already tells left from right, and the *per-video* usage target gamma_M ~ 1/T makes one
 step almost free for every class, so usage did not depend on the class. A stronger usage

@@ -1,7 +1,8 @@
 """Export one part to ONNX, convert it to fp16, and check the graph.
 
 Every part is exported on the CPU in fp32 with torch's legacy TorchScript exporter
-(``torch.onnx.export(dynamo=False)``: 2-10x faster than the dynamo one, same ORT speed);
+(``torch.onnx.export(dynamo=False)``: it exports faster than the dynamo one, and the
+graphs run at the same speed);
 if that fails for a part, the dynamo exporter is tried and the manifest records which
 one produced the file. Inputs and outputs carry the names of :mod:`hms_deploy.parts`,
 every one has the symbolic batch axis ``"N"`` first (the example batch is 2, so no size

@@ -120,8 +120,8 @@ def _commit(staging: Path, out: Path) -> None:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike = "engines",
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str] = "engines",
     options: ExportOptions | None = None,
     *,
     log: Log | None = None,
@@ -226,7 +226,7 @@ def export_checkpoint(
 
 
 def add_trt_plans(
-    export_dir: str | os.PathLike,
+    export_dir: str | os.PathLike[str],
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     opt_batch: int | None = None,

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
@@ -71,7 +72,9 @@ class EngineRunner(BaseRunner):  # type: ignore[misc]
             meta.add(t.name, dtype=DataType.from_dtype(NUMPY_DTYPES[TORCH_DTYPES[t.dtype]], "numpy"), shape=("N", *t.shape))
         return meta
 
-    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    def infer_impl(
+        self, feed_dict: dict[str, NDArray[np.generic]]
+    ) -> OrderedDict[str, NDArray[np.generic]]:
         t0 = time.perf_counter()
         out = call_engine(self.engine, {k: torch.from_numpy(v) for k, v in feed_dict.items()})
         self.inference_time = time.perf_counter() - t0

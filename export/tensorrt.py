@@ -1,7 +1,7 @@
 """Build (and check) TensorRT plans from the exported ONNX parts.
 
 Written against the TensorRT 10 and 11 Python API (names that exist in both; see
-``TRT_NOTES.md``): no ``EXPLICIT_BATCH`` (flags 0), no implicit INT8, and the precision
+docs/tensorrt.md §1): no ``EXPLICIT_BATCH`` (flags 0), no implicit INT8, and the precision
 flags that 11 removed are only touched behind ``hasattr``. fp16 comes from the ONNX
 file (``hms-export --precision fp16`` converts it with fp32 I/O) and is built as a
 strongly typed network, which TensorRT 11 requires and 10.x supports.
@@ -12,10 +12,10 @@ directory (``trt_timing.cache``) reused across parts and rebuilds. The manifest 
 per plan, the TensorRT version, the GPU name and compute capability, flags, profile
 ranges and the sha256 of the ONNX file it was built from (:mod:`.trt_plan`).
 
-``import tensorrt`` happens only inside these functions: a missing TensorRT (or only
-``tensorrt-stubs`` installed, which makes ``import tensorrt`` succeed as an empty
-namespace package) raises :class:`~hms_deploy.errors.BackendUnavailable` with an install
-hint.
+``import tensorrt`` happens only inside these functions, after the runtime's
+:func:`~hms_deploy.runtime.backends.trt.require_tensorrt` (the one check: TensorRT >= 10,
+not only ``tensorrt-stubs``), which raises :class:`~hms_deploy.errors.BackendUnavailable`
+with an install hint.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hms_deploy.config import HMSConfig
 from hms_deploy.errors import BackendUnavailable, ExportError
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 from hms_deploy.runtime import manifest as mf
+from hms_deploy.runtime.backends.trt import require_tensorrt
+from hms_deploy.runtime.streams import CUDA
 from hms_deploy.runtime.trt_plan import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WORKSPACE_BYTES,
@@ -46,50 +47,21 @@ from hms_deploy.runtime.trt_plan import (
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL_HINT = (
-    "install TensorRT >= 10 for your CUDA version (pip install 'hms-deploy[gpu]', i.e. "
-    "tensorrt from NVIDIA's index) on a machine with an NVIDIA GPU"
-)
-
-
-def require_tensorrt() -> ModuleType:
-    """The real ``tensorrt`` module (>= 10), or :class:`BackendUnavailable`.
-
-    Callers then ``import tensorrt as trt`` themselves (so that mypy checks their calls
-    against the stubs).
-    """
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise BackendUnavailable(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
-    if not hasattr(tensorrt, "Builder"):
-        raise BackendUnavailable(f"TensorRT is not installed (only its type stubs are); {INSTALL_HINT}")
-    version = str(getattr(tensorrt, "__version__", "0"))
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < 10:
-        raise BackendUnavailable(f"TensorRT {version} is too old; {INSTALL_HINT}")
-    return tensorrt
-
-
-def gpu_info() -> tuple[str, tuple[int, int]]:
-    """(name, compute capability) of the current CUDA device, or :class:`BackendUnavailable`."""
+def gpu_info() -> tuple[tuple[int, int], str]:
+    """(compute capability, name) of the current CUDA device (the runtime's
+    :meth:`~hms_deploy.runtime.streams.DeviceStreams.gpu`), or :class:`BackendUnavailable`."""
     import torch
 
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False)")
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return torch.cuda.get_device_name(index), (int(major), int(minor))
+    return CUDA.gpu(torch.device("cuda", torch.cuda.current_device()))
 
 
 def check_available() -> dict[str, Any]:
     """TensorRT version, GPU name and compute capability; :class:`BackendUnavailable` if absent."""
-    trt_mod = require_tensorrt()
-    name, cc = gpu_info()
-    return {"tensorrt": str(trt_mod.__version__), "gpu": name, "compute_capability": f"{cc[0]}.{cc[1]}"}
+    version = require_tensorrt()
+    cc, name = gpu_info()
+    return {"tensorrt": version, "gpu": name, "compute_capability": f"{cc[0]}.{cc[1]}"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +97,7 @@ def build_plan(
     require_tensorrt()
     import tensorrt as trt_mod
 
-    gpu_name, cc = gpu_info()
+    cc, gpu_name = gpu_info()
     logger = trt_mod.Logger(trt_mod.Logger.WARNING)
     builder = trt_mod.Builder(logger)
     strongly_typed = options.precision == "fp16"

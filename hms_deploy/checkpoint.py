@@ -11,7 +11,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from hms_deploy.config import HMSConfig
 from hms_deploy.errors import CheckpointError, ConfigError, WeightsError, first_line
 from hms_deploy.version import __version__
+
+if TYPE_CHECKING:
+    from hms_deploy.model.hms import HMS
 
 FORMAT = "hms-deploy-checkpoint"
 FORMAT_VERSION = 1
@@ -56,7 +59,7 @@ class Checkpoint:
             "extra": self.extra,
         }
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> HMS:
         """The HMS model with these weights, in eval mode."""
         if self.policy != "hms":
             raise CheckpointError(
@@ -75,7 +78,7 @@ class Checkpoint:
         return model.eval()
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a torn checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint; every failure is a :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -185,7 +188,7 @@ def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
     return tuple(f"{h}." for h in heads) + ("blocks.6.proj.", "fc.", "classifier.", "head.fc.")
 
 
-def load_backbone_weights(net: nn.Module, path: str | os.PathLike, *, what: str) -> None:
+def load_backbone_weights(net: nn.Module, path: str | os.PathLike[str], *, what: str) -> None:
     """Load pretrained weights into a backbone net (timm model or SlowFast), in place.
 
     Classifier weights are dropped (the backbone ends at its pooled feature). A 3-channel
@@ -222,7 +225,7 @@ def init_checkpoint(
     config: HMSConfig,
     *,
     labels: list[str] | None = None,
-    weights: dict[str, str | os.PathLike | None] | None = None,
+    weights: dict[str, str | os.PathLike[str] | None] | None = None,
     seed: int = 0,
 ) -> Checkpoint:
     """An untrained checkpoint (random-init heads, optionally pretrained backbones)."""
@@ -252,7 +255,7 @@ def init_checkpoint(
     )
 
 
-def read_labels(path: str | os.PathLike) -> list[str]:
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: labels file not found")

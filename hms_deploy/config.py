@@ -17,7 +17,7 @@ MODALITIES = ("audio", "appearance", "motion")
 
 @dataclass(frozen=True)
 class AudioFrontEnd:
-    """The VGGish log-mel front end (HMS_SPEC.md 1)."""
+    """The VGGish log-mel front end (docs/method.md §1)."""
 
     sample_rate: int = 16000
     win_length: int = 400  # 25 ms periodic Hann window
@@ -51,7 +51,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class MotionClip:
-    """The SlowFast 8x8 clip geometry (HMS_SPEC.md 1)."""
+    """The SlowFast 8x8 clip geometry (docs/method.md §1)."""
 
     frames: int = 32
     stride_s: float = 2.0 / 30.0
@@ -88,7 +88,8 @@ class HMSConfig:
     def backbone(self, modality: str) -> BackboneConfig:
         if modality not in MODALITIES:
             raise ConfigError(f"unknown modality {modality!r}, expected one of {MODALITIES}")
-        return getattr(self, modality)
+        backbone: BackboneConfig = getattr(self, modality)
+        return backbone
 
     @property
     def hidden(self) -> dict[str, int]:
@@ -134,7 +135,7 @@ def paper_config(num_classes: int, *, steps: int = 128, motion_crop: int = 224) 
     return HMSConfig(
         variant="paper",
         num_classes=num_classes,
-        # EfficientNet-B3's timm pretrained_cfg: 300 px test size, but HMS_SPEC uses 224.
+        # EfficientNet-B3's timm pretrained_cfg: 300 px test size, but docs/method.md §1 uses 224.
         audio=BackboneConfig(arch="mobilenetv1_100", feat_dim=1024, proj_dim=512),
         appearance=BackboneConfig(
             arch="efficientnet_b3", feat_dim=1536, proj_dim=1024, crop=224, resize=256,

@@ -1,4 +1,4 @@
-"""The cost model (HMS_SPEC.md 5), in GMAC (multiply-accumulates; the paper's "GFLOPs").
+"""The cost model (docs/method.md §5), in GMAC (multiply-accumulates; the paper's "GFLOPs").
 
 Per-part costs are measured from the configured graph with ``torch.utils.flop_counter``
 (which counts 2 FLOPs per MAC), at batch 1, and stored in the checkpoint and manifest.
@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from torch.utils.flop_counter import FlopCounterMode
 
 from hms_deploy.parts import PART_NAMES, part_specs, random_inputs
 
+if TYPE_CHECKING:
+    from hms_deploy.config import HMSConfig
+    from hms_deploy.model.hms import HMS
+
 UNIT = "GMAC"
 
-def example_inputs(cfg, n: int = 1, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def example_inputs(cfg: HMSConfig, n: int = 1, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Random inputs for every part, batch ``n``: {part: {input name: tensor}}."""
     return {name: random_inputs(ps, n, seed=seed) for name, ps in part_specs(cfg).items()}
 
 
 @torch.no_grad()
-def measure_part_costs(model, parts: Sequence[str] = PART_NAMES) -> dict[str, float]:
+def measure_part_costs(model: HMS, parts: Sequence[str] = PART_NAMES) -> dict[str, float]:
     """GMAC per sample of each part, measured at batch 1 on the CPU."""
     model = model.eval()
     inputs = example_inputs(model.cfg)
-    costs = {}
+    costs: dict[str, float] = {}
     for name in parts:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -37,7 +43,7 @@ def measure_part_costs(model, parts: Sequence[str] = PART_NAMES) -> dict[str, fl
 
 
 def step_costs(costs: dict[str, float]) -> dict[str, float]:
-    """What one step costs per tier (HMS_SPEC.md 5): base, appearance extra, motion extra."""
+    """What one step costs per tier (docs/method.md §5): base, appearance extra, motion extra."""
     return {
         "base": costs["audio_backbone"] + costs["audio_cell"] + costs["appearance_gate"],
         "appearance": costs["appearance_backbone"] + costs["appearance_cell"] + costs["motion_gate"],
@@ -61,7 +67,7 @@ def dense_cost(costs: dict[str, float], steps: int) -> float:
 
 
 class BudgetLedger:
-    """GMAC spent per video under the test-time budget rule (HMS_SPEC.md 5), for N videos.
+    """GMAC spent per video under the test-time budget rule (docs/method.md §5), for N videos.
 
     With ``used`` the work launched so far for a video, ``head`` the head's cost and B
     the budget: a step starts only if ``used + base + head <= B``; a modality whose gate
@@ -82,34 +88,35 @@ class BudgetLedger:
         self.used = np.zeros(n, dtype=np.float64)
         self.vetoed = {"appearance": np.zeros(n, np.int64), "motion": np.zeros(n, np.int64)}
 
-    def fits(self, rows: np.ndarray, extra: float) -> np.ndarray:
+    def fits(self, rows: ArrayLike, extra: float) -> NDArray[np.bool_]:
         """bool (len(rows),): can each of these videos launch ``extra`` GMAC more?"""
-        rows = np.asarray(rows, dtype=np.int64)
+        idx = np.asarray(rows, dtype=np.int64)
         if self.budget is None:
-            return np.ones(rows.size, dtype=bool)
-        return self.used[rows] + extra + self.tiers["head"] <= self.budget * (1 + self.EPS)
+            return np.ones(idx.size, dtype=np.bool_)
+        ok: NDArray[np.bool_] = self.used[idx] + extra + self.tiers["head"] <= self.budget * (1 + self.EPS)
+        return ok
 
-    def start_step(self, rows: np.ndarray) -> np.ndarray:
+    def start_step(self, rows: ArrayLike) -> NDArray[np.int64]:
         """The videos of ``rows`` that can afford the next step's base cost, charged for it."""
-        rows = np.asarray(rows, dtype=np.int64)
-        ok = rows[self.fits(rows, self.tiers["base"])]
+        idx = np.asarray(rows, dtype=np.int64)
+        ok = idx[self.fits(idx, self.tiers["base"])]
         self.used[ok] += self.tiers["base"]
         return ok
 
-    def veto(self, tier: str, rows: np.ndarray, fired: np.ndarray) -> np.ndarray:
+    def veto(self, tier: str, rows: ArrayLike, fired: ArrayLike) -> NDArray[np.int64]:
         """Decisions int64 (len(rows),) after the budget: fired and affordable; charged."""
-        rows = np.asarray(rows, dtype=np.int64)
-        want = np.asarray(fired).astype(bool)
-        ok = want & self.fits(rows, self.tiers[tier])
-        self.vetoed[tier][rows[want & ~ok]] += 1
-        self.used[rows[ok]] += self.tiers[tier]
+        idx = np.asarray(rows, dtype=np.int64)
+        want = np.asarray(fired).astype(np.bool_)
+        ok = want & self.fits(idx, self.tiers[tier])
+        self.vetoed[tier][idx[want & ~ok]] += 1
+        self.used[idx[ok]] += self.tiers[tier]
         return ok.astype(np.int64)
 
-    def charge(self, rows: np.ndarray, tier: str) -> None:
+    def charge(self, rows: ArrayLike, tier: str) -> None:
         """Charge one unit of ``tier`` (e.g. ``head`` for an emitted prediction)."""
         self.used[np.asarray(rows, dtype=np.int64)] += self.tiers[tier]
 
-    def dense_steps_affordable(self, rows: np.ndarray, *, online: bool = False) -> int | None:
+    def dense_steps_affordable(self, rows: ArrayLike, *, online: bool = False) -> int | None:
         """How many more steps with every modality on all of ``rows`` can surely afford
         (None: unbounded); a runtime may compute the ungated audio path that far ahead."""
         if self.budget is None:

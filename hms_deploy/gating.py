@@ -1,4 +1,4 @@
-"""The ONE implementation of HMS decisions, hierarchy and hidden-state fusion (HMS_SPEC.md 2-3).
+"""The ONE implementation of HMS decisions, hierarchy and hidden-state fusion (docs/method.md §2-§3).
 
 Used by the masked training forward (:func:`masked_step`), by the skipping PyTorch
 reference and by every runtime (:func:`gated_step`, over a :class:`StepOps` that the
@@ -82,7 +82,9 @@ class GatedState:
         cls, n: int, hidden_appearance: int, hidden_motion: int, *,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> GatedState:
-        z = lambda h: torch.zeros(n, h, device=device, dtype=dtype)
+        def z(h: int) -> Tensor:
+            return torch.zeros(n, h, device=device, dtype=dtype)
+
         return cls(z(hidden_appearance), z(hidden_appearance), z(hidden_motion), z(hidden_motion))
 
 
@@ -185,7 +187,7 @@ def _device_rows(rows: Tensor, n: int, device: torch.device) -> Tensor | None:
 def gated_step(
     ops: StepOps, t: int, x_a: Tensor, h_a: Tensor, state: GatedState
 ) -> tuple[GatedState, Tensor, Tensor]:
-    """One step that really skips (HMS_SPEC.md 2, steps 2-5) for N videos in lockstep.
+    """One step that really skips (docs/method.md §2, steps 2-5) for N videos in lockstep.
 
     Only the rows whose gate fired are gathered into a sub-batch for a backbone and a
     cell; the others get the fusion copy. The motion gate is evaluated only on rows where

@@ -1,4 +1,4 @@
-"""Classification metrics (HMS_SPEC.md 6): mAP, per-class AP, top-1 accuracy.
+"""Classification metrics (docs/method.md §6): mAP, per-class AP, top-1 accuracy.
 
 Average precision of one class, from scores ``s`` and 0/1 targets ``y`` with ``P > 0``
 positives. Thresholds are the *distinct* scores in decreasing order (tied scores form one
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import DatasetError
 
@@ -35,7 +36,7 @@ class APResult:
         interpolated: whether the ActivityNet interpolated AP was used.
     """
 
-    per_class: np.ndarray
+    per_class: NDArray[np.float64]
     n_excluded: int
     interpolated: bool = False
 
@@ -46,7 +47,7 @@ class APResult:
         return float(valid.mean()) if valid.size else float("nan")
 
 
-def _as_arrays(scores: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(scores: object, labels: object) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Validate and return ``scores`` (N, C) float64 and one-hot targets (N, C) bool."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2:

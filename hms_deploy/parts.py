@@ -1,4 +1,4 @@
-"""The one table of HMS parts: names, inputs and outputs (INTERFACES.md, export layout).
+"""The one table of HMS parts: names, inputs and outputs (docs/export.md).
 
 Every part has a dynamic batch axis N first. Shapes here are per-sample (without N).
 The export, the manifest, the runtime's input checks and the cost model all read this.

@@ -8,14 +8,12 @@ that runs, so the steps that will run the appearance backbone are known before t
 starts. :class:`AppearanceAhead` then decodes the frames of the next steps that run it
 and computes their features in one ``appearance_backbone`` call, keeps the features on
 the device and serves ``appearance_feature(t, rows)`` from them. Batching pays where
-one frame cannot use the engine's parallelism: EfficientNet-B3 on 2 idle CPU cores
-takes ~28 ms per frame at batch 1 and ~17 ms per frame at batch 4 (issue 9); on one
-intra-op thread ~8 % less per frame at 2-8 frames per call, more at 16
-(benchmarks/results/appearance_batch_cpu_paper_onnx.md); on a GPU, one launch instead
-of k.
+one frame cannot use the engine's parallelism (a CPU with more cores than one frame
+keeps busy; on a GPU, one launch instead of k); the per-frame cost by batch size is in
+benchmarks/results/appearance_batch_cpu_paper_onnx.md.
 
 When it is used (:func:`appearance_ahead` returns None otherwise, and the scheduler
-runs today's step-by-step path unchanged):
+runs the step-by-step path):
 
 - ``RunSettings.appearance_batch`` >= 2 frames per call, and ``appearance_batch // N`` >=
   2 steps per video for N videos in lockstep (lockstep already batches N frames per
@@ -25,7 +23,7 @@ runs today's step-by-step path unchanged):
   veto can turn a planned 1 into 0;
 - no GATE entry in any video's appearance or motion plan. ``learned`` and
   ``dense-appearance`` (motion by its gate) keep the step-by-step path, so their gates
-  see exactly the features they saw before (bit-identical records); a motion gate on
+  see the same features as without read-ahead (bit-identical records); a motion gate on
   every step would end every chunk after one step anyway (below).
 
 ``online`` runs take it too: the head still runs after every step on that step's

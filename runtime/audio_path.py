@@ -1,4 +1,4 @@
-"""The audio path (HMS_SPEC.md 2): audio backbone on log-mel patches, then the aLSTM.
+"""The audio path (docs/method.md §2): audio backbone on log-mel patches, then the aLSTM.
 
 It never depends on a gate, so the scheduler and the dense baselines run it ahead of the
 gated steps, for many steps and videos at once, with this one function.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.timing import Timer
@@ -17,7 +18,7 @@ Tensor = torch.Tensor
 
 
 def run_audio_path(
-    es: EngineSet, mel: np.ndarray, state: tuple[Tensor, Tensor], *, audio_batch: int, timer: Timer,
+    es: EngineSet, mel: NDArray[np.float32], state: tuple[Tensor, Tensor], *, audio_batch: int, timer: Timer,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], int]:
     """``k`` steps of ``n`` videos from aLSTM state ``state`` = (h, c), each (n, H_a).
 

@@ -81,7 +81,7 @@ def bindable(part: str, name: str, x: torch.Tensor, *, device: torch.device, dty
 
 def new_stream(device: torch.device) -> torch.cuda.Stream:
     """A new non-default CUDA stream on ``device`` (the one stream an engine set runs on)."""
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+    return torch.cuda.Stream(device)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

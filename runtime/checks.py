@@ -1,4 +1,4 @@
-"""Per-video input checks and the no-audio fallback (HMS_SPEC.md 9), for the scheduler.
+"""Per-video input checks and the no-audio fallback (docs/method.md §9), for the scheduler.
 
 **No audio track.** The gates read the audio LSTM's state; without audio it never
 changes, so the learned gates would give one fixed answer for every silent video. A
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.data.checks import check_truncation, distinct_input_warnings, require_video
 from hms_deploy.data.inputs import VideoInputs
@@ -51,8 +52,8 @@ def parse_no_audio_policy(text: str | Policy | None) -> Policy | None:
 class VideoPlan:
     """What one video of a batch runs under, and what its record says about it."""
 
-    appearance: np.ndarray  # (T,) int64: 0/1 forced or GATE
-    motion: np.ndarray
+    appearance: NDArray[np.int64]  # (T,): 0/1 forced or GATE
+    motion: NDArray[np.int64]
     fallback: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -76,7 +77,7 @@ def probe_checked(path: str, *, allow_truncated: bool) -> tuple[ProbedVideo, lis
     return ProbedVideo(info, container), warnings
 
 
-def plan_before_audio(policy: Policy, steps: int) -> tuple[np.ndarray, np.ndarray] | None:
+def plan_before_audio(policy: Policy, steps: int) -> tuple[NDArray[np.int64], NDArray[np.int64]] | None:
     """The plan :func:`plan_video` will return, where it is known before the audio is
     decoded (a forced policy: the same decisions with or without audio), else None."""
     return policy.tier_plans(steps) if policy.forced else None

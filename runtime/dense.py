@@ -1,7 +1,7 @@
 """Baseline executors over an EngineSet: what HMS is measured against (``benchmarks/``).
 
 Both run the same decoded inputs through the same engines as the
-:class:`~hms_deploy.runtime.session.Session` and return the same record (INTERFACES.md
+:class:`~hms_deploy.runtime.session.Session` and return the same record (docs/record.md:
 ``hms-run --json`` keys, the same ``timing_ms`` keys and ``stats``), plus
 ``"executor"`` naming the baseline. Neither adds semantics: the stepping is
 :func:`hms_deploy.gating.gated_step` / :func:`hms_deploy.gating.masked_step`.
@@ -41,7 +41,6 @@ One video per call (N = 1); the EngineSet must be open (``with engine_set:``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,14 +304,3 @@ def classify_compute_then_mask(
     finally:
         feats.close()
 
-
-def expected_backbone_calls(
-    steps: int, batch: int, audio_batch: int | None = None
-) -> dict[str, int]:
-    """Backbone engine calls of either baseline for one video of ``steps`` steps."""
-    ab = batch if audio_batch is None else audio_batch
-    return {
-        "audio_backbone": math.ceil(steps / ab),
-        "appearance_backbone": math.ceil(steps / batch),
-        "motion_backbone": math.ceil(steps / batch),
-    }

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ def engines_from_checkpoint(checkpoint: str | Path, device: str = "cpu") -> Engi
 
 
 def engines_from_export(
-    engines_dir: str | Path, backend: str = "onnx", device: str = "cpu", **options: object
+    engines_dir: str | Path, backend: str = "onnx", device: str = "cpu", **options: Any
 ) -> EngineSet:
     """ONNX Runtime or TensorRT engines over an ``hms-export`` directory (hashes verified).
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.config import HMSConfig
 from hms_deploy.data.frame_source import FrameSource
@@ -49,18 +50,18 @@ class ContactSheet:
     ``gmac`` (steps,) cumulative GMAC; ``size_px`` = (width, height) of the PNG.
     """
 
-    canvas: np.ndarray
+    canvas: NDArray[np.uint8]
     strip_pixels: dict[str, list[tuple[int, int]]]
-    running_top1: np.ndarray
-    final_label_prob: np.ndarray
-    gmac: np.ndarray
+    running_top1: NDArray[np.float64]
+    final_label_prob: NDArray[np.float64]
+    gmac: NDArray[np.float64]
     size_px: tuple[int, int] = (0, 0)
     columns: int = COLUMNS
     rows: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _thumbnails(video: str, config: HMSConfig, steps: int, width: int) -> list[np.ndarray]:
+def _thumbnails(video: str, config: HMSConfig, steps: int, width: int) -> list[NDArray[np.uint8]]:
     from PIL import Image
 
     with FrameSource(video) as src:  # probes the video and reads the probe's container
@@ -80,8 +81,8 @@ def _thumb_width(video: str) -> int:
 
 
 def build_canvas(
-    thumbs: list[np.ndarray], decisions: dict[str, list[int]], has_audio: bool, T: int
-) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]], int, int]:
+    thumbs: list[NDArray[np.uint8]], decisions: dict[str, list[int]], has_audio: bool, T: int
+) -> tuple[NDArray[np.uint8], dict[str, list[tuple[int, int]]], int, int]:
     """The thumbnail grid with each step's A/I/M strip; (canvas, strip pixels, cols, rows)."""
     cols = min(T, COLUMNS)
     rows = math.ceil(T / cols)
@@ -113,7 +114,7 @@ def build_canvas(
     return canvas, pixels, cols, rows
 
 
-def _series(record: dict[str, Any], partials: list[dict[str, Any]]) -> tuple[np.ndarray, ...]:
+def _series(record: dict[str, Any], partials: list[dict[str, Any]]) -> tuple[NDArray[np.float64], ...]:
     label = record["label"]
     top1 = np.array([p["score"] for p in partials], dtype=np.float64)
     final = np.array(

@@ -74,7 +74,7 @@ class DecodeOptions:
     """How the per-video inputs decode (the frames used never depend on these).
 
     ``read_ahead``: decode in a background thread, up to this many frames ahead of the
-    step loop (0: decode in the step loop's thread, as before); ``None`` picks two
+    step loop (0: decode in the step loop's thread); ``None`` picks two
     steps' worth of frames (at least 16; twice the steps of a chunk when appearance
     frames are computed several steps ahead, :mod:`hms_deploy.runtime.appearance_ahead`),
     capped at :data:`READ_AHEAD_BYTES`.

@@ -158,7 +158,7 @@ class Manifest:
 # ------------------------------------------------------------------------------ hashing
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -290,7 +290,7 @@ def verify_files(manifest: Manifest) -> list[str]:
     return problems
 
 
-def load_manifest(dir: str | os.PathLike, verify: bool = True) -> Manifest:
+def load_manifest(dir: str | os.PathLike[str], verify: bool = True) -> Manifest:
     """Load ``dir/manifest.json``; with ``verify`` check every file's sha256 (see module doc)."""
     root = Path(dir)
     mpath = root / MANIFEST_NAME
@@ -378,7 +378,7 @@ def part_record(
 
 
 def preprocessing(config: HMSConfig) -> dict[str, Any]:
-    """What a runtime needs to turn a video into part inputs (HMS_SPEC.md 1), from the config."""
+    """What a runtime needs to turn a video into part inputs (docs/method.md §1), from the config."""
     fe = config.front_end
     vis = {}
     for modality, layout, input_name in (
@@ -410,7 +410,7 @@ def preprocessing(config: HMSConfig) -> dict[str, Any]:
     }
 
 
-def write_manifest(dir: str | os.PathLike, data: dict[str, Any]) -> Path:
+def write_manifest(dir: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write ``dir/manifest.json`` atomically (temp file + rename); returns its path."""
     root = Path(dir)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data}

@@ -2,11 +2,11 @@
 
 Policy strings (``hms-run --policy``, ``Session.classify(policy=...)``):
 
-- ``learned`` (default): the exported gates decide (HMS_SPEC.md 3).
+- ``learned`` (default): the exported gates decide (docs/method.md §3).
 - ``dense``: appearance and motion on every step.
 - ``audio-only``: never appearance, never motion.
 - ``dense-appearance``: appearance on every step, motion by its learned gate (the
-  default no-audio policy, :mod:`hms_deploy.runtime.checks`; HMS_SPEC.md 9).
+  default no-audio policy, :mod:`hms_deploy.runtime.checks`; docs/method.md §9).
 - ``every:KI[,KM]``: appearance where ``t % KI == 0``; motion where ``t % KM == 0`` and
   appearance ran (KM defaults to KI). ``every:1`` is ``dense``.
 - ``rates:PI,PM[,SEED]``: seeded pseudo-random decisions: exactly ``round(PI * T)``
@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import ConfigError
 
@@ -52,7 +53,7 @@ class Policy:
         """True when the gates are not consulted."""
         return self.kind not in ("learned", "dense-appearance")
 
-    def tier_plans(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def tier_plans(self, steps: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """(appearance, motion) int64 (T,): 0/1 forced decisions, or :data:`GATE` where a
         learned gate decides (every policy, ``learned`` included)."""
         if self.kind == "learned":
@@ -73,7 +74,7 @@ class Policy:
             return s + (f",{self.seed}" if self.seed else "")
         return self.kind
 
-    def plan(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def plan(self, steps: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """Decisions of a forced policy for ``steps`` steps: (appearance, motion) int64 (T,) 0/1.
 
         Motion is 1 only where appearance is 1. Raises :class:`ConfigError` for ``learned``.

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.ray_cluster import (
@@ -83,7 +84,7 @@ class ClassifyActor:
         self.session = Session(**kwargs).open()
         self.options = options
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {
             "index": [], "record": [], "pid": [], "start": [], "end": [], "cpu_s": []}
         for i, video, absolute in zip(batch["index"], batch["video"], batch["abs"]):
@@ -237,7 +238,7 @@ class ExtractActor:
         self.steps = steps
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> dict[str, list[Any]]:
         from hms_deploy.data.extraction import decode_job, encode_job
 
         out: dict[str, list[Any]] = {"index": [], "record": [], "features": [], "pid": []}

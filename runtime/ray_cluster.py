@@ -7,12 +7,11 @@ nothing here knows about HMS.
 **Local instance = loopback only.** Whoever reaches Ray's ports runs code (Ray 2.60
 adds token authentication, but the token in ``~/.ray/auth_token`` is shared by every job
 of the user), and a local instance normally binds its GCS, raylet and workers to the
-machine's network address (measured here: ``192.0.2.2``, and ``::`` for some ports), even with
+machine's network address (and ``::`` for some ports), even with
 ``_node_ip_address="127.0.0.1"``. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the
 environment *before Ray is imported* (Ray reads it into a constant at import), Ray
 takes the single-machine path it uses on laptops: every port of the instance binds to
-127.0.0.1 (measured with Ray 2.60: GCS, raylet, runtime-env agent, driver and worker gRPC
-servers). :func:`ray_instance` sets it (also in the already-imported constant if Ray was
+127.0.0.1 (Ray 2.60: GCS, raylet, runtime-env agent, driver and worker gRPC servers). :func:`ray_instance` sets it (also in the already-imported constant if Ray was
 imported earlier; the child processes inherit the environment), starts Ray without the
 dashboard, and ``tests/test_ray.py`` checks that no process of the instance listens on a
 non-loopback address. A cluster given by address is the user's to secure.
@@ -88,8 +87,8 @@ def import_ray(*, loopback: bool | None = None) -> Any:
             "`pip install \"hms-deploy[ray]\"`", setting="ray") from None
     if loopback is not None:
         # Ray reads the switch once, at import: set the constant too if it was imported before.
-        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(
-            LOOPBACK_ENV, not ray_constants.IS_WINDOWS_OR_OSX)
+        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(  # type: ignore[attr-defined,no-untyped-call]
+            LOOPBACK_ENV, not ray_constants.IS_WINDOWS_OR_OSX)  # a private Ray helper, untyped
     return ray
 
 

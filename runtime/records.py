@@ -1,8 +1,8 @@
-"""The record of one classified video: the dict ``hms-run --json`` prints (INTERFACES.md),
+"""The record of one classified video: the dict ``hms-run --json`` prints (docs/record.md),
 built here for every path (the scheduler, the dense baselines, serving and Ray, which run
 the scheduler).
 
-Fields beyond INTERFACES.md are listed in :mod:`hms_deploy.runtime.session`.
+Fields beyond the documented ones are listed in :mod:`hms_deploy.runtime.session`.
 """
 
 from __future__ import annotations

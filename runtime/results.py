@@ -78,8 +78,9 @@ def _line_key(obj: Any) -> str | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("video"), str) or obj.get("partial"):
         return None
     src = obj.get("source")
-    if isinstance(src, dict) and isinstance(src.get("path"), str):
-        return src["path"]
+    path = src.get("path") if isinstance(src, dict) else None
+    if isinstance(path, str):
+        return path
     return video_key(obj["video"])
 
 
@@ -96,7 +97,8 @@ def _free_name(path: Path) -> Path:
 
 
 def _normal(settings: dict[str, Any] | None) -> dict[str, Any]:
-    return json.loads(json.dumps(settings or {}))  # as it will read back from the file
+    normal: dict[str, Any] = json.loads(json.dumps(settings or {}))  # as read back from the file
+    return normal
 
 
 class ResultsFile:

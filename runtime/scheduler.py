@@ -1,4 +1,4 @@
-"""The step-by-step runtime that really skips (HMS_SPEC.md 2, 3 and 5), over an EngineSet.
+"""The step-by-step runtime that really skips (docs/method.md §2, §3 and §5), over an EngineSet.
 
 :func:`run_batch` classifies N videos in lockstep (N = 1 is the common case):
 
@@ -28,7 +28,7 @@ indices (built on the host from the decisions read and the plans) and decoded in
 copied host-to-device from pinned memory without waiting
 (:func:`hms_deploy.transfer.to_device`).
 
-Budget (HMS_SPEC.md 5; B in GMAC, costs from the EngineSet, :mod:`hms_deploy.costs`):
+Budget (docs/method.md §5; B in GMAC, costs from the EngineSet, :mod:`hms_deploy.costs`):
 with ``used`` the work launched so far for a video and ``head`` the head's cost, step t
 starts only if ``used + base + head <= B``; a modality whose gate fires runs only if
 ``used + its tier cost + head <= B`` (else it is recorded as 0 and fused, and counted in

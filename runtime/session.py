@@ -1,6 +1,6 @@
 """The Python inference API: open an export (or a checkpoint) once, classify many videos.
 
-Every result is the same dict that ``hms-run --json`` prints (INTERFACES.md)::
+Every result is the same dict that ``hms-run --json`` prints (docs/record.md)::
 
     from hms_deploy.runtime import Session
 
@@ -54,11 +54,11 @@ and propagates. ``batch_size > 1`` steps that many videos in lockstep, each skip
 its own (records then carry the batch's timing and engine-call counts); if one video of a
 batch fails, the others are rerun one by one.
 
-Record fields beyond INTERFACES.md (additions, never changes):
+Record fields (docs/record.md; additions, never changes):
 
 - ``checkpoint``: sha256 of the checkpoint file (torch engine only; ``export`` is null
   there, as the record has no export).
-- ``warnings`` (INTERFACES.md): a list of one-line remarks (a fallback used, a truncated
+- ``warnings`` (docs/record.md): a list of one-line remarks (a fallback used, a truncated
   file classified, steps that outnumber distinct frames or audio patches); ``fallback``:
   ``"no_audio"`` when the no-audio policy replaced the gates, else null.
 - ``coverage``: ``{"audio_s", "duration_s", "share"}``: seconds of the video inside some

@@ -15,7 +15,7 @@ are exercised on machines without a GPU; it is not a backend users can select.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -96,3 +96,19 @@ class CudaStreams:
 
 
 CUDA: DeviceStreams = CudaStreams()
+
+
+@contextlib.contextmanager
+def ordered(streams: DeviceStreams, stream: Stream, device: torch.device) -> Iterator[Stream]:
+    """Run the block's launches on ``stream``, ordered after the caller's current stream
+    (inputs written there come first) and the caller's stream after them (readers there
+    see finished outputs); nothing to order where the caller already is on ``stream``."""
+    caller = streams.current_stream(device)
+    if caller is None or caller == stream:
+        yield stream
+        return
+    streams.wait(stream, caller)
+    try:
+        yield stream
+    finally:
+        streams.wait(caller, stream)

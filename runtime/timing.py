@@ -1,4 +1,4 @@
-"""``timing_ms`` of a record (INTERFACES.md): wall-clock per category of work.
+"""``timing_ms`` of a record (docs/record.md): wall-clock per category of work.
 
 ``decode`` = probe + audio decode + frame decode, RGB conversion, resize/crop and the
 frames' host-to-device copies; ``audio`` = log-mel front end (and its copy to the

@@ -1,6 +1,6 @@
-"""TensorRT logic that needs no TensorRT: profiles, plan metadata, compatibility, dtypes.
+"""TensorRT logic that needs no TensorRT: profiles, plan metadata, compatibility, dtype names.
 
-Everything here is pure Python (and torch dtypes), so it is tested on machines without
+Everything here is pure Python, so it is tested on machines without
 TensorRT; the export package builds plans with it and the TensorRT backend checks them.
 
 A TensorRT plan loads only on the TensorRT build and the GPU (compute capability) it was
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from hms_deploy.dtypes import TRT_TO_TORCH
 from hms_deploy.parts import PartSpec
 
 DEFAULT_MAX_BATCH = 8
@@ -34,17 +31,6 @@ def trt_dtype_name(trt_dtype: Any) -> str:
     if not isinstance(name, str):
         name = str(trt_dtype)
     return name.rsplit(".", 1)[-1].upper()
-
-
-def torch_dtype(trt_dtype: Any) -> torch.dtype:
-    """The torch dtype of a TensorRT DataType (or its name); ValueError for unknown ones."""
-    name = trt_dtype_name(trt_dtype)
-    try:
-        return TRT_TO_TORCH[name]
-    except KeyError:
-        raise ValueError(
-            f"TensorRT dtype {name} has no torch equivalent here (known: {sorted(TRT_TO_TORCH)})"
-        ) from None
 
 
 def default_opt_batch(max_batch: int) -> int:

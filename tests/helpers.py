@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hms_deploy.model.hms import HMS
 
 MODALITIES = ("audio", "appearance", "motion")
+
+
+def video_features(store, key: str) -> dict[str, np.ndarray]:
+    """One video's float32 features in a FeatureStore: ``{modality: (T, D)}``."""
+    return {m: a[0] for m, a in store.read([store.keys().index(key)]).items()}
+
+
+@torch.no_grad()
+def call_part(module, spec, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run a torch part on named inputs; its outputs by name (spec order)."""
+    out = module(*[inputs[t.name] for t in spec.inputs])
+    outs = out if isinstance(out, tuple) else (out,)
+    assert len(outs) == len(spec.outputs), f"{spec.name}: {len(outs)} outputs"
+    return {t.name: o for t, o in zip(spec.outputs, outs)}
 
 
 def random_features(cfg, n: int, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:

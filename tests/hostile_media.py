@@ -1,4 +1,4 @@
-"""Hostile inputs made in the test (HMS_SPEC.md 9): an image renamed .mp4, a cut faststart
+"""Hostile inputs made in the test (docs/method.md §9): an image renamed .mp4, a cut faststart
 MP4, an MP4 cut before its index, a 0.3 s clip, a 60-frame video, no audio track, an
 audio track of digital silence."""
 

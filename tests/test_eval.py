@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
 from hms_deploy.costs import video_cost
+from hms_deploy.data.feature_batches import FeatureSource
 from hms_deploy.data.features import FeatureStore, StoreMeta, backbone_hash, open_store
 from hms_deploy.eval.evaluate import evaluate
 from hms_deploy.eval.predict import budgeted_forward, predict_hms
 from hms_deploy.model.hms import reference_forward
-from hms_deploy.train.data import FeatureSource
 
 C, T, N = 4, 8, 12
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,12 +13,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import call_part
 
 from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
 from hms_deploy.errors import ExportError
 from hms_deploy.export import validate as V
-from hms_deploy.export.modules import call_part, export_parts
+from hms_deploy.export.modules import export_parts
 from hms_deploy.export.onnx import check_onnx, export_part
 from hms_deploy.export.pipeline import ExportOptions, check_out_dir, export_checkpoint
 from hms_deploy.parts import PART_NAMES, part_specs, random_inputs

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import video_features
 
 from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
-from hms_deploy.data.extraction import CRASH_ENV
 from hms_deploy.data.features import open_store
 from hms_deploy.data.synthetic import DEFAULT_CLASSES, render_class_video
 
@@ -45,11 +45,35 @@ def run(data: Path, out: Path, *extra: str, env: dict | None = None, csv: str = 
                           env={**os.environ, **(env or {})})
 
 
+# hms-extract in a process that dies like a SIGKILL (os._exit(137)) when it is about to index
+# video N + 1 (N = argv[1]): that video's features are already written but not yet committed,
+# the worst place to be killed.
+KILLED_EXTRACT = """
+import os, sys
+from hms_deploy.cli.extract import main
+from hms_deploy.data.features import FeatureStore
+after, commit, done = int(sys.argv[1]), FeatureStore.commit, []
+def commit_or_die(self, **kw):
+    if len(done) == after:
+        os._exit(137)
+    done.append(kw["key"])
+    return commit(self, **kw)
+FeatureStore.commit = commit_or_die
+main(sys.argv[2:], prog_name="hms-extract")
+"""
+
+
+def run_killed(data: Path, out: Path, after: int):
+    cmd = [sys.executable, "-c", KILLED_EXTRACT, str(after), "--checkpoint", str(data / "tiny.pt"),
+           "--list", str(data / "list.csv"), "--out", str(out), "--workers", "0", "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
 def snapshot(store_dir: Path) -> dict:
     s = open_store(store_dir)
     out = {}
     for r in s.records:
-        f = s.read_key(r.key)
+        f = video_features(s, r.key)
         out[r.key] = ((r.label, r.label_index, r.duration_s, r.has_audio), f)
     return out
 
@@ -70,7 +94,7 @@ def test_clean_run_and_rerun_skips(data, tmp_path):
     assert len(s) == 5 and s.steps == 4 and s.meta.dtype == "float16"
     assert all(rec.has_audio for rec in s.records)
     assert {rec.duration_s for rec in s.records} == {1.0}
-    f = s.read_key("videos/tone_low.mp4")
+    f = video_features(s, "videos/tone_low.mp4")
     assert f["audio"].shape == (4, 64) and f["appearance"].shape == (4, 128)
     assert f["motion"].shape == (4, 192) and np.isfinite(f["motion"]).all()
     r2 = run(data, tmp_path / "st")
@@ -80,7 +104,7 @@ def test_clean_run_and_rerun_skips(data, tmp_path):
 def test_killed_run_resumes_to_the_same_store(data, tmp_path):
     clean = run(data, tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr
-    killed = run(data, tmp_path / "st", env={CRASH_ENV: "2"})
+    killed = run_killed(data, tmp_path / "st", after=2)
     assert killed.returncode == 137
     assert len(open_store(tmp_path / "st")) == 2  # the third video's features are unindexed
     assert (tmp_path / "st" / "features" / "motion" / "00000.bin").stat().st_size > \

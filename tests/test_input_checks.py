@@ -1,4 +1,4 @@
-"""Inputs the paper never sees (HMS_SPEC.md 9), each made in the test: not a video, a
+"""Inputs the paper never sees (docs/method.md §9), each made in the test: not a video, a
 truncated file, too few distinct inputs, no audio track (the fallback), digital silence."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def test_resolve_preset():
     with pytest.raises(ConfigError, match="preset 'fast'"):
         resolve_preset("fast", 10)
     assert preset_values("small", "hms")["lr"] == 1e-3
-    assert preset_values("paper", "hms") == {}  # TrainConfig's defaults: HMS_SPEC.md 4
+    assert preset_values("paper", "hms") == {}  # TrainConfig's defaults: docs/method.md §4
 
 
 def test_small_validation_warning_bounds():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import video_features
 from runtime_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     assets,
     make_videos,
@@ -258,7 +259,7 @@ def test_extract_ray_equals_single_process(ray_local, tmp_path):
     assert sorted(a.keys()) == sorted(b.keys()) == sorted(f"{x}.mp4" for x in labels[:3])
     assert a.meta.backbone_hash == b.meta.backbone_hash
     for key in sorted(a.keys()):
-        fa, fb = a.read_key(key), b.read_key(key)
+        fa, fb = video_features(a, key), video_features(b, key)
         for m in fa:
             np.testing.assert_array_equal(fa[m], fb[m], err_msg=f"{key} {m}")
         ra = a.records[a.keys().index(key)]

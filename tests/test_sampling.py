@@ -9,10 +9,10 @@ from hms_deploy.config import MotionClip
 from hms_deploy.data.sampling import (
     clip_times,
     nearest_frames,
-    slow_indices,
     step_centers,
 )
 from hms_deploy.errors import ConfigError
+from hms_deploy.model.backbones import slow_indices
 
 
 def test_step_centers() -> None:

@@ -203,7 +203,7 @@ def test_torch_profiler_shows_no_backbone_op_on_skipped_steps(torch_session, pol
 
 
 def _simulate_dense(costs, budget, T):
-    """The budget rule of HMS_SPEC.md 5 for the dense policy, step by step."""
+    """The budget rule of docs/method.md §5 for the dense policy, step by step."""
     s = step_costs(costs)
     used, a, m = 0.0, [], []
     for _ in range(T):

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from hms_deploy.checkpoint import CheckpointError, init_checkpoint, load_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
+from hms_deploy.data.feature_batches import FeatureSource, stratified_split
 from hms_deploy.data.features import FeatureStore, StoreMeta, backbone_hash, open_store
 from hms_deploy.errors import DatasetError
 from hms_deploy.metrics import mean_average_precision
 from hms_deploy.model.baselines import build_early_fusion, early_fusion_cost, parse_modalities
-from hms_deploy.train.data import FeatureSource, stratified_split
 from hms_deploy.train.loop import TrainConfig, fold_normalization, train
 
 C, T = 3, 6

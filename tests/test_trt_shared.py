@@ -4,14 +4,18 @@ plan builder itself where TensorRT and a GPU exist."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 
 from hms_deploy.config import paper_config, tiny_config
-from hms_deploy.errors import BackendUnavailable
+from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, part_specs
 from hms_deploy.runtime import trt_plan
+from hms_deploy.runtime.backends.trt import TRT_MISSING, require_tensorrt
+from hms_deploy.runtime.bindings import torch_dtype_from_trt
 from hms_deploy.runtime.manifest import PartEntry
 
 
@@ -59,14 +63,31 @@ class _FakeDType:
      ("UINT8", torch.uint8)],
 )
 def test_trt_dtype_map(trt_name, dtype):
-    assert trt_plan.torch_dtype(trt_name) is dtype
-    assert trt_plan.torch_dtype(f"DataType.{trt_name}") is dtype
-    assert trt_plan.torch_dtype(_FakeDType(trt_name)) is dtype
+    for trt_dtype in (trt_name, f"DataType.{trt_name}", _FakeDType(trt_name)):
+        assert torch_dtype_from_trt(trt_plan.trt_dtype_name(trt_dtype), where="x") is dtype
 
 
 def test_trt_dtype_unknown():
-    with pytest.raises(ValueError, match="TensorRT dtype INT4 has no torch equivalent"):
-        trt_plan.torch_dtype("DataType.INT4")
+    with pytest.raises(EngineError, match="x has TensorRT dtype INT4, which this runtime cannot"):
+        torch_dtype_from_trt(trt_plan.trt_dtype_name(_FakeDType("INT4")), where="x")
+
+
+def test_one_tensorrt_check_for_the_runtime_and_the_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hms_deploy.export import tensorrt as export_trt
+
+    stubs_only = types.ModuleType("tensorrt")
+    monkeypatch.setitem(sys.modules, "tensorrt", stubs_only)
+    for check in (require_tensorrt, export_trt.check_available):
+        with pytest.raises(BackendUnavailable) as e:
+            check()
+        assert str(e.value) == TRT_MISSING
+    old = types.ModuleType("tensorrt")
+    old.Runtime = old.Builder = object  # type: ignore[attr-defined]
+    old.__version__ = "8.6.1"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    for check in (require_tensorrt, export_trt.check_available):
+        with pytest.raises(BackendUnavailable, match=r"^TensorRT 8\.6\.1 is too old \(10 or newer needed\): pip"):
+            check()
 
 
 @pytest.mark.parametrize("cc", [(8, 9), "8.9", "sm_89", "89", [8, 9]])
@@ -159,8 +180,10 @@ def test_tensorrt_missing_is_backend_unavailable():
 @pytest.mark.tensorrt
 def test_build_plan_and_run(tmp_path):
     _real_tensorrt()
+    from helpers import call_part
+
     from hms_deploy.checkpoint import init_checkpoint
-    from hms_deploy.export.modules import call_part, export_parts
+    from hms_deploy.export.modules import export_parts
     from hms_deploy.export.onnx import export_part
     from hms_deploy.export.tensorrt import BuildOptions, build_plan
     from hms_deploy.parts import random_inputs

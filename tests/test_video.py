@@ -12,7 +12,7 @@ import pytest
 
 from hms_deploy.config import MotionClip, tiny_config
 from hms_deploy.data.frame_source import FrameSource
-from hms_deploy.data.resize import clip_tensor, resize_center_crop, resize_center_crop_batch
+from hms_deploy.data.resize import resize_center_crop, resize_center_crop_batch
 from hms_deploy.data.sampling import StepSampler, clip_times, nearest_frames, step_centers
 from hms_deploy.data.synthetic import write_video
 from hms_deploy.data.video import decode_audio, probe
@@ -363,16 +363,18 @@ def test_resize_center_crop_geometry() -> None:
         resize_center_crop(frame.astype(np.float32), 32, 32)
 
 
+def clip_tensor(frames, resize_short: int, crop: int) -> np.ndarray:
+    """Reference motion clip, frame by frame: ``(3, len(frames), crop, crop)`` uint8 (C, T, H, W)."""
+    return np.stack([resize_center_crop(f, resize_short, crop) for f in frames], axis=1)
+
+
 def test_batched_helpers_agree_with_single_frames() -> None:
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
     batch = resize_center_crop_batch(frames, 36, 32)
-    clip = clip_tensor(frames, 36, 32)
-    assert batch.shape == (4, 3, 32, 32) and clip.shape == (3, 4, 32, 32)
+    assert batch.shape == (4, 3, 32, 32)
     for k, f in enumerate(frames):
-        single = resize_center_crop(f, 36, 32)
-        np.testing.assert_array_equal(batch[k], single)
-        np.testing.assert_array_equal(clip[:, k], single)
+        np.testing.assert_array_equal(batch[k], resize_center_crop(f, 36, 32))
     with pytest.raises(ValueError, match="frames differ in size"):
         resize_center_crop_batch([frames[0], frames[0][:40]], 36, 32)
 
@@ -386,7 +388,7 @@ def test_step_sampler_indices(media: dict[str, Path]) -> None:
     centers = (np.arange(8) + 0.5) * 5.0 / 8
     np.testing.assert_allclose(s.centers, centers, atol=1e-9)
     # 30 fps: the frame nearest tau is round(30 tau) (no exact ties at these taus)
-    assert [s.appearance_frame_index(t) for t in range(8)] == np.round(centers * 30).tolist()
+    assert s.appearance_indices.tolist() == np.round(centers * 30).tolist()
     m = s.motion_frame_indices(0)
     assert m.shape == (32,)
     # step 0 (tau = 0.3125 s): the clip starts 1.03 s before the video -> edge repeated
@@ -394,7 +396,7 @@ def test_step_sampler_indices(media: dict[str, Path]) -> None:
     np.testing.assert_array_equal(m, expected)
     assert (m == 0).sum() > 1
     with pytest.raises(IndexError, match=r"step 8 is outside \[0, 8\)"):
-        s.appearance_frame_index(8)
+        s.motion_frame_indices(8)
 
 
 def test_step_sampler_inputs(media: dict[str, Path]) -> None:
@@ -404,7 +406,7 @@ def test_step_sampler_inputs(media: dict[str, Path]) -> None:
     with FrameSource(info) as src:
         app = s.appearance_inputs(src, [1, 4])
         mot = s.motion_inputs(src, [2])
-        direct = src.read([s.appearance_frame_index(4)])[s.appearance_frame_index(4)]
+        direct = src.read([s.appearance_indices[4]])[s.appearance_indices[4]]
         clip_frames = src.read(s.motion_frame_indices(2))
     assert app.shape == (2, 3, 64, 64) and app.dtype == np.uint8
     np.testing.assert_array_equal(app[1], resize_center_crop(direct, 72, 64))

@@ -30,7 +30,7 @@ that the real TensorRT backend (runtime/backends/trt.py) and the real plan build
   emulator held its last reference it is poisoned before release, like memory the
   allocator hands out again.
 - **TensorRT 11 mode** (``version="11.x"``): the names TensorRT 11 removed
-  (TRT_NOTES.md) are absent, so code that uses them fails with AttributeError, and every
+  (docs/tensorrt.md §1) are absent, so code that uses them fails with AttributeError, and every
   network is strongly typed.
 """
 
@@ -59,7 +59,7 @@ POISON = 0xFF
 GPU_NAME = "TensorRT emulator (CPU)"
 GPU_CC = (9, 0)
 
-# names TensorRT 11 removed (TRT_NOTES.md; NVIDIA's 10.x -> 11.x Python migration guide)
+# names TensorRT 11 removed (docs/tensorrt.md §1; NVIDIA's 10.x -> 11.x Python migration guide)
 REMOVED_IN_11_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
                        "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO")
 
@@ -614,7 +614,7 @@ def installed(version: str = "11.0.0") -> Iterator[types.ModuleType]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tensorrt", trt)
         mp.setattr(backend, "_LOGGER", None)
-        mp.setattr(export_trt, "gpu_info", lambda: (GPU_NAME, GPU_CC))
+        mp.setattr(export_trt, "gpu_info", lambda: (GPU_CC, GPU_NAME))
         yield trt
 
 

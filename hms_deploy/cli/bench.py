@@ -83,9 +83,30 @@ def _bench_module(name: str) -> ModuleType:
               help="e2e experiment: force ONNX Runtime intra-op spinning (default: the backend's).")
 @debug_option
 @handle_errors("hms-bench")
-def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats, batch,
-         throughput_videos, throughput_repeats, video, checkpoint, engines_dir, work_dir, out,
-         name, smoke, no_plot, threads, ort_spinning, debug):
+def main(
+    suite: str,
+    variant: str | None,
+    engine: str | None,
+    backends: str | None,
+    device: str | None,
+    steps: int | None,
+    repeats: int | None,
+    heavy_repeats: int | None,
+    batch: int | None,
+    throughput_videos: int | None,
+    throughput_repeats: int | None,
+    video: str | None,
+    checkpoint: str | None,
+    engines_dir: str | None,
+    work_dir: str | None,
+    out: str | None,
+    name: str | None,
+    smoke: bool,
+    no_plot: bool,
+    threads: int | None,
+    ort_spinning: str | None,
+    debug: bool,
+) -> None:
     """Measure HMS against dense and compute-then-mask baselines; write JSON, Markdown, PNG."""
     common: dict[str, Any] = {
         "variant": variant, "device": device, "checkpoint": checkpoint, "threads": threads,
@@ -100,7 +121,7 @@ def main(suite, variant, engine, backends, device, steps, repeats, heavy_repeats
             raise ConfigError(f"{opt} must be >= 1, got {value}")
     if suite == "decode":
         dec = _bench_module("bench_decode")
-        given = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
+        given: dict[str, Any] = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
                                    ("out", out), ("name", name)) if v is not None}
         dec.run(dec.DecodeSettings(**given), log=click.echo)
         return

@@ -23,6 +23,7 @@ HMS should run motion on the motion classes, whose videos need it), and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +46,7 @@ DEMO_STEPS = 8
 
 def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = DEMO_DURATION_S,
              seed: int = 0, workers: int = 1, engine: str = "onnx", quiet: bool = False,
-             echo=click.echo) -> DemoResult:
+             echo: Callable[..., None] = click.echo) -> DemoResult:
     """The demo's stages (see the module docstring): the samples right, and the motion usage
     per class group over the samples and the test split."""
     import torch
@@ -193,7 +194,17 @@ class DemoResult(NamedTuple):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @handle_errors("hms-demo")
-def main(out, per_class, duration, seed, workers, threads, deterministic, quiet, debug):
+def main(
+    out: Path,
+    per_class: int,
+    duration: float,
+    seed: int,
+    workers: int,
+    threads: int,
+    deterministic: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Train a tiny HMS model on a small synthetic set in OUT, export it to ONNX, classify
     one new sample per class with the exported engines; last line: demo: K/M correct."""
     from hms_deploy.errors import ConfigError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,11 +31,12 @@ def _budgets(text: str | None) -> list[float] | None:
     return out
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     from hms_deploy.errors import DatasetError
 
     try:
-        return json.loads(Path(path).read_text())
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+        return data
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read {what} ({e})") from None
 
@@ -63,7 +65,18 @@ def _read_json(path: Path, what: str) -> dict:
               help="torch intra-op threads (default: torch's choice).")
 @debug_option
 @handle_errors("hms-eval")
-def main(store, checkpoint, out, budgets, interpolated, compare, groups, samples, threads, debug):
+def main(
+    store: Path,
+    checkpoint: Path,
+    out: Path | None,
+    budgets: str | None,
+    interpolated: bool,
+    compare: tuple[Path, ...],
+    groups: Path | None,
+    samples: int,
+    threads: int | None,
+    debug: bool,
+) -> None:
     """Evaluate a checkpoint on a feature store (GMAC = multiply-accumulates, the paper's GFLOPs)."""
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.features import open_store

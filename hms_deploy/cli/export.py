@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -41,8 +42,23 @@ from hms_deploy.outputs import sigterm_raises
 @click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the summary line.")
 @debug_option
 @handle_errors("hms-export")
-def main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
-         opset, steps, video, force, triton_repo, quiet, debug):
+def main(
+    checkpoint: Path | None,
+    out: Path,
+    engine: str,
+    precision: str,
+    engines_dir: Path | None,
+    max_batch: int,
+    opt_batch: int | None,
+    workspace_gb: float,
+    opset: int,
+    steps: int,
+    video: Path | None,
+    force: bool,
+    triton_repo: Path | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Export the nine HMS parts of a checkpoint to DIR (ONNX, optional TensorRT plans),
     check them against PyTorch, and write DIR/manifest.json."""
 
@@ -71,13 +87,14 @@ def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int, for
                f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")
 
 
-def _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch, workspace_gb,
-          opset, steps, video, force, log) -> Path:
+def _main(checkpoint: Path | None, out: Path, engine: str, precision: str,
+          engines_dir: Path | None, max_batch: int, opt_batch: int | None, workspace_gb: float,
+          opset: int, steps: int, video: Path | None, force: bool,
+          log: Callable[[str], None]) -> Path:
     """Export (or add plans); returns the export directory."""
     from hms_deploy.errors import ConfigError
+    from hms_deploy.export.onnx import MAX_OPSET, MIN_OPSET
     from hms_deploy.export.pipeline import (
-        MAX_OPSET,
-        MIN_OPSET,
         ExportOptions,
         add_trt_plans,
         export_checkpoint,

@@ -74,8 +74,22 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
     workers_min=0)
 @debug_option
 @handle_errors("hms-extract")
-def main(checkpoint, list_path, out, steps, dtype, batch_size, shard_size, threads, quiet,
-         ray, ray_address, workers, threads_per_worker, debug):
+def main(
+    checkpoint: Path,
+    list_path: Path,
+    out: Path,
+    steps: int | None,
+    dtype: str,
+    batch_size: int,
+    shard_size: int,
+    threads: int | None,
+    quiet: bool,
+    ray: bool,
+    ray_address: str | None,
+    workers: int | None,
+    threads_per_worker: int,
+    debug: bool,
+) -> None:
     """Extract per-step raw audio/appearance/motion features for every video of a CSV.
 
     A rerun skips videos already in the store whose file is unchanged (same size and

@@ -44,8 +44,25 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
 @handle_errors("hms-finetune")
-def main(checkpoint, list_path, val_list, val_fraction, out, modalities, epochs, lr, batch_size,
-         steps, workers, no_jitter, seed, report_path, threads, quiet, debug):
+def main(
+    checkpoint: Path,
+    list_path: Path,
+    val_list: Path | None,
+    val_fraction: float,
+    out: Path,
+    modalities: str,
+    epochs: int | None,
+    lr: float | None,
+    batch_size: int | None,
+    steps: int | None,
+    workers: int,
+    no_jitter: bool,
+    seed: int,
+    report_path: Path | None,
+    threads: int | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Fine-tune backbones on single steps of the videos of a CSV (the step before
     hms-extract: HMS trains on frozen features, so they must already tell the classes
     apart). The recipe (linear probe, schedule, colour jitter, early stopping, kept epoch,

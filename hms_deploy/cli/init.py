@@ -29,8 +29,19 @@ from hms_deploy.cli.common import debug_option, handle_errors
 @click.option("--seed", type=int, default=0, help="Seed for the random initialisation.")
 @debug_option
 @handle_errors("hms-init")
-def main(variant, num_classes, out, labels, steps, motion_size, audio_weights,
-         appearance_weights, motion_weights, seed, debug):
+def main(
+    variant: str,
+    num_classes: int,
+    out: Path,
+    labels: Path | None,
+    steps: int | None,
+    motion_size: str,
+    audio_weights: Path | None,
+    appearance_weights: Path | None,
+    motion_weights: Path | None,
+    seed: int,
+    debug: bool,
+) -> None:
     """Create an untrained HMS checkpoint with its config, labels and measured part costs."""
     from hms_deploy.checkpoint import init_checkpoint, read_labels, save_checkpoint
     from hms_deploy.config import make_config

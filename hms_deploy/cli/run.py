@@ -155,7 +155,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
     if explain is not None and inputs.total != 1:
         raise ConfigError(f"--explain draws one video's run, got {inputs.total} videos")
     options = {}
-    if engine == "trt":  # plans missing from DIR are built once on first use (INTERFACES.md)
+    if engine == "trt":  # plans missing from DIR are built once on first use (docs/export.md)
         from hms_deploy.export import add_trt_plans
 
         options["build_plans"] = add_trt_plans

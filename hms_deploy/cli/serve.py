@@ -60,8 +60,26 @@ from hms_deploy.errors import ConfigError
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="Triton log level.")
 @debug_option
 @handle_errors("hms-serve")
-def main(engines_dir, engine, device, host, http_port, grpc_port, metrics_port, max_batch,
-         max_queue_delay_us, allowed_root, max_upload_mb, steps, instances, threads, drain_s, exit_timeout_s, log_verbose, debug):
+def main(
+    engines_dir: Path,
+    engine: str,
+    device: str,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    max_batch: int,
+    max_queue_delay_us: int,
+    allowed_root: Path | None,
+    max_upload_mb: float,
+    steps: int | None,
+    instances: int,
+    threads: int | None,
+    drain_s: float,
+    exit_timeout_s: int,
+    log_verbose: int,
+    debug: bool,
+) -> None:
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
     from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository

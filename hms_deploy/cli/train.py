@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -23,7 +24,7 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
               help="early_fusion: '+'-joined subset of A (audio), I (appearance), M (motion).")
 @click.option("--preset", type=click.Choice(["auto", "small", "paper"]), default="auto",
               show_default=True,
-              help="Defaults of --epochs/--lr/--lr-decay/--lambda: 'paper' (HMS_SPEC: 30 "
+              help="Defaults of --epochs/--lr/--lr-decay/--lambda: 'paper' (docs/method.md §4: 30 "
                    "epochs, lr 1e-4 x0.92/epoch, lambda 2; for large datasets), 'small' (60 "
                    "epochs, early fusion 40; lr 1e-3 x0.97/epoch; lambda 5; learns on a few "
                    "hundred videos); 'auto': small below 2000 training videos. Options given "
@@ -58,9 +59,31 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
 @handle_errors("hms-train")
-def main(store, checkpoint, out, policy, modalities, preset, epochs, batch_size, lr, lr_decay, tau,
-         tau_decay, lam, gamma_i, gamma_m, hidden, val_fraction, val_store, seed, log_path,
-         threads, quiet, debug):
+def main(
+    store: Path,
+    checkpoint: Path,
+    out: Path,
+    policy: str,
+    modalities: str,
+    preset: str,
+    epochs: int | None,
+    batch_size: int,
+    lr: float | None,
+    lr_decay: float | None,
+    tau: float,
+    tau_decay: float,
+    lam: float | None,
+    gamma_i: float,
+    gamma_m: float,
+    hidden: int | None,
+    val_fraction: float,
+    val_store: Path | None,
+    seed: int,
+    log_path: Path | None,
+    threads: int | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Train projections, cells, gates and head on frozen features; keep the best epoch."""
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.features import open_store
@@ -70,7 +93,7 @@ def main(store, checkpoint, out, policy, modalities, preset, epochs, batch_size,
 
     given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam}
 
-    def config(base: dict) -> TrainConfig:
+    def config(base: dict[str, Any]) -> TrainConfig:
         values = {**base, **{k: v for k, v in given.items() if v is not None}}
         return TrainConfig(
             policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"

@@ -1,4 +1,4 @@
-"""The VGGish log-mel front end and the per-step 96 x 64 audio patches (HMS_SPEC.md 1).
+"""The VGGish log-mel front end and the per-step 96 x 64 audio patches (docs/method.md §1).
 
 Geometry (defaults of :class:`~hms_deploy.config.AudioFrontEnd`): 16 kHz mono; frame ``i``
 covers samples ``[i * 160, i * 160 + 400)`` (25 ms, 10 ms hop, no centring), so a
@@ -26,45 +26,48 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.config import AudioFrontEnd
 
 _DEFAULT_FRONT_END = AudioFrontEnd()
 
 
-def hertz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+def hertz_to_mel(hz: NDArray[np.float64] | float) -> NDArray[np.float64]:
     """HTK mel scale: ``1127 * ln(1 + hz / 700)``; same shape as ``hz``."""
-    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+    mel: NDArray[np.float64] = 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+    return mel
 
 
-def periodic_hann(length: int) -> np.ndarray:
+def periodic_hann(length: int) -> NDArray[np.float64]:
     """Periodic Hann window ``0.5 - 0.5 cos(2 pi n / length)``, n = 0..length-1; (length,) float64."""
     n = np.arange(length, dtype=np.float64)
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)
+    window: NDArray[np.float64] = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)
+    return window
 
 
 @lru_cache(maxsize=8)
 def _mel_matrix_cached(
     n_mels: int, n_bins: int, sample_rate: int, fmin: float, fmax: float
-) -> np.ndarray:
+) -> NDArray[np.float64]:
     bins_mel = hertz_to_mel(np.linspace(0.0, sample_rate / 2.0, n_bins))[:, None]
     edges = np.linspace(hertz_to_mel(fmin), hertz_to_mel(fmax), n_mels + 2)
     lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
     lower_slope = (bins_mel - lower) / (center - lower)
     upper_slope = (upper - bins_mel) / (upper - center)
-    weights = np.maximum(0.0, np.minimum(lower_slope, upper_slope))
+    weights: NDArray[np.float64] = np.maximum(0.0, np.minimum(lower_slope, upper_slope))
     weights[0, :] = 0.0  # VGGish drops the DC bin
     weights.setflags(write=False)
     return weights
 
 
-def mel_matrix(front_end: AudioFrontEnd | None = None) -> np.ndarray:
+def mel_matrix(front_end: AudioFrontEnd | None = None) -> NDArray[np.float64]:
     """The (n_fft // 2 + 1, n_mels) = (257, 64) HTK triangular filter bank, float64, read-only."""
     fe = front_end or _DEFAULT_FRONT_END
     return _mel_matrix_cached(fe.n_mels, fe.n_fft // 2 + 1, fe.sample_rate, fe.fmin, fe.fmax)
 
 
-def to_mono(waveform: Any) -> np.ndarray:
+def to_mono(waveform: Any) -> NDArray[np.float64]:
     """A 1-D ``(samples,)`` or 2-D ``(channels, samples)`` numpy/torch array -> float64 mono.
 
     Channels are averaged. Raises ``ValueError`` for any other rank, and for a 2-D array
@@ -87,7 +90,7 @@ def to_mono(waveform: Any) -> np.ndarray:
     return x
 
 
-def resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+def resample(waveform: NDArray[np.float64], orig_rate: int, new_rate: int) -> NDArray[np.float64]:
     """Band-limited resampling of a 1-D waveform: ``torchaudio.functional.resample``.
 
     torchaudio's default windowed-sinc interpolation (Hann window, lowpass_filter_width 6,
@@ -104,7 +107,8 @@ def resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     import torchaudio.functional as taf
 
     t = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float64))
-    return taf.resample(t, int(orig_rate), int(new_rate)).numpy()
+    out: NDArray[np.float64] = taf.resample(t, int(orig_rate), int(new_rate)).numpy()
+    return out
 
 
 def num_frames(num_samples: int, front_end: AudioFrontEnd | None = None) -> int:
@@ -117,7 +121,7 @@ def num_frames(num_samples: int, front_end: AudioFrontEnd | None = None) -> int:
 
 def log_mel_spectrogram(
     waveform: Any, sample_rate: int = 16000, front_end: AudioFrontEnd | None = None
-) -> np.ndarray:
+) -> NDArray[np.float32]:
     """VGGish log-mel spectrogram of a waveform.
 
     Args:
@@ -141,19 +145,21 @@ def log_mel_spectrogram(
     windows = windows[:frames] * periodic_hann(fe.win_length)
     magnitude = np.abs(np.fft.rfft(windows, n=fe.n_fft, axis=-1))
     mel = magnitude @ mel_matrix(fe)
-    return np.log(mel + fe.log_offset).astype(np.float32)
+    logmel: NDArray[np.float32] = np.log(mel + fe.log_offset).astype(np.float32)
+    return logmel
 
 
-def center_frames(centers_s: np.ndarray, front_end: AudioFrontEnd | None = None) -> np.ndarray:
+def center_frames(centers_s: NDArray[np.float64], front_end: AudioFrontEnd | None = None) -> NDArray[np.int64]:
     """Centre frame of each step time: ``floor(tau * sample_rate / hop_length + 0.5)``; (T,) int64."""
     fe = front_end or _DEFAULT_FRONT_END
     tau = np.asarray(centers_s, dtype=np.float64).reshape(-1)
-    return np.floor(tau * fe.sample_rate / fe.hop_length + 0.5).astype(np.int64)
+    frames: NDArray[np.int64] = np.floor(tau * fe.sample_rate / fe.hop_length + 0.5).astype(np.int64)
+    return frames
 
 
 def audio_patches(
-    logmel: np.ndarray, centers_s: np.ndarray, front_end: AudioFrontEnd | None = None
-) -> np.ndarray:
+    logmel: NDArray[np.float32], centers_s: NDArray[np.float64], front_end: AudioFrontEnd | None = None
+) -> NDArray[np.float32]:
     """Cut the 96-frame patch around each step centre (see the module docstring).
 
     Args:
@@ -179,7 +185,8 @@ def audio_patches(
     valid = (idx >= 0) & (idx < n)
     patches = logmel[np.clip(idx, 0, n - 1)]  # (T, 96, 64)
     patches[~valid] = silence
-    return patches[:, None]
+    out: NDArray[np.float32] = patches[:, None]
+    return out
 
 
 def patch_spans(centers_s: np.ndarray, num_samples: int,

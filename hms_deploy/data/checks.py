@@ -1,4 +1,4 @@
-"""Input checks for inputs the paper never sees (docs/method.md 9), from a probe alone.
+"""Input checks for inputs the paper never sees (docs/method.md §9), from a probe alone.
 
 - **Not a video**: an input whose video stream has fewer than two frames (an image, a
   PNG renamed ``.mp4``) is refused: :func:`require_video`.
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.data.audio import center_frames
 from hms_deploy.errors import VideoError
@@ -117,7 +118,7 @@ def decodable_part(info: Any, *, container: Any = None) -> Any:
 
 
 def distinct_input_warnings(
-    steps: int, appearance_indices: np.ndarray, centers_s: np.ndarray, front_end: Any,
+    steps: int, appearance_indices: NDArray[np.int64], centers_s: NDArray[np.float64], front_end: Any,
     duration_s: float, *, has_audio: bool,
 ) -> list[str]:
     """Warnings when T exceeds the distinct frames, or the distinct audio patches, it samples.

@@ -56,7 +56,7 @@ class DatasetList:
     source: Path
 
 
-def read_list(path: str | os.PathLike) -> DatasetList:
+def read_list(path: str | os.PathLike[str]) -> DatasetList:
     """Read a ``path,label`` CSV.
 
     Raises :class:`DatasetError` (one line) when the file is missing, empty or lacks a
@@ -107,7 +107,7 @@ def read_list(path: str | os.PathLike) -> DatasetList:
     return DatasetList(entries, problems, src)
 
 
-def write_list(path: str | os.PathLike, rows: Iterable[tuple[str, str]]) -> Path:
+def write_list(path: str | os.PathLike[str], rows: Iterable[tuple[str, str]]) -> Path:
     """Write ``(path, label)`` rows with the header ``path,label``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,12 +149,12 @@ def _find_video(video_dir: Path, names: Iterable[str]) -> Path | None:
 
 
 def activitynet_to_csv(
-    annotations: str | os.PathLike,
-    video_dir: str | os.PathLike,
-    out_csv: str | os.PathLike,
+    annotations: str | os.PathLike[str],
+    video_dir: str | os.PathLike[str],
+    out_csv: str | os.PathLike[str],
     *,
     subset: str = "training",
-    labels_out: str | os.PathLike | None = None,
+    labels_out: str | os.PathLike[str] | None = None,
     require_files: bool = True,
 ) -> AdapterReport:
     """ActivityNet v1.3 JSON -> ``path,label`` CSV (+ ``labels.txt``).
@@ -209,14 +209,14 @@ def activitynet_to_csv(
 
 
 def fcvid_to_csv(
-    split_file: str | os.PathLike,
-    label_file: str | os.PathLike,
-    video_dir: str | os.PathLike,
-    out_csv: str | os.PathLike,
+    split_file: str | os.PathLike[str],
+    label_file: str | os.PathLike[str],
+    video_dir: str | os.PathLike[str],
+    out_csv: str | os.PathLike[str],
     *,
     subset: str = "train",
-    categories: str | os.PathLike | None = None,
-    labels_out: str | os.PathLike | None = None,
+    categories: str | os.PathLike[str] | None = None,
+    labels_out: str | os.PathLike[str] | None = None,
     require_files: bool = True,
 ) -> AdapterReport:
     """FCVID release files -> ``path,label`` CSV (+ ``labels.txt``).

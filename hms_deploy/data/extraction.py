@@ -21,16 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.config import MODALITIES, HMSConfig
-from hms_deploy.data.features import (
-    DEFAULT_SHARD_SIZE,
-    DTYPES,
-    FeatureStore,
-    StoreMeta,
-    backbone_hash,
-)
+from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.inputs import VideoInputs
+from hms_deploy.data.store_meta import DEFAULT_SHARD_SIZE, DTYPES, StoreMeta, backbone_hash
 from hms_deploy.errors import DatasetError, first_line
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
@@ -42,24 +38,24 @@ class VideoFeatures:
 
     duration_s: float
     has_audio: bool
-    feats: dict[str, np.ndarray]
+    feats: dict[str, NDArray[np.float32]]
 
 
-def prepare_video(path: str | os.PathLike, config: HMSConfig, steps: int) -> VideoInputs:
-    """Decode one video into the inputs of all ``steps`` steps (HMS_SPEC.md 1):
+def prepare_video(path: str | os.PathLike[str], config: HMSConfig, steps: int) -> VideoInputs:
+    """Decode one video into the inputs of all ``steps`` steps (docs/method.md §1):
     :meth:`VideoInputs.decode_all`. Raises :class:`~hms_deploy.errors.VideoError` for a
     file that cannot be decoded, is not a video or is truncated (:mod:`hms_deploy.data.checks`)."""
     from hms_deploy.data.checks import check_truncation, require_video
     from hms_deploy.data.video import probe_open
 
-    probed = probe_open(path)  # its container is then read for the frames
+    probed = probe_open(Path(path))  # its container is then read for the frames
     try:
-        require_video(probed.info)  # no features of an image or of a truncated file
+        require_video(probed.info)  # docs/method.md §9: no features of an image or of a truncated file
         check_truncation(probed.info)
     except BaseException:
         probed.close()
         raise
-    return VideoInputs(path, config, steps, info=probed).decode_all()
+    return VideoInputs(Path(path), config, steps, info=probed).decode_all()
 
 
 def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +73,7 @@ def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, A
 
 def encode_video(
     encoders: dict[str, Any], inputs: VideoInputs, batch_size: int = 16
-) -> dict[str, np.ndarray]:
+) -> dict[str, NDArray[np.float32]]:
     """Raw features of one video: ``{modality: (T, D) float32}``, in chunks of ``batch_size`` steps.
 
     Chunks depend only on T and ``batch_size``, so a video's features do not depend on
@@ -85,8 +81,9 @@ def encode_video(
     """
     import torch
 
+    assert inputs.mel is not None and inputs.frames is not None  # decoded (decode_all)
     steps = inputs.mel.shape[0]
-    out: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
+    out: dict[str, list[NDArray[np.float32]]] = {m: [] for m in MODALITIES}
     with torch.inference_mode():
         for a in range(0, steps, batch_size):
             s = slice(a, min(a + batch_size, steps))
@@ -167,7 +164,7 @@ def iter_inputs(
         return
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        window: list[tuple[Any, cf.Future]] = []
+        window: list[tuple[Any, cf.Future[tuple[str, VideoInputs | None, str | None]]]] = []
         it = iter(entries)
         try:
             while True:
@@ -234,16 +231,10 @@ class ExtractReport:
         return s
 
 
-CRASH_ENV = "HMS_EXTRACT_CRASH_AFTER"
-"""Test hook: with ``HMS_EXTRACT_CRASH_AFTER=N`` the process dies (``os._exit(137)``,
-like a SIGKILL) after committing N videos in this run, with the next video's features
-already written but not indexed: the worst place to be killed."""
-
-
 def extract(
     ckpt: Any,
     dataset: Any,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     *,
     steps: int | None = None,
     workers: int = 1,
@@ -287,7 +278,6 @@ def extract(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), producer=f"hms_deploy {__version__}",
     )
     t0 = time.perf_counter()
-    crash_after = int(os.environ.get(CRASH_ENV, "-1"))
     label_index = {name: i for i, name in enumerate(ckpt.labels)}
     store = FeatureStore.open_for_writing(out, meta)
     failed: list[tuple[str, str]] = []
@@ -330,8 +320,6 @@ def extract(
                 if extracted == 0 and dtype == "float16":
                     warnings.extend(_float16_warnings(video.feats))
                 shard, slot = store.write_features(video.feats)
-                if extracted == crash_after:
-                    os._exit(137)
                 store.commit(
                     key=entry.key, path=str(entry.path), label=entry.label,
                     label_index=label_index[entry.label], duration_s=video.duration_s,
@@ -351,7 +339,7 @@ def extract(
                          warnings)
 
 
-def _float16_warnings(feats: dict[str, np.ndarray]) -> list[str]:
+def _float16_warnings(feats: dict[str, NDArray[np.float32]]) -> list[str]:
     """Modalities whose typical |feature| is below float16's smallest normal number
     (6.1e-5), where float16 storage keeps only a few significant bits (e.g. random-init
     EfficientNet-B3 features, ~1e-5)."""

@@ -1,6 +1,6 @@
 """The feature store: raw per-step backbone features of many videos, resumable.
 
-HMS trains on frozen features (HMS_SPEC.md 8): ``hms-extract`` runs the three encoders
+HMS trains on frozen features (docs/method.md §4): ``hms-extract`` runs the three encoders
 of a checkpoint once per video and step and stores the *raw* features x (before the
 projection), and ``hms-train`` / ``hms-eval`` read them.
 
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from hms_deploy.config import MODALITIES
 from hms_deploy.data.store_meta import (  # noqa: F401 - part of this module's API
@@ -96,7 +97,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 class FeatureStore:
     """Read (and, with :meth:`open_for_writing`, append to) a feature store directory."""
 
-    def __init__(self, root: str | os.PathLike, *, _writer: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, _writer: bool = False) -> None:
         self.root = Path(root)
         meta_path = self.root / "store.json"
         if not meta_path.is_file():
@@ -119,7 +120,7 @@ class FeatureStore:
         self._slots: dict[int, int] = {}  # shard -> indexed slots
         for r in self.records:
             self._slots[r.shard] = max(self._slots.get(r.shard, 0), r.slot + 1)
-        self._maps: dict[tuple[str, int], np.memmap] = {}
+        self._maps: dict[tuple[str, int], np.memmap[Any, np.dtype[np.floating[Any]]]] = {}
         self._writer = _writer
         self._lock_fd: OutputLock | None = None
         self._superseded = 0  # index lines superseded in this session (compacted on close)
@@ -165,11 +166,11 @@ class FeatureStore:
     def keys(self) -> list[str]:
         return [r.key for r in self.records]
 
-    def label_indices(self) -> np.ndarray:
+    def label_indices(self) -> NDArray[np.int64]:
         """``(N,)`` int64 class index of every record, in index order."""
         return np.array([r.label_index for r in self.records], dtype=np.int64)
 
-    def _map(self, modality: str, shard: int) -> np.memmap:
+    def _map(self, modality: str, shard: int) -> np.memmap[Any, np.dtype[np.floating[Any]]]:
         key = (modality, shard)
         slots = self._slots[shard]
         m = self._maps.get(key)
@@ -183,14 +184,14 @@ class FeatureStore:
 
     def read(
         self,
-        indices: Sequence[int] | np.ndarray | None = None,
+        indices: Sequence[int] | NDArray[np.int64] | None = None,
         modalities: Iterable[str] | None = None,
-        dtype: str | np.dtype = np.float32,
-    ) -> dict[str, np.ndarray]:
+        dtype: DTypeLike = np.float32,
+    ) -> dict[str, NDArray[np.floating[Any]]]:
         """Features of records ``indices`` (all if None): ``{modality: (n, T, D)}`` in ``dtype``."""
         idx = np.arange(len(self.records)) if indices is None else np.asarray(indices, np.int64)
         mods = tuple(modalities) if modalities is not None else self.modalities
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, NDArray[np.floating[Any]]] = {}
         for m in mods:
             if m not in self.meta.dims:
                 raise DatasetError(f"{self.root}: store has no {m!r} features")
@@ -200,12 +201,6 @@ class FeatureStore:
                 arr[j] = self._map(m, r.shard)[r.slot]
             out[m] = arr
         return out
-
-    def read_key(self, key: str, dtype: str | np.dtype = np.float32) -> dict[str, np.ndarray]:
-        """Features of one video: ``{modality: (T, D)}``."""
-        if key not in self._by_key:
-            raise DatasetError(f"{self.root}: no video {key!r} in the store")
-        return {m: a[0] for m, a in self.read([self._by_key[key]], dtype=dtype).items()}
 
     def errors(self) -> list[dict[str, Any]]:
         """Failures recorded by the latest extraction run: ``[{"key", "path", "error"}]``."""
@@ -223,7 +218,7 @@ class FeatureStore:
 
     # -- writing ----------------------------------------------------------------------
     @classmethod
-    def open_for_writing(cls, root: str | os.PathLike, meta: StoreMeta) -> FeatureStore:
+    def open_for_writing(cls, root: str | os.PathLike[str], meta: StoreMeta) -> FeatureStore:
         """Create the store or reopen it to resume; refuses a store with other metadata.
 
         Takes an exclusive lock (``.lock``; a second writer fails), drops a torn index
@@ -298,7 +293,7 @@ class FeatureStore:
             return shard, self._slots[shard]
         return shard + 1, 0
 
-    def write_features(self, feats: dict[str, np.ndarray]) -> tuple[int, int]:
+    def write_features(self, feats: dict[str, NDArray[np.float32]]) -> tuple[int, int]:
         """Append one video's features (not yet indexed) and fsync; returns (shard, slot).
 
         ``feats[modality]`` is (T, D). Call :meth:`commit` with the returned position to
@@ -349,7 +344,7 @@ class FeatureStore:
         self._slots[rec.shard] = max(self._slots.get(rec.shard, 0), rec.slot + 1)
         return rec
 
-    def add(self, *, feats: dict[str, np.ndarray], **fields: Any) -> VideoRecord:
+    def add(self, *, feats: dict[str, NDArray[np.float32]], **fields: Any) -> VideoRecord:
         """:meth:`write_features` then :meth:`commit`."""
         shard, slot = self.write_features(feats)
         return self.commit(shard=shard, slot=slot, **fields)
@@ -393,6 +388,6 @@ def _unlock(lock: OutputLock) -> None:
     lock.release()
 
 
-def open_store(root: str | os.PathLike) -> FeatureStore:
+def open_store(root: str | os.PathLike[str]) -> FeatureStore:
     """Open a store for reading (:class:`DatasetError` if it is not one)."""
     return FeatureStore(root)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass
@@ -94,19 +95,19 @@ def walk_frames(
             yield frame
 
 
-def keyframe_at_or_before(keyframes: np.ndarray, index: int) -> int:
+def keyframe_at_or_before(keyframes: NDArray[np.int64], index: int) -> int:
     """The index of the last keyframe at or before frame ``index`` (``keyframes``: sorted
     keyframe indices, starting at 0)."""
     return int(keyframes[np.searchsorted(keyframes, index, side="right") - 1])
 
 
-def seek_key(pos: int, target: int, keyframes: np.ndarray, threshold: int) -> int | None:
+def seek_key(pos: int, target: int, keyframes: NDArray[np.int64], threshold: int) -> int | None:
     """The forward seek rule: the keyframe to seek to for ``target`` (> ``pos``, the last
     frame taken) when it lies more than ``threshold`` frames past ``pos + 1``; None: walk."""
     key = keyframe_at_or_before(keyframes, target)
     return key if key - (pos + 1) > threshold else None
 
 
-def seek_to(container: Any, stream: Any, frame_pts: np.ndarray, key: int) -> None:
+def seek_to(container: Any, stream: Any, frame_pts: NDArray[np.int64], key: int) -> None:
     """Seek the container to keyframe ``key`` (by its pts; PyAV flushes the decoder)."""
     container.seek(int(frame_pts[key]), stream=stream, backward=True, any_frame=False)

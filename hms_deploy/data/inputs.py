@@ -1,4 +1,4 @@
-"""The per-step part inputs of one video (docs/method.md 1): the one per-video input type.
+"""The per-step part inputs of one video (docs/method.md §1): the one per-video input type.
 
 :class:`VideoInputs` hands out, step by step, what the parts take: the log-mel patches
 of every step (``audio_patches``), the appearance frame of step t (``appearance``) and the

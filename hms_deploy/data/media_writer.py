@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import ConfigError, VideoError, first_line
 
-FrameFn = Callable[[int, float], np.ndarray]
-AudioFn = Callable[[np.ndarray], np.ndarray]
+FrameFn = Callable[[int, float], NDArray[np.uint8]]
+AudioFn = Callable[[NDArray[np.float64]], NDArray[np.float64]]
 
 
 def _video_codec() -> str:
@@ -33,7 +34,7 @@ def write_video(
     audio_fn: AudioFn | None = None,
     gop: int | None = None,
     sample_rate: int = 16000,
-    frame_times_s: np.ndarray | None = None,
+    frame_times_s: NDArray[np.float64] | None = None,
     rotation: int = 0,
     preset: str = "veryfast",
     crf: int = 20,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import ConfigError
 
@@ -16,7 +17,7 @@ def resized_size(height: int, width: int, resize_short: int) -> tuple[int, int]:
     return int(resize_short * height / width), resize_short
 
 
-def _resize_crop_nhwc(frames: np.ndarray, resize_short: int, crop: int) -> np.ndarray:
+def _resize_crop_nhwc(frames: NDArray[np.uint8], resize_short: int, crop: int) -> NDArray[np.uint8]:
     import torch
     import torch.nn.functional as F
 
@@ -34,12 +35,12 @@ def _resize_crop_nhwc(frames: np.ndarray, resize_short: int, crop: int) -> np.nd
     return x[:, :, top : top + crop, left : left + crop].contiguous().numpy()
 
 
-def _check_hwc(frame: np.ndarray, what: str = "frame") -> None:
+def _check_hwc(frame: NDArray[np.generic], what: str = "frame") -> None:
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"{what} has shape {frame.shape} {frame.dtype}, expected (H, W, 3) uint8")
 
 
-def resize_center_crop(frame: np.ndarray, resize_short: int, crop: int) -> np.ndarray:
+def resize_center_crop(frame: NDArray[np.uint8], resize_short: int, crop: int) -> NDArray[np.uint8]:
     """Short-side resize then centre crop of one RGB frame.
 
     Bilinear ``torch.nn.functional.interpolate(antialias=True, align_corners=False)``
@@ -54,12 +55,13 @@ def resize_center_crop(frame: np.ndarray, resize_short: int, crop: int) -> np.nd
         ``(3, crop, crop)`` uint8 RGB, channels first.
     """
     _check_hwc(frame)
-    return _resize_crop_nhwc(frame[None], resize_short, crop)[0]
+    out: NDArray[np.uint8] = _resize_crop_nhwc(frame[None], resize_short, crop)[0]
+    return out
 
 
 def resize_center_crop_batch(
-    frames: Sequence[np.ndarray], resize_short: int, crop: int
-) -> np.ndarray:
+    frames: Sequence[NDArray[np.uint8]], resize_short: int, crop: int
+) -> NDArray[np.uint8]:
     """:func:`resize_center_crop` over frames of one size: ``(N, 3, crop, crop)`` uint8."""
     if len(frames) == 0:
         return np.zeros((0, 3, crop, crop), dtype=np.uint8)
@@ -68,10 +70,3 @@ def resize_center_crop_batch(
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"frames differ in size: {sorted({f.shape for f in frames})}")
     return _resize_crop_nhwc(np.stack(frames), resize_short, crop)
-
-
-def clip_tensor(frames: Sequence[np.ndarray], resize_short: int, crop: int) -> np.ndarray:
-    """A motion clip of frames (time order) -> ``(3, len(frames), crop, crop)`` uint8 (C, T, H, W)."""
-    return np.ascontiguousarray(
-        resize_center_crop_batch(frames, resize_short, crop).transpose(1, 0, 2, 3)
-    )

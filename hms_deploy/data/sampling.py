@@ -1,4 +1,4 @@
-"""Steps -> timestamps -> frame indices (HMS_SPEC.md 1), and the :class:`StepSampler`
+"""Steps -> timestamps -> frame indices (docs/method.md §1), and the :class:`StepSampler`
 that turns them into the part inputs of the steps a runtime asks for.
 
 All times are seconds relative to the first video frame (the first frame's presentation
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from hms_deploy.config import AudioFrontEnd, HMSConfig, MotionClip
 from hms_deploy.data.audio import audio_patches as _audio_patches
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from hms_deploy.data.video import VideoInfo
 
 
-def step_centers(duration_s: float, steps: int) -> np.ndarray:
+def step_centers(duration_s: float, steps: int) -> NDArray[np.float64]:
     """Centre time of each step: ``tau_t = (t + 0.5) * duration_s / steps``.
 
     Returns ``(steps,)`` float64 seconds. Raises :class:`ConfigError` for ``steps < 1``
@@ -53,7 +53,7 @@ def window_coverage(centers_s: ArrayLike, window_s: float, duration_s: float) ->
     return float(seen)
 
 
-def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
+def clip_offsets(clip: MotionClip | None = None) -> NDArray[np.float64]:
     """Offsets of the clip's timestamps from its centre: ``(k - (frames - 1) / 2) * stride_s``.
 
     For the default clip: ``(k - 15.5) * 2/30`` s, k = 0..31; ``(frames,)`` float64.
@@ -66,7 +66,7 @@ def clip_offsets(clip: MotionClip | None = None) -> np.ndarray:
     return (np.arange(clip.frames, dtype=np.float64) - (clip.frames - 1) / 2.0) * clip.stride_s
 
 
-def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> np.ndarray:
+def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> NDArray[np.float64]:
     """Timestamps of the motion clip(s) centred at ``tau``.
 
     Args:
@@ -76,10 +76,11 @@ def clip_times(tau: ArrayLike, clip: MotionClip | None = None) -> np.ndarray:
         clamped to the video (:func:`nearest_frames` clamps).
     """
     tau = np.asarray(tau, dtype=np.float64)
-    return tau[..., None] + clip_offsets(clip)
+    times: NDArray[np.float64] = tau[..., None] + clip_offsets(clip)
+    return times
 
 
-def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray:
+def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> NDArray[np.int64]:
     """Index of the decoded frame whose presentation time is nearest each query time.
 
     Args:
@@ -102,20 +103,8 @@ def nearest_frames(frame_times: ArrayLike, query_times: ArrayLike) -> np.ndarray
     return np.where(take_right, right, left).astype(np.int64)
 
 
-def slow_indices(frames: int = 32, slow: int = 8) -> list[int]:
-    """pytorchvideo ``PackPathway``'s slow-pathway choice: ``torch.linspace(0, frames-1, slow).long()``.
-
-    For 32 / 8: ``[0, 4, 8, 13, 17, 22, 26, 31]``.
-    """
-    if frames < 1 or slow < 1:
-        raise ConfigError(f"frames and slow must be >= 1, got {frames}, {slow}")
-    import torch
-
-    return torch.linspace(0, frames - 1, slow).long().tolist()
-
-
 class StepSampler:
-    """Which frames and audio each step of a video needs (HMS_SPEC.md 1).
+    """Which frames and audio each step of a video needs (docs/method.md §1).
 
     Everything is precomputed from a :class:`VideoInfo` at construction (no decoding),
     so a runtime can ask for the inputs of only the steps it runs.
@@ -171,7 +160,7 @@ class StepSampler:
             raise IndexError(f"step {t} is outside [0, {self.steps})")
         return int(t)
 
-    def _steps(self, steps: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    def _steps(self, steps: Sequence[int] | NDArray[np.int64] | None) -> NDArray[np.int64]:
         if steps is None:
             return np.arange(self.steps)
         s = np.asarray(steps, dtype=np.int64).reshape(-1)
@@ -179,18 +168,15 @@ class StepSampler:
             raise IndexError(f"steps {s.tolist()} are not all inside [0, {self.steps})")
         return s
 
-    def appearance_frame_index(self, t: int) -> int:
-        """Index of the frame nearest the centre of step ``t``."""
-        return int(self.appearance_indices[self._step(t)])
-
-    def motion_frame_indices(self, t: int) -> np.ndarray:
+    def motion_frame_indices(self, t: int) -> NDArray[np.int64]:
         """``(clip.frames,)`` int64 frame indices of step ``t``'s motion clip (time order)."""
-        return self.motion_indices[self._step(t)].copy()
+        idx: NDArray[np.int64] = self.motion_indices[self._step(t)].copy()
+        return idx
 
     def audio_coverage(self) -> dict[str, float]:
         """How much of the video the steps' audio windows see: ``audio_s`` (seconds of the
         video inside some step's window), ``duration_s`` and ``share`` (their ratio, 1.0
-        for an empty video). Videos longer than T windows are seen in part (method.md 8)."""
+        for an empty video). Videos longer than T windows are seen in part (docs/method.md §8)."""
         fe = self.front_end
         window = fe.patch_frames * fe.hop_length / fe.sample_rate
         duration = float(self.info.duration_s)
@@ -199,7 +185,7 @@ class StepSampler:
         return {"audio_s": round(seen, 3), "duration_s": round(duration, 3),
                 "share": round(min(share, 1.0), 4)}
 
-    def audio_patches(self, waveform: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+    def audio_patches(self, waveform: NDArray[np.float64], sample_rate: int | None = None) -> NDArray[np.float32]:
         """``(T, 1, 96, 64)`` float32 log-mel patches of all steps from an aligned waveform.
 
         ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).
@@ -217,8 +203,8 @@ class StepSampler:
         return samples_needed(self.centers, round(self.info.duration_s * fe.sample_rate), fe)
 
     def appearance_inputs(
-        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
-    ) -> np.ndarray:
+        self, source: FrameSource, steps: Sequence[int] | NDArray[np.int64] | None = None
+    ) -> NDArray[np.uint8]:
         """``(len(steps), 3, crop, crop)`` uint8 RGB appearance inputs (all steps if None)."""
         idx = self.appearance_indices[self._steps(steps)]
         frames = source.read(idx)
@@ -226,11 +212,12 @@ class StepSampler:
         batch = resize_center_crop_batch(
             [frames[i] for i in uniq], self.appearance_resize, self.appearance_crop
         )
-        return batch[np.searchsorted(uniq, idx)]
+        out: NDArray[np.uint8] = batch[np.searchsorted(uniq, idx)]
+        return out
 
     def motion_inputs(
-        self, source: FrameSource, steps: Sequence[int] | np.ndarray | None = None
-    ) -> np.ndarray:
+        self, source: FrameSource, steps: Sequence[int] | NDArray[np.int64] | None = None
+    ) -> NDArray[np.uint8]:
         """``(len(steps), 3, clip.frames, crop, crop)`` uint8 RGB motion clips (all steps if None).
 
         Each distinct frame is decoded and resized once, even where clips overlap.

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.data.media_writer import AudioFn, FrameFn, write_video
 from hms_deploy.errors import ConfigError
@@ -54,11 +55,11 @@ DEFAULT_CLASSES: tuple[str, ...] = tuple(CLASS_GROUPS)
 class _Params:
     """Per-video random draws (see the module docstring)."""
 
-    tint: np.ndarray  # (3,) added to the background, 0-255 units
+    tint: NDArray[np.float64]  # (3,) added to the background, 0-255 units
     radius: float  # object radius in pixels
     cx: float
     cy: float
-    colour: np.ndarray  # (3,) object colour, 0-255
+    colour: NDArray[np.float64]  # (3,) object colour, 0-255
     wobble_hz: float
     wobble_phase: float
     speed: float  # px/s, signed
@@ -111,7 +112,7 @@ def _frame_fn(label: str, p: _Params, width: int, height: int) -> FrameFn:
     lo = width / 6.0 - p.radius if p.speed else 0.0
     band = (width - 2.0 * lo) if p.speed else float(width)
 
-    def frame_fn(i: int, t: float) -> np.ndarray:
+    def frame_fn(i: int, t: float) -> NDArray[np.uint8]:
         wob = np.sin(2 * np.pi * p.wobble_hz * t + p.wobble_phase)
         cx = lo + (p.cx - lo + p.speed * t + 1.0 * wob) % band
         cy = p.cy + 1.0 * np.cos(2 * np.pi * p.wobble_hz * t + p.wobble_phase)
@@ -123,13 +124,14 @@ def _frame_fn(label: str, p: _Params, width: int, height: int) -> FrameFn:
             dist = np.sqrt(dx * dx + dy * dy) - p.radius
         alpha = np.clip(0.5 - dist, 0.0, 1.0)[..., None]  # 1-px anti-aliased edge
         img = bg + alpha * (colour - bg) + noise_bank[i % 8]
-        return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        frame: NDArray[np.uint8] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        return frame
 
     return frame_fn
 
 
 def _audio_fn(label: str, p: _Params) -> AudioFn:
-    def audio_fn(t: np.ndarray) -> np.ndarray:
+    def audio_fn(t: NDArray[np.float64]) -> NDArray[np.float64]:
         rng = np.random.default_rng(p.noise_seed + 1)
         noise = rng.normal(0.0, 0.01, t.shape)
         if label == "tone_low":
@@ -139,7 +141,8 @@ def _audio_fn(label: str, p: _Params) -> AudioFn:
             tone = 0.3 * gate * np.sin(2 * np.pi * 2000.0 * p.freq_scale * t + p.phase)
         else:
             tone = 0.08 * np.sin(2 * np.pi * 800.0 * p.freq_scale * t + p.phase)
-        return p.loudness * tone + noise
+        samples: NDArray[np.float64] = p.loudness * tone + noise
+        return samples
 
     return audio_fn
 
@@ -270,7 +273,7 @@ def make_sample_video(path: str | Path, seed: int = 0, *, label: str | None = No
 
 
 # -- the benchmark reference -------------------------------------------------------------
-def _speech_like(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _speech_like(t: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np.float64]:
     """Syllables of a harmonic voice: 120-220 Hz pitch, 3 formant-ish peaks, pauses."""
     n = t.size
     sr = 1.0 / (t[1] - t[0]) if n > 1 else 16000.0
@@ -294,7 +297,8 @@ def _speech_like(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         voice += (gain + 0.05) / h * np.sin(h * phase)
     voice *= env
     peak = np.max(np.abs(voice)) if n else 1.0
-    return 0.5 * voice / (peak or 1.0) + rng.normal(0.0, 0.005, n)
+    samples: NDArray[np.float64] = 0.5 * voice / (peak or 1.0) + rng.normal(0.0, 0.005, n)
+    return samples
 
 
 def make_reference_video(
@@ -315,10 +319,10 @@ def make_reference_video(
         base = np.array([60 + 25 * s % 120, 90 + 40 * s % 100, 140 - 15 * s % 90], np.float32)
         grad = (xs / width)[..., None] * np.array([40, -20, 30], np.float32)
         scenes.append(np.clip(base + grad + 10 * np.sin(ys / 17.0)[..., None], 0, 255))
-    scenes_u8 = [s.astype(np.uint8) for s in scenes]
+    scenes_u8: list[NDArray[np.uint8]] = [s.astype(np.uint8) for s in scenes]
     r = height * 0.12
 
-    def frame_fn(i: int, t: float) -> np.ndarray:
+    def frame_fn(i: int, t: float) -> NDArray[np.uint8]:
         img = scenes_u8[int(t // 10.0)].copy()
         bar = int((t * width / 4.0) % width)
         img[:, bar : bar + 12] = (240, 240, 240)
@@ -337,7 +341,7 @@ def make_reference_video(
             ).astype(np.uint8)
         return img
 
-    def audio_fn(t: np.ndarray) -> np.ndarray:
+    def audio_fn(t: NDArray[np.float64]) -> NDArray[np.float64]:
         return _speech_like(t, np.random.default_rng(1234))
 
     return write_video(

@@ -1,6 +1,6 @@
 """Video probing and timestamp-aligned audio.
 
-Conventions (docs/method.md 1): every time is in seconds relative to the presentation time
+Conventions (docs/method.md §1): every time is in seconds relative to the presentation time
 of the first video frame; frames are identified by their index in presentation (pts)
 order, ``0 .. len(info.frame_times) - 1``.
 

@@ -1,5 +1,5 @@
 """``hms-eval`` as a library: metrics, costs, usage and the test-time budget curve
-(HMS_SPEC.md 5-6) of a checkpoint on a feature store."""
+(docs/method.md §5-§6) of a checkpoint on a feature store."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.checkpoint import Checkpoint
 from hms_deploy.costs import UNIT, dense_cost, step_costs
-from hms_deploy.data.features import FeatureStore, backbone_hash
+from hms_deploy.data.feature_batches import FeatureSource
+from hms_deploy.data.features import FeatureStore
+from hms_deploy.data.store_meta import backbone_hash
 from hms_deploy.errors import ConfigError, DatasetError
 from hms_deploy.eval.predict import (
     Predictions,
@@ -22,11 +25,11 @@ from hms_deploy.eval.predict import (
     predict_hms,
 )
 from hms_deploy.metrics import average_precision_per_class, top1_accuracy
-from hms_deploy.train.data import FeatureSource
+from hms_deploy.model.hms import HMS
 from hms_deploy.version import __version__
 
 
-def _metrics(pred: Predictions, labels: np.ndarray, interpolated: bool) -> dict[str, Any]:
+def _metrics(pred: Predictions, labels: NDArray[np.int64], interpolated: bool) -> dict[str, Any]:
     ap = average_precision_per_class(pred.scores, labels, interpolated=interpolated)
     return {
         "map": ap.mean,
@@ -37,13 +40,14 @@ def _metrics(pred: Predictions, labels: np.ndarray, interpolated: bool) -> dict[
     }
 
 
-def _usage_fractions(pred: Predictions) -> tuple[np.ndarray, np.ndarray]:
+def _usage_fractions(pred: Predictions) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per video: fraction of *processed* steps that ran appearance / motion."""
+    assert pred.appearance is not None and pred.motion is not None  # an HMS model's
     steps = np.maximum(pred.steps, 1)
     return pred.appearance.sum(1) / steps, pred.motion.sum(1) / steps
 
 
-def default_budgets(costs: dict[str, float], used: np.ndarray) -> list[float]:
+def default_budgets(costs: dict[str, float], used: NDArray[np.float64]) -> list[float]:
     """Eight budgets, geometric from 5 % of the mean unbudgeted GMAC/video to the most any
     video used (where the curve meets the unbudgeted point); never below one step."""
     s = step_costs(costs)
@@ -88,11 +92,11 @@ def evaluate(
     if ckpt.policy == "early_fusion":
         from hms_deploy.model.baselines import build_early_fusion, modalities_tag
 
-        model = build_early_fusion(ckpt)
-        source = FeatureSource(store, None, model.modalities)
-        pred = predict_early_fusion(model, source, costs, batch_size)
+        fusion = build_early_fusion(ckpt)
+        source = FeatureSource(store, None, fusion.modalities)
+        pred = predict_early_fusion(fusion, source, costs, batch_size)
         result.update(_metrics(pred, labels, interpolated))
-        result["name"] = f"early fusion {modalities_tag(model.modalities)}"
+        result["name"] = f"early fusion {modalities_tag(fusion.modalities)}"
         result["dense_gmacs_per_video"] = result["gmacs_per_video"]
     elif ckpt.policy == "hms":
         model = ckpt.build_model()
@@ -115,7 +119,7 @@ def evaluate(
     return result
 
 
-def budget_curve(model, source: FeatureSource, costs: dict[str, float], labels: np.ndarray,
+def budget_curve(model: HMS, source: FeatureSource, costs: dict[str, float], labels: NDArray[np.int64],
                  budgets: Sequence[float], interpolated: bool = False,
                  batch_size: int = 64) -> list[dict[str, Any]]:
     """mAP etc. at each budget (GMAC per video, ``inf`` allowed); sorted, ``inf`` last."""
@@ -138,7 +142,7 @@ def budget_curve(model, source: FeatureSource, costs: dict[str, float], labels: 
     return out
 
 
-def _usage(pred: Predictions, labels: np.ndarray, names: list[str],
+def _usage(pred: Predictions, labels: NDArray[np.int64], names: list[str],
            groups: dict[str, str] | None) -> dict[str, Any]:
     ui, um = _usage_fractions(pred)
     per_class = {}
@@ -162,9 +166,10 @@ def _usage(pred: Predictions, labels: np.ndarray, names: list[str],
     return out
 
 
-def _samples(pred: Predictions, labels: np.ndarray, store: FeatureStore,
+def _samples(pred: Predictions, labels: NDArray[np.int64], store: FeatureStore,
              k: int) -> list[dict[str, Any]]:
     """Per-step decisions of up to ``k`` videos, spread over the classes (for Fig. 6)."""
+    assert pred.appearance is not None and pred.motion is not None  # an HMS model's
     order: list[int] = []
     per_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     while len(order) < k and any(per_class):

@@ -1,5 +1,5 @@
 """Predictions over stored features: HMS (argmax decisions), HMS under a GMAC budget, and
-early-fusion baselines, with the GMAC each video used (HMS_SPEC.md 5).
+early-fusion baselines, with the GMAC each video used (docs/method.md §5).
 
 The budgeted forward is :func:`hms_deploy.gating.gated_step` over :class:`BudgetStepOps`,
 a :class:`~hms_deploy.model.hms.FeatureStepOps` whose ``decide_*`` veto a firing gate
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger, video_cost
+from hms_deploy.data.feature_batches import FeatureSource
+from hms_deploy.model.baselines import EarlyFusion
 from hms_deploy.model.hms import HMS, FeatureStepOps
-from hms_deploy.train.data import FeatureSource
 
 Tensor = torch.Tensor
 
@@ -34,15 +36,15 @@ class Predictions:
     gmacs (N,) GMAC used per video.
     """
 
-    scores: np.ndarray
-    appearance: np.ndarray | None
-    motion: np.ndarray | None
-    steps: np.ndarray
-    gmacs: np.ndarray
+    scores: NDArray[np.float32]
+    appearance: NDArray[np.int8] | None
+    motion: NDArray[np.int8] | None
+    steps: NDArray[np.int64]
+    gmacs: NDArray[np.float64]
 
 
-def _hms_gmacs(costs: dict[str, float], steps: np.ndarray, g_i: np.ndarray,
-               g_m: np.ndarray) -> np.ndarray:
+def _hms_gmacs(costs: dict[str, float], steps: NDArray[np.int64], g_i: NDArray[np.int8],
+               g_m: NDArray[np.int8]) -> NDArray[np.float64]:
     return np.array([
         video_cost(costs, steps=int(s), appearance=int(a), motion=int(m))
         for s, a, m in zip(steps, g_i.sum(1), g_m.sum(1))
@@ -53,7 +55,7 @@ def _hms_gmacs(costs: dict[str, float], steps: np.ndarray, g_i: np.ndarray,
 def predict_hms(model: HMS, source: FeatureSource, costs: dict[str, float],
                 batch_size: int = 64) -> Predictions:
     """Argmax decisions over all T steps, via the masked forward (same logits as the
-    skipping reference, HMS_SPEC.md 3)."""
+    skipping reference, docs/method.md §3)."""
     model.eval()
     scores, gi, gm = [], [], []
     for _, feats, _ in source.batches(batch_size):
@@ -81,7 +83,7 @@ class BudgetStepOps(FeatureStepOps):
         self.ledger = BudgetLedger(costs, n, budget)
         self.active = np.ones(n, dtype=bool)
 
-    def start_step(self) -> np.ndarray:
+    def start_step(self) -> NDArray[np.bool_]:
         """Charge the base cost of the next step to every video that can still afford it."""
         started = self.ledger.start_step(np.flatnonzero(self.active))
         self.active[:] = False
@@ -102,7 +104,8 @@ class BudgetStepOps(FeatureStepOps):
 
 @torch.no_grad()
 def budgeted_forward(model: HMS, feats: dict[str, Tensor], costs: dict[str, float],
-                     budget: float) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     budget: float) -> tuple[Tensor, NDArray[np.int8], NDArray[np.int8],
+                                             NDArray[np.int64], NDArray[np.float64]]:
     """N videos in lockstep under ``budget`` GMAC each (``math.inf``: no budget).
 
     Returns (logits (N, C) after each video's last finished step, G^I (N, T) int8,
@@ -152,7 +155,7 @@ def predict_budgeted(model: HMS, source: FeatureSource, costs: dict[str, float],
 
 
 @torch.no_grad()
-def predict_early_fusion(model, source: FeatureSource, costs: dict[str, float],
+def predict_early_fusion(model: EarlyFusion, source: FeatureSource, costs: dict[str, float],
                          batch_size: int = 64) -> Predictions:
     """An early-fusion baseline: every step of its modalities, one prediction."""
     from hms_deploy.model.baselines import early_fusion_cost
@@ -164,5 +167,6 @@ def predict_early_fusion(model, source: FeatureSource, costs: dict[str, float],
         scores.append(torch.softmax(model(feats), dim=1).numpy())
     n = len(source)
     cost = early_fusion_cost(costs, model.modalities, steps)
-    return Predictions(np.concatenate(scores) if scores else np.zeros((0, model.cfg.num_classes)),
+    return Predictions(np.concatenate(scores) if scores
+                       else np.zeros((0, model.cfg.num_classes), dtype=np.float32),
                        None, None, np.full(n, steps, dtype=np.int64), np.full(n, cost))

@@ -8,7 +8,7 @@ An *encoder* maps a part's raw input to the raw backbone feature x (before proje
 
 Visual encoders normalise inside (uint8 -> [0, 1] -> mean/std), so normalisation exists
 once and travels into the exported graphs. The motion encoder does SlowFast's PackPathway
-(8 slow frames chosen by :func:`hms_deploy.data.sampling.slow_indices` over the 32) inside.
+(8 slow frames chosen by :func:`slow_indices` over the 32) inside.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from hms_deploy.config import BackboneConfig, MotionClip
-from hms_deploy.data.sampling import slow_indices
 from hms_deploy.errors import ConfigError
 
 
@@ -30,6 +29,16 @@ def _pytorchvideo_compat() -> None:
         import torchvision.transforms._functional_tensor as ft
 
         sys.modules["torchvision.transforms.functional_tensor"] = ft
+
+
+def slow_indices(frames: int = 32, slow: int = 8) -> list[int]:
+    """pytorchvideo ``PackPathway``'s slow-pathway choice: ``torch.linspace(0, frames-1, slow).long()``.
+
+    For 32 / 8: ``[0, 4, 8, 13, 17, 22, 26, 31]``.
+    """
+    if frames < 1 or slow < 1:
+        raise ConfigError(f"frames and slow must be >= 1, got {frames}, {slow}")
+    return torch.linspace(0, frames - 1, slow).long().tolist()
 
 
 # ---------------------------------------------------------------------------- paper nets
@@ -130,12 +139,11 @@ class TinySlowFast(nn.Module):
     (1/4 width) with a temporal kernel of 3, like SlowFast's channel ratio.
 
     The fast pathway's first convolution starts as :func:`motion_filters` (everything
-    else is PyTorch's default random init, drawn as before). ``tiny`` has no pretrained
-    weights, and a random 8-channel first layer is rarely direction-selective: on the
-    synthetic study's left/right-drift classes the motion fine-tune then stalled at
-    0.71-0.87 validation step accuracy on two seeds of five (seeds 1, 2; 18 s epochs, no
-    progress over 7 epochs), and reached 0.979 / 0.992 from this start (measured in the
-    study's setting; figures per seed in ``benchmarks/results/synthetic_quality.json``).
+    else is PyTorch's default random init). ``tiny`` has no pretrained weights, and a
+    random 8-channel first layer is rarely direction-selective, so fine-tuning the motion
+    encoder on classes that differ only in drift direction can stall; starting from
+    direction-selective filters it does not (figures per seed in
+    ``benchmarks/results/synthetic_quality.json``).
     Pretrained SlowFast (``paper``) learns such filters in its first fast layer from
     Kinetics; this stands in for that pretraining. The filters are trained like any
     other weight.
@@ -195,6 +203,8 @@ class _Normalize(nn.Module):
         super().__init__()
         shape = (1, 3) + (1,) * (ndim - 2)
         scale = torch.tensor(std, dtype=torch.float32).reshape(shape) * 255.0
+        self.mean255: torch.Tensor
+        self.scale255: torch.Tensor
         self.register_buffer("mean255", torch.tensor(mean).reshape(shape) * 255.0, False)
         self.register_buffer("scale255", scale, False)
 

@@ -7,7 +7,7 @@ hash still matches the feature store), and its own weights under the prefix
 ``early_fusion.``. It can be trained (``hms-train --policy early_fusion``) and evaluated
 (``hms-eval``), not exported or run (:meth:`Checkpoint.build_model` refuses it).
 
-Cost (GMAC per video, HMS_SPEC.md 5 conventions): every step runs the subset's backbone
+Cost (GMAC per video, docs/method.md §5 conventions): every step runs the subset's backbone
 parts (encoder + projection, ``costs["<modality>_backbone"]``) and the fusion LSTM cell;
 the head runs once: ``T * (sum of backbone parts + early_fusion_cell) + early_fusion_head``.
 """
@@ -15,6 +15,7 @@ the head runs once: ``T * (sum of backbone parts + early_fusion_cell) + early_fu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -102,7 +103,17 @@ def early_fusion_cost(costs: dict[str, float], modalities: Sequence[str], steps:
     return steps * (per_step + costs["early_fusion_cell"]) + costs["early_fusion_head"]
 
 
-def build_early_fusion(ckpt) -> EarlyFusion:
+class EarlyFusionCheckpoint(Protocol):
+    """What :func:`build_early_fusion` reads of a :class:`~hms_deploy.checkpoint.Checkpoint`."""
+
+    policy: str
+    config: HMSConfig
+    modalities: list[str]
+    extra: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+
+def build_early_fusion(ckpt: EarlyFusionCheckpoint) -> EarlyFusion:
     """The baseline of an ``early_fusion`` checkpoint, in eval mode."""
     if ckpt.policy != "early_fusion":
         raise CheckpointError(f"checkpoint policy is {ckpt.policy!r}, not 'early_fusion'")
@@ -118,7 +129,9 @@ def build_early_fusion(ckpt) -> EarlyFusion:
     return model.eval()
 
 
-def early_fusion_state_dict(model: EarlyFusion, encoders: dict[str, torch.Tensor]) -> dict:
+def early_fusion_state_dict(
+    model: EarlyFusion, encoders: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Checkpoint state dict: the source encoders unchanged + the baseline under ``early_fusion.``."""
     sd = {k: v for k, v in encoders.items() if ".encoder." in k}
     sd.update({PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()})

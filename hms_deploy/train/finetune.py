@@ -1,4 +1,4 @@
-"""Fine-tuning backbones on the target data: the separate, earlier step of HMS_SPEC.md 8.
+"""Fine-tuning backbones on the target data: the separate, earlier step of docs/method.md §8.
 
 HMS trains on frozen features, so the backbones must already produce discriminative
 features for the target classes (the paper fine-tunes its ImageNet/Kinetics backbones on
@@ -15,13 +15,13 @@ few random steps per video and epoch (:mod:`hms_deploy.train.step_classifier`):
   motion encoder on left vs right drift);
 - ``head="separate"``: one classifier per fine-tuned modality over its own feature.
 
-The schedule (measured on the synthetic study, see :class:`FinetuneConfig`): Adam with
+The schedule (:class:`FinetuneConfig`): Adam with
 a cosine learning-rate decay over ``epochs``, validation single-step accuracy after
 every epoch, early stopping (``patience`` epochs without improvement, or
 ``stop_accuracy`` reached) and the best validation epoch's weights kept. Afterwards
 BatchNorm statistics of the fine-tuned encoders are recomputed with the kept weights,
 the classifier is dropped, and a new checkpoint is returned whose encoders of those
-modalities are the fine-tuned ones. The graph is unchanged, so the measured part costs
+modalities are the fine-tuned ones. The graph is unchanged, so the part costs
 are too; projections, cells, gates and head are kept as they were (train them
 afterwards, on features extracted with the new encoders).
 """
@@ -30,15 +30,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 from hms_deploy.checkpoint import Checkpoint
 from hms_deploy.config import MODALITIES
+from hms_deploy.data.datasets import ListEntry
 from hms_deploy.data.extraction import build_encoders, iter_inputs
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.errors import ConfigError, DatasetError
@@ -127,13 +130,15 @@ class FinetuneConfig:
                               "must be > 0")
 
 
-def decode_dataset(entries, ckpt: Checkpoint, steps: int, workers: int,
-                   progress: bool = True) -> tuple[list[VideoInputs], np.ndarray, list[str]]:
+def decode_dataset(entries: Sequence[ListEntry], ckpt: Checkpoint, steps: int, workers: int,
+                   progress: bool = True) -> tuple[list[VideoInputs], NDArray[np.int64], list[str]]:
     """Decode every entry (label must be one of the checkpoint's): inputs, labels, errors."""
     from tqdm import tqdm
 
     index = {name: i for i, name in enumerate(ckpt.labels)}
-    videos, labels, errors = [], [], []
+    videos: list[VideoInputs] = []
+    labels: list[int] = []
+    errors: list[str] = []
     good = []
     for e in entries:
         if e.label in index:
@@ -143,22 +148,23 @@ def decode_dataset(entries, ckpt: Checkpoint, steps: int, workers: int,
     bar = tqdm(total=len(good), unit="video", desc="decode", disable=not progress,
                dynamic_ncols=True)
     for e, inputs, error in iter_inputs(good, ckpt.config, steps, workers):
-        if error is None:
+        if error is None and inputs is not None:
             videos.append(inputs)
             labels.append(index[e.label])
         else:
-            errors.append(error)
+            errors.append(error or f"{e.key}: no inputs")
         bar.update(1)
     bar.close()
     return videos, np.array(labels, dtype=np.int64), errors
 
 
-Decoded = tuple[list[VideoInputs], np.ndarray]
+Decoded = tuple[list[VideoInputs], NDArray[np.int64]]
 
 
-def split_entries(entries: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_entries(entries: Sequence[ListEntry], fraction: float, seed: int
+                  ) -> tuple[list[ListEntry], list[ListEntry]]:
     """Stratified (train, val) split of dataset rows by label (as ``hms-train``'s)."""
-    from hms_deploy.train.data import stratified_split
+    from hms_deploy.data.feature_batches import stratified_split
 
     names = sorted({e.label for e in entries})
     labels = np.array([names.index(e.label) for e in entries], dtype=np.int64)
@@ -170,7 +176,7 @@ def split_entries(entries: list, fraction: float, seed: int) -> tuple[list, list
     return [entries[i] for i in tr], [entries[i] for i in va]
 
 
-def _val_pairs(val: StepData, steps: int, cfg: FinetuneConfig) -> np.ndarray:
+def _val_pairs(val: StepData, steps: int, cfg: FinetuneConfig) -> NDArray[np.int64]:
     """The fixed validation pairs: ``steps_per_video`` random steps of every video."""
     return draw_pairs(np.random.default_rng(cfg.seed + 1), len(val.videos), steps,
                       cfg.steps_per_video)
@@ -195,11 +201,13 @@ def _restart(encoders: dict[str, nn.Module], trainable: list[str],
     for m in trainable:
         if variant == "tiny":
             for mod in encoders[m].modules():
-                if mod is not encoders[m] and hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
+                reset = getattr(mod, "reset_parameters", None)
+                if mod is not encoders[m] and callable(reset):
+                    reset()
             for mod in encoders[m].modules():  # structured starts (TinySlowFast's filters)
-                if hasattr(mod, "init_structured"):
-                    mod.init_structured()
+                init = getattr(mod, "init_structured", None)
+                if callable(init):
+                    init()
         else:
             encoders[m].load_state_dict(start[m])
 
@@ -289,10 +297,10 @@ def _train_one(model: StepClassifier, train: StepData, val: StepData | None, ste
 
 def finetune_backbones(
     ckpt: Checkpoint,
-    train_entries,
+    train_entries: Sequence[ListEntry],
     cfg: FinetuneConfig,
     *,
-    val_entries=None,
+    val_entries: Sequence[ListEntry] | None = None,
     steps: int | None = None,
     progress: bool = True,
 ) -> tuple[Checkpoint, dict[str, Any]]:
@@ -351,7 +359,7 @@ def finetune_decoded(ckpt: Checkpoint, train: Decoded, val: Decoded | None,
                            for m in inputs if m not in trainable}
         val_data = splits[1] if val is not None else None
         start = {m: copy.deepcopy(encoders[m].state_dict()) for m in trainable}
-        tries: list[tuple[float, dict, list[dict[str, Any]]]] = []
+        tries: list[tuple[float, dict[str, torch.Tensor], list[dict[str, Any]]]] = []
         for attempt in range(cfg.restarts + 1):
             if attempt:
                 _restart(encoders, trainable, start, ckpt.config.variant, cfg.seed + attempt)

@@ -1,4 +1,4 @@
-"""Training on frozen features (HMS_SPEC.md 4): HMS or an early-fusion baseline.
+"""Training on frozen features (docs/method.md §4): HMS or an early-fusion baseline.
 
 Only projections, cells, gates and head are trained; the encoders of the source
 checkpoint are carried into the output unchanged. Features are standardised per
@@ -25,13 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
+from torch import nn
 
 from hms_deploy.checkpoint import Checkpoint, save_checkpoint
 from hms_deploy.config import MODALITIES
-from hms_deploy.data.features import FeatureStore, backbone_hash
+from hms_deploy.data.feature_batches import FeatureSource, stratified_split
+from hms_deploy.data.features import FeatureStore
+from hms_deploy.data.store_meta import backbone_hash
 from hms_deploy.errors import ConfigError, DatasetError
 from hms_deploy.metrics import mean_average_precision, top1_accuracy
-from hms_deploy.train.data import FeatureSource, stratified_split
+from hms_deploy.model.baselines import EarlyFusion
+from hms_deploy.model.hms import HMS
 from hms_deploy.train.losses import hms_loss
 
 POLICIES = ("hms", "early_fusion")
@@ -39,7 +44,7 @@ POLICIES = ("hms", "early_fusion")
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``hms-train`` (defaults: HMS_SPEC.md 4)."""
+    """Hyper-parameters of ``hms-train`` (defaults: docs/method.md §4)."""
 
     policy: str = "hms"
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
@@ -96,49 +101,45 @@ def _encoder_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {k: v for k, v in ckpt.state_dict.items() if ".encoder." in k}
 
 
-def build_trainable(ckpt: Checkpoint, cfg: TrainConfig):
+def build_trainable(ckpt: Checkpoint, cfg: TrainConfig) -> HMS | EarlyFusion:
     """The model to train: HMS (weights from ``ckpt``) or a fresh early-fusion baseline."""
     if cfg.policy == "hms":
-        from hms_deploy.model.hms import HMS
-
         model = HMS(ckpt.config)
         model.load_state_dict(ckpt.state_dict, strict=False)
         for m in MODALITIES:
             getattr(model, f"{m}_backbone").encoder.requires_grad_(False)
         return model
-    from hms_deploy.model.baselines import EarlyFusion
-
     return EarlyFusion(ckpt.config, cfg.modalities, cfg.hidden)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".encoder." not in n and p.requires_grad]
 
 
-def validate(model, source: FeatureSource, costs: dict[str, float], policy: str) -> dict[str, Any]:
+def validate(model: HMS | EarlyFusion, source: FeatureSource, costs: dict[str, float], policy: str) -> dict[str, Any]:
     """mAP, top-1, GMAC/video and usage with argmax decisions."""
     from hms_deploy.eval.predict import predict_early_fusion, predict_hms
 
-    if policy == "hms":
+    if isinstance(model, HMS):
         pred = predict_hms(model, source, costs)
     else:
         pred = predict_early_fusion(model, source, costs)
     labels = source.labels.numpy()
     p_true = pred.scores[np.arange(len(labels)), labels] if len(labels) else np.ones(0)
-    out = {
+    out: dict[str, Any] = {
         "val_map": mean_average_precision(pred.scores, labels),
         "val_top1": top1_accuracy(pred.scores, labels),
         "val_ce": float(-np.log(np.clip(p_true, 1e-12, None)).mean()) if len(labels) else 0.0,
         "val_gmacs_per_video": float(pred.gmacs.mean()),
     }
-    if pred.appearance is not None:
+    if pred.appearance is not None and pred.motion is not None:
         out["val_usage"] = {"appearance": float(pred.appearance.mean()),
                             "motion": float(pred.motion.mean())}
     return out
 
 
 def fold_normalization(state_dict: dict[str, torch.Tensor], key: str,
-                       stats: tuple[np.ndarray, np.ndarray]) -> None:
+                       stats: tuple[NDArray[np.float64], NDArray[np.float64]]) -> None:
     """Fold ``x_n = (x - mean) / std`` into the Linear ``key`` (``key.weight``, ``key.bias``),
     in place: ``W x_n + b = (W / std) x + (b - (W / std) mean)``, computed in float64."""
     mu, sd = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in stats)
@@ -149,14 +150,14 @@ def fold_normalization(state_dict: dict[str, torch.Tensor], key: str,
     state_dict[f"{key}.bias"] = (b - w_raw @ mu).float()
 
 
-def make_checkpoint(ckpt: Checkpoint, model, cfg: TrainConfig, store: FeatureStore,
-                    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+def make_checkpoint(ckpt: Checkpoint, model: HMS | EarlyFusion, cfg: TrainConfig, store: FeatureStore,
+                    stats: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]],
                     extra: dict[str, Any]) -> Checkpoint:
     """The output checkpoint: trained weights (feature standardisation folded into the
     projections) + the source encoders unchanged; T = the store's."""
     config = ckpt.config.replace(steps=store.steps)
     info = {"training": {**asdict(cfg), **extra}, "store_backbone_hash": store.meta.backbone_hash}
-    if cfg.policy == "hms":
+    if isinstance(model, HMS):
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for m, st in stats.items():
             fold_normalization(sd, f"{m}_backbone.projection.linear", st)
@@ -185,8 +186,8 @@ def train(
     cfg: TrainConfig,
     *,
     val_store: FeatureStore | None = None,
-    out: str | os.PathLike | None = None,
-    log_path: str | os.PathLike | None = None,
+    out: str | os.PathLike[str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train on ``store`` (features extracted with ``ckpt``'s backbones); see the module doc.
@@ -227,7 +228,7 @@ def train(
 
     model = build_trainable(ckpt, cfg)
     costs = dict(ckpt.costs)
-    if cfg.policy == "early_fusion":
+    if isinstance(model, EarlyFusion):
         costs.update(model.measure_costs())
     params = trainable_parameters(model)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -247,7 +248,7 @@ def train(
         sums = {"loss": 0.0, "ce": 0.0, "usage": 0.0, "appearance": 0.0, "motion": 0.0}
         seen = 0
         for _, feats, y in train_src.batches(cfg.batch_size, shuffle=True, generator=rng):
-            if cfg.policy == "hms":
+            if isinstance(model, HMS):
                 out_ = model.masked_forward(feats, tau=tau, generator=gen)
                 loss, ce, usage = hms_loss(out_.logits, y, out_.appearance, out_.motion,
                                            lam=cfg.lam, gamma_i=cfg.gamma_i, gamma_m=cfg.gamma_m)

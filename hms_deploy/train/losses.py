@@ -1,4 +1,4 @@
-"""The HMS objective (HMS_SPEC.md 4): L = L_ce + lambda * L_usage."""
+"""The HMS objective (docs/method.md §4): L = L_ce + lambda * L_usage."""
 
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
 """Named training settings for ``hms-train`` (``--preset``), and the small-validation check.
 
-- ``paper``: HMS_SPEC.md 4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
+- ``paper``: docs/method.md §4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
   1e-4 decayed by 0.92 per epoch, 30 epochs, usage weight lambda 2), made for tens of
   thousands of videos (FCVID, ActivityNet). On a few hundred videos it barely moves
-  from its initialisation in 30 epochs (36 synthetic videos: top-1 0.167, chance; after
-  ``hms-finetune --modalities A+M``, 36 training videos: test top-1 0.50, vs 0.83 with
-  ``small``, 12 test videos, 2026-12-02).
+  from its initialisation in 30 epochs (the comparison with ``small`` is in
+  ``benchmarks/synthetic_quality.py``'s results).
 - ``small``: the synthetic quality study's settings (``benchmarks/synthetic_quality.py``,
-  where they were chosen by measurement; 30 training videos per class): lr 1e-3 decayed
+  30 training videos per class): lr 1e-3 decayed
   by 0.97, 60 epochs (early fusion: 40), lambda 5 (with lambda 2 every video ran motion
   on exactly one step, whatever its class; see the study's docstring).
 - ``auto`` (``hms-train``'s default): ``small`` when the training videos number fewer
@@ -20,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"hms": {}, "early_fusion": {}},
@@ -53,7 +53,7 @@ def preset_values(name: str, policy: str) -> dict[str, Any]:
     return dict(PRESETS[name][policy])
 
 
-def small_validation_warning(labels: np.ndarray, class_names: list[str]) -> str | None:
+def small_validation_warning(labels: NDArray[np.int64], class_names: list[str]) -> str | None:
     """A one-line warning when the validation set (``labels``: class index per video) has
     fewer than :data:`MIN_VAL_VIDEOS` videos or a class with fewer than
     :data:`MIN_VAL_VIDEOS_PER_CLASS`; else None."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 from hms_deploy.data.inputs import VideoInputs
@@ -20,11 +21,12 @@ class StepData:
     (``{modality: (videos, steps, D)}``, from :func:`frozen_features`)."""
 
     videos: list[VideoInputs]
-    labels: np.ndarray
+    labels: NDArray[np.int64]
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def step_input(inputs: VideoInputs, modality: str, t: int) -> np.ndarray:
+def step_input(inputs: VideoInputs, modality: str, t: int) -> NDArray[np.float32] | NDArray[np.uint8]:
+    assert inputs.mel is not None and inputs.frames is not None  # decoded (decode_all)
     if modality == "audio":
         return inputs.mel[t]
     if modality == "appearance":
@@ -32,7 +34,7 @@ def step_input(inputs: VideoInputs, modality: str, t: int) -> np.ndarray:
     return inputs.clips(np.array([t]))[0]
 
 
-def batch_inputs(videos: list[VideoInputs], pairs: np.ndarray, modality: str,
+def batch_inputs(videos: list[VideoInputs], pairs: NDArray[np.int64], modality: str,
                  jitter: torch.Generator | None = None) -> torch.Tensor:
     """The inputs of ``pairs``; with ``jitter`` visual ones are colour-jittered
     (:func:`colour_jitter`, float32)."""
@@ -76,7 +78,7 @@ class StepClassifier(nn.Module):
         self.norm = nn.BatchNorm1d(dim, affine=False)
         self.linear = nn.Linear(dim, num_classes)
 
-    def forward(self, data: StepData, pairs: np.ndarray,
+    def forward(self, data: StepData, pairs: NDArray[np.int64],
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Logits of ``pairs``; with ``generator`` (training) the visual inputs of the
         trained encoders are colour-jittered (:func:`colour_jitter`)."""
@@ -111,7 +113,7 @@ def colour_jitter(x: torch.Tensor, generator: torch.Generator, gain: float = 0.2
 
 
 @torch.no_grad()
-def step_accuracy(model: StepClassifier, data: StepData, pairs: np.ndarray,
+def step_accuracy(model: StepClassifier, data: StepData, pairs: NDArray[np.int64],
                   batch_size: int) -> tuple[float, list[float]]:
     """Single-step accuracy over ``pairs``, overall and per class (NaN: class absent)."""
     model.eval()
@@ -127,7 +129,7 @@ def step_accuracy(model: StepClassifier, data: StepData, pairs: np.ndarray,
 
 @torch.no_grad()
 def recalibrate_batchnorm(encoder: nn.Module, videos: list[VideoInputs], modality: str,
-                          pairs: np.ndarray, batch_size: int,
+                          pairs: NDArray[np.int64], batch_size: int,
                           generator: torch.Generator | None = None) -> None:
     """Recompute BatchNorm running statistics as plain averages over ``pairs`` with the
     final weights ("precise BN"): the running averages of training lag the weights.
@@ -150,7 +152,7 @@ def recalibrate_batchnorm(encoder: nn.Module, videos: list[VideoInputs], modalit
 
 
 def draw_pairs(rng: np.random.Generator, n_videos: int, steps: int, k: int,
-               weights: np.ndarray | None = None) -> np.ndarray:
+               weights: NDArray[np.float64] | None = None) -> NDArray[np.int64]:
     """(video, step) pairs, shuffled: ``k`` distinct random steps of every video, or with
     ``weights`` (per video) ``n_videos * k`` pairs of videos drawn in proportion to them."""
     if weights is not None:
@@ -161,8 +163,8 @@ def draw_pairs(rng: np.random.Generator, n_videos: int, steps: int, k: int,
     return pairs[rng.permutation(len(pairs))]
 
 
-def linear_probe(model: StepClassifier, data: StepData, pairs: np.ndarray, *, epochs: int,
-                 batch_size: int, lr: float, seed: int) -> np.ndarray:
+def linear_probe(model: StepClassifier, data: StepData, pairs: NDArray[np.int64], *, epochs: int,
+                 batch_size: int, lr: float, seed: int) -> NDArray[np.float64]:
     """Fit the classifier (norm + linear) alone on the current features of ``pairs``, the
     encoders fixed ("LP" of LP-FT, Kumar et al. 2022). Returns per-class accuracy of the
     fitted probe on ``pairs`` (1.0 for absent classes).

@@ -46,6 +46,7 @@ from ..bindings import (
     torch_dtype_from_ort,
 )
 from ..engine import Engine, output_shapes
+from ..streams import CUDA, ordered
 
 if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
@@ -372,15 +373,10 @@ class OnnxEngine(Engine):
             return dict(outs)
         stream = self.stream
         assert stream is not None  # set by open()
-        caller = torch.cuda.current_stream(self.device)
-        if caller != stream:
-            stream.wait_stream(caller)  # inputs written on the caller's stream come first
-        self._run_iobinding(io)
-        for x in held:
-            x.record_stream(stream)  # the allocator keeps them until the stream is past this run
+        with ordered(CUDA, stream, self.device):
+            self._run_iobinding(io)
+            CUDA.record(held, stream)  # the allocator keeps them until the stream is past this run
         self._held = held
-        if caller != stream:
-            caller.wait_stream(stream)  # readers on the caller's stream see finished outputs
         return dict(outs)
 
     def _run_iobinding(self, io: Any) -> None:

@@ -3,7 +3,7 @@
 ``tensorrt`` is imported when an engine opens (or :func:`trt_engines` is called), never
 when this module is imported. Only API that TensorRT 10.x and 11.x share is used
 (``execute_async_v3``, ``set_input_shape``, ``set_tensor_address``, the
-``get_tensor_*`` queries); see TRT_NOTES.md.
+``get_tensor_*`` queries); see docs/tensorrt.md §3.
 
 Per call (:meth:`TrtEngine.run`):
 
@@ -24,15 +24,13 @@ tests' TensorRT emulator runs this exact code on CPU with deferred execution.
 
 No CUDA graphs: at the sizes HMS runs (one launch per part and step) a graph would save
 a few microseconds of launch per call but needs a static output set per N plus a copy
-to keep the engine contract's output lifetime; an unmeasured path was removed rather
-than shipped untested.
+to keep the engine contract's output lifetime.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,24 +48,26 @@ from hms_deploy.runtime.trt_plan import (
 from ..bindings import OutputBuffers, bindable, torch_dtype_from_trt
 from ..engine import Engine
 from ..plan_cache import PlanBuilder, build_missing_plans
-from ..streams import CUDA, DeviceStreams, Stream
+from ..streams import CUDA, DeviceStreams, Stream, ordered
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
     from hms_deploy.runtime.manifest import Manifest
 
-TRT_MISSING = "TensorRT is not installed: pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
+TRT_INSTALL = "pip install tensorrt (NVIDIA's index) on a machine with an NVIDIA GPU"
+TRT_MISSING = f"TensorRT is not installed: {TRT_INSTALL}"
 
 
 _LOGGER: trt.Logger | None = None  # one logger per process (TensorRT warns about a second one)
 
 
 def require_tensorrt() -> str:
-    """The TensorRT version, or :class:`BackendUnavailable` with the install hint.
+    """The TensorRT version (>= 10), or :class:`BackendUnavailable` with the install hint.
 
-    ``tensorrt-stubs`` (type stubs) and NVIDIA's PyPI placeholder both make ``import
-    tensorrt`` succeed without a runtime: those count as not installed.
+    The one check for both the runtime and the export's plan builder. ``tensorrt-stubs``
+    (type stubs) and NVIDIA's PyPI placeholder both make ``import tensorrt`` succeed
+    without a runtime: those count as not installed.
     """
     try:
         import tensorrt
@@ -76,6 +76,9 @@ def require_tensorrt() -> str:
     version = getattr(tensorrt, "__version__", None)
     if not hasattr(tensorrt, "Runtime") or not isinstance(version, str):
         raise BackendUnavailable(TRT_MISSING)
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < 10:
+        raise BackendUnavailable(f"TensorRT {version} is too old (10 or newer needed): {TRT_INSTALL}")
     return version
 
 
@@ -295,19 +298,9 @@ class TrtEngine(Engine):
             self._launch()
         return outs
 
-    @contextlib.contextmanager
-    def _ordered(self) -> Iterator[Stream]:
+    def _ordered(self) -> AbstractContextManager[Stream]:
         """Order the engines' stream after the caller's current stream, and back."""
-        stream = self.stream
-        caller = self.streams.current_stream(self.device)
-        if caller is None or caller == stream:
-            yield stream
-            return
-        self.streams.wait(stream, caller)
-        try:
-            yield stream
-        finally:
-            self.streams.wait(caller, stream)
+        return ordered(self.streams, self.stream, self.device)
 
     def _as_spec(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs in the spec's dtypes (a plan with INT32 indices or fp16 outputs is cast)."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import ConfigError, HMSError
 from hms_deploy.runtime.options import RunSettings
@@ -40,8 +41,8 @@ from hms_deploy.runtime.session import Session
 DEFAULT_MAX_UPLOAD_BYTES = 512 << 20  # 512 MiB
 INTERNAL_PREFIX = "internal error"  # answers that are the server's fault, not the request's
 
-Request = dict[str, "np.ndarray | None"]
-Outputs = dict[str, np.ndarray]
+Request = dict[str, "NDArray[np.generic] | None"]  # Triton's arrays (BYTES are object arrays)
+Outputs = dict[str, NDArray[np.generic]]
 
 
 class RequestError(HMSError):
@@ -84,7 +85,7 @@ def _text(value: Any, what: str) -> str:
     raise RequestError(f"input '{what}' must be BYTES (a string), got {type(value).__name__}")
 
 
-def _rows(arr: np.ndarray | None, n: int | None, what: str) -> list[Any] | None:
+def _rows(arr: NDArray[np.generic] | None, n: int | None, what: str) -> list[Any] | None:
     """One element per row (arrays of shape (k,) or (k, 1)); None if the input is absent."""
     if arr is None:
         return None

@@ -3,7 +3,7 @@
 The binary, its Python backend and the backend stubs come from the ``nvidia-pytriton``
 wheel (``pip install hms-deploy[serve]``); ``HMS_TRITONSERVER=/path/to/tritonserver``
 selects another build (its ``../backends`` is then used as is). What the wheel's
-backend needs on a machine like this one (measured; ENV_NOTES "Serving and scale-out"):
+backend needs on a machine like this one (README.md, "Online serving"):
 
 - a backend directory ``python/`` = the wheel's ``backends/python/*`` plus the stub
   built for this Python (``python_backend_stubs/3.X/triton_python_backend_stub``);
@@ -13,13 +13,13 @@ backend needs on a machine like this one (measured; ENV_NOTES "Serving and scale
   (its bundled libcudart);
 - the stub's embedded Python ignores ``PYTHONPATH`` and finds its prefix through the
   first ``python3`` on ``PATH``: with none from a virtual environment it runs the *base*
-  interpreter with the base interpreter's packages (measured here: the base numpy 2.4
-  garbles every BYTES input of the stub, each byte read as the first one). ``PATH``
+  interpreter with the base interpreter's packages (whose numpy may not read the
+  stub's BYTES inputs correctly). ``PATH``
   therefore starts with this interpreter's folder, so the stub runs in this
   environment (its ``pyvenv.cfg``, its site-packages and ``.pth`` files);
 - a shared-memory region name of its own for the stubs (``shm-region-prefix-name``):
   the default name is the same for every ``tritonserver`` on the machine (PyTriton
-  sets a unique one for the same reason; not measured here).
+  sets a unique one for the same reason).
 
 ``python -m hms_deploy.runtime.serve.launch REPO [--host H] [--http-port P] ...`` execs
 the server (what a repository's ``launch.sh`` runs); :class:`TritonProcess` is the same
@@ -70,11 +70,6 @@ class Endpoints:
     def http_url(self) -> str:
         h = self.probe_host
         return f"[{h}]:{self.http_port}" if ":" in h else f"{h}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        h = self.probe_host
-        return f"[{h}]:{self.grpc_port}" if ":" in h else f"{h}:{self.grpc_port}"
 
 
 def _wheel_dir() -> Path | None:
@@ -196,7 +191,7 @@ class TritonProcess:
         url = f"http://{self.ends.http_url}/v2/models/{MODEL_NAME}/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 

@@ -48,11 +48,10 @@ def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
     if not engines.is_absolute():
         engines = version_dir / engines
     engine = params.get("engine") or "onnx"
-    extra: dict[str, object] = {}
+    extra: dict[str, int] = {}
     if params.get("threads") and engine == "onnx":
         extra["threads"] = int(params["threads"])
-    session = Session(engines_dir=engines, engine=engine, device=params.get("device") or "cpu",
-                      **extra)
+    session = Session(engines, None, engine, params.get("device") or "cpu", **extra)
     session.open()
     root = params.get("allowed_root") or None
     options = ServeOptions(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from hms_deploy.data.features import FeatureStore
 from hms_deploy.errors import DatasetError
@@ -20,9 +22,9 @@ class FeatureSource:
     from the memory-mapped shards batch by batch.
     """
 
-    def __init__(self, store: FeatureStore, indices: Sequence[int] | np.ndarray | None = None,
+    def __init__(self, store: FeatureStore, indices: Sequence[int] | NDArray[np.int64] | None = None,
                  modalities: Sequence[str] | None = None,
-                 normalizer: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+                 normalizer: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]] | None = None):
         self.store = store
         self.normalizer = normalizer
         self.indices = (np.arange(len(store)) if indices is None
@@ -38,7 +40,7 @@ class FeatureSource:
     def __len__(self) -> int:
         return int(self.indices.size)
 
-    def get(self, rows: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
+    def get(self, rows: NDArray[np.int64] | Sequence[int]) -> dict[str, torch.Tensor]:
         """Features of positions ``rows`` (into this source, not the store)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._cache is not None:
@@ -47,7 +49,7 @@ class FeatureSource:
         arrays = self.store.read(self.indices[rows], self.modalities)
         return {m: torch.from_numpy(a) for m, a in self._normalize(arrays).items()}
 
-    def set_normalizer(self, normalizer: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def set_normalizer(self, normalizer: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]) -> None:
         """From now on return ``(x - mean) / std`` per dimension (see :meth:`statistics`)."""
         if self.normalizer is not None:
             raise RuntimeError("source is already normalised")
@@ -56,7 +58,9 @@ class FeatureSource:
             self._cache = {m: torch.from_numpy(a) for m, a in self._normalize(
                 {m: t.numpy() for m, t in self._cache.items()}).items()}
 
-    def _normalize(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _normalize(
+        self, arrays: dict[str, NDArray[np.floating[Any]]]
+    ) -> dict[str, NDArray[np.floating[Any]]]:
         if self.normalizer is None:
             return arrays
         out = {}
@@ -65,12 +69,12 @@ class FeatureSource:
             out[m] = ((a - mu.astype(np.float32)) / sd.astype(np.float32)).astype(np.float32)
         return out
 
-    def statistics(self, batch_size: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def statistics(self, batch_size: int = 256) -> dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]:
         """Per-dimension mean and std of the raw features over all videos and steps:
         ``{modality: (mean (D,), std (D,))}`` float64; a constant dimension gets std 1."""
         if self.normalizer is not None:
             raise RuntimeError("statistics() of a normalised source")
-        sums: dict[str, list] = {}
+        sums: dict[str, list[Any]] = {}
         for a in range(0, len(self), batch_size):
             for m, x in self.get(np.arange(a, min(a + batch_size, len(self)))).items():
                 x = x.double().reshape(-1, x.shape[-1])
@@ -89,7 +93,7 @@ class FeatureSource:
 
     def batches(self, batch_size: int, *, shuffle: bool = False,
                 generator: np.random.Generator | None = None
-                ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor]]:
+                ) -> Iterator[tuple[NDArray[np.int64], dict[str, torch.Tensor], torch.Tensor]]:
         """(rows, features, labels) per batch; ``shuffle`` draws the order from ``generator``."""
         order = (generator or np.random.default_rng()).permutation(len(self)) if shuffle \
             else np.arange(len(self))
@@ -98,7 +102,9 @@ class FeatureSource:
             yield rows, self.get(rows), self.labels[torch.from_numpy(rows)]
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: NDArray[np.int64], fraction: float, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Indices (train, val): ``round(fraction * n_c)`` videos of every class c go to validation
     (at least 1 where the class has >= 2 videos), drawn with ``seed``."""
     if not 0.0 < fraction < 1.0:
