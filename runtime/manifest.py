@@ -170,7 +170,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 _HASHED: dict[tuple[int, int, int, int], str] = {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """:func:`sha256_file`, read once per process per file: a file whose identity (device,
     inode, size, modification time in ns) is unchanged since it was hashed is not read
     again, so every Session (a Ray driver and its actors, a server's instances) of one

@@ -102,7 +102,7 @@ class RunSettings:
     def no_audio(self) -> Policy | None:
         """The parsed no-audio policy; None refuses videos without audio."""
         p = self.no_audio_policy
-        return None if p == "error" else p
+        return p if isinstance(p, Policy) else None
 
     @property
     def T(self) -> int:

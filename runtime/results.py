@@ -240,7 +240,7 @@ class ResultsFile:
             raise ConfigError(f"{self.path}: closed")
         key = video_key(str(record.get("video")))
         ident = self._identity.pop(key, None) or file_identity(key)
-        source = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
+        source: dict[str, Any] = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
         if "source" in record or "settings" in record:  # replaced below, as dict keys would be
             text = record_json({k: v for k, v in record.items() if k not in ("source", "settings")})
         elif text is None:

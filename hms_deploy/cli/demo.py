@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import click
 
@@ -149,7 +149,7 @@ class GroupUsage:
         self.motion = {g: 0 for g in GROUP_ORDER}
         self.steps = {g: 0 for g in GROUP_ORDER}
 
-    def add(self, label: str, rec: dict) -> None:
+    def add(self, label: str, rec: dict[str, Any]) -> None:
         from hms_deploy.data.synthetic import CLASS_GROUPS
 
         if "error" in rec:

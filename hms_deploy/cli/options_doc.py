@@ -36,7 +36,8 @@ SKIP = ("--help", "--debug")  # every command has them (the page's first paragra
 
 def load(target: str) -> click.Command:
     module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
+    command: click.Command = getattr(importlib.import_module(module), attr)
+    return command
 
 
 def _cell(text: str) -> str:

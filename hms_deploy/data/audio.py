@@ -189,7 +189,7 @@ def audio_patches(
     return out
 
 
-def patch_spans(centers_s: np.ndarray, num_samples: int,
+def patch_spans(centers_s: NDArray[np.float64], num_samples: int,
                 front_end: AudioFrontEnd | None = None) -> list[tuple[int, int]]:
     """The spectrogram frames ``[a, b)`` the patches of ``centers_s`` contain, inside the
     ``num_frames(num_samples)`` frames of the waveform, merged where they overlap or touch."""
@@ -208,7 +208,7 @@ def patch_spans(centers_s: np.ndarray, num_samples: int,
     return spans
 
 
-def samples_needed(centers_s: np.ndarray, num_samples: int,
+def samples_needed(centers_s: NDArray[np.float64], num_samples: int,
                    front_end: AudioFrontEnd | None = None) -> int:
     """How many samples from the start of a ``num_samples`` waveform the patches of
     ``centers_s`` read (0: none; their frames all lie outside the waveform)."""
@@ -217,8 +217,8 @@ def samples_needed(centers_s: np.ndarray, num_samples: int,
     return (spans[-1][1] - 1) * fe.hop_length + fe.win_length if spans else 0
 
 
-def step_patches(waveform: np.ndarray, centers_s: np.ndarray,
-                 front_end: AudioFrontEnd | None = None) -> np.ndarray:
+def step_patches(waveform: NDArray[np.float64], centers_s: NDArray[np.float64],
+                 front_end: AudioFrontEnd | None = None) -> NDArray[np.float32]:
     """:func:`audio_patches` of :func:`log_mel_spectrogram` of a 1-D waveform at the front
     end's rate, computing only the frames the patches contain (:func:`patch_spans`); each
     of those frames equals the whole spectrogram's."""
