@@ -26,6 +26,7 @@ feature store) follow the same rules:
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -44,6 +45,8 @@ EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a full disk, a size limit
 
 
 class OutputLocked(ConfigError):
@@ -97,11 +100,15 @@ class OutputLock:
     :meth:`acquire` raises :class:`OutputLocked` naming ``output`` and the holder (pid,
     host and start time, written into the lock file) when another process holds it;
     ``acquire(wait=True)`` blocks until it is free instead (after ``on_wait(message)``).
+    ``remove``: delete the lock file on release (while still holding it; an opener that
+    then gets the lock on the deleted file sees that and opens the path again).
     """
 
     def __init__(self, lock_path: str | os.PathLike[str], output: str | os.PathLike[str],
-                 command: str, *, target: str | os.PathLike[str] | None = None):
+                 command: str, *, target: str | os.PathLike[str] | None = None,
+                 remove: bool = False):
         self.path = Path(lock_path)
+        self.remove = remove
         self.output = output
         self.command = command
         self.target = None if target is None else Path(target)
@@ -139,17 +146,32 @@ class OutputLock:
         import fcntl
         import socket
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 if not wait:
-                    raise self._refusal(self.holder(fd)) from None
+                    holder = self.holder(fd)
+                    os.close(fd)
+                    raise self._refusal(holder) from None
                 if on_wait is not None:
                     on_wait(f"{self.output}: waiting for another {self.command}"
                             f"{self.holder(fd)} to finish (lock: {self.path})")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                    on_wait = None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it on release: lock the path's file
+        try:
             self._target_fd = self._lock_target(wait)
         except BaseException:
             os.close(fd)
@@ -191,7 +213,10 @@ class OutputLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            if self.remove:
+                self.path.unlink(missing_ok=True)
+            else:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
