@@ -123,17 +123,16 @@ class OutputLock:
 
     def holder(self, fd: int | None = None) -> str:
         """`` (pid N) on HOST since TIME`` from the lock file ("" if it says nothing)."""
-        own = fd is None
-        if own:
+        if fd is None:
             try:
-                fd = os.open(self.path, os.O_RDONLY)
+                own = os.open(self.path, os.O_RDONLY)
             except OSError:
                 return ""
-        try:
-            fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
-        finally:
-            if own:
-                os.close(fd)
+            try:
+                return self.holder(own)
+            finally:
+                os.close(own)
+        fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
         if not fields or not fields[0].isdigit():
             return ""
         text = f" (pid {fields[0]})"
@@ -188,7 +187,7 @@ class OutputLock:
         if self.target is None:
             return None
         try:
-            fd = os.open(self.target, os.O_RDONLY)
+            fd = os.open(self.target, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
         except FileNotFoundError:
             return None  # no other name can lead to a file that does not exist yet
         try:
