@@ -112,6 +112,8 @@ def test_ray_processes_are_gone_within_10_s_of_the_driver(tmp_path, kind):
         time.sleep(0.1)
         left = _alive(seen)
     took = time.monotonic() - ended
+    print(f"{kind}: {len(seen)} processes of the instance, all gone {took:.1f} s after the "
+          "driver's exit" if not left else f"{kind}: {len(left)} of {len(seen)} still alive")
     assert not left and took <= LIMIT_S, (
         f"{len(_alive(seen))} of {len(seen)} Ray processes alive {took:.1f} s after the "
         f"driver's {kind} exit")
