@@ -166,6 +166,8 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         options["build_plans"] = add_trt_plans
     # the output's lock before the model loads: a second writer refuses at once
     lock = None if output is None else lock_output_or_exit(output, output_mode, inputs.total)
+    if lock is not None:  # released at the end even if the model fails to load
+        click.get_current_context().call_on_close(lock.release)
     session_kwargs = {"engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine,
                       "device": device, **options}
     session = Session(**session_kwargs)
