@@ -345,3 +345,38 @@ def test_a_full_disk_leaves_no_partial_line(tmp_path):
     lines = _lines(out)  # every line complete
     assert 0 < len(lines) < 20 and out.stat().st_size <= 1000
     assert out.read_text().endswith("\n")
+
+
+def test_a_bind_mount_is_another_name_of_the_same_output_and_video(tmp_path):
+    """Bind mounts (where this process may mount): the output file bound onto another
+    path meets the same lock; a video reached through a bound directory is one video."""
+    from hms_deploy.cli.inputs import expand
+
+    real = tmp_path / "cc.jsonl"
+    real.write_text("")
+    other = tmp_path / "other.jsonl"
+    other.write_text("")
+    videos = tmp_path / "videos"
+    a = _video(videos / "a.mp4")
+    view = tmp_path / "view"
+    view.mkdir()
+    mounted = []
+    try:
+        for src, dst in ((real, other), (videos, view)):
+            r = subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True,
+                               text=True, check=False)
+            if r.returncode != 0:
+                pytest.skip(f"cannot bind-mount here ({r.stderr.strip() or r.returncode})")
+            mounted.append(dst)
+        with ResultsFile(real, settings=S) as r:
+            with pytest.raises(OutputLocked, match="another name of the same file"):
+                ResultsFile(other, settings=S)
+            r.append({"video": str(a), "label": "x"})
+        with ResultsFile(tmp_path / "r2.jsonl", settings=S) as r:
+            r.append({"video": str(a), "label": "x"})
+            assert r.done(view / "a.mp4")
+        inputs = expand([str(a), str(view / "a.mp4")])
+        assert inputs.videos == [str(a)] and inputs.duplicates == 1
+    finally:
+        for dst in reversed(mounted):
+            subprocess.run(["umount", str(dst)], check=False)
