@@ -100,7 +100,7 @@ def small_tmpfs(tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
     yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "rlimit"])

@@ -379,4 +379,4 @@ def test_a_bind_mount_is_another_name_of_the_same_output_and_video(tmp_path):
         assert inputs.videos == [str(a)] and inputs.duplicates == 1
     finally:
         for dst in reversed(mounted):
-            subprocess.run(["umount", str(dst)], check=False)
+            subprocess.run(["umount", "-l", str(dst)], check=False)  # even if a file is open
