@@ -33,6 +33,7 @@ import torch
 from hms_deploy.dtypes import ONNX_ELEM_TYPES
 from hms_deploy.errors import ExportError, first_line
 from hms_deploy.export.modules import ExportPart
+from hms_deploy.outputs import DISK_FULL
 from hms_deploy.parts import PartSpec, random_inputs
 
 DEFAULT_OPSET = 17
@@ -136,7 +137,11 @@ def export_part(
     exporter = "torch.onnx legacy (dynamo=False)"
     try:
         _torch_export(part, path, opset, dynamo=False)
-    except Exception as legacy_error:  # noqa: BLE001 - any exporter failure: try the other one
+    except Exception as legacy_error:  # any exporter failure: try the other one
+        if isinstance(legacy_error, OSError) and legacy_error.errno in DISK_FULL:
+            # a full disk: the other exporter would fail the same way; name the file
+            raise OSError(legacy_error.errno, legacy_error.strerror,
+                          legacy_error.filename or str(path)) from legacy_error
         exporter = "torch.onnx dynamo"
         try:
             _torch_export(part, path, opset, dynamo=True)

@@ -7,6 +7,13 @@ export removes its staging directory; one killed outright leaves only the hidden
 staging directory, which the next export to the same target removes. An existing
 non-empty target is refused unless ``force``; with ``force`` only a previous export
 (a directory with a ``manifest.json``) is replaced, never an arbitrary folder.
+
+One export at a time per target: an export (and :func:`add_trt_plans`) holds an
+exclusive ``flock`` on ``.<name>.lock`` beside the resolved target from before the
+checkpoint loads to the end (:func:`export_lock`; the file is removed when it ends); a second one refuses at once,
+naming the holder (pid, host, start time), or with ``wait`` waits for it. A full disk
+(or a file-size limit) while writing gives an :class:`ExportError` naming the target
+and the file being written; nothing is left at the target.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 from hms_deploy.errors import ExportError
 from hms_deploy.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 from hms_deploy.export.validate import ValidationOptions
+from hms_deploy.outputs import DISK_FULL, OutputLock
 from hms_deploy.runtime import manifest as mf
 from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
 
@@ -43,6 +51,7 @@ class ExportOptions:
     opt_batch: int | None = None
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     force: bool = False
+    wait: bool = False  # another export holds the target: wait for it instead of refusing
     external_data: bool | None = None
     validation: ValidationOptions = field(default_factory=ValidationOptions)
 
@@ -104,6 +113,31 @@ def check_out_dir(out: Path, force: bool) -> None:
             )
 
 
+def export_lock(out: str | os.PathLike, *, wait: bool = False, log: Log | None = None,
+                command: str = "hms-export") -> OutputLock:
+    """Lock the export target ``out`` (``.<name>.lock`` beside its resolved path).
+
+    Raises :class:`~hms_deploy.outputs.OutputLocked` naming the holder if another export
+    holds it, unless ``wait`` (then ``log`` says whom it waits for, and it blocks).
+    """
+    real = Path(os.path.realpath(out))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    return OutputLock(real.parent / f".{real.name}.lock", out, command, remove=True).acquire(
+        wait=wait, on_wait=log)
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The disk-full ``OSError`` behind ``e`` (its cause chain), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _commit(staging: Path, out: Path) -> None:
     """Move the finished staging dir to ``out`` (replacing an old export)."""
     old = None
@@ -132,12 +166,10 @@ def export_checkpoint(
     Raises :class:`~hms_deploy.errors.CheckpointError` for a missing/corrupt checkpoint,
     :class:`ExportError` for a refused target, a baseline checkpoint, a failed part or an
     out-of-tolerance parity figure, :class:`~hms_deploy.errors.BackendUnavailable` for
-    ``engine="trt"`` without TensorRT or a GPU. Nothing is left at ``out`` on failure.
+    ``engine="trt"`` without TensorRT or a GPU (also for a full disk: naming the file),
+    :class:`~hms_deploy.outputs.OutputLocked` if another export holds ``out`` (unless
+    ``options.wait``). Nothing is left at ``out`` on failure.
     """
-    from hms_deploy.checkpoint import load_checkpoint
-    from hms_deploy.export.modules import export_parts
-    from hms_deploy.export.onnx import export_part
-    from hms_deploy.export.validate import validate_export
 
     opts = options or ExportOptions()
     say = log or (lambda s: None)
@@ -155,6 +187,19 @@ def export_checkpoint(
         from hms_deploy.export.tensorrt import check_available
 
         check_available()  # BackendUnavailable before any work
+    lock = export_lock(out, wait=opts.wait, log=say)
+    try:
+        return _export_locked(ckpt_path, out, opts, say)
+    finally:
+        lock.release()
+
+
+def _export_locked(ckpt_path: Path, out: Path, opts: ExportOptions, say: Log) -> mf.Manifest:
+    from hms_deploy.checkpoint import load_checkpoint
+    from hms_deploy.export.modules import export_parts
+    from hms_deploy.export.onnx import export_part
+    from hms_deploy.export.validate import validate_export
+
     check_out_dir(out, opts.force)
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.policy != "hms":
@@ -219,8 +264,15 @@ def export_checkpoint(
         data["export_seconds"] = round(time.perf_counter() - t0, 1)
         mf.write_manifest(staging, data)
         _commit(staging, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        full = _disk_full(e)
+        if full is not None:
+            raise ExportError(
+                f"{out}: cannot write the export: {full.strerror or full} (writing "
+                f"{full.filename or staging}); nothing was written to {out} (the partial "
+                "files were removed): free some space and export again"
+            ) from e
         raise
     return mf.load_manifest(out, verify=True)
 
@@ -232,16 +284,29 @@ def add_trt_plans(
     opt_batch: int | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     log: Log | None = None,
+    wait: bool = False,
 ) -> mf.Manifest:
     """Build TensorRT plans for an existing ONNX export on this machine's GPU.
 
     Verifies every file's hash first, builds the plans next to the ONNX files, validates
     them against ONNX Runtime, and replaces ``manifest.json`` atomically. Plans of a
-    failed build are removed; an existing manifest is left as it was.
+    failed build are removed; an existing manifest is left as it was. Holds the
+    directory's export lock (:func:`export_lock`; ``wait`` as in :class:`ExportOptions`).
     """
-    from hms_deploy.export.tensorrt import BuildOptions, add_plans_to_data, check_available
+    from hms_deploy.export.tensorrt import check_available
 
     check_available()
+    lock = export_lock(export_dir, wait=wait, log=log)
+    try:
+        return _add_plans_locked(export_dir, max_batch, opt_batch, workspace_bytes, log)
+    finally:
+        lock.release()
+
+
+def _add_plans_locked(export_dir: str | os.PathLike, max_batch: int, opt_batch: int | None,
+                      workspace_bytes: int, log: Log | None) -> mf.Manifest:
+    from hms_deploy.export.tensorrt import BuildOptions, add_plans_to_data
+
     man = mf.load_manifest(export_dir, verify=True)
     data = dict(man.data)
     data["parts"] = {k: dict(v) for k, v in man.data["parts"].items()}

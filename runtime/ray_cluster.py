@@ -15,6 +15,21 @@ takes the single-machine path it uses on laptops: every port of the instance bin
 imported earlier; the child processes inherit the environment), starts Ray without the
 dashboard, and ``tests/test_ray.py`` checks that no process of the instance listens on a
 non-loopback address. A cluster given by address is the user's to secure.
+
+**Nothing outlives the driver.** A local instance's GCS and raylet die with the driver
+(Ray sets them to), but its workers and agents used to linger for up to a minute and
+a half after the driver's exit. :func:`ray_instance` starts :mod:`ray_reaper` beside a
+local instance: when the driver ends, however (normal exit, exception, SIGTERM,
+SIGKILL), it stops every process of the instance within seconds. SIGTERM stays the
+caller's (Ray's core worker would install a handler that aborts the driver).
+
+**Normal runs look normal.** Ray's own lines that every healthy run printed are not
+shown: the notice that token authentication is on (Ray's default for a new local
+instance, kept; its logger is quiet while the instance starts) and the driver's
+``core_worker.cc`` error line about actor constructor arguments in the object store
+with ``max_restarts > 0`` (Ray Data's actor pool always is so; a worker lost anyway is
+retried by the pool): while the instance runs, the driver's stderr passes through a
+filter that drops exactly those lines (:data:`QUIET_LINES`) and passes everything else.
 """
 
 from __future__ import annotations
@@ -23,6 +38,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +49,11 @@ from typing import Any
 from hms_deploy.errors import ConfigError
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray's lines on the driver's stderr that every healthy run prints (all fragments must occur)
+QUIET_LINES = (
+    (b"core_worker.cc", b"has constructor arguments in the object store", b"max_restarts > 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,7 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
     """
     ray = import_ray()
     started = False
+    reaper = None
     if ray.is_initialized():
         pass  # the caller's instance (e.g. a test fixture or an embedding service)
     elif layout.address:
@@ -120,20 +145,131 @@ def ray_instance(layout: RayLayout) -> Iterator[Any]:
         started = True
     else:
         ray = import_ray(loopback=True)
-        # address="local": always a new instance, never a cluster that RAY_ADDRESS or
-        # /tmp/ray/ray_current_cluster (written by `ray start`) points at
-        ray.init(address="local", num_cpus=layout.num_cpus, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=False, _node_ip_address="127.0.0.1")
+        # Ray's default token auth for a new local instance, without its notice
+        notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            # address="local": always a new instance, never a cluster that RAY_ADDRESS or
+            # /tmp/ray/ray_current_cluster (written by `ray start`) points at
+            ray.init(address="local", num_cpus=layout.num_cpus, include_dashboard=False,
+                     logging_level="WARNING", log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+        finally:
+            notice.setLevel(level)
+        _restore_sigterm(on_sigterm)
         started = True
+        reaper = _start_reaper(ray)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # executor chatter; errors stay
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the job shows its own (videos done / failed / rate)
         ctx.print_on_execution_start = False
-        yield ray
+        with quiet_stderr():
+            yield ray
     finally:
         if started:
             ray.shutdown()
+        if reaper is not None:
+            _stop_reaper(reaper)
+
+
+def _restore_sigterm(handler: Any) -> None:
+    """Give SIGTERM back to the handler it had before ``ray.init`` (Ray's core worker
+    installs one that aborts the process: exit -6 instead of the caller's 143)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _start_reaper(ray: Any) -> subprocess.Popen | None:
+    """:mod:`ray_reaper` for the local instance just started (None where it cannot run)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # another Ray layout: no reaper (Ray's own clean-up only)
+        return None
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_reaper.py")
+    # stdin: a pipe only this process writes (not inherited: close-on-exec); EOF = gone
+    return subprocess.Popen([sys.executable, "-I", script, session, str(os.getpid())],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_reaper(reaper: subprocess.Popen, timeout: float = 8.0) -> None:
+    """Close the reaper's pipe (it stops what ``ray.shutdown()`` left) and wait for it."""
+    try:
+        assert reaper.stdin is not None
+        reaper.stdin.close()
+        reaper.wait(timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def _quiet(line: bytes) -> bool:
+    return any(all(part in line for part in parts) for parts in QUIET_LINES)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Within the block, fd 2 of this process goes through a filter thread that drops the
+    lines of :data:`QUIET_LINES` and passes everything else on at once (a line that
+    could be one of them, starting with ``[``, waits for its end)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+
+    def pump() -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            out = b"".join(ln + b"\n" for ln in lines if not _quiet(ln))
+            if pending and not pending.startswith(b"["):
+                out, pending = out + pending, b""
+            if out:
+                _write_all(saved, out)
+        if pending and not _quiet(pending):
+            _write_all(saved, pending)
+
+    thread = threading.Thread(target=pump, name="ray-stderr-filter", daemon=True)
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # the pipe's last writer gone: the thread drains it and ends
+        thread.join(timeout=2.0)
+        os.close(read_end)
+        os.close(saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
 
 
 def pool_size(ray: Any, layout: RayLayout) -> int:

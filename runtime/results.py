@@ -3,8 +3,8 @@
 One JSON object per line, one line per finished video (never the partial records of
 ``--online``): the record ``hms-run --json`` prints plus two fields that key resume:
 
-- ``"source"``: ``{"path": resolved path, "size": bytes, "mtime_ns": ns}`` of the video
-  when its run started (size and mtime are null for a file that could not be read);
+- ``"source"``: ``{"path": resolved path, "size": bytes, "mtime_ns": ns, "ino": inode}``
+  of the video when its run started (null for a file that could not be read);
 - ``"settings"``: what changes a record (:func:`run_settings`: the model's hash, engine,
   device, policy, budget, T, topk, ...).
 
@@ -16,9 +16,11 @@ torn last line, which the next open cuts off.
 Reopening (a rerun) with the default mode ``resume``:
 
 - a video is its resolved path; its *current* record is its last line (a rerun that
-  reaches it by another relative path, or through a symlink, finds it);
+  reaches it by another relative path, or through a symlink, finds it; so does one
+  through another name of the same inode, a hard link or a bind mount, while the inode,
+  size and mtime match its record);
 - it is skipped if its current record is a result (no ``"error"``) whose ``source``
-  identity still matches the file (same size and mtime) and whose ``settings`` equal this
+  identity still matches the file (same size, mtime and inode) and whose ``settings`` equal this
   run's; a changed file, an error record or a legacy line (without ``source``) is run
   again, and the new line supersedes the old one;
 - if any current record was made with other settings, opening refuses
@@ -36,8 +38,9 @@ old file or the new one). So after a run that ended (even by Ctrl-C) the file ha
 line per video, and counting lines or error records counts videos. A reader that
 follows the file while a run writes it (``tail -f``) must reopen it after a compaction.
 
-One writer: the run holds ``fcntl.flock`` on ``NAME.lock`` beside the file
-(:class:`~hms_deploy.outputs.OutputLock`); a second run refuses at once.
+One writer: the run holds ``fcntl.flock`` on ``NAME.lock`` beside the resolved file and
+on the file's inode (:func:`lock_output`, :class:`~hms_deploy.outputs.OutputLock`); a
+second run, by any name of the file, refuses at once.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from typing import Any
 from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError
-from hms_deploy.outputs import OutputLock, check_output_parent, file_identity, replace_atomically
+from hms_deploy.outputs import OutputLock, check_output_parent, file_stamp, replace_atomically
 
 MODES = ("resume", "new", "overwrite")
 
@@ -84,6 +87,45 @@ def _line_key(obj: Any) -> str | None:
     return video_key(obj["video"])
 
 
+def _same_file(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    """Whether a record's ``source`` identity is the file now: size and mtime, and the
+    inode where the record has one (a file replaced by an atomic ``mv`` has a new one)."""
+    if recorded is None or now is None:
+        return False
+    keys = ("size", "mtime_ns", "ino") if recorded.get("ino") is not None else ("size", "mtime_ns")
+    return all(recorded.get(k) == now.get(k) for k in keys)
+
+
+def _ident(path: str) -> dict[str, Any] | None:
+    stamp = file_stamp(path)
+    return None if stamp is None else {k: stamp[k] for k in ("size", "mtime_ns", "ino")}
+
+
+def lock_output(path: str | Path, *, mode: str = "resume", command: str = "hms-run",
+                wait: bool = False) -> OutputLock:
+    """Take the lock of the output ``path`` (before anything is loaded).
+
+    The lock file is ``NAME.lock`` beside the *resolved* path, and the output file's
+    inode is locked too, so every name of one file (a symlink, ``..``, a hard link, a
+    bind mount) meets the same lock. Mode ``new`` picks the first free ``NAME.N.jsonl``
+    first. ``lock.target`` is the resolved path the run writes. Raises
+    :class:`ConfigError` for a path that cannot be a file,
+    :class:`~hms_deploy.outputs.OutputLocked`, ``OSError``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}",
+                          setting="output_mode", value=mode, expected=" | ".join(MODES))
+    path = Path(path)
+    check_output_parent(path, "output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(path))
+    if mode == "new":
+        real = _free_name(real)
+    lock = OutputLock(real.with_name(real.name + ".lock"), path if mode != "new" else real,
+                      command, target=real)
+    return lock.acquire(wait=wait)
+
+
 def _free_name(path: Path) -> Path:
     if not path.exists() or path.stat().st_size == 0:
         return path
@@ -105,34 +147,35 @@ class ResultsFile:
     """An open, locked ``results.jsonl``: :meth:`done` tells which videos to skip.
 
     ``settings``: what changes a record (stored on every line; see the module docstring).
-    ``mode``: ``resume`` (default), ``new`` or ``overwrite``. Raises :class:`ConfigError`
+    ``mode``: ``resume`` (default), ``new`` or ``overwrite``.
+    ``lock``: the output's lock, taken earlier with :func:`lock_output` (the same
+    ``path`` and ``mode``; then owned by this object); None takes it here. ``path`` is
+    the resolved one. Raises :class:`ConfigError`
     for a path that cannot be a file, :class:`~hms_deploy.outputs.OutputLocked` if
     another run holds it, :class:`SettingsMismatch`; ``OSError`` if it cannot be written.
     """
 
     def __init__(self, path: str | Path, *, settings: dict[str, Any] | None = None,
-                 mode: str = "resume", command: str = "hms-run"):
-        if mode not in MODES:
-            raise ConfigError(f"output mode {mode!r}, expected one of {', '.join(MODES)}",
-                              setting="output_mode", value=mode, expected=" | ".join(MODES))
-        path = Path(path)
-        check_output_parent(path, "output")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "new":
-            path = _free_name(path)
-        self.path = path
+                 mode: str = "resume", command: str = "hms-run", lock: OutputLock | None = None):
+        if lock is None:
+            lock = lock_output(path, mode=mode, command=command)
+        assert lock.target is not None
+        self.path = path = lock.target
         self.settings = _normal(settings)
         self._settings_json = record_json(self.settings)
         self.warnings: list[str] = []
         self.torn = False
         self._state: dict[str, _Current] = {}
-        self._identity: dict[str, dict[str, int] | None] = {}
+        self._identity: dict[str, dict[str, Any] | None] = {}
+        self._inodes: dict[tuple[Any, Any, Any], str] = {}  # (ino, size, mtime) -> key
+        self._alias: dict[str, str] = {}  # another name of a recorded file -> its key
         self._stale = 0  # superseded lines in the file
         self._fd: int | None = None
-        self._lock = OutputLock(path.with_name(path.name + ".lock"), path, command).acquire()
+        self._lock = lock
         try:
             if mode == "overwrite" and path.exists():
                 replace_atomically(path, b"")
+                lock.retarget()
             self._scan()
             if self._stale:
                 self.compact()
@@ -178,10 +221,11 @@ class ResultsFile:
             if key in self._state:
                 self._stale += 1
             src = obj.get("source") if isinstance(obj.get("source"), dict) else None
-            ident = ({"size": src.get("size"), "mtime_ns": src.get("mtime_ns")}
+            ident = ({k: src.get(k) for k in ("size", "mtime_ns", "ino")}
                      if src is not None else None)
             settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else None
             self._state[key] = _Current("error" in obj, ident, settings)
+            self._remember(key, ident)
         if bad:
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             self.warnings.append(
@@ -207,18 +251,30 @@ class ResultsFile:
                 "output file, or output_mode new (a new file beside it) or overwrite",
                 setting="output_mode", value=self.settings)
 
+    def _remember(self, key: str, ident: dict[str, Any] | None) -> None:
+        if ident is not None and ident.get("ino") is not None:
+            self._inodes[(ident["ino"], ident["size"], ident["mtime_ns"])] = key
+
     def done(self, video: str | os.PathLike[str]) -> bool:
         """Whether ``video`` has a current result for this file content and these settings.
 
         Remembers the file's identity now, before it runs: a file that changes while it is
-        classified is classified again by the next run.
+        classified is classified again by the next run. A file recorded under another
+        name (a hard link, a bind mount: the same inode, size and mtime) is that record's
+        video: skipped or superseded under its first name, never recorded twice.
         """
         key = video_key(video)
-        ident = file_identity(key)
+        ident = _ident(key)
+        self._alias.pop(key, None)
+        if key not in self._state and ident is not None:
+            first = self._inodes.get((ident["ino"], ident["size"], ident["mtime_ns"]))
+            if first is not None and first != key and _same_file(self._state[first].identity,
+                                                                 ident):
+                self._alias[key] = key = first
         self._identity[key] = ident
         cur = self._state.get(key)
-        return (cur is not None and not cur.error and ident is not None
-                and cur.identity == ident and cur.settings == self.settings)
+        return (cur is not None and not cur.error and _same_file(cur.identity, ident)
+                and cur.settings == self.settings)
 
     def counts(self) -> dict[str, int]:
         """Current records in the file: ``{"videos", "results", "errors"}``."""
@@ -239,7 +295,8 @@ class ResultsFile:
         if self._fd is None:
             raise ConfigError(f"{self.path}: closed")
         key = video_key(str(record.get("video")))
-        ident = self._identity.pop(key, None) or file_identity(key)
+        key = self._alias.get(key, key)
+        ident = self._identity.pop(key, None) or _ident(key)
         source: dict[str, Any] = {"path": key, **(ident or {"size": None, "mtime_ns": None})}
         if "source" in record or "settings" in record:  # replaced below, as dict keys would be
             text = record_json({k: v for k, v in record.items() if k not in ("source", "settings")})
@@ -266,6 +323,7 @@ class ResultsFile:
         if key in self._state:
             self._stale += 1
         self._state[key] = _Current("error" in record, ident, self.settings)
+        self._remember(key, ident)
 
     def compact(self) -> None:
         """Rewrite the file with the current line of each video (atomic; see module doc)."""
@@ -282,6 +340,7 @@ class ResultsFile:
         kept = [ln for i, (ln, k) in enumerate(zip(lines, keys))
                 if (k is None and ln.strip()) or (k is not None and last[k] == i)]
         replace_atomically(self.path, b"".join(ln + b"\n" for ln in kept) + tail)
+        self._lock.retarget()
         if self._fd is not None:  # the open descriptor points at the replaced file
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -53,6 +53,9 @@ video that fails with an :class:`~hms_deploy.errors.HMSError` (a bad input) yiel
 and propagates. ``batch_size > 1`` steps that many videos in lockstep, each skipping on
 its own (records then carry the batch's timing and engine-call counts); if one video of a
 batch fails, the others are rerun one by one.
+A video whose file changed while it ran (its inode, size or mtime differ at the end from
+the start: rewritten, or replaced by a ``mv``) gets an error record saying so instead of
+a result mixed from two files.
 
 Record fields (docs/record.md; additions, never changes):
 
@@ -88,6 +91,7 @@ from typing import Any
 from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
+from hms_deploy.outputs import file_stamp
 from hms_deploy.runtime.engines import EngineSet, open_engine_set
 from hms_deploy.runtime.manifest import file_sha256
 from hms_deploy.runtime.options import RunSettings, resolve_options
@@ -202,6 +206,7 @@ class Session:
             yield from self._run(batch, opts)
 
     def _run(self, batch: list[str], opts: RunSettings) -> Iterator[dict[str, Any]]:
+        start = [file_stamp(v) for v in batch]  # the files as the run starts
         if len(batch) > 1:
             held: list[dict[str, Any]] = []  # partials of a batch are released only if it succeeds
             try:
@@ -211,11 +216,33 @@ class Session:
                 for v in batch:
                     yield from self._run([v], opts)
                 return
-            yield from held
+            changed = {v: why for v, s in zip(batch, start) if (why := _changed(v, s))}
+            for r in held:
+                why = changed.get(r["video"])
+                if why is None:
+                    yield r
+                elif not r.get("partial"):
+                    yield {"video": r["video"], "error": why}
             return
         try:
             for recs in run_batch(self.engine_set, batch, opts, stream=self._stream):
                 for r in recs:
-                    yield self._finish(r)
+                    why = None if r.get("partial") else _changed(batch[0], start[0])
+                    yield self._finish(r) if why is None else {"video": r["video"], "error": why}
         except HMSError as e:  # a bad input; anything else is a bug and propagates
             yield {"video": batch[0], "error": first_line(e)}
+
+
+def _changed(video: str, start: dict[str, int] | None) -> str | None:
+    """Why ``video``'s file is not the one its run started on (None if it is the same)."""
+    if start is None:
+        return None  # unreadable at the start: its run failed with its own error
+    now = file_stamp(video)
+    if now == start:
+        return None
+    what = ("was removed" if now is None else
+            "was replaced (another inode)" if (now["dev"], now["ino"]) != (start["dev"], start["ino"])
+            else f"was rewritten (size {start['size']} -> {now['size']} bytes, mtime changed)"
+            if now["size"] != start["size"] else "was modified (mtime changed)")
+    return (f"{video}: the file {what} while it was classified; no result from a mix of two "
+            "files: run it again")

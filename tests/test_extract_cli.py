@@ -193,8 +193,17 @@ def test_locked_store_exits_3(data, tmp_path):
     from hms_deploy.outputs import OutputLock
 
     (tmp_path / "st").mkdir()
+    bad = tmp_path / "not-a-checkpoint.pt"
+    bad.write_text("text, not a checkpoint")
     with OutputLock(tmp_path / "st" / ".lock", tmp_path / "st", "hms-extract"):
         r = run(data, tmp_path / "st")
+        # the lock comes before the model: refused the same way, the checkpoint never read
+        early = subprocess.run([EXE, "--checkpoint", str(bad), "--list", str(data / "list.csv"),
+                                "--out", str(tmp_path / "st"), "--quiet"], capture_output=True,
+                               text=True, timeout=300, check=False)
+    assert early.returncode == 3, early.stderr
+    assert f"another hms-extract is writing it (pid {os.getpid()})" in early.stderr
+    assert "checkpoint" not in early.stderr
     assert r.returncode == 3
     line = r.stderr.strip().splitlines()[-1]
     assert f"another hms-extract is writing it (pid {os.getpid()})" in line

@@ -42,7 +42,7 @@ def test_append_done_and_one_line_per_video(tmp_path):
     lines = _lines(out)
     assert [x["video"] for x in lines] == [str(a), str(b)]
     assert lines[0]["source"] == {"path": str(a.resolve()), "size": 11,
-                                  "mtime_ns": a.stat().st_mtime_ns}
+                                  "mtime_ns": a.stat().st_mtime_ns, "ino": a.stat().st_ino}
     assert lines[0]["settings"] == S
     with ResultsFile(out, settings=S) as r:
         assert r.done(a) and not r.done(b)  # an error record is retried
@@ -199,6 +199,81 @@ def test_one_writer(tmp_path):
     ResultsFile(out).close()
 
 
+def _holder(out):
+    """A process that holds ResultsFile(out) until killed."""
+    code = f"from hms_deploy.runtime.results import ResultsFile; r = ResultsFile({str(out)!r}); " \
+           "print('locked', flush=True); import time; time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_every_name_of_the_output_meets_one_lock(tmp_path, monkeypatch):
+    """A symlink, ``..`` through a symlinked directory, a hard link: one writer at a time."""
+    real = tmp_path / "data" / "cc.jsonl"
+    real.parent.mkdir()
+    real.write_text("")
+    (tmp_path / "link.jsonl").symlink_to(real)
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "data" / "sub")  # elsewhere/.. is data/
+    os.link(real, tmp_path / "hard.jsonl")
+    names = [tmp_path / "link.jsonl", tmp_path / "elsewhere" / ".." / "cc.jsonl",
+             tmp_path / "data" / "sub" / ".." / "cc.jsonl", tmp_path / "hard.jsonl"]
+    p = _holder(real)
+    try:
+        for name in names:
+            with pytest.raises(OutputLocked, match=f"pid {p.pid}|another name of the same file"):
+                ResultsFile(name, settings=S)
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+    p = _holder(tmp_path / "link.jsonl")  # and the other way round
+    try:
+        with pytest.raises(OutputLocked, match=f"pid {p.pid}"):
+            ResultsFile(real, settings=S)
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+def test_a_symlinked_output_stays_a_link_and_its_lock_follows_compaction(tmp_path):
+    a = _video(tmp_path / "a.mp4")
+    real = tmp_path / "cc.jsonl"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    with ResultsFile(link, settings=S) as r:
+        assert r.path == real
+        r.append({"video": str(a), "label": "x"})
+        r.append({"video": str(a), "label": "y"})  # supersedes: compacted
+        r.compact()
+        os.link(real, tmp_path / "hard.jsonl")  # a name of the compacted file
+        with pytest.raises(OutputLocked, match="another name of the same file"):
+            ResultsFile(tmp_path / "hard.jsonl", settings=S)
+    assert link.is_symlink() and [x["label"] for x in _lines(real)] == ["y"]
+    assert not (tmp_path / "link.jsonl.lock").exists()
+
+
+def test_a_hard_linked_video_is_one_video(tmp_path):
+    a = _video(tmp_path / "a.mp4")
+    os.link(a, tmp_path / "b.mp4")
+    out = tmp_path / "r.jsonl"
+    with ResultsFile(out, settings=S) as r:
+        assert not r.done(a)
+        r.append({"video": str(a), "label": "x"})
+        assert r.done(tmp_path / "b.mp4")
+    with ResultsFile(out, settings=S) as r:
+        assert r.done(tmp_path / "b.mp4")
+        _video(tmp_path / "c.mp4", b"a new file")
+        os.replace(tmp_path / "c.mp4", a)  # an atomic mv over both names: not done
+        assert not r.done(a)
+        r.append({"video": str(a), "label": "z"})
+        assert not r.done(tmp_path / "b.mp4")  # still the old inode: another file now
+        r.append({"video": str(tmp_path / "b.mp4"), "label": "w"})
+    assert sorted(x["label"] for x in _lines(out)) == ["w", "z"]
+
+
 _WRITER = textwrap.dedent("""
     import sys
     import time
@@ -270,3 +345,38 @@ def test_a_full_disk_leaves_no_partial_line(tmp_path):
     lines = _lines(out)  # every line complete
     assert 0 < len(lines) < 20 and out.stat().st_size <= 1000
     assert out.read_text().endswith("\n")
+
+
+def test_a_bind_mount_is_another_name_of_the_same_output_and_video(tmp_path):
+    """Bind mounts (where this process may mount): the output file bound onto another
+    path meets the same lock; a video reached through a bound directory is one video."""
+    from hms_deploy.cli.inputs import expand
+
+    real = tmp_path / "cc.jsonl"
+    real.write_text("")
+    other = tmp_path / "other.jsonl"
+    other.write_text("")
+    videos = tmp_path / "videos"
+    a = _video(videos / "a.mp4")
+    view = tmp_path / "view"
+    view.mkdir()
+    mounted = []
+    try:
+        for src, dst in ((real, other), (videos, view)):
+            r = subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True,
+                               text=True, check=False)
+            if r.returncode != 0:
+                pytest.skip(f"cannot bind-mount here ({r.stderr.strip() or r.returncode})")
+            mounted.append(dst)
+        with ResultsFile(real, settings=S) as r:
+            with pytest.raises(OutputLocked, match="another name of the same file"):
+                ResultsFile(other, settings=S)
+            r.append({"video": str(a), "label": "x"})
+        with ResultsFile(tmp_path / "r2.jsonl", settings=S) as r:
+            r.append({"video": str(a), "label": "x"})
+            assert r.done(view / "a.mp4")
+        inputs = expand([str(a), str(view / "a.mp4")])
+        assert inputs.videos == [str(a)] and inputs.duplicates == 1
+    finally:
+        for dst in reversed(mounted):
+            subprocess.run(["umount", "-l", str(dst)], check=False)  # even if a file is open

@@ -347,6 +347,40 @@ def test_exit_code_3_when_the_output_is_locked_or_not_a_file(tmp_path):
     assert "File exists" not in r.stderr
 
 
+def test_a_second_writer_refuses_before_the_model_loads_by_any_name(tmp_path):
+    """The lock comes first: with an export that cannot load, the lock error still wins;
+    a symlink or ``..`` to the locked output is the same output."""
+    from hms_deploy.runtime.results import ResultsFile
+
+    a = assets()
+    real = tmp_path / "cc.jsonl"
+    (tmp_path / "link.jsonl").symlink_to(real)
+    (tmp_path / "sub").mkdir()
+    missing = tmp_path / "no-such-engines"
+    with ResultsFile(real, settings={}):
+        for name in (tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "cc.jsonl"):
+            t0 = time.monotonic()
+            r = run(a.video, "--engines", missing, "--output", name)
+            assert r.exit_code == 3, r.stderr
+            assert f"another hms-run is writing it (pid {os.getpid()}) on " in r.stderr
+            assert "not found" not in r.stderr  # the export was never looked at
+            assert time.monotonic() - t0 < 5
+        r = run(a.video, "--engines", a.engines, "--output", tmp_path / "link.jsonl")
+        assert r.exit_code == 3 and "another hms-run is writing it" in r.stderr
+    assert real.read_text() == ""
+
+
+def test_hard_links_to_one_video_are_one_input(tmp_path):
+    from hms_deploy.cli.inputs import expand
+
+    v = make_videos(tmp_path / "v", 1)[0]
+    os.link(v, tmp_path / "v" / "w.mp4")
+    inputs = expand([str(tmp_path / "v")])
+    assert inputs.videos == [str(v)] and inputs.duplicates == 1
+    assert inputs.warnings == [(f"'{tmp_path / 'v' / 'w.mp4'}' is the same file as '{v}': "
+                               "classified once")]
+
+
 # A shell's background job (e.g. a CI runner's) starts with SIGINT ignored, and a Python
 # started so never raises KeyboardInterrupt: the child restores Python's SIGINT handler.
 _RUN_WITH_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "

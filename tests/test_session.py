@@ -125,3 +125,59 @@ def test_session_opens_on_first_use_and_closes():
     assert rec["usage"] == {"appearance": 0, "motion": 0}
     s.close()
     s.close()  # idempotent
+
+
+def _swap_when_open(video, replacement, swapped: list[float]):
+    """A thread that replaces ``video`` by ``replacement`` (an atomic ``mv``) as soon as
+    this process has ``video`` open, i.e. while its run is in progress."""
+    import os
+    import threading
+    import time
+
+    target = os.path.realpath(video)
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{fd}") == target:
+                        os.replace(replacement, video)
+                        swapped.append(time.monotonic())
+                        return
+                except OSError:
+                    continue
+            time.sleep(0.001)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_file_replaced_while_it_runs_gets_an_error_record(onnx_session, tmp_path, batch_size):
+    """X is swapped for Y by an atomic mv while X runs (in a lockstep batch of 4, and
+    alone): X gets an error record that says so, never X's start mixed with Y's frames."""
+    import shutil
+    import time
+
+    a = assets()
+    videos = [tmp_path / f"v{i}.mp4" for i in range(batch_size)]
+    for v in videos:
+        shutil.copy(a.video, v)
+    x = videos[-1]
+    y = tmp_path / "y.tmp"
+    shutil.copy(a.long, y)
+    swapped: list[float] = []
+    t = _swap_when_open(x, y, swapped)
+    recs = list(onnx_session.classify_many(videos, batch_size=batch_size, steps=STEPS))
+    ended = time.monotonic()
+    t.join(timeout=5)
+    assert swapped and swapped[0] < ended, "the swap did not happen during the run"
+    assert [r["video"] for r in recs] == [str(v) for v in videos]
+    assert "label" not in recs[-1]
+    assert recs[-1]["error"] == (f"{x}: the file was replaced (another inode) while it was "
+                                 "classified; no result from a mix of two files: run it again")
+    assert all("label" in r for r in recs[:-1])  # the others of the batch are unharmed
+    rerun = onnx_session.classify(x, steps=STEPS)  # the new file, stable now: a result
+    assert rerun["label"] and "error" not in rerun

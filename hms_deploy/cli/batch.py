@@ -54,6 +54,7 @@ class JobOptions:
     # where the records come from: ``records(videos)`` (e.g. a Ray Data actor pool,
     # ``--ray``); None classifies in this process with the session
     records: Callable[[list[str]], Iterable[dict[str, Any]]] | None = None
+    lock: Any = None  # --output's lock, taken before the model loads (lock_output_or_exit)
 
 
 def error_line(rec: dict[str, Any]) -> str:
@@ -85,6 +86,20 @@ def coverage_warning(recs: list[dict[str, Any]]) -> str:
             f"unseen: raise --steps (e.g. --steps {more})")
 
 
+def lock_output_or_exit(output: Path, mode: str, total: int) -> Any:
+    """Take ``--output``'s lock (before any model loads): a second writer refuses at once
+    with one line and exit 3. Returns the :class:`~hms_deploy.outputs.OutputLock`."""
+    from hms_deploy.runtime.results import lock_output
+
+    try:
+        return lock_output(output, mode=mode, command=PROG)
+    except ConfigError as e:
+        fail(PROG, f"{e}; {total} input(s) not attempted", EXIT_STOPPED)
+    except OSError as e:
+        fail(PROG, f"cannot write {e.filename or output}: {e.strerror or e}; "
+                   f"{total} input(s) not attempted", EXIT_STOPPED)
+
+
 def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
             summary: Callable[[dict[str, Any]], str]) -> int:
     """Classify ``inputs`` with an open-able ``session``; returns the exit code."""
@@ -95,7 +110,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
     if job.output is not None:
         try:
             results = ResultsFile(job.output, settings=run_settings(session, opts),
-                                  mode=job.output_mode, command=PROG)
+                                  mode=job.output_mode, command=PROG, lock=job.lock)
         except ConfigError as e:
             fail(PROG, f"{flag_advice(e)}; {total} input(s) not attempted", EXIT_STOPPED)
         except OSError as e:
@@ -105,7 +120,7 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
         for w in results.warnings:
             warn(w)
         results.warnings.clear()
-        if results.path != job.output:
+        if job.output_mode == "new" and results.path != job.output:
             click.echo(f"{PROG}: writing {results.path}", err=True)
     todo = [v for v in inputs.videos if results is None or not results.done(v)]
     skipped = len(inputs.videos) - len(todo)

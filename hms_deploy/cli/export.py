@@ -1,4 +1,9 @@
-"""``hms-export``: export a checkpoint's nine parts to ONNX (and TensorRT plans), validated."""
+"""``hms-export``: export a checkpoint's nine parts to ONNX (and TensorRT plans), validated.
+
+One export per target at a time: a second ``hms-export`` to the same ``--out`` (or
+``--engines``) refuses at once naming the holder (pid, host, start time) and exits 3,
+or with ``--wait`` waits for it. A full disk names the file it could not write (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
-from hms_deploy.outputs import sigterm_raises
+from hms_deploy.cli.common import EXIT_STOPPED, debug_option, fail, handle_errors
+from hms_deploy.outputs import OutputLocked, sigterm_raises
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +44,9 @@ from hms_deploy.outputs import sigterm_raises
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton model repository (Python-backend model 'hms' over a "
                    "copy of the export) here; with --engines DIR alone, from that export.")
+@click.option("--wait", is_flag=True, default=False,
+              help="If another hms-export is writing the same directory, wait for it to "
+                   "finish instead of refusing (exit 3).")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the summary line.")
 @debug_option
 @handle_errors("hms-export")
@@ -55,12 +63,19 @@ def main(
     steps: int,
     video: Path | None,
     force: bool,
+    wait: bool,
     triton_repo: Path | None,
     quiet: bool,
     debug: bool,
 ) -> None:
     """Export the nine HMS parts of a checkpoint to DIR (ONNX, optional TensorRT plans),
-    check them against PyTorch, and write DIR/manifest.json."""
+    check them against PyTorch, and write DIR/manifest.json.
+
+    \b
+    Exit codes: 0 done; 1 a failure (checkpoint, part, parity, full disk: the message
+    names the file); 2 usage error; 3 another hms-export holds the directory (its pid,
+    host and start time are named; --wait waits for it); 130 interrupted.
+    """
 
     def log(msg: str) -> None:
         if not quiet:
@@ -71,8 +86,11 @@ def main(
         if triton_repo is not None and engines_dir is not None and engine == "onnx":
             done = engines_dir  # an existing export: only the repository
         else:
-            done = _main(checkpoint, out, engine, precision, engines_dir, max_batch, opt_batch,
-                         workspace_gb, opset, steps, video, force, log)
+            try:
+                done = _main(checkpoint, out, engine, precision, engines_dir, max_batch,
+                             opt_batch, workspace_gb, opset, steps, video, force, wait, log)
+            except OutputLocked as e:
+                fail("hms-export", f"{e}; --wait waits for it", EXIT_STOPPED)
         if triton_repo is not None:
             _triton_repo(done, triton_repo, engine, max_batch, force)
 
@@ -89,7 +107,7 @@ def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int, for
 
 def _main(checkpoint: Path | None, out: Path, engine: str, precision: str,
           engines_dir: Path | None, max_batch: int, opt_batch: int | None, workspace_gb: float,
-          opset: int, steps: int, video: Path | None, force: bool,
+          opset: int, steps: int, video: Path | None, force: bool, wait: bool,
           log: Callable[[str], None]) -> Path:
     """Export (or add plans); returns the export directory."""
     from hms_deploy.errors import ConfigError
@@ -110,7 +128,7 @@ def _main(checkpoint: Path | None, out: Path, engine: str, precision: str,
         if checkpoint is not None:
             raise ConfigError("--engines DIR works on an existing export: drop --checkpoint")
         man = add_trt_plans(engines_dir, max_batch=max_batch, opt_batch=opt_batch,
-                            workspace_bytes=workspace, log=log)
+                            workspace_bytes=workspace, log=log, wait=wait)
         trt = man.tensorrt or {}
         click.echo(f"added TensorRT {trt.get('version')} plans for {trt.get('gpu')} "
                    f"(sm {trt.get('compute_capability')}) to {man.dir}; manifest {man.sha256[:12]}")
@@ -121,7 +139,7 @@ def _main(checkpoint: Path | None, out: Path, engine: str, precision: str,
         raise ConfigError(f"--steps must be >= 1, got {steps}")
     options = ExportOptions(
         engine=engine, precision=precision, opset=opset, max_batch=max_batch, opt_batch=opt_batch,
-        workspace_bytes=workspace, force=force,
+        workspace_bytes=workspace, force=force, wait=wait,
         validation=ValidationOptions(steps=steps, video=video),
     )
     man = export_checkpoint(checkpoint, out, options, log=log)

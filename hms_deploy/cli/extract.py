@@ -111,6 +111,7 @@ def main(
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.datasets import read_list
     from hms_deploy.data.extraction import extract
+    from hms_deploy.data.features import StoreLocked, lock_store
 
     set_threads(threads)
     layout = ray_layout(ray, ray_address, workers, threads_per_worker, local_workers=True)
@@ -119,14 +120,20 @@ def main(
         from hms_deploy.runtime.ray_batch import ray_feature_source
 
         source = ray_feature_source(checkpoint, layout, batch_size=batch_size)
-    ckpt = load_checkpoint(checkpoint)
     dataset = read_list(list_path)
+    try:  # the store's lock before the model loads: a second writer refuses at once
+        lock = lock_store(out)
+    except StoreLocked as e:
+        _stopped(e, dataset, out)
+    click.get_current_context().call_on_close(lock.release)  # if the store never takes it
+    ckpt = load_checkpoint(checkpoint)
     try:
         with sigterm_raises():
             report = extract(
                 ckpt, dataset, out, steps=steps,
                 workers=1 if workers is None else workers, dtype=dtype,
                 batch_size=batch_size, shard_size=shard_size, progress=not quiet, source=source,
+                lock=lock,
             )
     except (KeyboardInterrupt, Terminated, OSError, HMSError) as e:
         if debug and not isinstance(e, (KeyboardInterrupt, Terminated)):

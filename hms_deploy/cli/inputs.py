@@ -14,8 +14,9 @@ Rules (each skip that is not by extension is reported, and counted in the summar
   has a video extension becomes an error record; an entry with a video extension that
   is not a regular file (a FIFO, a socket) and a sub-directory that cannot be read are
   warnings.
-- A video reached twice (the same resolved file: given twice, or through a link, or by
-  another relative path) is classified once, under the first name; a warning names both.
+- A video reached twice (the same file: given twice, through a symlink, by another
+  relative path, or another name of the same device and inode: a hard link, a bind
+  mount) is classified once, under the first name; a warning names both.
 - A list file has one path a line (blank lines and ``#`` comments skipped); relative
   paths are relative to the current directory.
 """
@@ -45,6 +46,7 @@ class Inputs:
     warnings: list[str] = field(default_factory=list)
     duplicates: int = 0
     _seen: dict[str, str] = field(default_factory=dict)
+    _inodes: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -55,15 +57,22 @@ class Inputs:
         """Add a file by name (the checks and the duplicate rule of the module docstring)."""
         problem = link_problem(name)
         key = os.path.realpath(name) if problem is None else os.path.abspath(name)
-        if key in self._seen:
+        try:
+            st = os.stat(key)
+            inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            inode = None
+        first = self._seen.get(key) or (self._inodes.get(inode) if inode else None)
+        if first is not None:
             self.duplicates += 1
-            first = self._seen[key]
             self.warnings.append(
                 f"'{name}' is the same file as '{first}': classified once"
                 if name != first else f"'{name}' given more than once: classified once"
             )
             return
         self._seen[key] = name
+        if inode is not None:
+            self._inodes[inode] = name
         if problem is None:
             self.videos.append(name)
         else:

@@ -13,7 +13,13 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.batch import PROGRESS_MIN_INPUTS, JobOptions, run_job, warn
+from hms_deploy.cli.batch import (
+    PROGRESS_MIN_INPUTS,
+    JobOptions,
+    lock_output_or_exit,
+    run_job,
+    warn,
+)
 from hms_deploy.cli.common import (
     debug_option,
     handle_errors,
@@ -159,6 +165,10 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
         from hms_deploy.export import add_trt_plans
 
         options["build_plans"] = add_trt_plans
+    # the output's lock before the model loads: a second writer refuses at once
+    lock = None if output is None else lock_output_or_exit(output, output_mode, inputs.total)
+    if lock is not None:  # released at the end even if the model fails to load
+        click.get_current_context().call_on_close(lock.release)
     session_kwargs = {"engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine,
                       "device": device, **options}
     session = open_session(Session, session_kwargs)
@@ -166,7 +176,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
     explained: list[dict] = []  # with --explain: the partial records, then the final one
     job = JobOptions(output=output, output_mode=output_mode, as_json=as_json, progress=progress,
                      debug=debug, show_partial=online,
-                     collect=explained if explain is not None else None)
+                     collect=explained if explain is not None else None, lock=lock)
     if layout is not None:  # Ray Data actor pool: the same job, records from the actors
         from hms_deploy.runtime.ray_batch import ray_records
 

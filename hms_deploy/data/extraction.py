@@ -243,6 +243,7 @@ def extract(
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
     source: FeatureSource | None = None,
+    lock: Any = None,
 ) -> ExtractReport:
     """Extract raw features of every video of ``dataset`` into the store ``out``.
 
@@ -258,6 +259,8 @@ def extract(
             config, steps)`` yields ``(entry, VideoFeatures or None, one-line error or
             None)`` per entry, in any order (default :func:`local_features`; the Ray
             Data source is :func:`hms_deploy.runtime.ray_batch.ray_feature_source`).
+        lock: the store's lock, taken earlier with
+            :func:`~hms_deploy.data.features.lock_store` (None: taken here).
 
     Videos already in the store are skipped; per-video failures (row problems, unknown
     labels, missing or undecodable files) are recorded in ``errors.jsonl`` and returned,
@@ -279,7 +282,7 @@ def extract(
     )
     t0 = time.perf_counter()
     label_index = {name: i for i, name in enumerate(ckpt.labels)}
-    store = FeatureStore.open_for_writing(out, meta)
+    store = FeatureStore.open_for_writing(out, meta, lock=lock)
     failed: list[tuple[str, str]] = []
     warnings: list[str] = []
     skipped = extracted = 0

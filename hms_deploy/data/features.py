@@ -218,18 +218,17 @@ class FeatureStore:
 
     # -- writing ----------------------------------------------------------------------
     @classmethod
-    def open_for_writing(cls, root: str | os.PathLike[str], meta: StoreMeta) -> FeatureStore:
+    def open_for_writing(cls, root: str | os.PathLike[str], meta: StoreMeta, *,
+                         lock: OutputLock | None = None) -> FeatureStore:
         """Create the store or reopen it to resume; refuses a store with other metadata.
 
-        Takes an exclusive lock (``.lock``; a second writer fails), drops a torn index
+        Takes an exclusive lock (``.lock``; a second writer fails; ``lock``: one taken
+        earlier with :func:`lock_store`, then owned by the store), drops a torn index
         tail and truncates shard files to the last indexed slot, and clears
         ``errors.jsonl`` (failures are retried and re-recorded by the new run).
         """
         root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise DatasetError(f"{root}: exists and is not a directory")
-        root.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(root)
+        lock_fd = lock if lock is not None else lock_store(root)
         try:
             meta_path = root / "store.json"
             if meta_path.is_file():
@@ -375,6 +374,16 @@ class StoreMismatch(DatasetError):
 
 class StoreLocked(OutputLocked, DatasetError):
     """Another ``hms-extract`` holds the store's lock."""
+
+
+def lock_store(root: str | os.PathLike) -> OutputLock:
+    """Create the store directory ``root`` if needed and take its writer's lock
+    (:class:`StoreLocked` if another run holds it): before anything is loaded."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root}: exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return _lock(root)
 
 
 def _lock(root: Path) -> OutputLock:
