@@ -113,7 +113,7 @@ def check_out_dir(out: Path, force: bool) -> None:
             )
 
 
-def export_lock(out: str | os.PathLike, *, wait: bool = False, log: Log | None = None,
+def export_lock(out: str | os.PathLike[str], *, wait: bool = False, log: Log | None = None,
                 command: str = "hms-export") -> OutputLock:
     """Lock the export target ``out`` (``.<name>.lock`` beside its resolved path).
 
@@ -303,7 +303,7 @@ def add_trt_plans(
         lock.release()
 
 
-def _add_plans_locked(export_dir: str | os.PathLike, max_batch: int, opt_batch: int | None,
+def _add_plans_locked(export_dir: str | os.PathLike[str], max_batch: int, opt_batch: int | None,
                       workspace_bytes: int, log: Log | None) -> mf.Manifest:
     from hms_deploy.export.tensorrt import BuildOptions, add_plans_to_data
 

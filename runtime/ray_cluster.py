@@ -184,7 +184,7 @@ def _restore_sigterm(handler: Any) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _start_reaper(ray: Any) -> subprocess.Popen | None:
+def _start_reaper(ray: Any) -> subprocess.Popen[bytes] | None:
     """:mod:`ray_reaper` for the local instance just started (None where it cannot run)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -199,7 +199,7 @@ def _start_reaper(ray: Any) -> subprocess.Popen | None:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stop_reaper(reaper: subprocess.Popen, timeout: float = 8.0) -> None:
+def _stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
     """Close the reaper's pipe (it stops what ``ray.shutdown()`` left) and wait for it."""
     try:
         assert reaper.stdin is not None

@@ -376,7 +376,7 @@ class StoreLocked(OutputLocked, DatasetError):
     """Another ``hms-extract`` holds the store's lock."""
 
 
-def lock_store(root: str | os.PathLike) -> OutputLock:
+def lock_store(root: str | os.PathLike[str]) -> OutputLock:
     """Create the store directory ``root`` if needed and take its writer's lock
     (:class:`StoreLocked` if another run holds it): before anything is loaded."""
     root = Path(root)
