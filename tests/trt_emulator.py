@@ -54,6 +54,8 @@ import numpy as np
 import pytest
 import torch
 
+from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH
+
 MAGIC = b"TRT-EMULATOR-PLAN\n"
 POISON = 0xFF
 GPU_NAME = "TensorRT emulator (CPU)"
@@ -115,11 +117,12 @@ class EmuStream:
         self.recorded = [r for r in self.recorded if r() is not None]
         return [_span(t) for t in self.kept] + [_span(t) for r in self.recorded if (t := r()) is not None]
 
-    def flush(self) -> None:
-        """Run every pending launch in order, then release what was kept for them."""
+    def flush(self, alive: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        """Run every pending launch in order, then release what was kept for them.
+        ``alive``: memory known to be alive now (the tensors of the op that waits)."""
         pending, self.pending = self.pending, []
         if pending:
-            spans = self._alive_spans()
+            spans = self._alive_spans() + list(alive)
             for launch in pending:
                 launch.run(spans)
                 self.device.launches += 1
@@ -144,8 +147,10 @@ class EmulatedDevice:
         self.streams: dict[int, EmuStream] = {}
         self.launches = 0  # launches executed (for tests)
         self.poisoned = 0  # tensors poisoned when the emulator dropped the last reference
+        self.waits = 0  # stream waits that ordered an engine stream's work (for tests)
         # the caller's "current stream": eager CPU torch, which never waits; not launchable
         self.host = EmuStream(self, 0)
+        self.current = self.host
 
     def new_stream(self, device: torch.device) -> EmuStream:
         s = EmuStream(self, next(self._handles))
@@ -153,10 +158,27 @@ class EmulatedDevice:
         return s
 
     def current_stream(self, device: torch.device) -> EmuStream:
-        return self.host  # the host's eager CPU work: ordering it after a stream is a flush
+        """The stream made current by :meth:`use` (the scheduler's), else the host's work."""
+        return self.current
+
+    @contextmanager
+    def use(self, stream: Any) -> Iterator[None]:
+        """Make ``stream`` current (``torch.cuda.stream(s)``): the engines' launches then stay
+        pending, and eager torch work on the host is ordered after them the way a GPU orders
+        work on one stream: a torch op that touches memory a pending launch reads or writes
+        runs those launches first (:class:`_StreamOrder`)."""
+        if not isinstance(stream, EmuStream):
+            raise EmulatorError(f"use() of {stream!r}, which is not an emulated stream")
+        previous, self.current = self.current, stream
+        try:
+            with _StreamOrder(stream):
+                yield
+        finally:
+            self.current = previous
 
     def wait(self, waiter: Any, waited: Any) -> None:
         if isinstance(waited, EmuStream) and waited is not self.host:
+            self.waits += 1
             waited.flush()
 
     def record(self, tensors: Any, stream: Any) -> None:
@@ -176,6 +198,53 @@ class EmulatedDevice:
 
     def pending(self) -> int:
         return sum(len(s.pending) for s in self.streams.values())
+
+
+def peek(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``'s memory as it is now, without waiting for any stream (what a host
+    read that skips the synchronisation would see)."""
+    with torch._C.DisableTorchFunction():
+        return _tensor_at(t.data_ptr(), tuple(t.shape), t.dtype).clone()
+
+
+class _StreamOrder(torch.overrides.TorchFunctionMode):
+    """While a stream is current: a torch op whose tensors overlap the memory of a launch
+    pending on it first runs the stream's pending launches (stream order)."""
+
+    def __init__(self, stream: EmuStream):
+        super().__init__()
+        self.stream = stream
+
+    # what reads no element (metadata, pointers, properties): never waits
+    METADATA = frozenset({"__get__", "data_ptr", "is_contiguous", "untyped_storage", "numel", "size",
+                          "dim", "stride", "element_size", "storage_offset", "__len__", "is_pinned",
+                          "get_device", "nbytes"})
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.stream.pending and getattr(func, "__name__", "") not in self.METADATA:
+            used = self._spans((*args, *kwargs.values()))
+            pending = [(ptr, ptr + _nbytes(launch.shapes[name], launch.engine.dtype(name)))
+                       for launch in self.stream.pending for name, ptr in launch.addresses.items()]
+            if any(a < y and x < b for a, b in used for x, y in pending):
+                # the op's own tensors are alive (the caching allocator reuses memory in
+                # stream order, so on one stream nothing else needs recording)
+                self.stream.flush(alive=used)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _spans(values: Any) -> list[tuple[int, int]]:
+        out, stack = [], list(values)
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                if v.device.type == "cpu" and v.untyped_storage().nbytes() > 0:
+                    out.append(_span(v))
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+        return out
 
 
 class _Launch:
@@ -390,20 +459,26 @@ def _make_module(version: str) -> types.ModuleType:
 
     class Logger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+        created = 0  # instances made in this process (TensorRT wants one)
 
         def __init__(self, min_severity: int = 2):
+            type(self).created += 1
             self.min_severity = min_severity
             self.messages: list[str] = []
 
     class ITimingCache:
+        """Timing entries of one device (TensorRT rejects a cache made on another GPU)."""
+
         def __init__(self, data: bytes):
-            entries = 0
+            entries, device = 0, GPU_NAME
             if data.startswith(b"TRT-EMULATOR-TIMING "):
-                entries = int(data.split()[1])
-            self.entries = entries
+                head, _, tail = data.partition(b"\n")
+                entries = int(head.split()[1])
+                device = tail.decode().strip() or GPU_NAME
+            self.entries, self.device = entries, device
 
         def serialize(self) -> bytes:
-            return b"TRT-EMULATOR-TIMING %d\n" % self.entries
+            return b"TRT-EMULATOR-TIMING %d\n%s\n" % (self.entries, self.device.encode())
 
     class IOptimizationProfile:
         def __init__(self) -> None:
@@ -445,6 +520,9 @@ def _make_module(version: str) -> types.ModuleType:
             return ITimingCache(bytes(data))
 
         def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            if cache.device != GPU_NAME and not ignore_mismatch:
+                self.cache = None  # TensorRT: the check fails and get_timing_cache() is None
+                return False
             self.cache = cache
             return True
 
@@ -618,7 +696,7 @@ def installed(version: str = "11.0.0") -> Iterator[types.ModuleType]:
         yield trt
 
 
-def add_plans(export_dir: str | Path, *, max_batch: int = 8) -> Any:
+def add_plans(export_dir: str | Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> Any:
     """Build every part's plan with the export's real ``build_plan`` (against the installed
     emulator) into ``export_dir`` and list them in its manifest; the new manifest.
 
@@ -648,7 +726,7 @@ def add_plans(export_dir: str | Path, *, max_batch: int = 8) -> Any:
 
 
 def emulated_export(src: str | Path, dst: str | Path, *, version: str = "11.0.0",
-                    max_batch: int = 8) -> Path:
+                    max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """A copy of the ONNX export ``src`` at ``dst`` with emulated plans of ``version``."""
     import shutil
 
