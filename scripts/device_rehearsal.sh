@@ -56,14 +56,22 @@ trap 'rm -rf "$WORK"' EXIT
 # what a GPU machine receives: the working tree's tracked and not-ignored files + the bundle
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$WORK/" 2>/dev/null || true
 cp -r "$BUNDLE" "$WORK/bundle"
-echo "device_rehearsal: bundle $(cat "$BUNDLE/bundle_bytes") bytes ($(ls "$BUNDLE"/*.whl | wc -l) wheels); repository copy in $WORK"
-CMD=(bash scripts/gpu_check.sh --bundle bundle --dry-run --out "$OUT")
-echo "device_rehearsal: running (python3 = $VENV/bin/python, no network): ${CMD[*]}"
 # no network: a namespace with only loopback; where that is not allowed, say so and stop
 if ! unshare --net true 2>/dev/null; then
   echo "device_rehearsal: cannot create a network namespace here (unshare --net needs root)"
   exit 1
 fi
+# this working tree's own wheel replaces the one made by --prepare (offline: local setuptools)
+rm -f "$WORK/bundle"/hms_deploy-*.whl
+(cd "$WORK" && unshare --net "$VENV/bin/python" -m pip wheel -q --no-index --no-deps \
+  --no-build-isolation -w "$WORK/bundle" "$WORK" > "$WORK/wheel.log" 2>&1) ||
+  { tail -n 5 "$WORK/wheel.log"; echo "device_rehearsal: building the project's wheel failed"; exit 1; }
+rm -rf "$WORK/build" "$WORK"/*.egg-info
+bundle=$(cat "$WORK"/bundle/*.whl | wc -c)
+repo=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+echo "device_rehearsal: bundle $bundle bytes ($(ls "$WORK"/bundle/*.whl | wc -l) wheels); with the repository $(( bundle + repo )) bytes ($(awk -v b=$(( bundle + repo )) 'BEGIN {printf "%.1f", b / 1048576}') MiB; limit 64 MiB)"
+CMD=(bash scripts/gpu_check.sh --bundle bundle --dry-run --out "$OUT")
+echo "device_rehearsal: running (python3 = $VENV/bin/python, no network): ${CMD[*]}"
 rc=0
 (cd "$WORK" && unshare --net env PATH="$VENV/bin:$PATH" PIP_NO_INDEX=1 PYTHON=python3 \
   HMS_GPU_CHECK_BUDGET=${HMS_GPU_CHECK_BUDGET:-1200} HMS_GPU_WORK="$WORK/.gpu-work" \

@@ -19,6 +19,7 @@ and runs the tests); every call writes ``<work>/sections/<name>.json`` =
 
   Uses the tests' tiny model with gates tuned for mixed decisions (tests/runtime_helpers.py).
 - ``part_latency``, ``end_to_end``, ``lockstep``, ``trace`` (b-e): scripts/gpu_sections.py.
+- ``--prepare``: the sections' checkpoint and reference video, made once (cached in --work).
 - ``--record NAME STATUS REASON``: the shell's verdict for a section it ran or skipped itself.
 - ``--report``: ``<out>/gpu_check.json`` (+ ``gpu_check.md``): machine, driver, versions,
   ``bundle_bytes`` and every section's status in order.
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--section", choices=[s for s in SECTIONS if s != "cuda_tests"])
     what.add_argument("--record", nargs=3, metavar=("NAME", "STATUS", "REASON"))
+    what.add_argument("--prepare", action="store_true",
+                      help="make the sections' checkpoint and reference video (cached in --work)")
     what.add_argument("--report", type=Path, metavar="OUT")
     ap.add_argument("--bundle-bytes", type=int)
     ap.add_argument("--budget", type=int, default=0)
@@ -299,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.section:
         return run_section(args.section, args.work, args.dry_run)
+    if args.prepare:
+        sys.path.insert(0, str(REPO / "scripts"))
+        import gpu_sections
+
+        sizes = gpu_sections.sizes(args.dry_run)
+        print(f"prepared {gpu_sections.checkpoint(args.work, sizes).name}, "
+              f"{gpu_sections.reference_video(args.work, sizes).name}")
+        return 0
     if args.record:
         name, status, reason = args.record
         record(args.work, name, status, reason or None)
