@@ -74,7 +74,7 @@ CMD=(bash scripts/gpu_check.sh --bundle bundle --dry-run --out "$OUT")
 echo "device_rehearsal: running (python3 = $VENV/bin/python, no network): ${CMD[*]}"
 rc=0
 (cd "$WORK" && unshare --net env PATH="$VENV/bin:$PATH" PIP_NO_INDEX=1 PYTHON=python3 \
-  HMS_GPU_CHECK_BUDGET=${HMS_GPU_CHECK_BUDGET:-1200} HMS_GPU_WORK="$WORK/.gpu-work" \
+  HMS_GPU_CHECK_BUDGET=${HMS_GPU_CHECK_BUDGET:-2400} HMS_GPU_WORK="$WORK/.gpu-work" \
   HOME="$WORK/home" "${CMD[@]}") || rc=$?
 "$VENV/bin/python" - "$OUT/gpu_check.json" <<'PY' || rc=1
 import json, sys
