@@ -36,7 +36,11 @@ rm -f "$DIR"/*.whl
 # this project (with the local setuptools + wheel where they import; else pip fetches them)
 isolation=(--no-build-isolation)
 "$PY" -c "import setuptools, wheel" 2>/dev/null || isolation=()
-"$PY" -m pip wheel -q --no-deps "${isolation[@]}" -w "$DIR" "$REPO" 2>&1 | grep -vE "^ *(\*|!!|By 20|or your|See https|corresp|$|\*+)" >&2 || true
+# built from a scratch copy of the working tree's files: a stale build/ cannot leak into it
+SRC=$(mktemp -d "${TMPDIR:-/tmp}/hms-wheel.XXXXXX")
+trap 'rm -rf "$SRC"' EXIT
+git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$SRC/" 2>/dev/null || true
+"$PY" -m pip wheel -q --no-deps "${isolation[@]}" -w "$DIR" "$SRC" 2>&1 | grep -vE "^ *(\*|!!|By 20|or your|See https|corresp|$|\*+)" >&2 || true
 ls "$DIR"/hms_deploy-*.whl >/dev/null 2>&1 || { echo "device_bundle: building the project's wheel failed" >&2; exit 1; }
 
 if ls "$DIR" | grep -qiE '^(torch|torchvision|torchaudio|nvidia|numpy)[-_]'; then
