@@ -3,6 +3,7 @@
 #
 #   bash scripts/device_rehearsal.sh --prepare   # uses the package index; cached
 #   bash scripts/device_rehearsal.sh OUT         # no network at all
+#   bash scripts/device_rehearsal.sh             # both: --prepare, then OUT = rehearsal_out
 #
 # --prepare builds a stand-in of the GPU machine's Python: a Python 3.12 venv (from pyenv)
 # holding the GPU machine's packages at its versions (torch 2.11.0, torchvision 0.26.0,
@@ -46,7 +47,11 @@ prepare() {
 }
 
 if [ "${1:-}" = "--prepare" ]; then prepare; exit 0; fi
-[ $# -eq 1 ] || { echo "usage: bash scripts/device_rehearsal.sh --prepare | OUT" >&2; exit 2; }
+if [ $# -eq 0 ]; then  # both phases: prepare (cached; the index) then the offline run
+  prepare
+  set -- rehearsal_out
+fi
+[ $# -eq 1 ] || { echo "usage: bash scripts/device_rehearsal.sh [--prepare | OUT]" >&2; exit 2; }
 [ -x "$VENV/bin/python" ] && [ -f "$BUNDLE/bundle_bytes" ] ||
   { echo "device_rehearsal: not prepared: run bash scripts/device_rehearsal.sh --prepare first"; exit 1; }
 mkdir -p "$1"
