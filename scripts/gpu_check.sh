@@ -52,8 +52,8 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 export HF_HUB_OFFLINE=1 TORCH_HOME="$WORK/torch_home" MPLBACKEND=Agg
 say() { echo "$*" | tee -a "$LOG"; }
 # a step's cap: its share (seconds at the default 480 s budget) scaled to the budget; the
-# fixed steps (install 30, imports 30, backends 20, media 30, report 30) and the six
-# sections (340) sum to the budget
+# fixed steps (install 30, imports 30, backends 20, media 40, report 30) and the six
+# sections (330) sum to the budget
 cap() { echo $(( $1 * BUDGET / 480 )); }
 DRYFLAG=(); (( DRY )) && DRYFLAG=(--dry-run)
 
@@ -102,7 +102,7 @@ say "gpu_check: backends: $backends"
 rec() { "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --record "$@" >> "$LOG" 2>&1; }
 
 # -- 2. the sections, each under its cap
-declare -A CAP=([sync_profiler]=50 [part_latency]=60 [end_to_end]=50 [lockstep]=80 [trace]=50 [cuda_tests]=50)
+declare -A CAP=([sync_profiler]=50 [part_latency]=60 [end_to_end]=50 [lockstep]=80 [trace]=45 [cuda_tests]=45)
 ORDER=(sync_profiler part_latency end_to_end lockstep trace cuda_tests)
 caps=""
 for s in "${ORDER[@]}"; do CAP[$s]=$(cap "${CAP[$s]}"); caps+="$s=${CAP[$s]},"; done
@@ -121,7 +121,7 @@ section() {  # section NAME CMD...: run under its cap; a crash or timeout is "fa
 }
 # the checkpoint and reference video of sections b-e, made once (a section whose media is
 # missing makes it itself, inside its own cap)
-timeout "$(cap 30)" "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --prepare "${DRYFLAG[@]}" \
+timeout "$(cap 40)" "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --prepare "${DRYFLAG[@]}" \
   > "$WORK/logs/media.log" 2>&1
 say "[media] $(tail -n 1 "$WORK/logs/media.log")"
 for s in sync_profiler part_latency end_to_end lockstep trace; do
