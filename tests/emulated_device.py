@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from trt_emulator import IExecutionContext
+    from emulated_engine import IExecutionContext
 
 POISON = 0xFF
 GPU_NAME = "TensorRT emulator (CPU)"
