@@ -359,9 +359,10 @@ def run_batch(
     (or another :class:`~hms_deploy.errors.HMSError`) if any video fails; the caller
     retries the others (see :class:`hms_deploy.runtime.session.Session`).
 
-    On CUDA all work is issued on one stream: ``stream`` (default
-    :func:`engine_stream`), made current only while this generator runs, never across
-    a ``yield``.
+    On CUDA (or with engines that bring their own :class:`~hms_deploy.runtime.streams.
+    DeviceStreams`, :func:`engine_streams`) all work is issued on one stream: ``stream``
+    (default :func:`engine_stream`), made current (``DeviceStreams.use``) only while this
+    generator runs, never across a ``yield``.
     """
     streams = engine_streams(engine_set)
     if engine_set.device.type == "cuda" or streams is not CUDA:

@@ -2,8 +2,8 @@
 
 The TensorRT backend launches on one caller-owned, non-default stream. What it needs
 from the device besides TensorRT itself is this protocol (:class:`DeviceStreams`):
-make a stream, find the caller's current one, make one current, make one stream wait for another
-(without the host waiting), tell the allocator which stream uses a tensor (so its
+make a stream, find the caller's current one, make one current, make one stream wait
+for another (without the host waiting), tell the allocator which stream uses a tensor (so its
 memory is not reused before the stream is past that use), a device guard, and the
 GPU's name and compute capability. :data:`CUDA` implements it with ``torch.cuda``.
 
