@@ -8,9 +8,12 @@ strongly typed network, which TensorRT 11 requires and 10.x supports.
 
 One plan per part, ``<part>.plan``, each with one optimisation profile over batch
 1..max_batch for every input, a workspace limit, and a timing cache file in the export
-directory (``trt_timing.cache``) reused across parts and rebuilds. The manifest records,
-per plan, the TensorRT version, the GPU name and compute capability, flags, profile
-ranges and the sha256 of the ONNX file it was built from (:mod:`.trt_plan`).
+directory (``trt_timing.cache``) reused across parts and rebuilds; a cache TensorRT
+rejects (made on another GPU) is dropped with a warning and replaced. The manifest
+records, per plan, the TensorRT version, the GPU name and compute capability, flags
+(``strongly_typed`` as the builder applied it: always on TensorRT 11), profile ranges and
+the sha256 of the ONNX file it was built from (:mod:`.trt_plan`). All builds share the
+process's one ``trt.Logger`` (the runtime backend's).
 
 ``import tensorrt`` happens only inside these functions, after the runtime's
 :func:`~hms_deploy.runtime.backends.trt.require_tensorrt` (the one check: TensorRT >= 10,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +84,38 @@ def _parser_errors(parser: trt.OnnxParser) -> str:
     return "; ".join(lines) or "no details"
 
 
+def is_strongly_typed(trt_mod: ModuleType, net_flags: int) -> bool:
+    """What the builder does with ``net_flags``: TensorRT >= 11 ignores the flag and types
+    every network strongly; 10.x does so only when asked."""
+    major = int(str(trt_mod.__version__).split(".")[0])
+    return major >= 11 or bool(net_flags & (1 << int(trt_mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+
+
+def _use_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> None:
+    """Give the build the timing cache at ``path`` (if any); a cache TensorRT rejects (made
+    on another GPU or by another TensorRT) is dropped with a warning for an empty one."""
+    old = path.read_bytes() if path is not None and path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(old), False):
+        return
+    if old:
+        warnings.warn(f"TensorRT rejected the timing cache {path} (made on another GPU or by "
+                      "another TensorRT version); building without it and replacing it",
+                      RuntimeWarning, stacklevel=3)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        raise ExportError("TensorRT refused an empty timing cache")
+
+
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is None:  # nothing usable to keep (TensorRT returns None after a rejected cache)
+        warnings.warn(f"TensorRT returned no timing cache to save to {path}", RuntimeWarning, stacklevel=3)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(cache.serialize()))
+    os.replace(tmp, path)
+
+
 def build_plan(
     onnx_path: Path,
     spec: PartSpec,
@@ -97,13 +133,13 @@ def build_plan(
     require_tensorrt()
     import tensorrt as trt_mod
 
+    from hms_deploy.runtime.backends.trt import trt_logger
+
     cc, gpu_name = gpu_info()
-    logger = trt_mod.Logger(trt_mod.Logger.WARNING)
+    logger = trt_logger()  # one per process
     builder = trt_mod.Builder(logger)
-    strongly_typed = options.precision == "fp16"
-    net_flags = 0
-    if strongly_typed:
-        net_flags = 1 << int(trt_mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    st_flag = int(trt_mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    net_flags = 1 << st_flag if options.precision == "fp16" else 0
     network = builder.create_network(net_flags)
     parser = trt_mod.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -111,14 +147,15 @@ def build_plan(
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     if inputs != spec.input_names:
         raise ExportError(f"{spec.name}: TensorRT network inputs {inputs}, expected {spec.input_names}")
+    strongly_typed = is_strongly_typed(trt_mod, net_flags)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, int(options.workspace_bytes))
     flags: list[str] = []
     if strongly_typed:
         flags.append("STRONGLY_TYPED")
-    else:
-        # fp32 parity: TF32 (on by default in 10.x) rounds matmul/conv inputs to 10 bits
+    if options.precision != "fp16":
+        # fp32 parity: TF32 (on by default) rounds matmul/conv inputs to 10 bits
         tf32 = getattr(trt_mod.BuilderFlag, "TF32", None)
         if tf32 is not None:
             config.clear_flag(tf32)
@@ -128,9 +165,7 @@ def build_plan(
     for name, (lo, mid, hi) in profile_shapes(spec, options.max_batch, opt).items():
         profile.set_shape(name, trt_mod.Dims(list(lo)), trt_mod.Dims(list(mid)), trt_mod.Dims(list(hi)))
     config.add_optimization_profile(profile)
-    old_cache = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(old_cache)
-    config.set_timing_cache(cache, False)
+    _use_timing_cache(config, timing_cache)
 
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -142,10 +177,7 @@ def build_plan(
         f.write(memoryview(serialized))
     os.replace(tmp, plan_path)
     if timing_cache is not None:
-        ctmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        with open(ctmp, "wb") as f:
-            f.write(memoryview(config.get_timing_cache().serialize()))
-        os.replace(ctmp, timing_cache)
+        _save_timing_cache(config, timing_cache)
     io_dtypes = {network.get_input(i).name: trt_dtype_name(network.get_input(i).dtype)
                  for i in range(network.num_inputs)}
     io_dtypes.update({network.get_output(i).name: trt_dtype_name(network.get_output(i).dtype)

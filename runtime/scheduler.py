@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import RunStats, VideoRun, build_record
+from hms_deploy.runtime.streams import CUDA, DeviceStreams
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer
 from hms_deploy.transfer import HostReads, to_device
 
@@ -324,10 +325,22 @@ class _BatchRun:
                             partial=partial)
 
 
+def engine_streams(engine_set: EngineSet) -> DeviceStreams:
+    """How the engines order their work (:mod:`~hms_deploy.runtime.streams`): theirs if they
+    carry one (the TensorRT backend; the tests' emulator), else ``torch.cuda``'s."""
+    for e in engine_set.engines.values():
+        streams = getattr(e, "streams", None)
+        if streams is not None:
+            return cast(DeviceStreams, streams)
+    return CUDA
+
+
 def engine_stream(engine_set: EngineSet) -> Any:
-    """The CUDA stream the engines run on (theirs if they have one, else a new one); None on CPU."""
+    """The stream the engines run on (theirs if they have one, else a new CUDA one); None
+    on a CPU device with no stream of their own."""
     if engine_set.device.type != "cuda":
-        return None
+        return next((s for e in engine_set.engines.values()
+                     if (s := getattr(e, "stream", None)) is not None), None)
     for e in engine_set.engines.values():
         stream = getattr(e, "stream", None)
         if stream is not None:
@@ -346,15 +359,17 @@ def run_batch(
     (or another :class:`~hms_deploy.errors.HMSError`) if any video fails; the caller
     retries the others (see :class:`hms_deploy.runtime.session.Session`).
 
-    On CUDA all work is issued on one stream: ``stream`` (default
-    :func:`engine_stream`), made current only while this generator runs, never across
-    a ``yield``.
+    On CUDA (or with engines that bring their own :class:`~hms_deploy.runtime.streams.
+    DeviceStreams`, :func:`engine_streams`) all work is issued on one stream: ``stream``
+    (default :func:`engine_stream`), made current (``DeviceStreams.use``) only while this
+    generator runs, never across a ``yield``.
     """
-    if engine_set.device.type == "cuda":
-        cuda_stream = stream if stream is not None else engine_stream(engine_set)
+    streams = engine_streams(engine_set)
+    if engine_set.device.type == "cuda" or streams is not CUDA:
+        run_stream = stream if stream is not None else engine_stream(engine_set)
 
         def on_stream() -> Any:
-            return torch.cuda.stream(cuda_stream)
+            return streams.use(run_stream)
     else:
         on_stream = contextlib.nullcontext
     with on_stream():

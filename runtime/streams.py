@@ -2,8 +2,8 @@
 
 The TensorRT backend launches on one caller-owned, non-default stream. What it needs
 from the device besides TensorRT itself is this protocol (:class:`DeviceStreams`):
-make a stream, find the caller's current one, make one stream wait for another
-(without the host waiting), tell the allocator which stream uses a tensor (so its
+make a stream, find the caller's current one, make one current, make one stream wait
+for another (without the host waiting), tell the allocator which stream uses a tensor (so its
 memory is not reused before the stream is past that use), a device guard, and the
 GPU's name and compute capability. :data:`CUDA` implements it with ``torch.cuda``.
 
@@ -47,6 +47,11 @@ class DeviceStreams(Protocol):
         """The caller's current stream; None where host code is the only other actor."""
         ...
 
+    def use(self, stream: Stream) -> AbstractContextManager[Any]:
+        """Make ``stream`` the current one while the block runs (the scheduler runs its
+        whole step loop on the engines' stream, so engines launch without waits)."""
+        ...
+
     def wait(self, waiter: Stream, waited: Stream) -> None:
         """Work issued later on ``waiter`` runs after the work issued so far on ``waited``."""
         ...
@@ -76,6 +81,9 @@ class CudaStreams:
             return None
         stream: Stream = torch.cuda.current_stream(device)
         return stream
+
+    def use(self, stream: Stream) -> AbstractContextManager[Any]:
+        return torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else contextlib.nullcontext()
 
     def wait(self, waiter: Stream, waited: Stream) -> None:
         if isinstance(waiter, torch.cuda.Stream) and isinstance(waited, torch.cuda.Stream):

@@ -4,10 +4,12 @@ Everything here is pure Python, so it is tested on machines without
 TensorRT; the export package builds plans with it and the TensorRT backend checks them.
 
 A TensorRT plan loads only on the TensorRT build and the GPU (compute capability) it was
-built for, and TensorRT offers no pre-check. So every plan's manifest entry records the
-TensorRT version, the GPU name and compute capability, the builder flags, the profile
-ranges and the sha256 of the ONNX file it was built from; :func:`check_plan_compatible`
-compares them with the running machine and says how to rebuild on a mismatch.
+built for, and TensorRT offers no pre-check; a plan from another card of the same
+compute capability (H100 and H200 are both sm_90) even loads, tuned for the other card.
+So every plan's manifest entry records the TensorRT version, the GPU name and compute
+capability, the builder flags, the profile ranges and the sha256 of the ONNX file it was
+built from; :func:`check_plan_compatible` keys plans on TensorRT version + GPU name +
+compute capability and says how to rebuild on a mismatch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 
 from hms_deploy.parts import PartSpec
 
-DEFAULT_MAX_BATCH = 8
+# The one optimisation-profile maximum of TensorRT plans and of ONNX Runtime's TensorRT
+# provider: N in [1, DEFAULT_MAX_BATCH] runs in one launch (lockstep N = 32 included);
+# larger N runs in chunks of it.
+DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 PLAN_SUFFIX = ".plan"
 TIMING_CACHE_NAME = "trt_timing.cache"
@@ -133,8 +138,9 @@ def check_plan_compatible(
     """None if ``entry``'s plan can load here; otherwise one line that says how to rebuild.
 
     ``entry`` is a :class:`~hms_deploy.runtime.manifest.PartEntry` (or its JSON dict).
-    A plan loads only on the exact TensorRT version and compute capability it was built
-    for, and only if it was built from the ONNX file now in the export (same sha256).
+    A plan is used only on the exact TensorRT version, GPU name (when ``gpu_name`` is
+    given) and compute capability it was built for, and only if it was built from the
+    ONNX file now in the export (same sha256).
     """
     name = getattr(entry, "name", None) or (entry.get("name") if isinstance(entry, dict) else None)
     meta = getattr(entry, "trt", None) if not isinstance(entry, dict) else entry.get("trt")
@@ -151,7 +157,8 @@ def check_plan_compatible(
         built_cc = "sm_?"
     here_cc = sm_name(gpu_cc)
     here_gpu = f"GPU {gpu_name} " if gpu_name else "a GPU "
-    mismatch = built_v != str(trt_version) or built_cc != here_cc
+    mismatch = built_v != str(trt_version) or built_cc != here_cc or (
+        gpu_name is not None and built_gpu != gpu_name)
     if mismatch:
         return (
             f"{label}plan built for TensorRT {built_v} on GPU {built_gpu} ({built_cc}); this "

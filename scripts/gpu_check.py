@@ -1,22 +1,34 @@
-"""Device checks that need a CUDA GPU (called by scripts/gpu_check.sh; see issue #10).
+"""The device check's driver: one section per call, and the report that joins them.
 
-1. **Sync-free step loop**: the torch engine on CUDA classifies N videos in lockstep
-   whose gate decisions diverge, under ``torch.cuda.set_sync_debug_mode``: first "warn"
-   (every synchronising call the loop makes is captured with its stack), then "error".
-   Only the counted reads of :class:`hms_deploy.transfer.HostReads` may synchronise (it
-   lifts the mode for its one copy). Passes when no warning was raised, no record has an
-   error, and ``stats.host_reads`` equals the gate engine calls.
-2. **Profiler proof**: an ``audio-only`` run under ``torch.profiler`` (CPU + CUDA
-   activity), every engine call wrapped in a ``record_function("hms:<part>")`` range:
-   passes when no CUDA kernel was launched inside an appearance or motion range (and
-   those engines were not called), while a ``dense`` run (positive control) launches
-   kernels in both.
+Called by ``scripts/gpu_check.sh`` (which installs the bundle, caps each section's time
+and runs the tests); every call writes ``<work>/sections/<name>.json`` =
+``{"status": "ran" | "skipped" | "failed", "reason": ..., "result": {...}}``.
 
-Writes ``<out>/gpu_check.json`` and prints one line per check. Exit status 1 if a check
-failed. Uses the tests' tiny model with gates tuned for mixed decisions
-(tests/runtime_helpers.py), so it needs no download.
+- ``sync_profiler`` (section a):
 
-    python scripts/gpu_check.py --out gpu_out
+  1. **Sync-free step loop**: the torch engine classifies N videos in lockstep whose gate
+     decisions diverge, under ``torch.cuda.set_sync_debug_mode``: first "warn" (every
+     synchronising call the loop makes is captured with its stack), then "error". Only
+     the counted reads of :class:`hms_deploy.transfer.HostReads` may synchronise (it lifts
+     the mode for its one copy). Passes when no warning was raised, no record has an
+     error, and ``stats.host_reads`` equals the gate engine calls.
+  2. **Profiler proof**: an ``audio-only`` run under ``torch.profiler``, every engine call
+     wrapped in a ``record_function("hms:<part>")`` range: passes when no kernel was
+     launched inside an appearance or motion range (and those engines were not called),
+     while a ``dense`` run (positive control) launches kernels in both.
+
+  Uses the tests' tiny model with gates tuned for mixed decisions (tests/runtime_helpers.py).
+- ``part_latency``, ``end_to_end``, ``lockstep``, ``trace`` (b-e): scripts/gpu_sections.py.
+- ``--prepare``: the sections' checkpoint and reference video, made once (cached in --work).
+- ``--record NAME STATUS REASON``: the shell's verdict for a section it ran or skipped itself.
+- ``--report``: ``<out>/gpu_check.json`` (+ ``gpu_check.md``): machine, driver, versions,
+  ``bundle_bytes`` and every section's status in order.
+
+``--dry-run`` runs a section on the CPU at small sizes (the rehearsal of the offline
+check, scripts/device_rehearsal.sh): no CUDA sync-debug mode and no kernels there, so a
+dry run proves that the sections execute, never a GPU property.
+
+    python scripts/gpu_check.py --section sync_profiler --work W [--dry-run]
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("appearance_backbone", "motion_backbone")
+# in order of value (what a short GPU session must bring back first)
+SECTIONS = ("sync_profiler", "part_latency", "end_to_end", "lockstep", "trace", "cuda_tests")
+STATUSES = ("ran", "skipped", "failed")
 
 
 def _videos(root: Path) -> list[Path]:
@@ -144,50 +159,165 @@ def check_profiler(session: Any, video: Path, steps: int = 8) -> dict[str, Any]:
             "audio_only_engine_calls": calls, "ok": ok}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="gpu_out")
-    ap.add_argument("--device", default="cuda",
-                    help="cuda (the check); cpu: a dry run of the checks' logic (tests use it)")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_check.py: no CUDA device visible to torch; nothing checked")
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def sync_profiler(work: Path, dry_run: bool) -> tuple[str, str | None, dict[str, Any]]:
     sys.path.insert(0, str(REPO / "tests"))
     from runtime_helpers import assets
 
     from hms_deploy.runtime import Session
 
-    cuda = args.device.startswith("cuda")
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
-                              "torch": torch.__version__}
-    status = 0
+    device = "cpu" if dry_run else "cuda"
     torch.set_num_threads(min(4, torch.get_num_threads()))
+    result: dict[str, Any] = {"device": device, "sync_debug_mode": not dry_run}
+    with Session(checkpoint=assets().checkpoint, engine="torch", device=device) as session:
+        result["sync_debug"] = check_sync(session, _videos(work / "media"))
+        result["profiler"] = check_profiler(session, assets().video)
+    s, p = result["sync_debug"], result["profiler"]
+    bad = [n for n, r in (("sync-debug loop", s), ("profiler audio-only", p)) if not r["ok"]]
+    reason = None
+    if bad:
+        reason = f"{' and '.join(bad)} failed (host_reads {s.get('host_reads')} vs gate calls " \
+                 f"{s.get('gate_calls')}; syncs seen {len(s.get('warn_mode_syncs', []))})"
+    return ("failed" if bad else "ran"), reason, result
+
+
+def run_section(name: str, work: Path, dry_run: bool) -> int:
+    """Run one section; its JSON under ``work/sections``; exit status 0 if it ran."""
+    out = work / "sections" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with Session(checkpoint=assets().checkpoint, engine="torch", device=args.device) as session:
-            for name, fn in (("sync_debug", lambda: check_sync(session, _videos(out / "media"))),
-                             ("profiler", lambda: check_profiler(session, assets().video))):
-                try:
-                    report[name] = fn()
-                except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check
-                    report[name] = {"ok": False, "crash": f"{type(e).__name__}: {e}",
-                                    "traceback": traceback.format_exc()}
-    finally:
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    s, p = report.get("sync_debug", {}), report.get("profiler", {})
-    print(f"sync-debug loop: {'PASS' if s.get('ok') else 'FAIL'} (N={s.get('videos')}, "
-          f"{s.get('partial_steps')} steps with partial appearance, host_reads {s.get('host_reads')} "
-          f"= gate calls {s.get('gate_calls')}; syncs seen {len(s.get('warn_mode_syncs', []))}, "
-          f"errors {len(s.get('error_mode_errors', []))}){' ' + s['crash'] if 'crash' in s else ''}")
-    print(f"profiler audio-only: {'PASS' if p.get('ok') else 'FAIL'} (kernels in appearance/motion "
-          f"{[p.get('audio_only_kernels', {}).get(b) for b in BACKBONES]}, dense control "
-          f"{[p.get('dense_kernels', {}).get(b) for b in BACKBONES]})"
-          f"{' ' + p['crash'] if 'crash' in p else ''}")
-    if not (s.get("ok") and p.get("ok")):
-        status = 1
-    return status
+        if name == "sync_profiler":
+            status, reason, result = sync_profiler(work, dry_run)
+        else:
+            sys.path.insert(0, str(REPO / "scripts"))
+            import gpu_sections
+
+            sizes = gpu_sections.sizes(dry_run)
+            if sizes.cuda and not torch.cuda.is_available():
+                raise RuntimeError("torch sees no CUDA device")
+            status, reason = "ran", None
+            result = gpu_sections.SECTIONS[name](work, sizes)
+            if dry_run:
+                reason = "dry run on the CPU at small sizes: not a GPU measurement"
+    except Exception as e:  # noqa: BLE001 - a section that crashes is a failed section
+        status, reason = "failed", f"{type(e).__name__}: {e}"
+        result = {"traceback": traceback.format_exc()}
+    record(work, name, status, reason, result)
+    print(f"{name}: {status}" + (f" ({reason})" if reason else ""))
+    return 0 if status == "ran" else 1
+
+
+def record(work: Path, name: str, status: str, reason: str | None, result: Any = None) -> None:
+    if name not in SECTIONS or status not in STATUSES:
+        raise SystemExit(f"gpu_check.py: unknown section {name!r} or status {status!r}")
+    out = work / "sections" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": status, "reason": reason, "result": result}, indent=1))
+    tmp.replace(out)
+
+
+def _nvidia_smi() -> dict[str, str] | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                           "--format=csv,noheader"], capture_output=True, text=True, timeout=30,
+                          check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    name, driver, memory = (x.strip() for x in done.stdout.splitlines()[0].split(",", 2))
+    return {"name": name, "driver": driver, "memory": memory}
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # noqa: BLE001 - absent or broken: no version
+        return None
+
+
+def report(work: Path, out: Path, *, dry_run: bool, bundle_bytes: int | None, budget_s: int,
+           caps: dict[str, int], backends: dict[str, str]) -> int:
+    """Join the sections into ``out/gpu_check.json`` and ``out/gpu_check.md``; 0 if all ran."""
+    import datetime
+    import platform
+
+    sections: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for name in SECTIONS:
+        f = work / "sections" / f"{name}.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+        else:
+            d = {"status": "skipped", "reason": "not reached (out of time budget or stopped before it)"}
+        sections[name] = {"status": d["status"], "reason": d.get("reason")}
+        if d.get("result") is not None:
+            results[name] = d["result"]
+    cuda = torch.cuda.is_available()
+    data = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": dry_run,
+        "device": "cpu (dry run)" if dry_run else (torch.cuda.get_device_name(0) if cuda else None),
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+        "nvidia_smi": _nvidia_smi(),
+        "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "numpy": _version("numpy"), "onnxruntime": _version("onnxruntime"), "av": _version("av"),
+        "hms_deploy": _version("hms_deploy"),
+        "bundle_bytes": bundle_bytes, "budget_s": budget_s, "caps_s": caps, "backends": backends,
+        "sections": sections, "results": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
+    smi = data["nvidia_smi"] or {}
+    head = f"# Device check {data['date']}" + (" (DRY RUN on the CPU: no GPU figure)" if dry_run else "")
+    device = (f"- device: {data['device']} (cc {data['compute_capability']}), driver {smi.get('driver')}, "
+              f"torch {data['torch']} (CUDA {data['cuda']}), numpy {data['numpy']}")
+    bundle = (f"- bundle: {bundle_bytes} bytes; budget {budget_s} s; backends: "
+              + ", ".join(f"{k} {v}" for k, v in backends.items()))
+    lines = [head, "", device, bundle, "", "| section | status | reason |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {s['status']} | {s['reason'] or ''} |" for n, s in sections.items()]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    return 0 if all(s["status"] == "ran" for s in sections.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="scratch folder (models, media, sections)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, small sizes (the rehearsal)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--section", choices=[s for s in SECTIONS if s != "cuda_tests"])
+    what.add_argument("--record", nargs=3, metavar=("NAME", "STATUS", "REASON"))
+    what.add_argument("--prepare", action="store_true",
+                      help="make the sections' checkpoint and reference video (cached in --work)")
+    what.add_argument("--report", type=Path, metavar="OUT")
+    ap.add_argument("--bundle-bytes", type=int)
+    ap.add_argument("--budget", type=int, default=0)
+    ap.add_argument("--caps", default="", help="NAME=SECONDS,...")
+    ap.add_argument("--backends", default="", help="NAME=WHAT;...")
+    args = ap.parse_args(argv)
+    if args.section:
+        return run_section(args.section, args.work, args.dry_run)
+    if args.prepare:
+        sys.path.insert(0, str(REPO / "scripts"))
+        import gpu_sections
+
+        sizes = gpu_sections.sizes(args.dry_run)
+        print(f"prepared {gpu_sections.checkpoint(args.work, sizes).name}, "
+              f"{gpu_sections.reference_video(args.work, sizes).name}")
+        return 0
+    if args.record:
+        name, status, reason = args.record
+        record(args.work, name, status, reason or None)
+        return 0
+    caps = {k: int(v) for k, v in (c.split("=") for c in args.caps.split(",") if c)}
+    backends = dict(b.split("=", 1) for b in args.backends.split(";") if b)
+    return report(args.work, args.report, dry_run=args.dry_run, bundle_bytes=args.bundle_bytes,
+                  budget_s=args.budget, caps=caps, backends=backends)
 
 
 if __name__ == "__main__":

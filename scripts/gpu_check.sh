@@ -1,122 +1,153 @@
 #!/usr/bin/env bash
-# The one prepared device check (issue #10). On a machine with a CUDA GPU, in under
-# 8 minutes, it runs and writes under ${OUT:-gpu_out}/:
-#   1. the GPU-marked tests and the CUDA variants of the engine conformance test;
-#   2. scripts/gpu_check.py: the lockstep step loop under torch.cuda.set_sync_debug_mode
-#      (only the counted decision/prediction reads may synchronise) and the profiler proof
-#      that an audio-only run launches no appearance/motion kernel;
-#   3. hms-bench --device cuda on the paper variant, --engine torch (and onnx / trt where
-#      onnxruntime-gpu / TensorRT are installed): videos/s, per-stage breakdown, dense
-#      batched over steps side by side; lockstep N = 8 and 32 (N = 1: the sequential runs);
-# then prints a one-screen summary ($OUT/summary.txt). Without a GPU it prints one line
-# and exits 0 at once.
+# The offline device check: one command on a GPU machine that has no network.
 #
-# Environment: a bare machine with this repository and PyTorch + CUDA preinstalled. The
-# preinstalled torch is kept: a venv (.venv-gpu) with --system-site-packages gets this
-# package (--no-deps) and the other dependencies from the package index, constrained to
-# the installed torch (no second torch is downloaded). PYTHON picks the interpreter
-# (default python3); HMS_GPU_CHECK_BUDGET the seconds for the whole check (default 450).
+#   bash scripts/gpu_check.sh --bundle DIR [--out OUT] [--dry-run]
+#
+# DIR is the bundle made by scripts/device_bundle.sh (wheels of what the GPU machine
+# lacks, and this project as a wheel). Nothing here reaches a network:
+#   1. install: `pip install --no-index --no-deps --target SITE DIR/*.whl` and SITE first
+#      on PYTHONPATH (the machine's python3 is itself a venv, so a nested
+#      --system-site-packages venv would not see its torch); every python runs from a
+#      folder outside the repository, so the source tree's hms_deploy/ cannot shadow the
+#      installed package;
+#   2. imports: hms_deploy.runtime, hms_deploy.export, av, pytorchvideo, polygraphy and
+#      torch with CUDA must import, else one line and exit 1; ONNX Runtime's CUDA provider
+#      and a real TensorRT (not tensorrt-stubs) are reported as present or absent;
+#   3. the sections, in order of value, each under its own time cap (the caps of every
+#      step sum to the budget, HMS_GPU_CHECK_BUDGET, default 480 s; a section past its
+#      cap is killed and "failed", so a slow section never eats a later one's time): a sync_profiler, b part_latency, c end_to_end, d lockstep, e trace,
+#      f cuda_tests (scripts/gpu_check.py, scripts/gpu_sections.py, pytest);
+#   4. OUT (default gpu_out) gets gpu_check.json (card, driver, torch/CUDA versions,
+#      bundle_bytes, "sections": {NAME: {"status": "ran"|"skipped"|"failed", "reason"}},
+#      results), gpu_check.md and gpu_check.log (every step's log): three files.
+# Exit 0 only if every section ran. --dry-run runs every section on the CPU at small
+# sizes (scripts/device_rehearsal.sh rehearses this command offline). PYTHON picks the
+# interpreter (default python3); scratch files go to HMS_GPU_WORK (default .gpu-work).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 PY=${PYTHON:-python3}
-OUT=${OUT:-gpu_out}
-if { ! ls /dev/nvidia0 >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null 2>&1; } ||
-   ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-  echo "gpu_check: no CUDA GPU visible to PyTorch ($PY) on this machine; nothing to check"
-  exit 0
-fi
-BUDGET=${HMS_GPU_CHECK_BUDGET:-450}
+OUT=gpu_out BUNDLE="" DRY=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bundle) BUNDLE=${2:?}; shift 2 ;;
+    --out) OUT=${2:?}; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    *) echo "usage: bash scripts/gpu_check.sh --bundle DIR [--out OUT] [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+[ -n "$BUNDLE" ] && ls "$BUNDLE"/*.whl >/dev/null 2>&1 ||
+  { echo "gpu_check: no bundle: give --bundle DIR (made by scripts/device_bundle.sh DIR)"; exit 1; }
+BUNDLE=$(cd "$BUNDLE" && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+WORK=${HMS_GPU_WORK:-$REPO/.gpu-work}
+rm -rf "$WORK/sections" "$WORK/site" "$WORK/logs"
+mkdir -p "$WORK/logs" "$WORK/run"
+WORK=$(cd "$WORK" && pwd)
+LOG=$OUT/gpu_check.log
+: > "$LOG"
+BUDGET=${HMS_GPU_CHECK_BUDGET:-480}
 START=$SECONDS
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-say() { echo "$*" | tee -a "$SUMMARY"; }
-left() { echo $(( BUDGET - (SECONDS - START) )); }
-# step NAME SECONDS CMD...: run with a time limit (never more than what is left), log it
-step() {
-  local name=$1 limit=$2; shift 2
-  local rest; rest=$(left)
-  (( limit > rest )) && limit=$rest
-  if (( limit < 20 )); then say "[skip] $name: out of time budget"; return 0; fi
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  local verdict=ok; (( rc != 0 )) && verdict="FAILED rc=$rc"; (( rc == 124 )) && verdict="TIMED OUT after ${limit}s"
-  say "[$verdict] $name ($(( SECONDS - t0 )) s; log $OUT/$name.log)"
-  return 0
-}
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+export HF_HUB_OFFLINE=1 TORCH_HOME="$WORK/torch_home" MPLBACKEND=Agg
+say() { echo "$*" | tee -a "$LOG"; }
+# a step's cap: its share (seconds at the default 480 s budget) scaled to the budget; the
+# fixed steps (install 30, imports 30, backends 20, media 40, report 30) and the six
+# sections (330) sum to the budget
+cap() { echo $(( $1 * BUDGET / 480 )); }
+DRYFLAG=(); (( DRY )) && DRYFLAG=(--dry-run)
 
-{
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-  git rev-parse HEAD 2>/dev/null || true
-} > "$OUT/environment.txt" 2>&1
-say "gpu_check: $(sed -n 2p "$OUT/environment.txt") | $(sed -n 3p "$OUT/environment.txt")"
-
-# -- environment: keep the preinstalled torch
-VENV=.venv-gpu
-setup() {
-  set -e
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV"
-  local v; v=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
-  echo "torch==$v" > "$VENV/constraints.txt"
-  "$VENV/bin/python" -m pip install -q --no-deps -e .
-  # the runtime dependencies of pyproject.toml except torch itself, kept at the installed torch
-  "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" torchvision torchaudio \
-    "timm>=1.0,<2" pytorchvideo==0.1.5 "onnx>=1.17" onnxruntime "onnxscript>=0.2" "av>=12" \
-    "click>=8.1" "tqdm>=4.60" "numpy>=1.26" "matplotlib>=3.7" "pytest>=8"
-  "$VENV/bin/python" -c "import hms_deploy, torch, torchvision, timm, pytorchvideo, onnx, onnxruntime, av; assert torch.cuda.is_available()"
-}
-step setup 240 bash -c "$(declare -f setup); VENV=$VENV PY=$PY setup"
-VPY="$VENV/bin/python"
-if ! "$VPY" -c "import hms_deploy, torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
-  say "gpu_check: the environment could not be set up (see $OUT/setup.log); stopping"
+# -- 1. install from the bundle only
+SITE=$WORK/site
+if ! timeout "$(cap 30)" "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$BUNDLE"/*.whl \
+     > "$WORK/logs/install.log" 2>&1; then
+  cat "$WORK/logs/install.log" >> "$LOG"
+  say "gpu_check: installing the bundle failed: $(tail -n 1 "$WORK/logs/install.log")"
   exit 1
 fi
-
-# -- 1. GPU tests (the tiny test model; engine conformance on CUDA; Session on CUDA)
-# (-k also matches marker names: the gpu/tensorrt-marked tests and every *-cuda variant)
-step tests 150 "$VPY" -m pytest -q -ra -p no:cacheprovider -m "not slow" \
-  -k "(cuda or gpu or tensorrt) and not emulat" tests
-tail -n 3 "$OUT/tests.log" | sed 's/^/    /' | tee -a "$SUMMARY"
-
-# -- 2. sync-debug step loop and profiler proof
-step sync_profiler 120 "$VPY" scripts/gpu_check.py --out "$OUT"
-grep -E "^(sync-debug|profiler)" "$OUT/sync_profiler.log" | sed 's/^/    /' | tee -a "$SUMMARY"
-
-# -- 3. hms-bench on the paper variant, lockstep N in {8, 32} (N = 1: the sequential runs)
-engines=(torch)
-"$VPY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
-  2>/dev/null && engines+=(onnx)
-"$VPY" -c "import tensorrt" 2>/dev/null && engines+=(trt)
-say "bench engines: ${engines[*]} (onnx needs onnxruntime-gpu, trt needs TensorRT)"
-for engine in "${engines[@]}"; do
-  for n in 8 32; do
-    step "bench_${engine}_n$n" 200 "$VENV/bin/hms-bench" --suite e2e --variant paper \
-      --engine "$engine" --device cuda --steps 32 --repeats 2 --heavy-repeats 1 \
-      --throughput-videos "$n" --throughput-repeats 1 --batch 8 --no-plot \
-      --out "$OUT/bench" --name "cuda_paper_${engine}_n$n"
-  done
-done
-"$VPY" - "$OUT/bench" <<'EOF' 2>/dev/null | tee -a "$SUMMARY"
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    d = json.loads(f.read_text())
-    tp = d.get("throughput", {})
-    runs = d.get("runs", {})
-    def ms(name):
-        r = runs.get(name)
-        return f"{r['wall_ms']['median']:.0f} ms" if r else "-"
-    hms = d.get("settings", {}).get("hms_policy", "learned")
-    print(f"  {f.stem}: T={d.get('T')} videos/s sequential "
-          f"{tp.get('sequential', {}).get('videos_per_s')} lockstep(N={tp.get('videos')}) "
-          f"{tp.get('lockstep', {}).get('videos_per_s')}; per video: {hms} {ms(hms)}, "
-          f"learned {ms('learned')}, dense stepped {ms('dense (stepped)')}, "
-          f"dense batched {ms('dense (batched)')}")
-    t = runs.get(hms, {}).get("timing_ms", {})
-    print("    stages (median ms): " + ", ".join(
-        f"{k} {v['median']:.1f}" for k, v in t.items() if isinstance(v, dict) and "median" in v))
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd "$WORK/run"  # never the repository root: its hms_deploy/ is not the installed package
+need_cuda="assert torch.cuda.is_available(), 'torch sees no CUDA device'"
+(( DRY )) && need_cuda="pass"
+if ! msg=$(timeout "$(cap 30)" "$PY" -c "
+import sys, torch
+$need_cuda
+import hms_deploy.runtime, hms_deploy.export, hms_deploy.runtime.backends.trt, av, polygraphy
+import pytorchvideo.models.hub
+assert hms_deploy.runtime.__file__.startswith('$SITE'), 'hms_deploy not from the bundle: ' + hms_deploy.runtime.__file__
+" 2>&1); then
+  say "gpu_check: the bundle's packages do not import: $(echo "$msg" | tail -n 1)"
+  exit 1
+fi
+backends=$(timeout "$(cap 20)" "$PY" - <<'EOF' 2>>"$LOG"
+import torch
+where = f"CUDA {torch.version.cuda}" if torch.cuda.is_available() else "CPU only"
+out = [f"torch={torch.__version__} on {where}"]
+try:
+    import onnxruntime as ort
+    ok = "CUDAExecutionProvider" in ort.get_available_providers()
+    out.append("onnx=" + ("cuda" if ok else f"absent (onnxruntime {ort.__version__} is the CPU build)"))
+except ImportError as e:
+    out.append(f"onnx=absent ({e})")
+from hms_deploy.errors import BackendUnavailable
+from hms_deploy.runtime.backends.trt import require_tensorrt
+try:
+    out.append("trt=" + require_tensorrt())
+except BackendUnavailable as e:
+    out.append(f"trt=absent ({e})")
+print(";".join(out))
 EOF
-say "gpu_check: done in $(( SECONDS - START )) s; everything is under $OUT/"
+)
+say "gpu_check: backends: $backends"
+rec() { "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --record "$@" >> "$LOG" 2>&1; }
+
+# -- 2. the sections, each under its cap
+declare -A CAP=([sync_profiler]=50 [part_latency]=60 [end_to_end]=50 [lockstep]=80 [trace]=45 [cuda_tests]=45)
+ORDER=(sync_profiler part_latency end_to_end lockstep trace cuda_tests)
+caps=""
+for s in "${ORDER[@]}"; do CAP[$s]=$(cap "${CAP[$s]}"); caps+="$s=${CAP[$s]},"; done
+section() {  # section NAME CMD...: run under its cap; a crash or timeout is "failed"
+  local name=$1; shift
+  local cap=${CAP[$name]} left=$(( BUDGET - (SECONDS - START) ))
+  (( cap > left )) && cap=$left
+  if (( cap < 5 )); then rec "$name" skipped "out of time budget"; say "[skipped] $name"; return; fi
+  local t0=$SECONDS
+  timeout --kill-after=2 "$cap" "$@" > "$WORK/logs/$name.log" 2>&1
+  local rc=$?
+  if (( rc == 124 || rc == 137 )); then rec "$name" failed "timed out after ${cap} s (its cap)"
+  elif [ ! -f "$WORK/sections/$name.json" ]; then rec "$name" failed "exit status $rc: $(tail -n 1 "$WORK/logs/$name.log")"
+  fi
+  say "[$name] $(( SECONDS - t0 )) s: $(tail -n 1 "$WORK/logs/$name.log")"
+}
+# the checkpoint and reference video of sections b-e, made once (a section whose media is
+# missing makes it itself, inside its own cap)
+timeout "$(cap 40)" "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --prepare "${DRYFLAG[@]}" \
+  > "$WORK/logs/media.log" 2>&1
+say "[media] $(tail -n 1 "$WORK/logs/media.log")"
+for s in sync_profiler part_latency end_to_end lockstep trace; do
+  section "$s" "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --section "$s" "${DRYFLAG[@]}"
+done
+# f. the CUDA-marked tests (and the CUDA variants of the engine conformance test); the
+# dry run adds the torch-cpu variants so that something runs where no CUDA exists
+sel="(cuda or gpu or tensorrt) and not emulat"
+(( DRY )) && sel="(cuda or gpu or tensorrt or torch-cpu) and not emulat"
+tests_cmd() {
+  "$PY" -m pytest -q -ra -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+    -m "not slow" -k "$sel" "$REPO/tests/test_engine_contract.py" "$REPO/tests/test_backends.py" \
+    "$REPO/tests/test_session.py" "$REPO/tests/test_scheduler.py" "$REPO/tests/test_trt_backend.py"
+  local rc=$?
+  local tail; tail=$(tail -n 1 "$WORK/logs/cuda_tests.log" 2>/dev/null)
+  if (( rc == 0 )) && ! grep -q " passed" <<< "$tail"; then rc=5; fi
+  if (( rc == 0 )); then rec cuda_tests ran "$tail"; else rec cuda_tests failed "pytest exit $rc"; fi
+}
+export -f tests_cmd rec; export REPO WORK PY sel LOG
+section cuda_tests bash -c 'tests_cmd >> "$WORK/logs/cuda_tests.log" 2>&1'
+
+for f in "$WORK"/logs/*.log; do { echo "=== $(basename "$f")"; tail -n 60 "$f"; } >> "$LOG"; done
+bundle_bytes=$(cat "$BUNDLE"/*.whl | wc -c)
+timeout "$(cap 30)" "$PY" "$REPO/scripts/gpu_check.py" --work "$WORK" --report "$OUT" "${DRYFLAG[@]}" \
+  --bundle-bytes "$bundle_bytes" --budget "$BUDGET" --caps "${caps%,}" --backends "$backends"
+rc=$?
+[ -f "$OUT/gpu_check.json" ] || say "gpu_check: writing the report failed (exit status $rc)"
+say "gpu_check: done in $(( SECONDS - START )) s; $OUT/gpu_check.json, gpu_check.md, gpu_check.log"
+exit $rc

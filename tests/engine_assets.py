@@ -104,14 +104,15 @@ def trt_unavailable_reason() -> str | None:
 
 # (backend, device) variants of the conformance test; "onnx-iobinding" is ONNX Runtime on
 # CPU with preallocated, reused outputs: the GPU backends' output lifetime, testable here.
-# "trt-emulated" is the real TensorRT backend over tests/trt_emulator.py (TensorRT 11
-# names only, deferred execution, poisoned memory) on the CPU.
-VARIANTS = ("torch-cpu", "onnx-cpu", "onnx-iobinding-cpu", "trt-emulated", "torch-cuda", "onnx-cuda",
-            "trt-cuda")
+# "trt-emulated-11" / "-10" are the real TensorRT backend over tests/trt_emulator.py
+# (TensorRT 11 names only / TensorRT 10's; deferred execution, poisoned memory) on the CPU.
+VARIANTS = ("torch-cpu", "onnx-cpu", "onnx-iobinding-cpu", "trt-emulated-11", "trt-emulated-10",
+            "torch-cuda", "onnx-cuda", "trt-cuda")
+EMULATED_TRT = {"trt-emulated-11": "11.0.0", "trt-emulated-10": "10.13.0.35"}
 
 
 def skip_reason(variant: str) -> str | None:
-    if variant == "trt-emulated":
+    if variant in EMULATED_TRT:
         return None if onnx_available() else "the TensorRT emulator runs plans with onnxruntime"
     if variant.endswith("cuda") and not torch.cuda.is_available():
         return "no CUDA device"
@@ -132,30 +133,32 @@ def _trt_stream() -> torch.cuda.Stream:
 
 
 @functools.cache
-def emulated_export_dir() -> Path:
-    """:func:`export_dir` with TensorRT plans built by the emulator (TensorRT 11 mode)."""
+def emulated_export_dir(version: str = "11.0.0") -> Path:
+    """:func:`export_dir` with TensorRT plans built by the emulator of ``version``."""
     from trt_emulator import emulated_export
 
-    return emulated_export(export_dir(), root() / "engines-trt-emulated")
+    return emulated_export(export_dir(), root() / f"engines-trt-emulated-{version}", version=version)
 
 
 def make_engine(variant: str, part: str) -> Engine:
     """A fresh (unopened) engine of ``variant`` for ``part``; skips if unavailable here.
 
-    ``trt-emulated`` needs the emulator installed while the engine is used
-    (``trt_emulator.installed()``).
+    ``trt-emulated-*`` needs the emulator of its version installed while the engine is
+    used (``trt_emulator.installed(EMULATED_TRT[variant])``).
     """
     reason = skip_reason(variant)
     if reason:
         pytest.skip(reason)
-    if variant == "trt-emulated":
+    if variant in EMULATED_TRT:
         from trt_emulator import emulated_tensorrt
 
         from hms_deploy.runtime.backends.trt import trt_engines
         from hms_deploy.runtime.manifest import load_manifest
 
-        device = emulated_tensorrt().emulated_device
-        return trt_engines(load_manifest(emulated_export_dir()), torch.device("cpu"), streams=device)[part]
+        version = EMULATED_TRT[variant]
+        device = emulated_tensorrt(version).emulated_device
+        return trt_engines(load_manifest(emulated_export_dir(version)), torch.device("cpu"),
+                           streams=device)[part]
     backend, device = variant.rsplit("-", 1)
     dev = torch.device(device if device == "cpu" else "cuda", None if device == "cpu" else 0)
     if backend == "torch":
@@ -170,4 +173,4 @@ def make_engine(variant: str, part: str) -> Engine:
     return trt_engines(manifest(), dev, stream=_trt_stream())[part]
 
 
-__all__ = ["ATOL", "PART_NAMES", "RTOL", "TIE", "VARIANTS", "make_engine", "torch_engine"]
+__all__ = ["ATOL", "EMULATED_TRT", "PART_NAMES", "RTOL", "TIE", "VARIANTS", "make_engine", "torch_engine"]

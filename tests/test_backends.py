@@ -174,7 +174,9 @@ def test_missing_cuda_provider_says_to_install_onnxruntime_gpu() -> None:
         check_available(fake, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     gpu_build = types.SimpleNamespace(
         __version__="1.32.0", get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with pytest.raises(BackendUnavailable, match="TensorrtExecutionProvider.*TensorRT's libraries"):
+    # onnxruntime-gpu's TensorRT provider links TensorRT 10; `pip install tensorrt` brings 11
+    with pytest.raises(BackendUnavailable, match=r"TensorrtExecutionProvider.*TensorRT 10's libraries "
+                       r"\(libnvinfer\.so\.10\).*tensorrt>=10,<11.*brings TensorRT 11"):
         check_available(gpu_build, ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
 
 

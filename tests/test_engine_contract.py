@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 import torch
-from engine_assets import ATOL, RTOL, TIE, VARIANTS, make_engine, torch_engine
+from engine_assets import ATOL, EMULATED_TRT, RTOL, TIE, VARIANTS, make_engine, torch_engine
 
 from hms_deploy.dtypes import TORCH_DTYPES
 from hms_deploy.errors import EngineError
@@ -93,13 +93,34 @@ def _bad_inputs(spec: PartSpec, x: dict[str, Tensor]) -> list[tuple[dict[str, Te
 def _trt_emulator(request: pytest.FixtureRequest):
     """The TensorRT emulator installed for the ``trt-emulated`` variant's tests."""
     params = getattr(request.node, "callspec", None)
-    if params is None or params.params.get("variant") != "trt-emulated":
+    version = EMULATED_TRT.get(params.params.get("variant", "")) if params is not None else None
+    if version is None:
         yield None
         return
     from trt_emulator import installed
 
-    with installed() as trt:
+    with installed(version) as trt:
         yield trt
+
+
+def _deferred_on_the_callers_stream(engine: Engine, device, part: str, x: dict[str, Tensor]) -> None:
+    """The GPU's path under the emulator: the engines' stream is the caller's current one
+    (as the scheduler makes it), so a call waits for nothing and its launch stays pending:
+    an output read before the stream is synchronised is garbage, after it the values."""
+    from trt_emulator import peek
+
+    want = _seeded_reference(part, 3, 3)
+    waits, launches = device.waits, device.launches
+    with device.use(engine.stream):
+        out = engine(x)
+        assert device.waits == waits and device.pending() > 0, f"{part}: the launch did not stay pending"
+        early = {k: peek(v) for k, v in out.items()}
+        engine.stream.synchronize()
+    assert device.launches > launches and device.pending() == 0
+    for name, y in early.items():  # what a read before the synchronisation sees: poison
+        bad = y.isnan().all() if y.is_floating_point() else (y == -1).all()
+        assert bad, f"{part}.{name}: readable before the stream was synchronised?"
+    _assert_matches(part, out, want)
 
 
 @pytest.mark.parametrize("part", PART_NAMES)
@@ -147,6 +168,9 @@ def test_engine_conforms(variant: str, part: str, _trt_emulator) -> None:
                 assert torch.equal(out3[k], v), f"{part}.{k} overwritten while it was an input"
         calls = engine.calls
         assert calls == 4 + ({"h_next", "c_next"} <= set(spec.output_names))
+        if _trt_emulator is not None:
+            _deferred_on_the_callers_stream(engine, _trt_emulator.emulated_device, part, x3)
+            calls += 1
 
         # errors name the part and the input, and are not counted
         for bad, pattern in _bad_inputs(spec, x1):

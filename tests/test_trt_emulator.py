@@ -29,6 +29,7 @@ from trt_emulator import EmulatorError, emulated_tensorrt, installed
 from hms_deploy.errors import EngineError, ExportError
 from hms_deploy.parts import PART_NAMES, random_inputs
 from hms_deploy.runtime.backends.trt import TrtEngine, trt_engines
+from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH
 
 pytest.importorskip("onnxruntime")
 
@@ -174,7 +175,7 @@ def test_a_backend_that_does_not_record_its_inputs_fails(trt, monkeypatch):
 
 
 def test_chunks_above_the_profile_are_deferred_and_ordered(trt):
-    x = random_inputs(specs()["audio_cell"], 11, seed=4)  # plans are built for N <= 8
+    x = random_inputs(specs()["audio_cell"], DEFAULT_MAX_BATCH + 3, seed=4)  # plans: N <= max
     device = trt.emulated_device
     with _engine("audio_cell") as engine:
         launches = device.launches
@@ -196,7 +197,11 @@ def test_build_plan_runs_on_tensorrt_10_and_11(tmp_path, version):
         meta = build_plan(m_onnx, specs()[part], tmp_path / f"{part}.plan", BuildOptions(max_batch=4),
                           onnx_sha256="x", timing_cache=tmp_path / "trt_timing.cache")
         assert meta["tensorrt_version"] == version and meta["max_batch"] == 4
-        assert meta["flags"] == ["no TF32"] and meta["io_dtypes"]["decision"] == "INT64"
+        # what the builder did: TensorRT 11 types every network strongly, 10.x only on request
+        eleven = version.startswith("11")
+        assert meta["strongly_typed"] is eleven
+        assert meta["flags"] == (["STRONGLY_TYPED", "no TF32"] if eleven else ["no TF32"])
+        assert meta["io_dtypes"]["decision"] == "INT64"
         assert (tmp_path / "trt_timing.cache").read_bytes().startswith(b"TRT-EMULATOR-TIMING")
         x = random_inputs(specs()[part], 3, seed=1)
         with _engine(part, root=tmp_path, version=version) as engine:
@@ -296,7 +301,12 @@ def test_session_records_equal_onnx(sessions, mode):
     onnx, emu = sessions
     a = assets()
     videos = [a.video, a.long, a.silent]
+    device = emulated_tensorrt().emulated_device
+    waits = device.waits
     got = list(emu.classify_many(videos, **MODES[mode]))
+    # the GPU's path: the scheduler made the engines' stream current, so no engine waited
+    # for another stream and launches stayed pending until stream-ordered work needed them
+    assert device.waits == waits
     want = list(onnx.classify_many(videos, **MODES[mode]))
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):

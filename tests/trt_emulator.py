@@ -1,7 +1,8 @@
 """A TensorRT EMULATOR for tests on machines without a GPU. Never shipped, never a backend.
 
 It stands in for the ``tensorrt`` module (installed into ``sys.modules``) and for the
-CUDA device (a :class:`~hms_deploy.runtime.streams.DeviceStreams` over CPU memory), so
+CUDA device (tests/emulated_device.py: a :class:`~hms_deploy.runtime.streams.DeviceStreams`
+over CPU memory; deserialised plans and contexts: tests/emulated_engine.py), so
 that the real TensorRT backend (runtime/backends/trt.py) and the real plan builder
 (export/tensorrt.py ``build_plan``) run unchanged on CPU tensors. What it models:
 
@@ -18,10 +19,13 @@ that the real TensorRT backend (runtime/backends/trt.py) and the real plan build
 - **Deferred execution**: ``execute_async_v3(handle)`` only enqueues on the emulated
   stream with that handle (an unknown or the default stream 0 is an error). The launch
   runs when the stream is synchronised or when another stream is made to wait for it
-  (``DeviceStreams.wait``: the host's own work, i.e. eager CPU torch, is the caller's
-  "current stream", so ordering it after the engine stream is a flush). Until then the
-  launch's output memory holds poison (0xFF bytes: NaN floats, -1 integers), so a read
-  before synchronisation sees garbage and fails the test.
+  (``DeviceStreams.wait``). The caller's "current stream" is the host's eager CPU work
+  (ordering it after a stream is a flush) unless a stream was made current with
+  ``use(stream)``, as the scheduler does with the engines' stream (the GPU's path: the
+  engines then wait for nothing). While a stream is current, a torch op that touches
+  memory of a launch pending on it runs the pending launches first (stream order). Until
+  a launch runs its output memory holds poison (0xFF bytes: NaN floats, -1 integers), so
+  a read that skips the synchronisation (``peek``) sees garbage and fails the test.
 - **Lifetimes**: when a launch runs, every address it reads or writes must lie inside a
   tensor recorded on its stream (``DeviceStreams.record``, the ``record_stream`` of the
   CUDA caching allocator) that is still alive, and its execution context must still
@@ -32,32 +36,42 @@ that the real TensorRT backend (runtime/backends/trt.py) and the real plan build
 - **TensorRT 11 mode** (``version="11.x"``): the names TensorRT 11 removed
   (docs/tensorrt.md §1) are absent, so code that uses them fails with AttributeError, and every
   network is strongly typed.
+- **Timing caches and loggers**: a timing cache belongs to the device that made it;
+  ``set_timing_cache`` of another device's cache returns False and ``get_timing_cache``
+  then returns None (as TensorRT does). ``Logger.created`` counts the loggers made.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import functools
 import importlib.machinery
-import itertools
 import json
 import sys
 import types
-import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
+from emulated_device import (
+    GPU_CC,
+    GPU_NAME,
+    POISON,
+    EmulatedDevice,
+    EmulatorError,
+    EmuStream,
+    peek,
+)
+from emulated_engine import Dims, ICudaEngine, IExecutionContext
+
+from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH
+
+__all__ = ["GPU_CC", "GPU_NAME", "POISON", "EmuStream", "EmulatedDevice", "EmulatorError",
+           "add_plans", "emulated_export", "emulated_tensorrt", "installed", "peek"]
 
 MAGIC = b"TRT-EMULATOR-PLAN\n"
-POISON = 0xFF
-GPU_NAME = "TensorRT emulator (CPU)"
-GPU_CC = (9, 0)
 
 # names TensorRT 11 removed (docs/tensorrt.md §1; NVIDIA's 10.x -> 11.x Python migration guide)
 REMOVED_IN_11_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
@@ -65,153 +79,9 @@ REMOVED_IN_11_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECI
 
 _ONNX_TYPES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "HALF",
                16: "BF16"}
-_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
-          "INT8": torch.int8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool,
-          "UINT8": torch.uint8}
-
-
-class EmulatorError(AssertionError):
-    """A use of TensorRT or of device memory that would be undefined behaviour on a GPU."""
-
-
-def _tensor_at(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The CPU memory at ``ptr`` as a tensor (what TensorRT does with a bound address)."""
-    n = int(np.prod(shape)) if shape else 1
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.data_ptr() + s.nbytes()
-
-
-# ----------------------------------------------------------------------------- the device
-
-
-class EmuStream:
-    """An emulated CUDA stream: launches wait in ``pending`` until a flush."""
-
-    def __init__(self, device: EmulatedDevice, handle: int):
-        self.device = device
-        self.cuda_stream = handle
-        self.pending: list[_Launch] = []
-        self.kept: list[torch.Tensor] = []  # recorded since the last flush (kept alive)
-        self.recorded: list[weakref.ref[torch.Tensor]] = []  # recorded earlier (alive or not)
-
-    def __repr__(self) -> str:
-        return f"EmuStream({self.cuda_stream:#x}, {len(self.pending)} pending)"
-
-    def synchronize(self) -> None:
-        self.flush()
-
-    def _alive_spans(self) -> list[tuple[int, int]]:
-        self.recorded = [r for r in self.recorded if r() is not None]
-        return [_span(t) for t in self.kept] + [_span(t) for r in self.recorded if (t := r()) is not None]
-
-    def flush(self) -> None:
-        """Run every pending launch in order, then release what was kept for them."""
-        pending, self.pending = self.pending, []
-        if pending:
-            spans = self._alive_spans()
-            for launch in pending:
-                launch.run(spans)
-                self.device.launches += 1
-        kept, self.kept = self.kept, []
-        while kept:
-            t = kept.pop()
-            self.recorded.append(weakref.ref(t))
-            # only the emulator referenced it: the allocator would now hand it out again
-            if sys.getrefcount(t) <= 2 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2:
-                ctypes.memset(t.untyped_storage().data_ptr(), POISON, t.untyped_storage().nbytes())
-                self.device.poisoned += 1
-            del t
-
-
-class EmulatedDevice:
-    """:class:`~hms_deploy.runtime.streams.DeviceStreams` over CPU memory (see the module doc)."""
-
-    cuda = False
-
-    def __init__(self) -> None:
-        self._handles = itertools.count(0x1000)
-        self.streams: dict[int, EmuStream] = {}
-        self.launches = 0  # launches executed (for tests)
-        self.poisoned = 0  # tensors poisoned when the emulator dropped the last reference
-        # the caller's "current stream": eager CPU torch, which never waits; not launchable
-        self.host = EmuStream(self, 0)
-
-    def new_stream(self, device: torch.device) -> EmuStream:
-        s = EmuStream(self, next(self._handles))
-        self.streams[s.cuda_stream] = s
-        return s
-
-    def current_stream(self, device: torch.device) -> EmuStream:
-        return self.host  # the host's eager CPU work: ordering it after a stream is a flush
-
-    def wait(self, waiter: Any, waited: Any) -> None:
-        if isinstance(waited, EmuStream) and waited is not self.host:
-            waited.flush()
-
-    def record(self, tensors: Any, stream: Any) -> None:
-        if not isinstance(stream, EmuStream):
-            raise EmulatorError(f"record on {stream!r}, which is not an emulated stream")
-        stream.kept.extend(tensors)
-
-    def guard(self, device: torch.device) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def gpu(self, device: torch.device) -> tuple[tuple[int, int], str]:
-        return GPU_CC, GPU_NAME
-
-    def synchronize(self) -> None:
-        for s in list(self.streams.values()):
-            s.flush()
-
-    def pending(self) -> int:
-        return sum(len(s.pending) for s in self.streams.values())
-
-
-class _Launch:
-    def __init__(self, context: IExecutionContext, shapes: dict[str, tuple[int, ...]],
-                 addresses: dict[str, int]):
-        self.context = weakref.ref(context)
-        self.engine = context.engine
-        self.shapes = shapes
-        self.addresses = addresses
-
-    def run(self, spans: list[tuple[int, int]]) -> None:
-        engine = self.engine
-        if self.context() is None:
-            raise EmulatorError(f"{engine.part}: execution context destroyed while its launch was pending")
-        for name, ptr in self.addresses.items():
-            end = ptr + _nbytes(self.shapes[name], engine.dtype(name))
-            if not any(a <= ptr and end <= b for a, b in spans):
-                raise EmulatorError(
-                    f"{engine.part}: launch uses '{name}' at {ptr:#x}, which no live tensor recorded "
-                    f"on its stream covers (freed before completion, or never recorded)"
-                )
-        feeds = {
-            name: _tensor_at(self.addresses[name], self.shapes[name], engine.dtype(name)).numpy().copy()
-            for name in engine.input_names
-        }
-        outs = engine.session().run(engine.output_names, feeds)
-        for name, y in zip(engine.output_names, outs):
-            dst = _tensor_at(self.addresses[name], self.shapes[name], engine.dtype(name))
-            dst.copy_(torch.from_numpy(np.ascontiguousarray(y)).to(dst.dtype))
 
 
 # --------------------------------------------------------------------------- the module
-
-
-class Dims(tuple):
-    pass
 
 
 class _Error:
@@ -231,117 +101,6 @@ class _Error:
 class ITensor:
     def __init__(self, name: str, dtype: Any, shape: tuple[int, ...]):
         self.name, self.dtype, self.shape = name, dtype, Dims(shape)
-
-
-class ICudaEngine:
-    def __init__(self, trt: types.ModuleType, header: dict[str, Any], onnx_bytes: bytes):
-        self._trt = trt
-        self.part = header.get("name", "?")
-        self.io = header["io"]
-        self.profile = {k: [tuple(s) for s in v] for k, v in header["profile"].items()}
-        self.input_names = [t["name"] for t in self.io if t["mode"] == "INPUT"]
-        self.output_names = [t["name"] for t in self.io if t["mode"] == "OUTPUT"]
-        self._by_name = {t["name"]: t for t in self.io}
-        self._onnx = onnx_bytes
-        self._session: Any = None
-        self.contexts: list[weakref.ref[IExecutionContext]] = []
-
-    def session(self) -> Any:
-        if self._session is None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(self._onnx, opts, providers=["CPUExecutionProvider"])
-        return self._session
-
-    def dtype(self, name: str) -> torch.dtype:
-        return _TORCH[self._by_name[name]["dtype"]]
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self.io)
-
-    def get_tensor_name(self, i: int) -> str:
-        return str(self.io[i]["name"])
-
-    def get_tensor_mode(self, name: str) -> Any:
-        return self._trt.TensorIOMode[self._by_name[name]["mode"]]
-
-    def get_tensor_dtype(self, name: str) -> Any:
-        return self._trt.DataType[self._by_name[name]["dtype"]]
-
-    def get_tensor_shape(self, name: str) -> Dims:
-        return Dims(self._by_name[name]["shape"])
-
-    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Dims]:
-        if profile_index != 0 or name not in self.profile:
-            raise EmulatorError(f"{self.part}: no profile {profile_index} for '{name}'")
-        return [Dims(s) for s in self.profile[name]]
-
-    def create_execution_context(self) -> IExecutionContext:
-        ctx: IExecutionContext = self._trt.IExecutionContext(self)
-        self.contexts.append(weakref.ref(ctx))
-        return ctx
-
-
-class IExecutionContext:
-    def __init__(self, engine: ICudaEngine):
-        self.engine = engine
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.log: list[tuple[str, object]] = []
-
-    def set_input_shape(self, name: str, shape: Any) -> bool:
-        shape = tuple(int(d) for d in shape)
-        self.log.append(("shape", (name, shape)))
-        if name not in self.engine.profile:
-            return False  # TensorRT logs "not an input" and refuses
-        lo, _, hi = self.engine.profile[name]
-        if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
-            return False
-        self.shapes[name] = shape
-        return True
-
-    def _batch(self) -> int | None:
-        if set(self.shapes) != set(self.engine.input_names):
-            return None
-        return {s[0] for s in self.shapes.values()}.pop()
-
-    def get_tensor_shape(self, name: str) -> Dims:
-        if name in self.shapes:
-            return Dims(self.shapes[name])
-        shape = list(self.engine.get_tensor_shape(name))
-        n = self._batch()
-        if n is not None and shape and shape[0] == -1:
-            shape[0] = n
-        return Dims(shape)
-
-    def set_tensor_address(self, name: str, ptr: int) -> bool:
-        self.log.append(("address", name))
-        if name not in self.engine._by_name or not ptr:
-            return False
-        self.addresses[name] = int(ptr)
-        return True
-
-    def execute_async_v3(self, stream_handle: int) -> bool:
-        self.log.append(("launch", stream_handle))
-        device = self.engine._trt.emulated_device
-        stream = device.streams.get(int(stream_handle))
-        if stream is None:
-            raise EmulatorError(f"{self.engine.part}: execute_async_v3 on unknown stream {stream_handle:#x}"
-                                " (0 is the legacy default stream, which adds device syncs)")
-        if self._batch() is None:
-            return False  # TensorRT logs "not all input shapes specified" and fails
-        missing = [n for n in (*self.engine.input_names, *self.engine.output_names) if n not in self.addresses]
-        if missing:
-            return False
-        shapes = {n: tuple(self.get_tensor_shape(n)) for n in (*self.engine.input_names, *self.engine.output_names)}
-        launch = _Launch(self, shapes, dict(self.addresses))
-        for name in self.engine.output_names:  # undefined until the stream is past the launch
-            ctypes.memset(self.addresses[name], POISON, _nbytes(shapes[name], self.engine.dtype(name)))
-        stream.pending.append(launch)
-        return True
 
 
 class INetworkDefinition:
@@ -390,20 +149,26 @@ def _make_module(version: str) -> types.ModuleType:
 
     class Logger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+        created = 0  # instances made in this process (TensorRT wants one)
 
         def __init__(self, min_severity: int = 2):
+            type(self).created += 1
             self.min_severity = min_severity
             self.messages: list[str] = []
 
     class ITimingCache:
+        """Timing entries of one device (TensorRT rejects a cache made on another GPU)."""
+
         def __init__(self, data: bytes):
-            entries = 0
+            entries, device = 0, GPU_NAME
             if data.startswith(b"TRT-EMULATOR-TIMING "):
-                entries = int(data.split()[1])
-            self.entries = entries
+                head, _, tail = data.partition(b"\n")
+                entries = int(head.split()[1])
+                device = tail.decode().strip() or GPU_NAME
+            self.entries, self.device = entries, device
 
         def serialize(self) -> bytes:
-            return b"TRT-EMULATOR-TIMING %d\n" % self.entries
+            return b"TRT-EMULATOR-TIMING %d\n%s\n" % (self.entries, self.device.encode())
 
     class IOptimizationProfile:
         def __init__(self) -> None:
@@ -445,6 +210,9 @@ def _make_module(version: str) -> types.ModuleType:
             return ITimingCache(bytes(data))
 
         def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            if cache.device != GPU_NAME and not ignore_mismatch:
+                self.cache = None  # TensorRT: the check fails and get_timing_cache() is None
+                return False
             self.cache = cache
             return True
 
@@ -618,7 +386,7 @@ def installed(version: str = "11.0.0") -> Iterator[types.ModuleType]:
         yield trt
 
 
-def add_plans(export_dir: str | Path, *, max_batch: int = 8) -> Any:
+def add_plans(export_dir: str | Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> Any:
     """Build every part's plan with the export's real ``build_plan`` (against the installed
     emulator) into ``export_dir`` and list them in its manifest; the new manifest.
 
@@ -648,7 +416,7 @@ def add_plans(export_dir: str | Path, *, max_batch: int = 8) -> Any:
 
 
 def emulated_export(src: str | Path, dst: str | Path, *, version: str = "11.0.0",
-                    max_batch: int = 8) -> Path:
+                    max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """A copy of the ONNX export ``src`` at ``dst`` with emulated plans of ``version``."""
     import shutil
 

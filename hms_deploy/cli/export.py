@@ -28,8 +28,9 @@ from hms_deploy.outputs import OutputLocked, sigterm_raises
               help="fp16: half-precision graphs with fp32 inputs/outputs (validate on a GPU).")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="With --engine trt: add TensorRT plans to this existing ONNX export.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="TensorRT profile: largest batch N (smallest is 1).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="TensorRT profile: largest batch N (smallest is 1; default: the runtime's one "
+                   "profile maximum, trt_plan.DEFAULT_MAX_BATCH, enough for lockstep N = 32).")
 @click.option("--opt-batch", type=click.IntRange(min=1), default=None,
               help="TensorRT profile: batch to tune for (default: half of --max-batch).")
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True,
@@ -81,6 +82,11 @@ def main(
         if not quiet:
             click.echo(msg, err=True)
 
+    serve_batch = max_batch  # the Triton model's max_batch_size: its own default unless given
+    if max_batch is None:
+        from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH
+
+        max_batch = DEFAULT_MAX_BATCH
     # SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up
     with sigterm_raises(KeyboardInterrupt):
         if triton_repo is not None and engines_dir is not None and engine == "onnx":
@@ -92,16 +98,16 @@ def main(
             except OutputLocked as e:
                 fail("hms-export", f"{e}; --wait waits for it", EXIT_STOPPED)
         if triton_repo is not None:
-            _triton_repo(done, triton_repo, engine, max_batch, force)
+            _triton_repo(done, triton_repo, engine, serve_batch, force)
 
 
-def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int, force: bool) -> None:
+def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int | None, force: bool) -> None:
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
 
     options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu",
-                                max_batch=max_batch)
+                                **({"max_batch": max_batch} if max_batch else {}))
     write_repository(repo, engines_dir, options, force=force)
-    click.echo(f"wrote Triton model repository {repo} (model 'hms', max_batch_size {max_batch}); "
+    click.echo(f"wrote Triton model repository {repo} (model 'hms', max_batch_size {options.max_batch}); "
                f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")
 
 

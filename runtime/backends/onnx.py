@@ -47,11 +47,19 @@ from ..bindings import (
 )
 from ..engine import Engine, output_shapes
 from ..streams import CUDA, ordered
+from ..trt_plan import DEFAULT_MAX_BATCH as PLAN_MAX_BATCH
 
 if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
 
 GPU_INSTALL_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+# onnxruntime-gpu's TensorRT provider links TensorRT 10 (libnvinfer.so.10); a plain
+# `pip install tensorrt` brings TensorRT 11 (libnvinfer.so.11), which it cannot load
+TRT_EP_HINT = (
+    "ONNX Runtime's TensorRT provider needs TensorRT 10's libraries (libnvinfer.so.10) next to "
+    "onnxruntime-gpu: pip install 'tensorrt>=10,<11' (NVIDIA's index); `pip install tensorrt` "
+    "brings TensorRT 11, which this provider cannot load (TensorRT 11 plans: --engine trt)"
+)
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -63,7 +71,8 @@ PROVIDER_ALIASES = {
     "trt": TRT_EP,
 }
 
-DEFAULT_MAX_BATCH = 64  # TensorRT EP profile: N in [1, max_batch]; larger N rebuilds its engine
+# TensorRT EP profile: N in [1, max_batch] (the TensorRT plans' one maximum); larger N rebuilds
+DEFAULT_MAX_BATCH = PLAN_MAX_BATCH
 
 
 def import_onnxruntime() -> ModuleType:
@@ -143,7 +152,7 @@ def check_available(ort: ModuleType, providers: Sequence[str]) -> None:
             f"build: {GPU_INSTALL_HINT}"
         )
         if CUDA_EP not in missing:  # GPU build without TensorRT libraries
-            hint = "install TensorRT's libraries (pip install tensorrt) next to onnxruntime-gpu"
+            hint = TRT_EP_HINT
     else:
         hint = "install an onnxruntime build that has them"
     raise BackendUnavailable(

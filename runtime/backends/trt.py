@@ -92,7 +92,8 @@ def require_cuda(device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
-def _logger() -> trt.Logger:
+def trt_logger() -> trt.Logger:
+    """The process's one ``trt.Logger`` (plan builds and engines share it)."""
     global _LOGGER
     import tensorrt as trt
 
@@ -154,7 +155,7 @@ class TrtEngine(Engine):
             self.device = require_cuda(self.device)
         if not self.path.is_file():
             raise EngineError(f"{self.name}: TensorRT plan {self.path} not found; {rebuild_hint(self.export_dir)}")
-        runtime = trt.Runtime(_logger())
+        runtime = trt.Runtime(trt_logger())
         with self.streams.guard(self.device):
             engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:

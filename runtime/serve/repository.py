@@ -90,7 +90,8 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
         "topk": str(o.topk), "stop_file": str(o.stop_file or ""),
         "steps": str(o.steps or ""),
     }
-    kind = "KIND_CPU"  # the model places its engines itself (parameter "device")
+    # on a GPU Triton places one instance per GPU and tells it model_instance_device_id
+    kind = "KIND_GPU" if o.device.startswith("cuda") else "KIND_CPU"
     lines = [
         f'name: "{MODEL_NAME}"',
         'backend: "python"',

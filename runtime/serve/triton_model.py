@@ -6,6 +6,8 @@ A model repository's ``hms/1/model.py`` re-exports :class:`TritonPythonModel` fr
 absolute), ``engine``, ``device``, ``allowed_root`` (empty: no ``path`` inputs),
 ``max_upload_bytes``, ``threads`` (ONNX Runtime intra-op threads; empty: all cores),
 ``topk``, ``steps`` (T of every request; empty: the model's), ``stop_file`` (see below).
+With ``device`` ``cuda`` each instance opens ``cuda:{model_instance_device_id}``, the GPU
+Triton gave it (``instance_group`` ``KIND_GPU``).
 
 Draining (``hms-serve``): on SIGTERM, hms-serve writes a deadline (Unix time) into
 ``stop_file`` and signals Triton, which refuses new connections but keeps serving open
@@ -39,8 +41,16 @@ def parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: str(v.get("string_value", "")) for k, v in model_config.get("parameters", {}).items()}
 
 
-def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
-    """An opened Session and its Handler from the model's parameters."""
+def instance_device(device: str, instance_device_id: str | None) -> str:
+    """The device of one model instance: ``cuda`` becomes ``cuda:{model_instance_device_id}``
+    (the GPU Triton placed this instance on); an explicit index or a CPU device is kept."""
+    if device == "cuda" and instance_device_id not in (None, ""):
+        return f"cuda:{int(instance_device_id)}"
+    return device
+
+
+def open_handler(params: dict[str, str], version_dir: Path, instance_device_id: str | None = None) -> Handler:
+    """An opened Session and its Handler from the model's parameters (on the instance's GPU)."""
     from hms_deploy.runtime.options import RunSettings
     from hms_deploy.runtime.session import Session
 
@@ -51,7 +61,8 @@ def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
     extra: dict[str, int] = {}
     if params.get("threads") and engine == "onnx":
         extra["threads"] = int(params["threads"])
-    session = Session(engines, None, engine, params.get("device") or "cpu", **extra)
+    device = instance_device(params.get("device") or "cpu", instance_device_id)
+    session = Session(engines_dir=engines, engine=engine, device=device, **extra)
     session.open()
     root = params.get("allowed_root") or None
     options = ServeOptions(
@@ -78,7 +89,7 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         params = parameters(config)
         self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
-        self.handler = open_handler(params, version_dir)
+        self.handler = open_handler(params, version_dir, args.get("model_instance_device_id"))
 
     def draining(self) -> bool:
         """Past hms-serve's drain deadline (new batches are refused)."""
