@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -104,8 +105,8 @@ def main(
 def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int | None, force: bool) -> None:
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
 
-    options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu",
-                                **({"max_batch": max_batch} if max_batch else {}))
+    batch: dict[str, Any] = {"max_batch": max_batch} if max_batch else {}
+    options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu", **batch)
     write_repository(repo, engines_dir, options, force=force)
     click.echo(f"wrote Triton model repository {repo} (model 'hms', max_batch_size {options.max_batch}); "
                f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")

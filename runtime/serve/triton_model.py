@@ -58,7 +58,7 @@ def open_handler(params: dict[str, str], version_dir: Path, instance_device_id: 
     if not engines.is_absolute():
         engines = version_dir / engines
     engine = params.get("engine") or "onnx"
-    extra: dict[str, int] = {}
+    extra: dict[str, Any] = {}
     if params.get("threads") and engine == "onnx":
         extra["threads"] = int(params["threads"])
     device = instance_device(params.get("device") or "cpu", instance_device_id)
