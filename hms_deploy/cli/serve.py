@@ -14,6 +14,7 @@ wheel still provides the server binary, its Python backend and the stubs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import tempfile
@@ -23,8 +24,20 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
-from hms_deploy.errors import ConfigError
+from hms_deploy.cli.common import (
+    RECOVERY_FAILED_EXIT,
+    SERVER_STOPPED_EXIT,
+    debug_option,
+    handle_errors,
+)
+from hms_deploy.errors import ConfigError, HMSError
+from hms_deploy.runtime.serve.health import (
+    ModelControl,
+    RecoveryFailed,
+    ServerDied,
+    Watchdog,
+    sweep_stale,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +94,12 @@ def main(
     debug: bool,
 ) -> None:
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
-    from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
+    from hms_deploy.runtime.serve.launch import (
+        QUIET_ALWAYS,
+        QUIET_ON_CPU,
+        Endpoints,
+        TritonProcess,
+    )
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
 
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port),
@@ -107,29 +125,53 @@ def main(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    sweep_stale(Path(tempfile.gettempdir()))  # workspaces of hms-serve processes that died
+    failure: tuple[int, str] | None = None
     with tempfile.TemporaryDirectory(prefix="hms-serve-") as work:
         stop_file = Path(work) / "drain-deadline"
-        options = dataclasses.replace(options, stop_file=stop_file)
+        uploads = Path(work) / "uploads"
+        uploads.mkdir()
+        options = dataclasses.replace(options, stop_file=stop_file, upload_dir=uploads)
         repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
                                 copy_engines=False)
         ends = Endpoints(host, http_port, grpc_port, metrics_port)
-        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s)
+        quiet = QUIET_ALWAYS + (QUIET_ON_CPU if device == "cpu" else ())
+        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s,
+                               filtered=True, quiet=quiet)
+        (Path(work) / "pid").write_text(f"{os.getpid()} {server.shm_prefix}\n")
+        watchdog = Watchdog(ModelControl(ends.http_url), lambda: server.proc.pid if server.alive()
+                            and server.proc else None, instances=instances, upload_dir=uploads,
+                            shm_prefix=server.shm_prefix, log=_say)
         try:
             server.start()
-            click.echo(f"hms-serve: model 'hms' ready: HTTP {host}:{http_port}, gRPC "
-                       f"{host}:{grpc_port}, metrics {host}:{metrics_port} (pid "
-                       f"{server.proc.pid if server.proc else '?'})", err=True)
-            sys.stderr.flush()
+            _say(f"model 'hms' ready: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, metrics "
+                 f"{host}:{metrics_port} (pid {server.proc.pid if server.proc else '?'})")
             while not stop.wait(0.5):
                 if not server.alive():
-                    raise ConfigError(f"tritonserver exited unexpectedly (code "
-                                      f"{server.proc.returncode if server.proc else '?'})")
+                    code = server.proc.returncode if server.proc else "?"
+                    raise ServerDied(f"tritonserver exited unexpectedly (code {code})")
+                watchdog.poll()
             stop_file.write_text(f"{time.time() + drain_s:.3f}")
-            click.echo(f"hms-serve: stopping: no new connections; requests answered for "
-                       f"{drain_s:g} s more, then refused", err=True)
+            _say(f"stopping: no new connections; requests answered for {drain_s:g} s more, "
+                 "then refused")
+        except ServerDied as e:
+            failure = (SERVER_STOPPED_EXIT, str(e))
+        except RecoveryFailed as e:
+            failure = (RECOVERY_FAILED_EXIT, str(e))
         finally:
             code = server.stop()
-    click.echo(f"hms-serve: stopped (tritonserver exit code {code})", err=True)
+    if failure is not None:
+        click.echo(f"hms-serve: error: {failure[1]}", err=True)
+        raise click.exceptions.Exit(failure[0])
+    if not server.stopped_normally():
+        raise HMSError(f"tritonserver exited with code {code} on stop (see its log above)")
+    _say("stopped" + (" (connections that clients kept open were closed at the exit timeout)"
+                      if server.exit_timed_out else ""))
+
+
+def _say(line: str) -> None:
+    click.echo(f"hms-serve: {line}", err=True)
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,6 +57,7 @@ class ServeOptions:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     # the settings of every request; each request may set its policy and budget
     run: RunSettings = field(default_factory=RunSettings)
+    upload_dir: Path | None = None  # where a batch's uploads are written (None: the temp dir)
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Handler:
     def run(self, requests: Sequence[Request]) -> list[Outputs | str]:
         """Outputs (or one line of error text) for every request, in order."""
         answers = [_Answer() for _ in requests]
-        tmp = Path(tempfile.mkdtemp(prefix="hms-serve-"))
+        tmp = Path(tempfile.mkdtemp(prefix="hms-serve-", dir=self.options.upload_dir))
         try:
             groups: dict[tuple[str, float | None], list[_Row]] = {}
             for i, req in enumerate(requests):

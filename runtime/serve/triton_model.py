@@ -5,7 +5,8 @@ A model repository's ``hms/1/model.py`` re-exports :class:`TritonPythonModel` fr
 ``parameters`` (strings): ``engines_dir`` (relative to the version directory, or
 absolute), ``engine``, ``device``, ``allowed_root`` (empty: no ``path`` inputs),
 ``max_upload_bytes``, ``threads`` (ONNX Runtime intra-op threads; empty: all cores),
-``topk``, ``steps`` (T of every request; empty: the model's), ``stop_file`` (see below).
+``topk``, ``steps`` (T of every request; empty: the model's), ``upload_dir`` (where
+uploads are written while their batch runs; empty: the temp dir), ``stop_file`` (see below).
 
 Draining (``hms-serve``): on SIGTERM, hms-serve writes a deadline (Unix time) into
 ``stop_file`` and signals Triton, which refuses new connections but keeps serving open
@@ -59,6 +60,7 @@ def open_handler(params: dict[str, str], version_dir: Path) -> Handler:
         max_upload_bytes=int(params.get("max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES),
         run=RunSettings(topk=int(params.get("topk") or 5),
                         steps=int(params["steps"]) if params.get("steps") else None),
+        upload_dir=Path(params["upload_dir"]) if params.get("upload_dir") else None,
     )
     return Handler(session, options)
 
