@@ -16,11 +16,13 @@ down"), so the server is idle, and no accepted request is cut off, when Triton e
 
 Each ``execute`` call receives the requests of one dynamic batch and answers every one:
 :class:`~hms_deploy.runtime.serve.handler.Handler` steps the valid ones in lockstep and
-a bad request gets an error response (one line) without failing the others.
+a bad request gets an error response (one line) without failing the others; every
+answer is counted on Triton's metrics port (:mod:`~hms_deploy.runtime.serve.metrics`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ from hms_deploy.runtime.serve.handler import (
     Handler,
     ServeOptions,
 )
+from hms_deploy.runtime.serve.metrics import ServeMetrics
 
 
 def parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -81,6 +84,11 @@ class TritonPythonModel:
         params = parameters(config)
         self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
         self.handler = open_handler(params, version_dir)
+        self.metrics = None
+        with contextlib.suppress(ImportError):
+            import triton_python_backend_utils as pb_utils  # only inside the backend's stub
+
+            self.metrics = ServeMetrics.create(pb_utils)
 
     def draining(self) -> bool:
         """Past hms-serve's drain deadline (new batches are refused)."""
@@ -98,6 +106,8 @@ class TritonPythonModel:
         if self.draining():  # one error object per response: a shared one crashes the backend
             code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
             msg = "server is shutting down: request refused (retry on another server)"
+            if self.metrics is not None:
+                self.metrics.refused(len(requests))
             return [pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
             ) for _ in requests]
@@ -110,6 +120,8 @@ class TritonPythonModel:
             batch.append(inputs)
         responses = []
         for answer in self.handler.run(batch):
+            if self.metrics is not None:
+                self.metrics.count(answer)
             if isinstance(answer, str):
                 responses.append(pb_utils.InferenceResponse(error=_error(pb_utils, answer)))
             else:
