@@ -3,7 +3,12 @@
 Writes a model repository (engines referenced in place) into a temporary workspace,
 starts ``tritonserver`` on it with every port (HTTP, gRPC, metrics) bound to ``--host``
 and blocks until SIGINT/SIGTERM; then Triton stops taking requests, answers the
-in-flight ones (up to 25 s), frees its ports, and the workspace is removed.
+in-flight ones (up to 25 s), frees its ports, and the workspace is removed (exit 0).
+
+While it runs, :class:`~hms_deploy.runtime.serve.health.Watchdog` checks the model twice
+a second and reloads it when its backend stub died (docs/serving.md); 3 failed reloads
+in a row exit 5, ``tritonserver`` exiting on its own exits 4. Triton's output passes
+through this process, without the lines that are not errors of this server.
 
 Why not PyTriton's ``Triton.bind``: a PyTriton callable that raises fails every request
 of its dynamic batch with the same message, and a bad request must fail alone. The
