@@ -70,7 +70,7 @@ def stub_pids(server_pid: int) -> list[int]:
 
 def sweep_shm(prefix: str) -> list[str]:
     """Remove the shared-memory regions named ``prefix*``; their names."""
-    gone = []
+    gone: list[str] = []
     if not prefix:
         return gone
     for f in SHM_DIR.glob(f"{prefix}*"):
