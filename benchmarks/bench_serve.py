@@ -279,7 +279,8 @@ def markdown(out: dict[str, Any]) -> str:
     lines += [f"- load average at end: {out['loadavg_at_end']}",
               (f"- video: {Path(out['video']).name}; policy {s['policy']}; ONNX Runtime "
               f"{s['threads']} thread(s) per session on both sides; {s['clients']} concurrent "
-              f"gRPC clients (requests per client: see the JSON); dynamic batching delay "
+              f"gRPC clients (requests per client: see the JSON); the server's --max-batch "
+              f"{s.get('max_batch') or s['clients']}, dynamic batching delay "
               f"{s['max_queue_delay_us']} us"), "",
               ("| variant | T | offline sequential videos/s | offline lockstep videos/s | "
               "serve requests/s | serve / offline seq. | serve / better offline | p50 latency | "
@@ -305,13 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="T for every variant")
     ap.add_argument("--policy", default="rates:0.6,0.03")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-batch", type=int, default=None, help="the server's (default: --clients)")
+    ap.add_argument("--max-queue-delay-us", type=int, default=20000)
     ap.add_argument("--video", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     given: dict[str, Any] = {"clients": a.clients, "policy": a.policy, "threads": a.threads,
-                             "video": a.video}
+                             "video": a.video, "max_batch": a.max_batch,
+                             "max_queue_delay_us": a.max_queue_delay_us}
     given.update({k: v for k, v in (("name", a.name), ("out", a.out)) if v is not None})
     if a.requests:
         given["requests"] = {"tiny": a.requests, "paper": a.requests}

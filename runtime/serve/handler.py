@@ -210,9 +210,9 @@ class Handler:
                 except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
                     answers[i].error = f"{INTERNAL_PREFIX} ({type(e).__name__}: {e})"
             for key, rows in groups.items():
+                # no probe first: the lockstep run opens every video anyway, and when one
+                # fails the Session reruns the others one by one (each still answered)
                 rows = [r for r in rows if answers[r.request].error is None]
-                if len(rows) > 1:  # one unreadable video would split the lockstep batch
-                    rows = [r for r in rows if self._probe(r, answers[r.request])]
                 if not rows:
                     continue
                 try:
@@ -232,18 +232,6 @@ class Handler:
             shutil.rmtree(tmp, ignore_errors=True)
         return [" ".join(a.error.split()) if a.error is not None
                 else outputs([a.records[j] for j in sorted(a.records)]) for a in answers]
-
-
-    @staticmethod
-    def _probe(row: _Row, answer: _Answer) -> bool:
-        from hms_deploy.data.video import probe
-
-        try:
-            probe(row.file)
-        except HMSError as e:
-            answer.error = answer.error or str(e).replace(row.file, row.shown)
-            return False
-        return True
 
 
 def outputs(records: list[dict[str, Any]]) -> Outputs:
