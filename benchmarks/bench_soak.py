@@ -257,7 +257,8 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [(f"# Soak: {s['requests']} requests ({100 // s['bad_every']} % bad) from {s['clients']} "
              f"clients against hms-serve ({s['variant']}, T={s['steps']})"), ""]
     lines += header_lines(out["provenance"])
-    lines += [f"- load average at start: {out['loadavg_at_start']}, at end: {out['loadavg_at_end']}",
+    lines += [(f"- load average when the load began: {out['loadavg_at_start']}, at the end: "
+              f"{out['loadavg_at_end']}"),
               (f"- policy {s['policy']}; ONNX Runtime {s['threads']} thread(s); --max-batch "
               f"{s['max_batch']}, --max-queue-delay-us {s['max_queue_delay_us']}"), "",
               (f"Sent {out['sent']} in {out['wall_s']} s: good {out['good_answered']}/{out['good']} "
