@@ -146,7 +146,7 @@ def main(
         (Path(work) / "pid").write_text(f"{os.getpid()} {server.shm_prefix}\n")
         watchdog = Watchdog(ModelControl(ends.http_url), lambda: server.proc.pid if server.alive()
                             and server.proc else None, instances=instances, upload_dir=uploads,
-                            shm_prefix=server.shm_prefix, log=_say)
+                            shm_prefix=server.shm_prefix, log=_say, stopping=stop.is_set)
         try:
             server.start()
             _say(f"model 'hms' ready: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, metrics "

@@ -151,12 +151,14 @@ class Watchdog:
 
     ``server_pid``: a callable giving tritonserver's pid (None when not running);
     ``instances``: stubs the model runs; ``upload_dir`` and ``shm_prefix``: what a dead
-    stub leaves behind; ``log``: one line per event.
+    stub leaves behind; ``log``: one line per event; ``stopping``: true once the server
+    is being stopped (a model unloading then is no fault, and is not reloaded).
     """
 
     def __init__(self, control: ModelControl, server_pid: Callable[[], int | None], *,
                  instances: int, upload_dir: Path | None, shm_prefix: str,
-                 log: Callable[[str], None], max_failures: int = MAX_FAILURES):
+                 log: Callable[[str], None], max_failures: int = MAX_FAILURES,
+                 stopping: Callable[[], bool] = lambda: False):
         self.control = control
         self.server_pid = server_pid
         self.instances = instances
@@ -166,12 +168,13 @@ class Watchdog:
         self.max_failures = max_failures
         self.failures = 0
         self.recoveries = 0
+        self.stopping = stopping
 
     def problem(self) -> str | None:
         """Why the model is unhealthy now, or None."""
         pid = self.server_pid()
-        if pid is None:
-            return None  # the caller sees the server itself exit
+        if pid is None or self.stopping():
+            return None  # the caller sees the server itself exit / stops it
         stubs = len(stub_pids(pid))
         if stubs < self.instances:
             if stubs == 0 and self.instances == 1:
@@ -187,6 +190,8 @@ class Watchdog:
         self.control.unload()
         sweep_dir(self.upload_dir)
         sweep_shm(self.shm_prefix)  # no stub runs now: every region of ours is stale
+        if self.stopping():
+            return True
         error = self.control.load()
         took = time.monotonic() - t
         if error is None and not self.problem():

@@ -274,8 +274,8 @@ class TritonProcess:
             timeout_s = self.exit_timeout_s + 5
         if self.proc is None:
             return None
+        self.stopping = True  # (a Ctrl-C reaches tritonserver too: it may be exiting already)
         if self.proc.poll() is None:
-            self.stopping = True
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
