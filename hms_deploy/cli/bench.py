@@ -126,6 +126,8 @@ def main(
                        ("--throughput-repeats", throughput_repeats), ("--threads", threads)):
         if value is not None and value < (0 if opt == "--throughput-videos" else 1):
             raise ConfigError(f"{opt} must be >= 1, got {value}")
+    if soak is not None and (suite != "serve" or soak < 1):
+        raise ConfigError(f"--soak N needs --suite serve and N >= 1, got --suite {suite} --soak {soak}")
     if suite == "decode":
         dec = _bench_module("bench_decode")
         given: dict[str, Any] = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
@@ -153,8 +155,6 @@ def main(
         else:
             settings = e2e.E2ESettings(**given)
         e2e.run(settings, log=click.echo)
-    if soak is not None and (suite != "serve" or soak < 1):
-        raise ConfigError(f"--soak N needs --suite serve and N >= 1, got --suite {suite} --soak {soak}")
     if suite == "serve" and soak is not None:
         sk = _bench_module("bench_soak")
         given = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
