@@ -111,7 +111,12 @@ class ModelControl:
             return 0, str(e).encode()
 
     def ready(self) -> bool:
-        return self._call(f"/v2/models/{self.model}/ready")[0] == 200
+        return self.answer_ready() is True
+
+    def answer_ready(self) -> bool | None:
+        """Whether the model says it is ready; None when the server did not answer."""
+        code = self._call(f"/v2/models/{self.model}/ready")[0]
+        return None if code == 0 else code == 200
 
     def state(self) -> str:
         """The model's state in the repository index (READY, UNAVAILABLE, LOADING, ...)."""
@@ -169,6 +174,7 @@ class Watchdog:
         self.failures = 0
         self.recoveries = 0
         self.stopping = stopping
+        self.not_ready = 0  # polls in a row on which Triton answered "not ready"
 
     def problem(self) -> str | None:
         """Why the model is unhealthy now, or None."""
@@ -180,7 +186,9 @@ class Watchdog:
             if stubs == 0 and self.instances == 1:
                 return "its backend stub process exited"
             return f"{self.instances - stubs} of its {self.instances} backend stub processes exited"
-        if not self.control.ready():
+        ready = self.control.answer_ready()  # no answer (a busy machine) is not a fault
+        self.not_ready = self.not_ready + 1 if ready is False else 0
+        if self.not_ready >= 2:  # twice in a row: not a model caught between two states
             return "Triton reports it not ready"
         return None
 
