@@ -173,7 +173,7 @@ class Handler:
             if videos is not None:
                 if not isinstance(item, (bytes, np.bytes_)):
                     raise RequestError("input 'video' must be BYTES (the file's contents)")
-                data = bytes(item)
+                data = item  # np.bytes_ is bytes: written as is, not copied first
                 if not data:
                     raise RequestError("input 'video' is empty (0 bytes)")
                 limit = self.options.max_upload_bytes
