@@ -198,7 +198,7 @@ class Handler:
     def run(self, requests: Sequence[Request]) -> list[Outputs | str]:
         """Outputs (or one line of error text) for every request, in order."""
         answers = [_Answer() for _ in requests]
-        tmp = Path(tempfile.mkdtemp(prefix="hms-serve-", dir=self.options.upload_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f"hms-serve-{os.getpid()}-", dir=self.options.upload_dir))
         try:
             groups: dict[tuple[str, float | None], list[_Row]] = {}
             for i, req in enumerate(requests):

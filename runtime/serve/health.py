@@ -10,9 +10,11 @@ instance; when it does not, it
 1. unloads the model through Triton's repository API (``tritonserver`` runs with
    ``--model-control-mode=explicit``): from then on both readiness endpoints answer
    400 and requests are refused (unknown model) instead of failing one by one;
-2. removes what the dead stub left: its upload folders and its shared-memory regions
-   (``/dev/shm/<prefix>*``, the prefix is the server's own);
-3. loads the model again (a fresh stub, the engines opened again) and logs one line.
+2. loads the model again (a fresh stub, the engines opened again; Triton finishes
+   unloading an instance whose stub died only then) and logs one line;
+3. removes what the dead stub left: its upload folders (``hms-serve-<stub pid>-*``) and
+   its shared-memory region (``/dev/shm/<prefix>*`` that no live stub maps; the prefix
+   is the server's own).
 
 A failed reload is retried at the next poll; after :data:`MAX_FAILURES` failures in a row
 :meth:`Watchdog.poll` raises :class:`RecoveryFailed` (``hms-serve`` then exits with its
@@ -68,23 +70,41 @@ def stub_pids(server_pid: int) -> list[int]:
     return out
 
 
-def sweep_shm(prefix: str) -> list[str]:
-    """Remove the shared-memory regions named ``prefix*``; their names."""
+def _mapped(pid: int) -> set[str]:
+    """Names of the /dev/shm files that process ``pid`` maps."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {line.rsplit("/", 1)[1].split()[0] for line in maps.splitlines()
+            if f" {SHM_DIR}/" in line}
+
+
+def sweep_shm(prefix: str, keep: list[int] | tuple[int, ...] = ()) -> list[str]:
+    """Remove the shared-memory regions named ``prefix*`` that none of the processes
+    ``keep`` (the live stubs) maps; their names."""
     gone: list[str] = []
     if not prefix:
         return gone
+    kept = set().union(*(_mapped(p) for p in keep)) if keep else set()
     for f in SHM_DIR.glob(f"{prefix}*"):
+        if f.name in kept:
+            continue
         with contextlib.suppress(OSError):
             f.unlink()
             gone.append(f.name)
     return gone
 
 
-def sweep_dir(folder: Path | None) -> None:
-    """Empty ``folder`` (the model's upload folder), keeping the folder itself."""
+def sweep_uploads(folder: Path | None) -> None:
+    """Remove the batch folders of ``folder`` whose stub is gone (named ``hms-serve-<pid>-*``
+    by the handler); a live stub's running batch keeps its uploads."""
     if folder is None or not folder.is_dir():
         return
     for entry in folder.iterdir():
+        parts = entry.name.split("-")
+        if len(parts) > 2 and parts[2].isdigit() and _alive(int(parts[2])):
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -129,15 +149,16 @@ class ModelControl:
                     return str(m.get("state") or "UNKNOWN")
         return "UNAVAILABLE"
 
-    def unload(self, timeout_s: float = 20.0) -> bool:
-        """Unload; True once the index no longer says READY/UNLOADING."""
+    def unload(self, timeout_s: float = 5.0) -> bool:
+        """Ask Triton to unload; True once the model no longer says READY. (An instance whose
+        stub died finishes unloading only when the model is loaded again: no waiting for it.)"""
         code, _ = self._call(f"/v2/repository/models/{self.model}/unload", post=True,
                              timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while code == 200 and time.monotonic() < deadline:
-            if self.state() not in ("READY", "UNLOADING"):
+            if self.answer_ready() is False:
                 return True
-            time.sleep(0.1)
+            time.sleep(0.05)
         return False
 
     def load(self, timeout_s: float = 120.0) -> str | None:
@@ -196,11 +217,14 @@ class Watchdog:
         """Unload, clean up, load again; True when the model is ready again."""
         t = time.monotonic()
         self.control.unload()
-        sweep_dir(self.upload_dir)
-        sweep_shm(self.shm_prefix)  # no stub runs now: every region of ours is stale
+        sweep_uploads(self.upload_dir)  # the dead stubs' batches
         if self.stopping():
             return True
         error = self.control.load()
+        pid = self.server_pid()
+        stubs = stub_pids(pid) if pid is not None else []
+        sweep_uploads(self.upload_dir)  # and those of stubs finalized meanwhile
+        sweep_shm(self.shm_prefix, keep=stubs)  # every region no live stub maps
         took = time.monotonic() - t
         if error is None and not self.problem():
             self.failures = 0
