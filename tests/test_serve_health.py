@@ -68,6 +68,14 @@ def http_ready(server: Server) -> bool:
     return server.ready()
 
 
+def wait_serving(log: Path) -> None:
+    """Until hms-serve itself says the model is ready (it polls after the test's client)."""
+    for _ in range(600):  # bounded: 60 s
+        if "hms-serve: model 'hms' ready" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+
+
 def recovery_budget_s() -> float:
     """30 s on a machine whose CPUs are not oversubscribed; on a shared machine with more
     runnable work than cores, 30 s times the oversubscription (a reload is a fresh stub
@@ -95,6 +103,7 @@ def test_killed_stub_under_load_is_reloaded_and_probes_say_so(tmp_path):
     tmp_before = {d.name for d in Path(tempfile.gettempdir()).glob("hms-serve-*")}
     log = tmp_path / "log"
     with hms_serve(a.engines, log, "--drain-s", "1", "--exit-timeout-s", "6") as s:
+        wait_serving(log)
         probes = documented_probes(s.http)
         assert probe(probes["liveness"]) == 0 and probe(probes["readiness"]) == 0
         triton, work, prefix = triton_of(s)
@@ -174,6 +183,7 @@ def test_model_that_cannot_be_reloaded_exits_5(tmp_path):
     log = tmp_path / "log"
     with hms_serve(engines, log) as s:
         triton, work, prefix = triton_of(s)
+        wait_serving(log)
         (engines / "manifest.json").unlink()  # every reload now fails
         os.kill(stub_pids(triton)[0], signal.SIGKILL)
         code = s.proc.wait(120)
@@ -190,6 +200,7 @@ def test_tritonserver_dying_exits_4(tmp_path):
     log = tmp_path / "log"
     with hms_serve(assets().engines, log) as s:
         triton, work, prefix = triton_of(s)
+        wait_serving(log)
         os.kill(triton, signal.SIGKILL)
         code = s.proc.wait(60)
     text = log.read_text(errors="replace")
