@@ -148,3 +148,11 @@ def test_cli_refuses_bad_options_in_one_line():
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["hms-bench: error: --steps must be >= 1, got 0"]
+
+
+def test_cli_soak_needs_the_serve_suite():
+    proc = subprocess.run([str(HMS_BENCH), "--soak", "10"], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hms-bench: error: --soak N needs --suite serve and N >= 1, got --suite e2e --soak 10"]

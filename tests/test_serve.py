@@ -337,3 +337,51 @@ def test_raw_tritonserver_on_exported_repository(tmp_path, refs):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def hms_metrics(server) -> dict[str, float]:
+    """``hms_*`` samples of the metrics port: 'name{labels}' -> value."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("hms_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_port_counts_the_records_of_the_same_requests(server, root):
+    before = hms_metrics(server)
+    h = thttp.InferenceServerClient(server.http_url)
+    recs = [record(h.infer("hms", inputs(thttp, path=p, **kw))) for p, kw in
+            (("sample.mp4", {}), ("silent.mp4", {}), ("sample.mp4", {"policy": "dense"}))]
+    for values in ({"path": "nope.mp4"}, {"policy": "dense"}):
+        with pytest.raises(InferenceServerException):
+            h.infer("hms", inputs(thttp, **values))
+    after = hms_metrics(server)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta('hms_requests_total{outcome="ok"}') == 3
+    assert delta('hms_requests_total{outcome="bad"}') == 2
+    assert delta('hms_requests_total{outcome="error"}') == 0
+    assert delta("hms_videos_total") == 3
+    assert delta("hms_steps_total") == sum(r["steps"] for r in recs)
+    for m in ("appearance", "motion"):
+        assert delta(f'hms_backbone_runs_total{{modality="{m}"}}') == sum(r["usage"][m] for r in recs)
+    assert delta('hms_backbone_runs_total{modality="audio"}') == sum(
+        r["stats"]["audio_steps"] for r in recs)
+    assert delta("hms_gmac_total") == pytest.approx(sum(r["gflops"]["used"] for r in recs), rel=1e-6)
+    assert delta("hms_gmac_dense_total") == pytest.approx(sum(r["gflops"]["dense"] for r in recs),
+                                                          rel=1e-6)
+    assert delta("hms_gmac_total") < delta("hms_gmac_dense_total")
+    for stage in ("total", "decode", "motion"):
+        assert delta(f'hms_stage_seconds_total{{stage="{stage}"}}') == pytest.approx(
+            sum(r["timing_ms"][stage] for r in recs) / 1e3, rel=1e-4, abs=1e-6)

@@ -81,6 +81,11 @@ def _bench_module(name: str) -> ModuleType:
               help="Intra-op threads per ORT session and for torch (default: all usable cores).")
 @click.option("--ort-spinning", type=click.Choice(["on", "off"]), default=None,
               help="e2e experiment: force ONNX Runtime intra-op spinning (default: the backend's).")
+@click.option("--soak", type=int, default=None,
+              help="serve: a soak of N requests (10% bad) from 8 clients instead, with RSS "
+                   "at each 25% (benchmarks/bench_soak.py).")
+@click.option("--soak-max-s", type=float, default=None,
+              help="serve --soak: send no new request after this many seconds (default 3600).")
 @debug_option
 @handle_errors("hms-bench")
 def main(
@@ -105,6 +110,8 @@ def main(
     no_plot: bool,
     threads: int | None,
     ort_spinning: str | None,
+    soak: int | None,
+    soak_max_s: float | None,
     debug: bool,
 ) -> None:
     """Measure HMS against dense and compute-then-mask baselines; write JSON, Markdown, PNG."""
@@ -119,6 +126,8 @@ def main(
                        ("--throughput-repeats", throughput_repeats), ("--threads", threads)):
         if value is not None and value < (0 if opt == "--throughput-videos" else 1):
             raise ConfigError(f"{opt} must be >= 1, got {value}")
+    if soak is not None and (suite != "serve" or soak < 1):
+        raise ConfigError(f"--soak N needs --suite serve and N >= 1, got --suite {suite} --soak {soak}")
     if suite == "decode":
         dec = _bench_module("bench_decode")
         given: dict[str, Any] = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
@@ -146,7 +155,13 @@ def main(
         else:
             settings = e2e.E2ESettings(**given)
         e2e.run(settings, log=click.echo)
-    if suite == "serve":
+    if suite == "serve" and soak is not None:
+        sk = _bench_module("bench_soak")
+        given = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
+        given.update({k: v for k, v in (("steps", steps), ("video", video), ("variant", variant),
+                                        ("max_s", soak_max_s)) if v is not None})
+        sk.run(sk.SoakSettings(requests=soak, **given), log=click.echo)
+    elif suite == "serve":
         _serve_suite(variant, steps, smoke, common, video)
     if suite == "throughput":
         tp = _bench_module("bench_throughput")

@@ -36,6 +36,8 @@ EXIT_STOPPED = 3  # a backend unavailable, a run stopped before every input, a b
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
+SERVER_STOPPED_EXIT = 4  # hms-serve: tritonserver exited on its own while serving
+RECOVERY_FAILED_EXIT = 5  # hms-serve: the model could not be reloaded (3 tries in a row)
 
 
 def exit_code(e: HMSError) -> int:

@@ -3,7 +3,12 @@
 Writes a model repository (engines referenced in place) into a temporary workspace,
 starts ``tritonserver`` on it with every port (HTTP, gRPC, metrics) bound to ``--host``
 and blocks until SIGINT/SIGTERM; then Triton stops taking requests, answers the
-in-flight ones (up to 25 s), frees its ports, and the workspace is removed.
+in-flight ones (up to 25 s), frees its ports, and the workspace is removed (exit 0).
+
+While it runs, :class:`~hms_deploy.runtime.serve.health.Watchdog` checks the model twice
+a second and reloads it when its backend stub died (docs/serving.md); 3 failed reloads
+in a row exit 5, ``tritonserver`` exiting on its own exits 4. Triton's output passes
+through this process, without the lines that are not errors of this server.
 
 Why not PyTriton's ``Triton.bind``: a PyTriton callable that raises fails every request
 of its dynamic batch with the same message, and a bad request must fail alone. The
@@ -14,6 +19,7 @@ wheel still provides the server binary, its Python backend and the stubs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import tempfile
@@ -23,8 +29,20 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
-from hms_deploy.errors import ConfigError
+from hms_deploy.cli.common import (
+    RECOVERY_FAILED_EXIT,
+    SERVER_STOPPED_EXIT,
+    debug_option,
+    handle_errors,
+)
+from hms_deploy.errors import ConfigError, HMSError
+from hms_deploy.runtime.serve.health import (
+    ModelControl,
+    RecoveryFailed,
+    ServerDied,
+    Watchdog,
+    sweep_stale,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +99,12 @@ def main(
     debug: bool,
 ) -> None:
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
-    from hms_deploy.runtime.serve.launch import Endpoints, TritonProcess
+    from hms_deploy.runtime.serve.launch import (
+        QUIET_ALWAYS,
+        QUIET_ON_CPU,
+        Endpoints,
+        TritonProcess,
+    )
     from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
 
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port),
@@ -107,29 +130,53 @@ def main(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    sweep_stale(Path(tempfile.gettempdir()))  # workspaces of hms-serve processes that died
+    failure: tuple[int, str] | None = None
     with tempfile.TemporaryDirectory(prefix="hms-serve-") as work:
         stop_file = Path(work) / "drain-deadline"
-        options = dataclasses.replace(options, stop_file=stop_file)
+        uploads = Path(work) / "uploads"
+        uploads.mkdir()
+        options = dataclasses.replace(options, stop_file=stop_file, upload_dir=uploads)
         repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
                                 copy_engines=False)
         ends = Endpoints(host, http_port, grpc_port, metrics_port)
-        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s)
+        quiet = QUIET_ALWAYS + (QUIET_ON_CPU if device == "cpu" else ())
+        server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s,
+                               filtered=True, quiet=quiet)
+        (Path(work) / "pid").write_text(f"{os.getpid()} {server.shm_prefix}\n")
+        watchdog = Watchdog(ModelControl(ends.http_url), lambda: server.proc.pid if server.alive()
+                            and server.proc else None, instances=instances, upload_dir=uploads,
+                            shm_prefix=server.shm_prefix, log=_say, stopping=stop.is_set)
         try:
             server.start()
-            click.echo(f"hms-serve: model 'hms' ready: HTTP {host}:{http_port}, gRPC "
-                       f"{host}:{grpc_port}, metrics {host}:{metrics_port} (pid "
-                       f"{server.proc.pid if server.proc else '?'})", err=True)
-            sys.stderr.flush()
+            _say(f"model 'hms' ready: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, metrics "
+                 f"{host}:{metrics_port} (pid {server.proc.pid if server.proc else '?'})")
             while not stop.wait(0.5):
                 if not server.alive():
-                    raise ConfigError(f"tritonserver exited unexpectedly (code "
-                                      f"{server.proc.returncode if server.proc else '?'})")
+                    code = server.proc.returncode if server.proc else "?"
+                    raise ServerDied(f"tritonserver exited unexpectedly (code {code})")
+                watchdog.poll()
             stop_file.write_text(f"{time.time() + drain_s:.3f}")
-            click.echo(f"hms-serve: stopping: no new connections; requests answered for "
-                       f"{drain_s:g} s more, then refused", err=True)
+            _say(f"stopping: no new connections; requests answered for {drain_s:g} s more, "
+                 "then refused")
+        except ServerDied as e:
+            failure = (SERVER_STOPPED_EXIT, str(e))
+        except RecoveryFailed as e:
+            failure = (RECOVERY_FAILED_EXIT, str(e))
         finally:
             code = server.stop()
-    click.echo(f"hms-serve: stopped (tritonserver exit code {code})", err=True)
+    if failure is not None:
+        click.echo(f"hms-serve: error: {failure[1]}", err=True)
+        raise click.exceptions.Exit(failure[0])
+    if not server.stopped_normally():
+        raise HMSError(f"tritonserver exited with code {code} on stop (see its log above)")
+    _say("stopped" + (" (connections that clients kept open were closed at the exit timeout)"
+                      if server.exit_timed_out else ""))
+
+
+def _say(line: str) -> None:
+    click.echo(f"hms-serve: {line}", err=True)
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,9 @@
 - :mod:`~hms_deploy.runtime.serve.repository`: writes a Triton model repository.
 - :mod:`~hms_deploy.runtime.serve.launch`: runs ``tritonserver`` on a repository (the
   binary, backend directory and environment it needs), bound to one host address.
+- :mod:`~hms_deploy.runtime.serve.health`: watches the model in a running server and
+  reloads it when its backend stub died.
+- :mod:`~hms_deploy.runtime.serve.metrics`: the model's counters on Triton's metrics port.
 
 Nothing here imports Triton at module level: ``triton_python_backend_utils`` exists only
 inside the backend's stub process.

@@ -57,6 +57,7 @@ class ServeOptions:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     # the settings of every request; each request may set its policy and budget
     run: RunSettings = field(default_factory=RunSettings)
+    upload_dir: Path | None = None  # where a batch's uploads are written (None: the temp dir)
 
 
 @dataclass
@@ -172,7 +173,7 @@ class Handler:
             if videos is not None:
                 if not isinstance(item, (bytes, np.bytes_)):
                     raise RequestError("input 'video' must be BYTES (the file's contents)")
-                data = bytes(item)
+                data = item  # np.bytes_ is bytes: written as is, not copied first
                 if not data:
                     raise RequestError("input 'video' is empty (0 bytes)")
                 limit = self.options.max_upload_bytes
@@ -197,7 +198,7 @@ class Handler:
     def run(self, requests: Sequence[Request]) -> list[Outputs | str]:
         """Outputs (or one line of error text) for every request, in order."""
         answers = [_Answer() for _ in requests]
-        tmp = Path(tempfile.mkdtemp(prefix="hms-serve-"))
+        tmp = Path(tempfile.mkdtemp(prefix=f"hms-serve-{os.getpid()}-", dir=self.options.upload_dir))
         try:
             groups: dict[tuple[str, float | None], list[_Row]] = {}
             for i, req in enumerate(requests):
@@ -209,9 +210,9 @@ class Handler:
                 except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
                     answers[i].error = f"{INTERNAL_PREFIX} ({type(e).__name__}: {e})"
             for key, rows in groups.items():
+                # no probe first: the lockstep run opens every video anyway, and when one
+                # fails the Session reruns the others one by one (each still answered)
                 rows = [r for r in rows if answers[r.request].error is None]
-                if len(rows) > 1:  # one unreadable video would split the lockstep batch
-                    rows = [r for r in rows if self._probe(r, answers[r.request])]
                 if not rows:
                     continue
                 try:
@@ -231,18 +232,6 @@ class Handler:
             shutil.rmtree(tmp, ignore_errors=True)
         return [" ".join(a.error.split()) if a.error is not None
                 else outputs([a.records[j] for j in sorted(a.records)]) for a in answers]
-
-
-    @staticmethod
-    def _probe(row: _Row, answer: _Answer) -> bool:
-        from hms_deploy.data.video import probe
-
-        try:
-            probe(row.file)
-        except HMSError as e:
-            answer.error = answer.error or str(e).replace(row.file, row.shown)
-            return False
-        return True
 
 
 def outputs(records: list[dict[str, Any]]) -> Outputs:

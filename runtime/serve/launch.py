@@ -29,6 +29,7 @@ for a caller that must stop it (``hms-serve``, tests, benchmarks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -145,9 +147,20 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def shm_prefix() -> str:
+    """A shared-memory region prefix of this server's own (``hms<pid>-<random>_``)."""
+    return f"hms{os.getpid()}-{secrets.token_hex(4)}_"
+
+
 def server_command(repo: str | Path, ends: Endpoints, backends: Path, *, binary: Path | None = None,
-                   log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S) -> list[str]:
-    """``tritonserver`` argv serving ``repo`` with HTTP, gRPC and metrics on ``ends.host``."""
+                   log_verbose: int = 0, exit_timeout_s: int = EXIT_TIMEOUT_S,
+                   shm_region_prefix: str | None = None) -> list[str]:
+    """``tritonserver`` argv serving ``repo`` with HTTP, gRPC and metrics on ``ends.host``.
+
+    The model is loaded at start and can be unloaded/loaded again through the repository
+    API (``--model-control-mode=explicit``): :mod:`~hms_deploy.runtime.serve.health`
+    reloads a model whose stub died.
+    """
     binary = binary or tritonserver_binary()
     return [
         str(binary), f"--model-repository={Path(repo).resolve()}",
@@ -158,34 +171,77 @@ def server_command(repo: str | Path, ends: Endpoints, backends: Path, *, binary:
         "--allow-gpu-metrics=false",
         f"--exit-timeout-secs={exit_timeout_s}",
         "--strict-readiness=true", "--exit-on-error=true",
-        # uploads travel to the stub through shared memory: grow it in 64 MiB steps
+        # hms-serve reloads a model whose stub died through the repository API
+        "--model-control-mode=explicit", f"--load-model={MODEL_NAME}",
         # the stubs' shared-memory regions: a name of our own (the default one is shared
         # by every tritonserver on the machine; PyTriton makes its own unique too)
-        f"--backend-config=python,shm-region-prefix-name=hms{os.getpid()}-{secrets.token_hex(4)}_",
+        f"--backend-config=python,shm-region-prefix-name={shm_region_prefix or shm_prefix()}",
         f"--log-verbose={log_verbose}",
     ]
 
 
+# Triton's own lines that are not errors of this server: the CUDA driver helper on a
+# machine without a GPU driver (every start), and the exit timeout expiring after a stop
+# that hms-serve asked for (a client kept its connection open).
+QUIET_ALWAYS = (b"CudaDriverHelper has not been initialized",)
+QUIET_ON_CPU = (b"Unable to allocate pinned system memory",)  # no CUDA driver: expected
+EXIT_TIMEOUT_LINE = b"failed to stop server: Internal - Exit timeout expired"
+
+
 class TritonProcess:
-    """A ``tritonserver`` child process; ``start()`` waits until model ``hms`` is ready."""
+    """A ``tritonserver`` child process; ``start()`` waits until model ``hms`` is ready.
+
+    ``log``: where the server's output goes (a file, ``None`` = inherited); with
+    ``filtered=True`` its lines pass through this process to ``sys.stderr`` and the
+    lines holding one of ``quiet`` (and the exit-timeout line of a stop this process
+    asked for) are left out. ``shm_prefix`` names the stubs' shared-memory regions
+    (``/dev/shm/<prefix>*``, removed by :meth:`stop`).
+    """
 
     def __init__(self, repo: str | Path, ends: Endpoints, *, workdir: str | Path,
-                 log: IO[bytes] | int | None = None, exit_timeout_s: int = EXIT_TIMEOUT_S):
+                 log: IO[bytes] | int | None = None, exit_timeout_s: int = EXIT_TIMEOUT_S,
+                 filtered: bool = False, quiet: tuple[bytes, ...] = QUIET_ALWAYS):
         self.exit_timeout_s = exit_timeout_s
         self.repo = Path(repo)
         self.ends = ends
         self.workdir = Path(workdir)
         self.log = log
+        self.filtered = filtered
+        self.quiet = quiet
+        self.shm_prefix = shm_prefix()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = False  # stop() was called: the exit is ours
+        self.exit_timed_out = False  # Triton closed open connections at its exit timeout
+        self._pump: threading.Thread | None = None
 
     def start(self, timeout_s: float = 120.0) -> TritonProcess:
         binary = tritonserver_binary()
         cmd = server_command(self.repo, self.ends, prepare_backends(self.workdir, binary),
-                             binary=binary, exit_timeout_s=self.exit_timeout_s)
-        self.proc = subprocess.Popen(cmd, env=server_env(), stdout=self.log, stderr=self.log,
+                             binary=binary, exit_timeout_s=self.exit_timeout_s,
+                             shm_region_prefix=self.shm_prefix)
+        out = subprocess.PIPE if self.filtered else self.log
+        err = subprocess.STDOUT if self.filtered else self.log
+        self.proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=err,
                                      stdin=subprocess.DEVNULL)
+        if self.filtered:
+            self._pump = threading.Thread(target=self._forward, daemon=True,
+                                          name="tritonserver-log")
+            self._pump.start()
         self.wait_ready(timeout_s)
         return self
+
+    def _forward(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        sink = sys.stderr.buffer
+        for line in self.proc.stdout:
+            if EXIT_TIMEOUT_LINE in line and self.stopping:
+                self.exit_timed_out = True
+                continue
+            if any(q in line for q in self.quiet):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                sink.write(line)
+                sink.flush()
 
     def ready(self) -> bool:
         url = f"http://{self.ends.http_url}/v2/models/{MODEL_NAME}/ready"
@@ -218,6 +274,7 @@ class TritonProcess:
             timeout_s = self.exit_timeout_s + 5
         if self.proc is None:
             return None
+        self.stopping = True  # (a Ctrl-C reaches tritonserver too: it may be exiting already)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -225,7 +282,18 @@ class TritonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(5)
+        from hms_deploy.runtime.serve.health import sweep_shm
+
+        sweep_shm(self.shm_prefix)  # a stub killed before its server leaves its region
         return self.proc.returncode
+
+    def stopped_normally(self) -> bool:
+        """The server exited on our stop: code 0, or 1 because its exit timeout closed
+        connections that clients kept open."""
+        code = None if self.proc is None else self.proc.returncode
+        return self.stopping and (code == 0 or (code == 1 and self.exit_timed_out))
 
     def __enter__(self) -> Self:
         self.start()

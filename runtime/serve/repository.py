@@ -56,6 +56,7 @@ class RepositoryOptions:
     topk: int = 5
     steps: int | None = None  # T of every request (None: the model's)
     stop_file: Path | None = None  # hms-serve's drain signal (see triton_model)
+    upload_dir: Path | None = None  # where uploads are written (None: the stub's temp dir)
 
     def check(self) -> None:
         if self.engine not in ("onnx", "trt"):
@@ -88,7 +89,7 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
         "allowed_root": str(Path(o.allowed_root).resolve()) if o.allowed_root else "",
         "max_upload_bytes": str(o.max_upload_bytes), "threads": str(o.threads or ""),
         "topk": str(o.topk), "stop_file": str(o.stop_file or ""),
-        "steps": str(o.steps or ""),
+        "steps": str(o.steps or ""), "upload_dir": str(o.upload_dir or ""),
     }
     # on a GPU Triton places one instance per GPU and tells it model_instance_device_id
     kind = "KIND_GPU" if o.device.startswith("cuda") else "KIND_CPU"

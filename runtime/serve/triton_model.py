@@ -5,7 +5,8 @@ A model repository's ``hms/1/model.py`` re-exports :class:`TritonPythonModel` fr
 ``parameters`` (strings): ``engines_dir`` (relative to the version directory, or
 absolute), ``engine``, ``device``, ``allowed_root`` (empty: no ``path`` inputs),
 ``max_upload_bytes``, ``threads`` (ONNX Runtime intra-op threads; empty: all cores),
-``topk``, ``steps`` (T of every request; empty: the model's), ``stop_file`` (see below).
+``topk``, ``steps`` (T of every request; empty: the model's), ``upload_dir`` (where
+uploads are written while their batch runs; empty: the temp dir), ``stop_file`` (see below).
 With ``device`` ``cuda`` each instance opens ``cuda:{model_instance_device_id}``, the GPU
 Triton gave it (``instance_group`` ``KIND_GPU``).
 
@@ -17,11 +18,13 @@ down"), so the server is idle, and no accepted request is cut off, when Triton e
 
 Each ``execute`` call receives the requests of one dynamic batch and answers every one:
 :class:`~hms_deploy.runtime.serve.handler.Handler` steps the valid ones in lockstep and
-a bad request gets an error response (one line) without failing the others.
+a bad request gets an error response (one line) without failing the others; every
+answer is counted on Triton's metrics port (:mod:`~hms_deploy.runtime.serve.metrics`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from hms_deploy.runtime.serve.handler import (
     Handler,
     ServeOptions,
 )
+from hms_deploy.runtime.serve.metrics import ServeMetrics
 
 
 def parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -70,6 +74,7 @@ def open_handler(params: dict[str, str], version_dir: Path, instance_device_id: 
         max_upload_bytes=int(params.get("max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES),
         run=RunSettings(topk=int(params.get("topk") or 5),
                         steps=int(params["steps"]) if params.get("steps") else None),
+        upload_dir=Path(params["upload_dir"]) if params.get("upload_dir") else None,
     )
     return Handler(session, options)
 
@@ -90,6 +95,11 @@ class TritonPythonModel:
         params = parameters(config)
         self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
         self.handler = open_handler(params, version_dir, args.get("model_instance_device_id"))
+        self.metrics = None
+        with contextlib.suppress(ImportError):
+            import triton_python_backend_utils as pb_utils  # only inside the backend's stub
+
+            self.metrics = ServeMetrics.create(pb_utils)
 
     def draining(self) -> bool:
         """Past hms-serve's drain deadline (new batches are refused)."""
@@ -107,6 +117,8 @@ class TritonPythonModel:
         if self.draining():  # one error object per response: a shared one crashes the backend
             code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
             msg = "server is shutting down: request refused (retry on another server)"
+            if self.metrics is not None:
+                self.metrics.refused(len(requests))
             return [pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
             ) for _ in requests]
@@ -119,6 +131,8 @@ class TritonPythonModel:
             batch.append(inputs)
         responses = []
         for answer in self.handler.run(batch):
+            if self.metrics is not None:
+                self.metrics.count(answer)
             if isinstance(answer, str):
                 responses.append(pb_utils.InferenceResponse(error=_error(pb_utils, answer)))
             else:
