@@ -35,7 +35,7 @@ prepare() {
     fi
     "$PYENV_PY" -m venv "$VENV"
   fi
-  # the GPU machine's packages at its versions (shared/ENV_NOTES.md, "The GPU machine")
+  # the GPU machine's packages at its versions (benchmarks/README.md, "Device check")
   "$VENV/bin/python" -m pip install -q --upgrade "pip>=24"
   "$VENV/bin/python" -m pip install -q \
     "torch==2.11.0" "torchvision==0.26.0" "torchaudio==2.11.0" "numpy==2.5.*" \
