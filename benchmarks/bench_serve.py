@@ -51,6 +51,7 @@ from benchmarks.common import (
     provenance,
     write_json,
 )
+from hms_deploy.runtime.serve.client import request_inputs
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _infer(client: Any, module: Any, path: str, policy: str) -> dict[str, Any]:
-    ins = []
-    for name, value in (("path", path), ("policy", policy)):
-        i = module.InferInput(name, [1, 1], "BYTES")
-        i.set_data_from_numpy(np.array([[value.encode()]], dtype=object))
-        ins.append(i)
+    ins = request_inputs(module, path=path, policy=policy)
     return json.loads(client.infer("hms", ins, client_timeout=600).as_numpy("record")[0, 0])
 
 

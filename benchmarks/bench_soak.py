@@ -32,8 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.bench_serve import ServeSettings, _pct, _video, served
 from benchmarks.common import (
     MEDIA_DIR,
@@ -43,6 +41,7 @@ from benchmarks.common import (
     provenance,
     write_json,
 )
+from hms_deploy.runtime.serve.client import request_inputs
 
 
 @dataclass(frozen=True)
@@ -62,20 +61,6 @@ class SoakSettings:
     out: str = str(RESULTS_DIR)
     name: str = "serve_soak_cpu_tiny"
     smoke: bool = False
-
-
-def _inputs(module: Any, values: dict[str, Any]) -> list[Any]:
-    out = []
-    for name, value in values.items():
-        if isinstance(value, float):
-            arr, dtype = np.array([[value]], dtype=np.float64), "FP64"
-        else:
-            arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=object)
-            dtype = "BYTES"
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        out.append(i)
-    return out
 
 
 def bad_kinds(data: bytes) -> list[dict[str, Any]]:
@@ -154,7 +139,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         serve = ServeSettings(threads=s.threads, max_queue_delay_us=s.max_queue_delay_us)
         with served(engines, root, serve, s.steps, work, s.max_batch) as (proc, url):
             with tgrpc.InferenceServerClient(url) as c:
-                first = json.loads(c.infer("hms", _inputs(tgrpc, {"path": "clip.mp4", "policy": s.policy}),
+                first = json.loads(c.infer("hms", request_inputs(tgrpc, path="clip.mp4", policy=s.policy),
                                            client_timeout=600).as_numpy("record")[0, 0])
 
             def sample(done: int) -> None:
@@ -179,7 +164,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
                             values = {"path": "clip.mp4", "policy": s.policy}
                         t = time.perf_counter()
                         try:
-                            rec = json.loads(c.infer("hms", _inputs(tgrpc, values), client_timeout=600)
+                            rec = json.loads(c.infer("hms", request_inputs(tgrpc, **values), client_timeout=600)
                                              .as_numpy("record")[0, 0])
                             err = None
                         except InferenceServerException as e:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from hms_deploy.runtime.serve.client import request_inputs
 
 HOST = "127.0.0.1"
 
@@ -186,20 +186,7 @@ def hms_serve(engines: Path, log: Path, *args: str) -> Iterator[Server]:
         server.stop()
 
 
-def inputs(module: Any, **values: Any) -> list[Any]:
-    """tritonclient InferInputs of one row: bytes/str -> BYTES, float -> FP64."""
-    out = []
-    for name, value in values.items():
-        if isinstance(value, float):
-            arr = np.array([[value]], dtype=np.float64)
-            dtype = "FP64"
-        else:
-            arr = np.array([[value.encode() if isinstance(value, str) else value]], dtype=object)
-            dtype = "BYTES"
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        out.append(i)
-    return out
+inputs = request_inputs  # the shipped request builder (runtime/serve/client.py)
 
 
 def record(result: Any) -> dict[str, Any]:
