@@ -43,10 +43,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from hms_deploy import gating
 from hms_deploy.costs import video_cost
@@ -81,7 +82,7 @@ class _Features:
                  audio_batch: int, timer: Timer):
         self.es = es
         cfg = es.config
-        T = opts.steps
+        T = opts.T
         dev = es.device
         with timer.host_section("decode"):  # the Session's checks (runtime/checks.py)
             info, warnings = probe_checked(str(video), allow_truncated=opts.allow_truncated)
@@ -89,7 +90,8 @@ class _Features:
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)
-        self.plan = plan_video(self.inputs, opts.policy, opts.no_audio, T)
+        # RunSettings.__post_init__ parsed the policy into a Policy
+        self.plan = plan_video(self.inputs, cast(Policy, opts.policy), opts.no_audio, T)
         self.plan.warnings[:0] = warnings
         self._visual(opts, batch, timer)
 
@@ -104,7 +106,7 @@ class _Features:
                                                   audio_batch=audio_batch, timer=timer)
 
     def _visual(self, opts: RunSettings, batch: int, timer: Timer) -> None:
-        es, T, inputs = self.es, opts.steps, self.inputs
+        es, T, inputs = self.es, opts.T, self.inputs
         for s in range(0, T, batch):
             steps = range(s, min(T, s + batch))
             with timer.host_section("decode"):
@@ -169,7 +171,7 @@ def _positional(es: EngineSet, part: str, outputs: tuple[str, str], timer: Timer
 
 def _record(es: EngineSet, feats: _Features, opts: RunSettings, executor: str, probs: Tensor,
             g_i: list[int], g_m: list[int], timing: dict[str, float], calls0: dict[str, int],
-            stats: dict[str, int]) -> dict[str, Any]:
+            stats: dict[str, Any]) -> dict[str, Any]:
     """The Session's record (:func:`~hms_deploy.runtime.records.build_record`) for a baseline
     run: every backbone launched on every step (``gflops.used``), ``decided`` by ``g_i``/``g_m``."""
     T = opts.T
@@ -216,7 +218,7 @@ def classify_dense_batched(
         state = gating.GatedState.zeros(1, cfg.hidden_appearance, cfg.hidden_motion, device=es.device)
         g_i_all: list[int] = []
         g_m_all: list[int] = []
-        for t in range(opts.steps):
+        for t in range(opts.T):
             state, g_i, g_m = gating.gated_step(ops, t, feats.p_a[t], feats.h_a[t], state)
             g_i_all.append(int(g_i[0]))
             g_m_all.append(int(g_m[0]))
@@ -254,12 +256,12 @@ def classify_compute_then_mask(
     timer = Timer(es.device)
     feats = _Features(es, video, opts, batch, audio_batch, timer)
     try:
-        T = opts.steps
+        T = opts.T
         plan_a, plan_m = feats.plan.appearance, feats.plan.motion  # GATE: the gate decides
         dev = es.device
         step = {"t": 0}
 
-        def plan_logits(plan: np.ndarray | None) -> Callable[[Tensor], Tensor] | None:
+        def plan_logits(plan: NDArray[np.int64] | None) -> Callable[[Tensor], Tensor] | None:
             if plan is None:
                 return None
 

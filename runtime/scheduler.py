@@ -55,6 +55,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from hms_deploy import gating
 from hms_deploy.costs import BudgetLedger
@@ -65,7 +66,7 @@ from hms_deploy.runtime.checks import plan_before_audio, plan_video, probe_check
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunSettings, resolve_options
-from hms_deploy.runtime.policy import GATE
+from hms_deploy.runtime.policy import GATE, Policy
 from hms_deploy.runtime.records import RunStats, VideoRun, build_record
 from hms_deploy.runtime.streams import CUDA, DeviceStreams
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer
@@ -156,7 +157,7 @@ class _BatchRun:
         self.timer = timer
         self.calls0 = es.calls()
         cfg = es.config
-        T = opts.steps
+        T = opts.T
         with timer.host_section("decode"):
             checked = [probe_checked(str(n), allow_truncated=opts.allow_truncated) for n in names]
             ahead = read_ahead_steps(opts, len(names))
@@ -176,9 +177,10 @@ class _BatchRun:
             torch.zeros(n, cfg.hidden_audio, device=dev),
         )
         self.audio_done = 0  # steps [0, audio_done) of every active video have their audio path
-        self.patches: list[np.ndarray] = []
+        self.patches: list[NDArray[np.float32]] = []
+        policy = cast(Policy, opts.policy)  # RunSettings.__post_init__ parsed it
         try:
-            early = plan_before_audio(opts.policy, T)
+            early = plan_before_audio(policy, T)
             if early is not None:
                 # the decode threads start now and work while the audio is decoded and
                 # its path runs
@@ -191,7 +193,7 @@ class _BatchRun:
                 with timer.host_section("audio"):
                     self.patches.append(v.inputs.audio_patches(wave))
             for video, (_, warnings) in zip(self.videos, checked):
-                video.plan = plan_video(video.inputs, opts.policy, opts.no_audio, T)
+                video.plan = plan_video(video.inputs, policy, opts.no_audio, T)
                 video.plan.warnings[:0] = warnings
                 # frames no step can want (the plan's 0s; GATE may run): the decoder may
                 # skip them (the same plan as above for a forced policy: a no-op)
@@ -216,7 +218,7 @@ class _BatchRun:
         """Make sure the audio path of step ``t`` exists for ``active`` videos."""
         if t < self.audio_done:
             return
-        T = self.opts.steps
+        T = self.opts.T
         k = T - t
         affordable = self.ledger.dense_steps_affordable(np.asarray(active), online=self.opts.online)
         if affordable is not None:
@@ -226,7 +228,8 @@ class _BatchRun:
         didx = None if full else to_device(np.asarray(active, dtype=np.int64), self.es.device)
         with self.timer.host_section("audio"):
             mel = np.stack([self.patches[v][t:t1] for v in active], axis=1)  # (k, n, 1, 96, 64)
-        state = self.audio_state if didx is None else tuple(z.index_select(0, didx) for z in self.audio_state)
+        h0, c0 = self.audio_state
+        state = self.audio_state if didx is None else (h0.index_select(0, didx), c0.index_select(0, didx))
         p, hs, (h, c), calls = run_audio_path(self.es, mel, state, audio_batch=self.opts.audio_batch,
                                               timer=self.timer)
         self.audio_calls += calls
@@ -237,9 +240,7 @@ class _BatchRun:
         else:
             self.p_a[t:t1].index_copy_(1, didx, p)
             self.h_a[t:t1].index_copy_(1, didx, hs)
-            self.audio_state = tuple(
-                z.index_copy(0, didx, new) for z, new in zip(self.audio_state, (h, c))
-            )
+            self.audio_state = (h0.index_copy(0, didx, h), c0.index_copy(0, didx, c))
         self.audio_done = t1
 
     # -- head ----------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class _BatchRun:
     # -- the loop ------------------------------------------------------------------------
     def loop(self) -> Iterator[list[int]]:
         """Run the gated loop; after each step yield the videos that finished it."""
-        T = self.opts.steps
+        T = self.opts.T
         base = self.ledger.tiers["base"]
         active = list(range(len(self.videos)))
         for t in range(T):
@@ -325,6 +326,11 @@ class _BatchRun:
                             partial=partial)
 
 
+def _probs(run: _BatchRun, v: int) -> Tensor:
+    """Video ``v``'s probabilities after its last finished step (online: set by every step)."""
+    return cast(Tensor, run.videos[v].probs)
+
+
 def engine_streams(engine_set: EngineSet) -> DeviceStreams:
     """How the engines order their work (:mod:`~hms_deploy.runtime.streams`): theirs if they
     carry one (the TensorRT backend; the tests' emulator), else ``torch.cuda``'s."""
@@ -382,14 +388,14 @@ def run_batch(
                 active = next(loop, None)
                 if active is not None and options.online:
                     timing = timer.result()
-                    partial = [run.record(v, run.videos[v].probs, timing, partial=True) for v in active]
+                    partial = [run.record(v, _probs(run, v), timing, partial=True) for v in active]
             if active is None:
                 break
             if options.online:
                 yield partial
         with on_stream():
             if options.online:
-                final = {v: run.videos[v].probs for v in range(len(run.videos))}
+                final = {v: _probs(run, v) for v in range(len(run.videos))}
             else:
                 probs = run.head(list(range(len(run.videos))))
                 final = dict(enumerate(probs))

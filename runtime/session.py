@@ -136,7 +136,7 @@ class Session:
         self._stream: object = None
 
     # -- lifetime ------------------------------------------------------------------------
-    def open(self) -> Session:
+    def open(self) -> Self:
         if not self._open:
             self.engine_set.__enter__()
             self._stream = engine_stream(self.engine_set)  # CUDA: the one stream of every run

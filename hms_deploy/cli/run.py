@@ -49,7 +49,7 @@ def strip(decisions: dict[str, list[int]]) -> str:
     )
 
 
-def summary(rec: dict) -> str:
+def summary(rec: dict[str, Any]) -> str:
     """A short human summary of one record (three lines, plus one per warning; one line
     for a partial record)."""
     if rec.get("partial"):
@@ -68,7 +68,7 @@ def summary(rec: dict) -> str:
     return f"{head}\n{top}\n  A/I/M: {strip(rec['decisions'])}{warn}"
 
 
-def open_session(session_cls: type, kwargs: dict) -> Any:
+def open_session(session_cls: type, kwargs: dict[str, Any]) -> Any:
     """The Session of the options; a file given as the export dir gets a command that works."""
     try:
         return session_cls(**kwargs)
@@ -125,9 +125,12 @@ def open_session(session_cls: type, kwargs: dict) -> Any:
 @ray_options
 @debug_option
 @handle_errors("hms-run")
-def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy, no_audio_policy,
-         allow_truncated, explain, online, as_json, output, output_mode, topk, batch_size, progress,
-         ray, ray_address, workers, threads_per_worker, debug):
+def main(videos: tuple[str, ...], engines_dir: Path | None, checkpoint: Path | None,
+         engine: str | None, device: str, steps: int | None, budget: float | None, policy: str,
+         no_audio_policy: str | None, allow_truncated: bool, explain: Path | None, online: bool,
+         as_json: bool, output: Path | None, output_mode: str, topk: int, batch_size: int,
+         progress: bool | None, ray: bool, ray_address: str | None, workers: int | None,
+         threads_per_worker: int | None, debug: bool) -> None:
     """Classify VIDEO files (or directories, or @list.txt) with HMS, skipping for real.
 
     Directories are scanned recursively (symlinked sub-directories followed, loops
@@ -173,7 +176,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
                       "device": device, **options}
     session = open_session(Session, session_kwargs)
     opts = session.options(settings)
-    explained: list[dict] = []  # with --explain: the partial records, then the final one
+    explained: list[dict[str, Any]] = []  # with --explain: the partial records, then the final one
     job = JobOptions(output=output, output_mode=output_mode, as_json=as_json, progress=progress,
                      debug=debug, show_partial=online,
                      collect=explained if explain is not None else None, lock=lock)
@@ -182,7 +185,7 @@ def main(videos, engines_dir, checkpoint, engine, device, steps, budget, policy,
 
         job.records = ray_records(session_kwargs, opts, layout)
     code = run_job(session, opts, inputs, job, summary)
-    if explained and not explained[-1].get("partial"):
+    if explain is not None and explained and not explained[-1].get("partial"):  # filled only with --explain
         from hms_deploy.runtime.explain import write_contact_sheet
 
         sheet = write_contact_sheet(explain, explained[-1], explained[:-1],

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from typing_extensions import Self
 
 from hms_deploy.data.decode_thread import ReadAhead
@@ -123,7 +124,7 @@ class FrameSource:
         self._seek_ok = True  # seeks land where asked (else: reopen, decode from the start)
         self._rewound = False  # the probe's container was seeked back: check where it landed
         self._last_frame: Any = None
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, NDArray[np.uint8]] = OrderedDict()
         self._window: OrderedDict[int, Any] = OrderedDict()
 
     @property
@@ -194,8 +195,8 @@ class FrameSource:
         """The frames declared by :meth:`expect` (None: any frame)."""
         return None if self._plan is None else self._plan.expected
 
-    def expect(self, frame_indices: Sequence[int] | np.ndarray | None, *,
-               sure: Sequence[int] | np.ndarray | None = None,
+    def expect(self, frame_indices: Sequence[int] | NDArray[np.integer[Any]] | None, *,
+               sure: Sequence[int] | NDArray[np.integer[Any]] | None = None,
                crops: Iterable[Crop] = ()) -> None:
         """Declare every frame that reads of this source may ask for (None: any frame).
 
@@ -291,17 +292,17 @@ class FrameSource:
                 return i
         return self._pos + 1  # no usable timestamp: assume decode order is pts order
 
-    def _convert(self, frame: Any) -> np.ndarray:
+    def _convert(self, frame: Any) -> NDArray[np.uint8]:
         self.stats.frames_converted += 1
         return to_rgb(frame, self.info.rotation)
 
-    def take_crop(self, index: int, key: str) -> np.ndarray | None:
+    def take_crop(self, index: int, key: str) -> NDArray[np.uint8] | None:
         """The crop ``key`` (a :class:`~hms_deploy.data.plan_ahead.Crop` of the plan) the
         read-ahead thread made of frame ``index``, once (None: not made, e.g. no thread,
         or the frame came from a seek)."""
         return None if self._plan is None else self._plan.take_crop(index, key)
 
-    def _remember(self, index: int, rgb: np.ndarray) -> None:
+    def _remember(self, index: int, rgb: NDArray[np.uint8]) -> None:
         if self.cache_frames <= 0:
             return
         self._cache[index] = rgb
@@ -319,7 +320,8 @@ class FrameSource:
             while len(self._window) > self.retain_frames:
                 self._window.popitem(last=False)
 
-    def read(self, frame_indices: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+    def read(self, frame_indices: Sequence[int] | NDArray[np.integer[Any]]
+             ) -> dict[int, NDArray[np.uint8]]:
         """Decode exactly the requested frames.
 
         Args:
@@ -339,7 +341,7 @@ class FrameSource:
         if wanted_all[0] < 0 or wanted_all[-1] >= n:
             bad = wanted_all[(wanted_all < 0) | (wanted_all >= n)][0]
             raise IndexError(f"{self.path}: frame index {bad} is outside [0, {n})")
-        out: dict[int, np.ndarray] = {}
+        out: dict[int, NDArray[np.uint8]] = {}
         for i in wanted_all.tolist():
             if i in self._cache:
                 self._cache.move_to_end(i)
@@ -364,7 +366,7 @@ class FrameSource:
             raise
         return out
 
-    def _read_forward(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
+    def _read_forward(self, wanted: list[int], out: dict[int, NDArray[np.uint8]]) -> None:
         """Decode forward (seeking where it pays) until every index in ``wanted`` is in ``out``."""
         j = 0
         check_landing: int | None = None  # target of the last seek, until its first frame

@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.config import HMSConfig
 from hms_deploy.data.frame_source import FrameSource
@@ -58,13 +60,13 @@ class VideoInputs:
         self.motion_clips = 0
         self.has_audio: bool | None = None
         # resized motion frames: neighbouring clips overlap, so each frame is resized once
-        self._motion_frames: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._motion_frames: OrderedDict[int, NDArray[np.uint8]] = OrderedDict()
         self._motion_keep = 2 * config.clip.frames
         # filled by decode_all(): every step's inputs
-        self.mel: np.ndarray | None = None  # (T, 1, 96, 64) float32
-        self.frames: np.ndarray | None = None  # (T, 3, S_I, S_I) uint8
-        self.motion_frames: np.ndarray | None = None  # (U, 3, S_M, S_M) uint8, distinct
-        self.motion_index: np.ndarray | None = None  # (T, 32) int64 into motion_frames
+        self.mel: NDArray[np.float32] | None = None  # (T, 1, 96, 64) float32
+        self.frames: NDArray[np.uint8] | None = None  # (T, 3, S_I, S_I) uint8
+        self.motion_frames: NDArray[np.uint8] | None = None  # (U, 3, S_M, S_M) uint8, distinct
+        self.motion_index: NDArray[np.int64] | None = None  # (T, 32) int64 into motion_frames
         self._stats: dict[str, int] = {}
 
     @property
@@ -75,7 +77,7 @@ class VideoInputs:
     def duration_s(self) -> float:
         return float(self.info.duration_s)
 
-    def plan(self, appearance: np.ndarray, motion: np.ndarray) -> None:
+    def plan(self, appearance: NDArray[Any], motion: NDArray[Any]) -> None:
         """Declare, before the first step, which steps may run each backbone (``(T,)``:
         1 the step runs it, another nonzero value (a learned gate's step) it may, 0 it
         does not). With ``skip_nonref`` the decoder then skips the non-reference frames
@@ -104,11 +106,11 @@ class VideoInputs:
             return
         src.start()
 
-    def _resized(self, frames: dict[int, np.ndarray], which: str) -> dict[int, np.ndarray]:
+    def _resized(self, frames: dict[int, NDArray[np.uint8]], which: str) -> dict[int, NDArray[np.uint8]]:
         """``frames`` (index -> RGB, from a read) resized and cropped for ``which``
         (appearance / motion): what the read-ahead thread made, the rest resized here."""
         src, s = self._source(), self.sampler
-        out: dict[int, np.ndarray] = {}
+        out: dict[int, NDArray[np.uint8]] = {}
         rest = []
         for i in sorted(frames):
             x = src.take_crop(i, which)
@@ -123,7 +125,7 @@ class VideoInputs:
                 out[i] = x
         return out
 
-    def decode_audio(self, *, keep_partial: bool = False) -> np.ndarray:
+    def decode_audio(self, *, keep_partial: bool = False) -> NDArray[np.float32]:
         """The aligned mono waveform at the front end's rate (sets :attr:`has_audio`),
         decoded as far as the steps' patches read (zero after that);
         ``keep_partial``: audio that stops decoding early is kept up to there."""
@@ -133,7 +135,7 @@ class VideoInputs:
         )
         return wave
 
-    def audio_patches(self, wave: np.ndarray) -> np.ndarray:
+    def audio_patches(self, wave: NDArray[np.float32]) -> NDArray[np.float32]:
         """``(T, 1, 96, 64)`` float32 log-mel patches of every step (the front end)."""
         return self.sampler.audio_patches(wave)
 
@@ -142,11 +144,12 @@ class VideoInputs:
             raise RuntimeError(f"{self.path}: inputs already decoded and the decoder closed")
         return self.source
 
-    def appearance(self, t: int) -> np.ndarray:
+    def appearance(self, t: int) -> NDArray[np.uint8]:
         """``(3, S, S)`` uint8: the frame nearest tau_t, resized and centre-cropped."""
-        return self.appearance_steps([t])[0]
+        x: NDArray[np.uint8] = self.appearance_steps([t])[0]
+        return x
 
-    def appearance_steps(self, steps: list[int]) -> np.ndarray:
+    def appearance_steps(self, steps: list[int]) -> NDArray[np.uint8]:
         """``(len(steps), 3, S, S)`` uint8: :meth:`appearance` of several steps (in time
         order), their frames read in one forward pass."""
         if self.frames is not None:
@@ -158,11 +161,12 @@ class VideoInputs:
         self.appearance_frames += len(steps)
         return x
 
-    def motion(self, t: int) -> np.ndarray:
+    def motion(self, t: int) -> NDArray[np.uint8]:
         """``(3, 32, S, S)`` uint8: the motion clip of step t, resized and centre-cropped."""
         if self.motion_frames is not None:
             self.motion_clips += 1
-            return self.clips(np.array([t]))[0]
+            one: NDArray[np.uint8] = self.clips(np.array([t]))[0]
+            return one
         idx = self.sampler.motion_frame_indices(t)
         cache = self._motion_frames
         need = [i for i in np.unique(idx).tolist() if i not in cache]
@@ -170,7 +174,7 @@ class VideoInputs:
             cache.update(self._resized(self._source().read(need), "motion"))
         for i in idx.tolist():
             cache.move_to_end(i)
-        clip = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
+        clip: NDArray[np.uint8] = np.stack([cache[i] for i in idx.tolist()], axis=1)  # (3, 32, S, S)
         while len(cache) > self._motion_keep:
             cache.popitem(last=False)
         self.motion_clips += 1
@@ -195,13 +199,14 @@ class VideoInputs:
             self.close()
         return self
 
-    def clips(self, steps: slice | np.ndarray) -> np.ndarray:
+    def clips(self, steps: slice | NDArray[np.integer[Any]]) -> NDArray[np.uint8]:
         """Motion clips of ``steps`` after :meth:`decode_all`: (S, 3, 32, S_M, S_M) uint8,
         as ``StepSampler.motion_inputs``."""
         if self.motion_frames is None or self.motion_index is None:
             raise RuntimeError(f"{self.path}: clips() needs decode_all() first")
         c = self.motion_frames[self.motion_index[steps]]  # (S, 32, 3, H, W)
-        return np.ascontiguousarray(c.transpose(0, 2, 1, 3, 4))
+        out: NDArray[np.uint8] = np.ascontiguousarray(c.transpose(0, 2, 1, 3, 4))
+        return out
 
     @property
     def decode_stats(self) -> dict[str, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.data.decode_thread import ReadAhead
 from hms_deploy.data.frame_walk import DecodeStats, seek_key, seek_to, walk_frames
@@ -88,15 +89,15 @@ class ReadPlan:
         self.stats = stats
         self._wanted = np.asarray(sorted(expected), dtype=np.int64)
         # written by the decode thread, popped by the reader
-        self._rgb: dict[int, np.ndarray] = {}
-        self._crops_made: dict[int, dict[str, np.ndarray]] = {}
+        self._rgb: dict[int, NDArray[np.uint8]] = {}
+        self._crops_made: dict[int, dict[str, NDArray[np.uint8]]] = {}
 
     # -- the reader's side -----------------------------------------------------------------
-    def take_rgb(self, i: int) -> np.ndarray | None:
+    def take_rgb(self, i: int) -> NDArray[np.uint8] | None:
         """The RGB of frame ``i`` converted by the thread, once (None: not converted)."""
         return self._rgb.pop(i, None) if self._rgb else None
 
-    def take_crop(self, i: int, key: str) -> np.ndarray | None:
+    def take_crop(self, i: int, key: str) -> NDArray[np.uint8] | None:
         """The crop ``key`` of frame ``i`` made by the thread, once (None: not made)."""
         d = self._crops_made.get(i)
         if d is None:
@@ -263,15 +264,15 @@ class ReadPlan:
             yield held
 
 
-def next_expected(wanted: np.ndarray, i: int) -> int | None:
+def next_expected(wanted: NDArray[np.int64], i: int) -> int | None:
     """The first of the sorted ``wanted`` frames after ``i`` (None: none is)."""
     k = int(np.searchsorted(wanted, i, side="right"))
     return None if k == wanted.size else int(wanted[k])
 
 
-def to_rgb(frame: Any, rotation: int) -> np.ndarray:
+def to_rgb(frame: Any, rotation: int) -> NDArray[np.uint8]:
     """``(H, W, 3)`` uint8 RGB of a decoded frame, display rotation applied."""
-    rgb = frame.to_ndarray(format="rgb24")
+    rgb: NDArray[np.uint8] = frame.to_ndarray(format="rgb24")
     if rotation:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
     return rgb

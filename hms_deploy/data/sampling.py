@@ -9,7 +9,7 @@ time is 0). The functions are pure; :class:`StepSampler` reads frames through a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -185,7 +185,7 @@ class StepSampler:
         return {"audio_s": round(seen, 3), "duration_s": round(duration, 3),
                 "share": round(min(share, 1.0), 4)}
 
-    def audio_patches(self, waveform: NDArray[np.float64], sample_rate: int | None = None) -> NDArray[np.float32]:
+    def audio_patches(self, waveform: NDArray[np.floating[Any]], sample_rate: int | None = None) -> NDArray[np.float32]:
         """``(T, 1, 96, 64)`` float32 log-mel patches of all steps from an aligned waveform.
 
         ``waveform`` is :func:`decode_audio`'s output (sample 0 at the first frame).

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from hms_deploy.errors import VideoError, first_line
 
@@ -42,6 +43,8 @@ def _mp4_index_missing(path: Path) -> bool:
             while pos + 8 <= size:
                 f.seek(pos)
                 box = f.read(16)
+                n: int
+                kind: bytes
                 n, kind = struct.unpack(">I4s", box[:8])
                 if n == 1 and len(box) == 16:
                     n = struct.unpack(">Q", box[8:16])[0]
@@ -117,16 +120,16 @@ class VideoInfo:
 
     path: str
     duration_s: float
-    frame_times: np.ndarray
-    keyframe_times: np.ndarray
+    frame_times: NDArray[np.float64]
+    keyframe_times: NDArray[np.float64]
     fps: float
     width: int
     height: int
     rotation: int
     has_audio: bool
     audio_start_s: float
-    frame_pts: np.ndarray = field(repr=False)
-    keyframe_indices: np.ndarray = field(repr=False)
+    frame_pts: NDArray[np.int64] = field(repr=False)
+    keyframe_indices: NDArray[np.int64] = field(repr=False)
     time_base: Fraction = Fraction(1, 1)
     declared_duration_s: float | None = None
     streams_end_s: float = 0.0
@@ -317,7 +320,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
 def decode_audio(
     path: str | Path, sample_rate: int = 16000, *, info: VideoInfo | None = None,
     keep_partial: bool = False, needed: int | None = None,
-) -> tuple[np.ndarray, bool]:
+) -> tuple[NDArray[np.float32], bool]:
     """Decode the first audio stream to mono float32, aligned to the video.
 
     Sample 0 is at the first video frame's presentation time: audio that starts later is
@@ -352,20 +355,22 @@ def decode_audio(
             return silent, False
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        chunks: list[np.ndarray] = []
+        chunks: list[NDArray[np.float32]] = []
         first_time: float | None = None
         given = 0  # samples out of the resampler
         for frame in container.decode(stream):
             if first_time is None and frame.pts is not None and frame.time_base is not None:
                 first_time = float(frame.pts * frame.time_base)
             for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
+                # PyAV types to_ndarray as every sample format's array; "flt" is float32
+                chunks.append(out.to_ndarray().reshape(-1))  # type: ignore[arg-type]
                 given += chunks[-1].size
             if needed is not None and chunks and given + _shift(info, first_time, sample_rate) >= needed:
                 break  # the samples after these are never read
         else:
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                # PyAV types to_ndarray as every sample format's array; "flt" is float32
+                chunks.append(out.to_ndarray().reshape(-1))  # type: ignore[arg-type]
     except av.FFmpegError as e:
         if not (keep_partial and chunks):
             raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
