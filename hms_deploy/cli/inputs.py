@@ -28,12 +28,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hms_deploy.data.datasets import VIDEO_EXTENSIONS
 from hms_deploy.errors import ConfigError
-
-VIDEO_EXTENSIONS = frozenset(
-    [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
-     ".flv", ".wmv", ".3gp", ".ogv"]
-)
 
 
 @dataclass

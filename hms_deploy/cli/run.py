@@ -28,7 +28,8 @@ from hms_deploy.cli.common import (
     setting_default,
     settings_from_flags,
 )
-from hms_deploy.cli.inputs import VIDEO_EXTENSIONS, expand, expand_inputs
+from hms_deploy.cli.inputs import expand, expand_inputs
+from hms_deploy.data.datasets import VIDEO_EXTENSIONS
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
 

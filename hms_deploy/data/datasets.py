@@ -20,7 +20,10 @@ from pathlib import Path
 from hms_deploy.errors import DatasetError, first_line
 
 REQUIRED_COLUMNS = ("path", "label")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".3gp", ".mpg")
+# the video file names a directory scan and a dataset adapter look for (lower case; the
+# adapters try them in this order)
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".3gp", ".mpg",
+                    ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".ogv")
 
 
 @dataclass(frozen=True)
