@@ -61,6 +61,19 @@ def _sessions(pythonpath: str, args: list[str]) -> dict[str, Any]:
                             "record": r["record"]} for name, r in res.items()}}
 
 
+def compare_table(compare: dict[str, Any]) -> list[str]:
+    """The Markdown table of :func:`compare`: wall and CPU medians, this/base per round."""
+    lines = [("| run | wall base | wall this | this / base (rounds) | CPU base | CPU this "
+              "| this / base (rounds) |"),
+             "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
+    for name, e in compare.items():
+        w, c = e["wall_ms"], e["cpu_ms"]
+        lines.append(f"| {name} | {fmt_ms(w['base'])} | {fmt_ms(w['this'])} | {w['ratio']} "
+                     f"({', '.join(map(str, w['ratios']))}) | {fmt_ms(c['base'])} | "
+                     f"{fmt_ms(c['this'])} | {c['ratio']} ({', '.join(map(str, c['ratios']))}) |")
+    return lines
+
+
 def sessions_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# Side by side, Session runs only: this tree vs {res['base_label']}", "",
@@ -71,15 +84,8 @@ def sessions_markdown(res: dict[str, Any]) -> str:
          f"arguments: `{' '.join(res['bench_args'])}`"),
         f"- records equal (timings and read-ahead counters aside): {res['records_equal']}"
         + (f" ({res['records_note']})" if res.get("records_note") else ""), "",
-        ("| run | wall base | wall this | this / base (rounds) | CPU base | CPU this "
-         "| this / base (rounds) |"),
-        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
-    for name, e in res["compare"].items():
-        w, c = e["wall_ms"], e["cpu_ms"]
-        lines.append(f"| {name} | {fmt_ms(w['base'])} | {fmt_ms(w['this'])} | {w['ratio']} "
-                     f"({', '.join(map(str, w['ratios']))}) | {fmt_ms(c['base'])} | "
-                     f"{fmt_ms(c['this'])} | {c['ratio']} ({', '.join(map(str, c['ratios']))}) |")
+    lines += compare_table(res["compare"])
     return "\n".join(lines) + "\n"
 
 
@@ -112,15 +118,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
         (f"- {len(res['rounds'])} rounds, the order of the two versions flipped every round; "
         f"bench arguments: `{' '.join(res['bench_args'])}`"), "",
-        ("| run | wall base | wall this | this / base (rounds) | CPU base | CPU this "
-        "| this / base (rounds) |"),
-        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
-    for name, e in res["compare"].items():
-        w, c = e["wall_ms"], e["cpu_ms"]
-        lines.append(f"| {name} | {fmt_ms(w['base'])} | {fmt_ms(w['this'])} | {w['ratio']} "
-                     f"({', '.join(map(str, w['ratios']))}) | {fmt_ms(c['base'])} | "
-                     f"{fmt_ms(c['this'])} | {c['ratio']} ({', '.join(map(str, c['ratios']))}) |")
+    lines += compare_table(res["compare"])
     lines += ["", "| summary figure | base (rounds) | this (rounds) |", "| --- | --- | --- |"]
     for k in SUMMARY_KEYS:
         b = [r["base"]["summary"][k] for r in res["rounds"]]
