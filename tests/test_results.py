@@ -3,6 +3,7 @@ record per video, locked, crash-safe (kills at random moments, a full disk)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -185,27 +186,24 @@ def test_one_writer(tmp_path):
     first.close()
     ResultsFile(out, settings=S).close()  # released on close
     # a process killed while holding it releases it too (the kernel drops the flock)
+    with _held(out) as p, pytest.raises(OutputLocked, match=f"pid {p.pid}"):
+        ResultsFile(out)
+    ResultsFile(out).close()
+
+
+@contextlib.contextmanager
+def _held(out):
+    """A process that holds ResultsFile(out) while the block runs, then is killed."""
     code = f"from hms_deploy.runtime.results import ResultsFile; r = ResultsFile({str(out)!r}); " \
            "print('locked', flush=True); import time; time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputLocked, match=f"pid {p.pid}"):
-            ResultsFile(out)
+        yield p
     finally:
         p.kill()
         p.wait()
         p.stdout.close()
-    ResultsFile(out).close()
-
-
-def _holder(out):
-    """A process that holds ResultsFile(out) until killed."""
-    code = f"from hms_deploy.runtime.results import ResultsFile; r = ResultsFile({str(out)!r}); " \
-           "print('locked', flush=True); import time; time.sleep(60)"
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "locked"
-    return p
 
 
 def test_every_name_of_the_output_meets_one_lock(tmp_path, monkeypatch):
@@ -219,23 +217,13 @@ def test_every_name_of_the_output_meets_one_lock(tmp_path, monkeypatch):
     os.link(real, tmp_path / "hard.jsonl")
     names = [tmp_path / "link.jsonl", tmp_path / "elsewhere" / ".." / "cc.jsonl",
              tmp_path / "data" / "sub" / ".." / "cc.jsonl", tmp_path / "hard.jsonl"]
-    p = _holder(real)
-    try:
+    with _held(real) as p:
         for name in names:
             with pytest.raises(OutputLocked, match=f"pid {p.pid}|another name of the same file"):
                 ResultsFile(name, settings=S)
-    finally:
-        p.kill()
-        p.wait()
-        p.stdout.close()
-    p = _holder(tmp_path / "link.jsonl")  # and the other way round
-    try:
-        with pytest.raises(OutputLocked, match=f"pid {p.pid}"):
-            ResultsFile(real, settings=S)
-    finally:
-        p.kill()
-        p.wait()
-        p.stdout.close()
+    # and the other way round
+    with _held(tmp_path / "link.jsonl") as p, pytest.raises(OutputLocked, match=f"pid {p.pid}"):
+        ResultsFile(real, settings=S)
 
 
 def test_a_symlinked_output_stays_a_link_and_its_lock_follows_compaction(tmp_path):
