@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then the main job on a built-in default (hms-demo; minutes on 2 idle CPU cores,
-# most in the fine-tune, far longer on a loaded machine: benchmarks/results/demo_seeds.md):
-# generate a small synthetic set (6 classes), fine-tune the tiny model's audio and motion
-# encoders, train HMS, export it to ONNX parts, and classify the test split and one new
-# sample per class with the really-skipping runtime; hms-demo ends with the motion-usage
-# line per class group and "demo: K/M correct".
+# Set up, then the main job on a built-in default (hms-demo; a few minutes on 2 idle CPU
+# cores, longer on a loaded machine: benchmarks/results/demo_seeds.md): generate a small
+# synthetic set (6 classes), extract features with the tiny model's encoders, train HMS,
+# export it to ONNX parts, and classify the test split and one new sample per class with
+# the really-skipping runtime; hms-demo ends with the motion-usage line per class group
+# and "demo: K/M correct".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -42,7 +42,7 @@ def test_demo_reduced_size_runs_every_stage(tmp_path):
     assert all(0.0 <= float(x) <= 100.0 for x in u.groups())
     t = [TEST.match(ln) for ln in lines if TEST.match(ln)]
     assert len(t) == 1 and t[0].group(2) == "6"  # per-class 3: one test video per class
-    for cmd in ("hms-synth dataset", "hms-init", "hms-finetune", "hms-extract", "hms-train",
+    for cmd in ("hms-synth dataset", "hms-init", "hms-extract", "hms-train",
                 "hms-export", "hms-run"):
         assert any(cmd in ln for ln in lines), cmd
     assert (tmp_path / "demo" / "engines" / "manifest.json").is_file()

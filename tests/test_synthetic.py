@@ -159,6 +159,19 @@ def test_videos_vary_but_are_reproducible(tmp_path: Path) -> None:
     assert np.abs(fa.astype(int) - fc.astype(int)).mean() > 2.0
 
 
+def test_dataset_rendered_by_two_processes_is_the_same(tmp_path: Path) -> None:
+    kw = dict(per_class=2, seed=3, classes=["tone_low", "move_left"], duration_s=0.4)
+    one = make_dataset(tmp_path / "one", workers=1, **kw).parent
+    two = make_dataset(tmp_path / "two", workers=2, **kw).parent
+    files = sorted(f.relative_to(one) for f in one.rglob("*") if f.is_file())
+    assert len(files) == 4 + 3  # four videos, videos.csv, labels.txt, groups.json
+    assert files == sorted(f.relative_to(two) for f in two.rglob("*") if f.is_file())
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        make_dataset(tmp_path / "three", workers=0, **kw)
+
+
 def test_write_video_options(tmp_path: Path) -> None:
     path = write_video(
         tmp_path / "g.mp4",

@@ -69,6 +69,29 @@ def test_tiny_slowfast_starts_from_the_filters_and_restarts_keep_them():
     assert torch.allclose(fast / norm, motion_filters(8, 3), atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_slowfast_energy_features_tell_the_drift_direction(seed):
+    """The last ENERGY_FEATURES outputs start as pooled motion energies: the first (opponent
+    energy along x) is positive for leftward drift and negative for rightward, whatever
+    the random rest of the encoder, and does not move with the slow pathway's input."""
+    from hms_deploy.model.backbones import ENERGY_FEATURES
+
+    torch.manual_seed(seed)
+    net = TinySlowFast(8, 192).eval()
+    opp = {}
+    for d in (-1, 1):
+        fast = _moving_bar(d, frames=32, size=48, speed=1.5).expand(1, 3, 32, 48, 48)
+        with torch.no_grad():
+            x = net([fast[:, :, ::4], fast])
+            shuffled = net([torch.rand(1, 3, 8, 48, 48), fast])  # another slow input
+        assert x.shape == (1, 192)
+        assert torch.allclose(x[0, -ENERGY_FEATURES:], shuffled[0, -ENERGY_FEATURES:])
+        assert not torch.allclose(x[0, :-ENERGY_FEATURES], shuffled[0, :-ENERGY_FEATURES])
+        opp[d] = float(x[0, -ENERGY_FEATURES])
+    assert opp[-1] > 0 > opp[1]
+    assert abs(opp[-1]) > 0.1 * float(x[0, -ENERGY_FEATURES + 2:].abs().max())
+
+
 def test_colour_jitter_is_per_sample_per_channel_and_seeded():
     x = torch.full((4, 3, 5, 6, 6), 100, dtype=torch.uint8)
     x[:, :, :, :3] = 50

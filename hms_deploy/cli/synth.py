@@ -23,15 +23,18 @@ def main() -> None:
 @click.option("--split", is_flag=True, help="Also write train.csv, val.csv and test.csv.")
 @click.option("--duration", type=float, default=4.0, show_default=True, help="Seconds.")
 @click.option("--fps", type=float, default=15.0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes that render the videos (the videos do not depend on it).")
 @debug_option
 @handle_errors("hms-synth")
 def dataset(out: Path, per_class: int, seed: int, split: bool, duration: float, fps: float,
-            debug: bool) -> None:
+            workers: int, debug: bool) -> None:
     """Write the 6-class dataset (audio / appearance / motion groups) into OUT."""
     from hms_deploy.data.synthetic import make_dataset
 
     csv_path = make_dataset(
-        out, per_class=per_class, seed=seed, split=split, duration_s=duration, fps=fps
+        out, per_class=per_class, seed=seed, split=split, duration_s=duration, fps=fps,
+        workers=workers,
     )
     click.echo(str(csv_path))
 

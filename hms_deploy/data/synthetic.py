@@ -27,6 +27,7 @@ many videos are generated.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,6 +205,13 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
         w.writerows(rows)
 
 
+def _render_job(job: tuple[str, str, int], *, root: Path, seed: int, duration_s: float,
+                fps: float, size: tuple[int, int]) -> Path:
+    rel, label, index = job
+    return render_class_video(root / rel, label, seed=seed, index=index, duration_s=duration_s,
+                              fps=fps, size=size)
+
+
 def make_dataset(
     out_dir: str | Path,
     *,
@@ -215,8 +223,11 @@ def make_dataset(
     size: tuple[int, int] = (160, 120),
     split: bool = False,
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    workers: int = 1,
 ) -> Path:
-    """Write the synthetic dataset and its lists.
+    """Write the synthetic dataset and its lists (``workers`` processes render the videos;
+    each video's content depends only on its seed, class and index, so not on
+    ``workers``).
 
     Layout of ``out_dir``::
 
@@ -242,15 +253,24 @@ def make_dataset(
     if split:
         _split_rows([("", c) for c in classes for _ in range(per_class)], classes, per_class,
                     seed, split_fractions)  # refuse an impossible split before writing
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
-    rows: list[tuple[str, str]] = []
-    for label in classes:
-        for k in range(per_class):
-            rel = f"videos/{label}/{label}_{k:04d}.mp4"
-            render_class_video(
-                out / rel, label, seed=seed, index=k, duration_s=duration_s, fps=fps, size=size
-            )
-            rows.append((rel, label))
+    jobs = [(f"videos/{label}/{label}_{k:04d}.mp4", label, k)
+            for label in classes for k in range(per_class)]
+    rows = [(rel, label) for rel, label, _ in jobs]
+    render = functools.partial(_render_job, root=out, seed=seed, duration_s=duration_s, fps=fps,
+                               size=size)
+    if workers == 1:
+        for job in jobs:
+            render(job)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(render, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
+                pass
     _write_csv(out / "videos.csv", rows)
     (out / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
     (out / "groups.json").write_text(json.dumps({c: CLASS_GROUPS[c] for c in classes}, indent=2))

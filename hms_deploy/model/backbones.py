@@ -132,21 +132,34 @@ def motion_filters(out_chans: int, in_chans: int = 3) -> torch.Tensor:
     return w.unsqueeze(1).expand(out_chans, in_chans, 3, 3, 3) / in_chans**0.5
 
 
+_BANK = 8  # motion_filters' distinct filters (4 orientations x 2 polarities)
+ENERGY_FEATURES = 8  # TinySlowFast features that start as motion energies (init_structured)
+
+
 class TinySlowFast(nn.Module):
     """A two-pathway 3-D CNN with SlowFast's interface: ``forward([slow, fast])``.
 
     The slow pathway is wide with a temporal kernel of 1; the fast one is narrow
     (1/4 width) with a temporal kernel of 3, like SlowFast's channel ratio.
 
-    The fast pathway's first convolution starts as :func:`motion_filters` (everything
-    else is PyTorch's default random init). ``tiny`` has no pretrained weights, and a
-    random 8-channel first layer is rarely direction-selective, so fine-tuning the motion
-    encoder on classes that differ only in drift direction can stall; starting from
-    direction-selective filters it does not (figures per seed in
-    ``benchmarks/results/synthetic_quality.json``).
-    Pretrained SlowFast (``paper``) learns such filters in its first fast layer from
-    Kinetics; this stands in for that pretraining. The filters are trained like any
-    other weight.
+    ``tiny`` has no pretrained weights; :meth:`init_structured` stands in for the
+    direction-selective motion features that pretrained SlowFast (``paper``) brings from
+    Kinetics, on top of PyTorch's default random init:
+
+    - the fast pathway's first convolution starts as :func:`motion_filters` (a random
+      8-channel first layer is rarely direction-selective, so fine-tuning the motion
+      encoder on classes that differ only in drift direction can stall);
+    - the fast pathway's later convolutions pass the first layer's channels through
+      (a centre tap of 1; their other channels stay random), so its pooled output
+      carries the pooled motion energies;
+    - the last :data:`ENERGY_FEATURES` rows of ``fc`` read them: opponent energy along x
+      (leftward minus rightward, both contrast polarities), along y, then the first
+      six energies as they are. Without these rows the direction is one weak component
+      mixed by ``fc`` into every feature together with the look of the clip (the slow
+      pathway), and HMS, trained on frozen features, fits its training videos by their
+      look before their drift (``benchmarks/results/demo_diagnosis.md``).
+
+    Every weight is trained like any other by a fine-tune.
     """
 
     def __init__(self, width: int, feat_dim: int):
@@ -157,14 +170,32 @@ class TinySlowFast(nn.Module):
         self.init_structured()
 
     def init_structured(self) -> None:
-        """Set the fast pathway's first filters to :func:`motion_filters`, at the mean
-        norm of the current (default-initialised) filters. Called after any re-draw of
-        the random weights (see :func:`hms_deploy.train.finetune._restart`)."""
-        first = self.fast.net[0]
-        assert isinstance(first, nn.Conv3d) and first.kernel_size == (3, 3, 3)
+        """The structured start (class docstring): the first fast filters are
+        :func:`motion_filters` at the mean norm of the current (default-initialised)
+        filters, the later fast convolutions pass those channels through, and the last
+        :data:`ENERGY_FEATURES` rows of ``fc`` read the motion energies. Called after any
+        re-draw of the random weights (see :func:`hms_deploy.train.finetune._restart`)."""
+        convs = [m for m in self.fast.net if isinstance(m, nn.Conv3d)]
+        first = convs[0]
+        assert first.kernel_size == (3, 3, 3) and first.out_channels >= _BANK
+        k = first.out_channels
         with torch.no_grad():
             scale = first.weight.flatten(1).norm(dim=1).mean()
-            first.weight.copy_(motion_filters(first.out_channels, first.in_channels) * scale)
+            first.weight.copy_(motion_filters(k, first.in_channels) * scale)
+            for conv in convs[1:]:
+                conv.weight[:k] = 0.0
+                centre = tuple(s // 2 for s in conv.kernel_size)
+                for i in range(k):
+                    conv.weight[(i, i, *centre)] = 1.0
+            energy = self.slow.out_chans + torch.arange(_BANK)  # fc inputs: bank order
+            rows = self.fc.weight[-ENERGY_FEATURES:]
+            rows.zero_()
+            self.fc.bias[-ENERGY_FEATURES:] = 0.0
+            # bank order: T+X, T-X, T+Y, T-Y, then the four negated (the other polarity)
+            rows[0, energy[[0, 4]]], rows[0, energy[[1, 5]]] = 1.0, -1.0  # left - right
+            rows[1, energy[[2, 6]]], rows[1, energy[[3, 7]]] = 1.0, -1.0  # along y
+            for j in range(ENERGY_FEATURES - 2):
+                rows[2 + j, energy[j]] = 1.0
 
     def forward(self, pathways: list[torch.Tensor]) -> torch.Tensor:
         slow, fast = pathways
