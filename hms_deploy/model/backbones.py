@@ -173,15 +173,18 @@ class TinySlowFast(nn.Module):
         """The structured start (class docstring): the first fast filters are
         :func:`motion_filters` at the mean norm of the current (default-initialised)
         filters, the later fast convolutions pass those channels through, and the last
-        :data:`ENERGY_FEATURES` rows of ``fc`` read the motion energies. Called after any
+        :data:`ENERGY_FEATURES` rows of ``fc`` read the motion energies (the last two
+        only when the fast pathway holds the whole bank of 8 filters). Called after any
         re-draw of the random weights (see :func:`hms_deploy.train.finetune._restart`)."""
         convs = [m for m in self.fast.net if isinstance(m, nn.Conv3d)]
         first = convs[0]
-        assert first.kernel_size == (3, 3, 3) and first.out_channels >= _BANK
+        assert first.kernel_size == (3, 3, 3)
         k = first.out_channels
         with torch.no_grad():
             scale = first.weight.flatten(1).norm(dim=1).mean()
             first.weight.copy_(motion_filters(k, first.in_channels) * scale)
+            if k < _BANK or self.fc.out_features < 2 * ENERGY_FEATURES:
+                return  # too narrow for the whole bank (widths below tiny's): filters only
             for conv in convs[1:]:
                 conv.weight[:k] = 0.0
                 centre = tuple(s // 2 for s in conv.kernel_size)
