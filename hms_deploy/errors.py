@@ -32,7 +32,8 @@ class Remedy:
 
 
 class Note(str):
-    """A one-line warning (a str) that names ``settings`` by their library names."""
+    """A one-line warning (a str) that names ``settings`` by their library names. What is
+    saved with ``torch.save`` keeps ``str(note)``: a checkpoint holds only builtins."""
 
     settings: tuple[str, ...]
 
@@ -40,6 +41,7 @@ class Note(str):
         note = super().__new__(cls, text)
         note.settings = tuple(settings)
         return note
+
 
 
 class HMSError(Exception):

@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 PAIRS = {"topk": ("topk_labels", "topk_probs")}  # record key -> its two list fields
+_FIRST_OF_PAIR = {labels: (key, probs) for key, (labels, probs) in PAIRS.items()}
+_SECOND_OF_PAIR = {probs for _, probs in PAIRS.values()}
 
 
 def record_column(record: dict[str, Any]) -> Any:
@@ -39,13 +41,12 @@ def record_column(record: dict[str, Any]) -> Any:
 
 def record_from_column(value: dict[str, Any]) -> dict[str, Any]:
     """The record whose :func:`record_column` holds ``value`` (that struct as Python)."""
-    pair_of = {labels: (key, probs) for key, (labels, probs) in PAIRS.items()}
     record: dict[str, Any] = {}
     for key, v in value.items():
-        if key in pair_of:
-            name, probs = pair_of[key]
+        if key in _FIRST_OF_PAIR:
+            name, probs = _FIRST_OF_PAIR[key]
             record[name] = [[label, p] for label, p in zip(v, value[probs])]
-        elif key not in {probs for _, probs in PAIRS.values()}:
+        elif key not in _SECOND_OF_PAIR:
             record[key] = v
     return record
 
