@@ -32,8 +32,9 @@ class Remedy:
 
 
 class Note(str):
-    """A one-line warning (a str) that names ``settings`` by their library names. What is
-    saved with ``torch.save`` keeps ``str(note)``: a checkpoint holds only builtins."""
+    """A one-line warning (a str) that names ``settings`` by their library names. Where a
+    note is kept in a checkpoint it is kept as ``str(note)`` (checkpoints hold builtins only,
+    for ``torch.load(weights_only=True)``)."""
 
     settings: tuple[str, ...]
 
@@ -41,7 +42,6 @@ class Note(str):
         note = super().__new__(cls, text)
         note.settings = tuple(settings)
         return note
-
 
 
 class HMSError(Exception):

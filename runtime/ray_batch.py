@@ -17,8 +17,9 @@ the driver loses only the videos in flight)::
 Records are exactly ``hms-run --json``'s (the actor runs ``Session.classify_many`` on
 one video); a video that fails gives the same ``{"video", "error"}`` record and the job
 goes on. An actor returns the record as typed Arrow columns and the driver rebuilds it
-key for key (:mod:`~hms_deploy.runtime.ray_columns`). ``output`` is a :class:`~hms_deploy.runtime.results.ResultsFile`: finished
-videos are skipped on a rerun, failed ones retried.
+key for key (:mod:`~hms_deploy.runtime.ray_columns`). ``output`` is a
+:class:`~hms_deploy.runtime.results.ResultsFile`: finished videos are skipped on a rerun,
+failed ones retried.
 
 Layout (:class:`~hms_deploy.runtime.ray_cluster.RayLayout`): by default one actor per
 CPU with one intra-op thread each (on this 2-core machine: 2 actors x 1 thread), which
@@ -290,7 +291,7 @@ def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, 
         with ray_instance(layout) as ray:
             for row in map_rows(ray, ExtractActor, rows, layout, kwargs):
                 e = entries[int(row["index"])]
-                if row["error"] is not None:
+                if row["duration_s"] is None:  # failed (``extract`` words a missing error)
                     yield e, None, row["error"]
                     continue
                 with np.load(io.BytesIO(row["features"])) as z:
