@@ -38,6 +38,7 @@ from typing import Any
 from benchmarks.common import (
     MEDIA_DIR,
     RESULTS_DIR,
+    bench_video,
     ensure_model,
     open_session,
     ort_spinning,
@@ -57,19 +58,6 @@ from benchmarks.e2e_runs import (
 )
 
 __all__ = ["E2ESettings", "main", "rebuild_report", "run", "smoke_settings"]
-
-
-def _video(s: E2ESettings, log: Callable[[str], None]) -> Path:
-    from benchmarks.make_reference_video import REFERENCE, SMOKE, reference_video
-
-    if s.video:
-        return Path(s.video)
-    target = SMOKE if s.smoke else REFERENCE
-    if s.work_dir:
-        target = Path(s.work_dir) / target.name
-    if not target.exists():
-        log(f"generating {target}")
-    return reference_video(target, smoke=s.smoke)
 
 
 def _describe_video(path: Path) -> dict[str, Any]:
@@ -98,7 +86,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         checkpoint=s.checkpoint, engines_dir=s.engines_dir,
         need_export=s.engine != "torch", log=log,
     )
-    video = _video(s, log)
+    video = bench_video(s.video, s.work_dir, smoke=s.smoke, log=log)
     specs = run_specs(s)
     session = open_session(s.engine, ck, eng, s.device, s.threads)
     with ort_spinning(s.ort_spinning):

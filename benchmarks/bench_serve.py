@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,8 +45,11 @@ import numpy as np
 from benchmarks.common import (
     MEDIA_DIR,
     RESULTS_DIR,
+    bench_video,
     ensure_model,
+    free_ports,
     header_lines,
+    percentile,
     provenance,
     write_json,
 )
@@ -85,21 +87,6 @@ def smoke_settings(**overrides: Any) -> ServeSettings:
     return replace(base, **overrides)
 
 
-def _video(s: ServeSettings, log: Callable[[str], None]) -> Path:
-    from benchmarks.make_reference_video import SMOKE, reference_video
-
-    if s.video:
-        return Path(s.video)
-    target = Path(s.work_dir) / SMOKE.name if s.work_dir else SMOKE
-    if not target.exists():
-        log(f"generating {target}")
-    return reference_video(target, smoke=True)
-
-
-def _pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(values), q)), 1)
-
-
 def _offline(engines: Path, videos: list[str], s: ServeSettings, steps: int) -> dict[str, Any]:
     from hms_deploy.runtime.session import Session
 
@@ -118,17 +105,6 @@ def _offline(engines: Path, videos: list[str], s: ServeSettings, steps: int) -> 
     return out
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def _infer(client: Any, module: Any, path: str, policy: str) -> dict[str, Any]:
     ins = request_inputs(module, path=path, policy=policy)
     return json.loads(client.infer("hms", ins, client_timeout=600).as_numpy("record")[0, 0])
@@ -140,7 +116,7 @@ def served(engines: Path, root: Path, s: ServeSettings, steps: int, work: Path,
     """``hms-serve`` on free loopback ports, ready: (process, gRPC url); stopped on exit."""
     import tritonclient.grpc as tgrpc
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "hms_deploy.cli.serve", "--engines", str(engines),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--allowed-root", str(root), "--threads", str(s.threads),
@@ -214,7 +190,7 @@ def _serve_summary(loads: list[dict[str, Any]], s: ServeSettings, requests: int)
         "clients": s.clients, "requests": s.clients * requests * len(loads), "answered": n,
         "errors": [e for ld in loads for e in ld["errors"]][:5], "wall_s": round(wall, 3),
         "requests_per_s": round(n / wall, 4) if wall > 0 else None,
-        "latency_ms": {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+        "latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                        "min": round(min(latencies), 1), "max": round(max(latencies), 1)}
         if latencies else None,
         "lockstep_batch": {"mean": round(float(np.mean(batches)), 2), "max": max(batches)}
@@ -250,7 +226,7 @@ def _agree(served: list[dict[str, Any]], offline: list[dict[str, Any]]) -> bool:
 
 def run(s: ServeSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     prov = provenance(s.device)
-    video = _video(s, log)
+    video = bench_video(s.video, s.work_dir, smoke=True, log=log)
     results: dict[str, Any] = {}
     for variant in s.variants:
         steps = s.steps_for(variant)

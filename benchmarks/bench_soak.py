@@ -32,12 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_serve import ServeSettings, _pct, _video, served
+from benchmarks.bench_serve import ServeSettings, served
 from benchmarks.common import (
     MEDIA_DIR,
     RESULTS_DIR,
+    bench_video,
     ensure_model,
     header_lines,
+    percentile,
     provenance,
     write_json,
 )
@@ -73,7 +75,8 @@ def bad_kinds(data: bytes) -> list[dict[str, Any]]:
     ]
 
 
-def _rss_kb(pid: int) -> int | None:
+def rss_kb(pid: int) -> int | None:
+    """Resident set size of process ``pid`` (kB; None if gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -83,7 +86,8 @@ def _rss_kb(pid: int) -> int | None:
     return None
 
 
-def _processes(serve_pid: int) -> dict[str, int]:
+def serve_processes(serve_pid: int) -> dict[str, int]:
+    """The pids of hms-serve ``serve_pid``, its tritonserver and the model's Python stub."""
     from hms_deploy.runtime.serve.health import stub_pids
 
     out = {"hms-serve": serve_pid}
@@ -119,7 +123,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     prov = provenance("cpu")
     load_start = [round(x, 2) for x in os.getloadavg()]
-    video = _video(ServeSettings(video=s.video, work_dir=s.work_dir), log)
+    video = bench_video(s.video, s.work_dir, smoke=True, log=log)
     root_models = Path(s.work_dir) / "models" / s.variant if s.work_dir else None
     _, engines = ensure_model(s.variant, root=root_models, log=log)
     assert engines is not None
@@ -143,10 +147,10 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
                                            client_timeout=600).as_numpy("record")[0, 0])
 
             def sample(done: int) -> None:
-                pids = _processes(proc.pid)
+                pids = serve_processes(proc.pid)
                 rss.append({"done": done, "elapsed_s": round(time.monotonic() - t0, 1),
                             "loadavg": [round(x, 2) for x in os.getloadavg()],
-                            **{f"{k}_rss_mb": round((_rss_kb(p) or 0) / 1024, 1) for k, p in pids.items()}})
+                            **{f"{k}_rss_mb": round((rss_kb(p) or 0) / 1024, 1) for k, p in pids.items()}})
                 log(f"  {done}/{s.requests}: {rss[-1]}")
 
             def client() -> None:
@@ -202,7 +206,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
                 sample(tally.done)
             from hms_deploy.runtime.serve.health import SHM_DIR
 
-            tpid = _processes(proc.pid).get("tritonserver")
+            tpid = serve_processes(proc.pid).get("tritonserver")
             cmdline = Path(f"/proc/{tpid}/cmdline").read_bytes().decode() if tpid else ""
             prefix = cmdline.split("shm-region-prefix-name=", 1)[1].split("\0")[0] if cmdline else ""
             repo = next((a.split("=", 1)[1] for a in cmdline.split("\0")
@@ -224,7 +228,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "good_answered": tally.good_answered, "good_different": tally.good_wrong,
         "bad": tally.bad, "bad_refused": tally.bad_refused, "other": tally.other[:20],
         "other_count": len(tally.other),
-        "latency_ms": {"p50": _pct(tally.latencies, 50), "p99": _pct(tally.latencies, 99)}
+        "latency_ms": {"p50": percentile(tally.latencies, 50), "p99": percentile(tally.latencies, 99)}
         if tally.latencies else None,
         "rss": rss, "last_quarter_growth": growth,
         "plateau": bool(growth) and all(g < 0.05 for g in growth.values()),

@@ -25,9 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_serve import _free_ports
-from benchmarks.bench_soak import _processes, _rss_kb
-from benchmarks.common import RESULTS_DIR, ensure_model, header_lines, provenance, write_json
+from benchmarks.bench_soak import rss_kb, serve_processes
+from benchmarks.common import (
+    RESULTS_DIR,
+    ensure_model,
+    free_ports,
+    header_lines,
+    provenance,
+    write_json,
+)
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -45,7 +51,7 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
 
     prov = provenance("cpu")
     _, engines = ensure_model("tiny", log=print)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     env = dict(os.environ)
     if arena:
         env["MALLOC_ARENA_MAX"] = str(arena)
@@ -67,9 +73,9 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
         t0 = time.monotonic()
 
         def sample() -> None:
-            pids = _processes(proc.pid)
+            pids = serve_processes(proc.pid)
             samples.append({"done": done[0], "elapsed_s": round(time.monotonic() - t0, 1),
-                            **{f"{k}_rss_mb": round((_rss_kb(p) or 0) / 1024, 1)
+                            **{f"{k}_rss_mb": round((rss_kb(p) or 0) / 1024, 1)
                                for k, p in pids.items()}})
 
         def client(n: int) -> None:
@@ -92,7 +98,7 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
             t.start()
         for t in threads:
             t.join()
-        split = _status(_processes(proc.pid)["tritonserver"])
+        split = _status(serve_processes(proc.pid)["tritonserver"])
     finally:
         proc.terminate()
         proc.wait(60)

@@ -146,11 +146,46 @@ def summarize(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
             "values": [r(x) for x in v]}
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values``, rounded to 0.1 (latency tables in ms)."""
+    return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 1)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(wall seconds, result) of ``fn()``."""
     t = time.perf_counter()
     out = fn()
     return time.perf_counter() - t, out
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (for a server the benchmark starts)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def bench_video(video: str | None, work_dir: str | None, *, smoke: bool,
+                log: Callable[[str], None]) -> Path:
+    """``video`` if given, else the reference video (the short one with ``smoke``), made on
+    first use, in ``work_dir`` when given (else benchmarks/media)."""
+    from benchmarks.make_reference_video import REFERENCE, SMOKE, reference_video
+
+    if video:
+        return Path(video)
+    target = SMOKE if smoke else REFERENCE
+    if work_dir:
+        target = Path(work_dir) / target.name
+    if not target.exists():
+        log(f"generating {target}")
+    return reference_video(target, smoke=smoke)
 
 
 # ------------------------------------------------------------------------------ models

@@ -105,11 +105,12 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise ExportError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise ExportError(f"{out}: output directory is not empty; use --force to replace it")
+            raise ExportError(f"{out}: output directory is not empty; use force to replace it",
+                                  setting="force", value=False)
         if not (out / mf.MANIFEST_NAME).is_file():
             raise ExportError(
                 f"{out}: not empty and not an hms-export directory (no {mf.MANIFEST_NAME}); "
-                "refusing to replace it even with --force"
+                "refusing to replace it even with force", setting="force", value=True
             )
 
 

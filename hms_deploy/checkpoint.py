@@ -236,7 +236,8 @@ def init_checkpoint(
         labels = [f"class_{i}" for i in range(config.num_classes)]
     if len(labels) != config.num_classes:
         raise ConfigError(
-            f"labels file has {len(labels)} classes, but --num-classes is {config.num_classes}"
+            f"labels file has {len(labels)} classes, but num_classes is {config.num_classes}",
+            setting="num_classes", value=config.num_classes, expected=str(len(labels)),
         )
     if len(set(labels)) != len(labels):
         raise ConfigError("labels must be unique")

@@ -1,27 +1,65 @@
 """Typed errors with fields. Below ``cli/`` no message names a command-line flag: an error
 about a setting says which one (``setting``, the library's name: a keyword of the API,
 a field of :class:`~hms_deploy.runtime.options.RunSettings`), the ``value`` it got and
-what was ``expected``; the CLI turns those into flag advice and an exit code
-(:mod:`hms_deploy.cli.common`)."""
+what was ``expected``, and a step that fixes it (``remedy``, worded as a library call); the
+CLI turns those into flag advice, command lines and an exit code
+(:func:`hms_deploy.cli.common.flag_advice`). A warning that names settings is a
+:class:`Note`: a str that knows which settings it names, for the same advice.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
+
+# what each remedy step is in the library (the CLI has a command line for each)
+REMEDY_CALLS = {
+    "trt_plans": "hms_deploy.export.add_trt_plans({path!r})",  # build an export's TensorRT plans
+}
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A step that fixes an error: ``step`` (a key of :data:`REMEDY_CALLS`) on ``path``.
+    Messages show it as :attr:`text`, the library call."""
+
+    step: str
+    path: str
+
+    @property
+    def text(self) -> str:
+        return REMEDY_CALLS[self.step].format(path=self.path)
+
+
+class Note(str):
+    """A one-line warning (a str) that names ``settings`` by their library names. Where a
+    note is kept in a checkpoint it is kept as ``str(note)`` (checkpoints hold builtins only,
+    for ``torch.load(weights_only=True)``)."""
+
+    settings: tuple[str, ...]
+
+    def __new__(cls, text: str, *, settings: tuple[str, ...]) -> Self:
+        note = super().__new__(cls, text)
+        note.settings = tuple(settings)
+        return note
 
 
 class HMSError(Exception):
     """Base of every error the library raises on bad input or a missing capability.
 
     ``setting``: the setting (or settings, a tuple) the error is about, by their library
-    names; ``value``: what it was given; ``expected``: what it takes (one phrase).
+    names; ``value``: what it was given; ``expected``: what it takes (one phrase);
+    ``remedy``: a :class:`Remedy` the message shows as its :attr:`~Remedy.text`.
     """
 
     def __init__(self, message: str = "", *, setting: str | tuple[str, ...] | None = None,
-                 value: Any = None, expected: str | None = None):
+                 value: Any = None, expected: str | None = None,
+                 remedy: Remedy | None = None):
         super().__init__(message)
         self.setting = setting
         self.value = value
         self.expected = expected
+        self.remedy = remedy
 
     @property
     def settings(self) -> tuple[str, ...]:

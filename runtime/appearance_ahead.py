@@ -62,7 +62,7 @@ import torch
 
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.options import RunSettings
-from hms_deploy.runtime.policy import GATE, Policy
+from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import VideoRun
 from hms_deploy.runtime.timing import Timer
 from hms_deploy.transfer import to_device
@@ -152,7 +152,7 @@ def read_ahead_steps(opts: RunSettings, n_videos: int) -> int:
     run may compute appearance ahead, so that decoding the next chunk overlaps the
     backbone call of this one (a chunk of k appearance steps spans k / PI steps)."""
     size = _steps_per_call(opts, n_videos)
-    if not size or not (isinstance(opts.policy, Policy) and opts.policy.forced):
+    if not size or not opts.parsed_policy.forced:
         return 2
     return max(2, 2 * size)
 

@@ -97,7 +97,8 @@ def plan_video(
         a, m = policy.tier_plans(steps)
         return VideoPlan(a, m, warnings=warnings)
     if no_audio is None:
-        raise VideoError(f"{inputs.path}: no audio track (refused by --no-audio-policy error)")
+        raise VideoError(f"{inputs.path}: no audio track (refused by no_audio_policy error)",
+                         setting="no_audio_policy", value="error")
     if policy.forced or no_audio == policy:
         why = "needs no gate" if policy.forced else "is also the no-audio policy"
         warnings.append(f"no audio track: the audio path sees silence (policy {policy} {why})")

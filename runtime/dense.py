@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,8 +90,7 @@ class _Features:
         self.p_i = torch.empty(T, 1, cfg.appearance.proj_dim, device=dev)
         self.p_m = torch.empty(T, 1, cfg.motion.proj_dim, device=dev)
         self._audio(opts, audio_batch, timer)
-        # RunSettings.__post_init__ parsed the policy into a Policy
-        self.plan = plan_video(self.inputs, cast(Policy, opts.policy), opts.no_audio, T)
+        self.plan = plan_video(self.inputs, opts.parsed_policy, opts.no_audio, T)
         self.plan.warnings[:0] = warnings
         self._visual(opts, batch, timer)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -98,6 +98,11 @@ class RunSettings:
         put("audio_batch", _int_at_least("audio_batch", self.audio_batch, 1))
 
     # -- derived -------------------------------------------------------------------------
+    @property
+    def parsed_policy(self) -> Policy:
+        """``policy`` as a :class:`Policy` (a string given is parsed at construction)."""
+        return cast(Policy, self.policy)
+
     @property
     def no_audio(self) -> Policy | None:
         """The parsed no-audio policy; None refuses videos without audio."""

@@ -17,7 +17,7 @@ import torch
 
 from hms_deploy.errors import EngineError
 from hms_deploy.parts import PART_NAMES
-from hms_deploy.runtime.trt_plan import rebuild_hint
+from hms_deploy.runtime.trt_plan import plan_remedy, rebuild_hint
 
 if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
@@ -42,7 +42,7 @@ def build_missing_plans(manifest: Manifest, device: torch.device, max_batch: int
     except OSError as e:
         raise EngineError(
             f"{root}: the export has no TensorRT plans and they cannot be built there ({e}); "
-            f"{rebuild_hint(root)} where the directory is writable"
+            f"{rebuild_hint(root)} where the directory is writable", remedy=plan_remedy(root)
         ) from None
     with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes

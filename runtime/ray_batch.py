@@ -16,8 +16,10 @@ the driver loses only the videos in flight)::
 
 Records are exactly ``hms-run --json``'s (the actor runs ``Session.classify_many`` on
 one video); a video that fails gives the same ``{"video", "error"}`` record and the job
-goes on. ``output`` is a :class:`~hms_deploy.runtime.results.ResultsFile`: finished
-videos are skipped on a rerun, failed ones retried.
+goes on. An actor returns the record as typed Arrow columns and the driver rebuilds it
+key for key (:mod:`~hms_deploy.runtime.ray_columns`). ``output`` is a
+:class:`~hms_deploy.runtime.results.ResultsFile`: finished videos are skipped on a rerun,
+failed ones retried.
 
 Layout (:class:`~hms_deploy.runtime.ray_cluster.RayLayout`): by default one actor per
 CPU with one intra-op thread each (on this 2-core machine: 2 actors x 1 thread), which
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import sys
 import time
@@ -50,12 +51,11 @@ from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.ray_cluster import (
     RayLayout,
     actor_setup,
-    dumps,
     map_rows,
     pool_size,
     ray_instance,
 )
-from hms_deploy.runtime.results import SerialisedRecord
+from hms_deploy.runtime.ray_columns import record_column, record_from_column
 
 __all__ = [
     "ClassifyActor", "ExtractActor", "RayLayout", "classify_ray", "ray_feature_source",
@@ -84,22 +84,21 @@ class ClassifyActor:
         self.session = Session(**kwargs).open()
         self.options = options
 
-    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {
-            "index": [], "record": [], "pid": [], "start": [], "end": [], "cpu_s": []}
-        for i, video, absolute in zip(batch["index"], batch["video"], batch["abs"]):
-            name = str(video)
-            target = name if self.local_paths else str(absolute)
-            start, cpu = time.time(), time.process_time()
-            rec = next(iter(self.session.classify_many([target], options=self.options)))
-            out["cpu_s"].append(time.process_time() - cpu)
-            rec["video"] = name
-            out["index"].append(int(i))
-            out["record"].append(dumps(rec))
-            out["pid"].append(os.getpid())
-            out["start"].append(start)
-            out["end"].append(time.time())
-        return out
+    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> Any:
+        """The row's record as a typed Arrow column (:mod:`~hms_deploy.runtime.ray_columns`)
+        beside the actor's process id, the video's wall-clock span and CPU seconds: a
+        ``pyarrow.Table`` of one row (:func:`map_rows` hands each call one row)."""
+        import pyarrow as pa
+
+        (i,), (video,), (absolute,) = batch["index"], batch["video"], batch["abs"]
+        name = str(video)
+        target = name if self.local_paths else str(absolute)
+        start, cpu = time.time(), time.process_time()
+        rec = next(iter(self.session.classify_many([target], options=self.options)))
+        cpu_s = time.process_time() - cpu
+        rec["video"] = name
+        return pa.table({"index": [int(i)], "pid": [os.getpid()], "start": [start],
+                         "end": [time.time()], "cpu_s": [cpu_s], "record": record_column(rec)})
 
 
 def classify_ray(
@@ -206,7 +205,7 @@ def _run(actor_cls: type, rows: list[dict[str, Any]], layout: RayLayout, progres
         failed = 0
         try:
             for row in map_rows(ray, actor_cls, rows, layout, ctor_kwargs):
-                rec = SerialisedRecord(str(row["record"]))  # parsed once, never re-serialised
+                rec = record_from_column(row["record"])
                 if bar is not None:
                     failed += "error" in rec
                     bar.set_postfix(failed=failed, refresh=False)
@@ -238,10 +237,18 @@ class ExtractActor:
         self.steps = steps
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> dict[str, list[Any]]:
+    def __call__(self, batch: dict[str, NDArray[np.generic]]) -> Any:
+        """A ``pyarrow.Table``, one row per video: its index, the error (None if it
+        worked), duration and audio flag (None if it failed), features (``np.savez``
+        bytes) and the actor's process id."""
+        import pyarrow as pa
+
         from hms_deploy.data.extraction import decode_job, encode_job
 
-        out: dict[str, list[Any]] = {"index": [], "record": [], "features": [], "pid": []}
+        schema = pa.schema([("index", pa.int64()), ("error", pa.string()),
+                            ("duration_s", pa.float64()), ("has_audio", pa.bool_()),
+                            ("features", pa.binary()), ("pid", pa.int64())])
+        out: dict[str, list[Any]] = {name: [] for name in schema.names}
         for i, key, path in zip(batch["index"], batch["key"], batch["path"]):
             inputs, error = decode_job(str(key), str(path), self.config, self.steps)
             video = None
@@ -250,13 +257,13 @@ class ExtractActor:
             buf = io.BytesIO()
             if video is not None:
                 np.savez(buf, **video.feats)
-            rec = {"error": error} if video is None else {
-                "duration_s": video.duration_s, "has_audio": video.has_audio}
             out["index"].append(int(i))
-            out["record"].append(dumps(rec))
+            out["error"].append(error if video is None else None)
+            out["duration_s"].append(None if video is None else float(video.duration_s))
+            out["has_audio"].append(None if video is None else bool(video.has_audio))
             out["features"].append(buf.getvalue())
             out["pid"].append(os.getpid())
-        return out
+        return pa.table(out, schema=schema)
 
 
 def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, *,
@@ -284,13 +291,12 @@ def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, 
         with ray_instance(layout) as ray:
             for row in map_rows(ray, ExtractActor, rows, layout, kwargs):
                 e = entries[int(row["index"])]
-                rec = json.loads(row["record"])
-                if "error" in rec:
-                    yield e, None, rec["error"]
+                if row["duration_s"] is None:  # failed (``extract`` words a missing error)
+                    yield e, None, row["error"]
                     continue
                 with np.load(io.BytesIO(row["features"])) as z:
                     feats = {m: z[m] for m in z.files}
-                yield e, VideoFeatures(rec["duration_s"], rec["has_audio"], feats), None
+                yield e, VideoFeatures(row["duration_s"], row["has_audio"], feats), None
 
     return source
 

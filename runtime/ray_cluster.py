@@ -35,7 +35,6 @@ filter that drops exactly those lines (:data:`QUIET_LINES`) and passes everythin
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -292,7 +291,10 @@ def map_rows(
     layout: RayLayout,
     ctor_kwargs: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
-    """Stream ``actor_cls(**ctor_kwargs)(batch)`` over ``rows``, one row per task.
+    """Stream ``actor_cls(**ctor_kwargs)(batch)`` over ``rows``, one row per task: each
+    call gets a batch of one row (numpy columns) and returns its output rows (a
+    ``pyarrow.Table``, or columns Ray Data converts). Output rows come as dicts of Python
+    values (``as_py``: a struct column a dict in field order).
 
     Each row must carry a unique int ``"index"``; every output row has it too. Rows
     come back as they finish (not in input order). The pool's actors are restarted and
@@ -340,7 +342,3 @@ def actor_setup(threads: int, cwd: str | None) -> bool:
         os.chdir(cwd)
         return True
     return False
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(", ", ": "))

@@ -375,19 +375,8 @@ class ResultsFile:
 SEP = (", ", ": ")  # the separators of every JSON line (hms-run --json, --output)
 
 
-class SerialisedRecord(dict):  # type: ignore[type-arg]
-    """A record that arrived as JSON text (from a Ray actor), kept with that text so that
-    printing and storing it do not serialise it again. Not to be modified."""
-
-    def __init__(self, text: str):
-        super().__init__(json.loads(text))
-        self.text = text
-
-
 def record_json(obj: Any) -> str:
     """One record (or any JSON value) as the JSON text of ``hms-run --json`` / ``--output``."""
-    if isinstance(obj, SerialisedRecord):
-        return obj.text
     return json.dumps(obj, separators=SEP)
 
 

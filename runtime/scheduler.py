@@ -66,7 +66,7 @@ from hms_deploy.runtime.checks import plan_before_audio, plan_video, probe_check
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
 from hms_deploy.runtime.options import RunSettings, resolve_options
-from hms_deploy.runtime.policy import GATE, Policy
+from hms_deploy.runtime.policy import GATE
 from hms_deploy.runtime.records import RunStats, VideoRun, build_record
 from hms_deploy.runtime.streams import CUDA, DeviceStreams
 from hms_deploy.runtime.timing import TIMING_KEYS, Timer
@@ -178,7 +178,7 @@ class _BatchRun:
         )
         self.audio_done = 0  # steps [0, audio_done) of every active video have their audio path
         self.patches: list[NDArray[np.float32]] = []
-        policy = cast(Policy, opts.policy)  # RunSettings.__post_init__ parsed it
+        policy = opts.parsed_policy
         try:
             early = plan_before_audio(policy, T)
             if early is not None:

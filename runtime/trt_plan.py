@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hms_deploy.errors import Remedy
 from hms_deploy.parts import PartSpec
 
 # The one optimisation-profile maximum of TensorRT plans and of ONNX Runtime's TensorRT
@@ -122,9 +123,14 @@ def plan_metadata(
     }
 
 
+def plan_remedy(export_dir: Any = None) -> Remedy:
+    """The step that (re)builds the TensorRT plans of ``export_dir`` (``DIR`` if unknown)."""
+    return Remedy("trt_plans", str(export_dir) if export_dir is not None else "DIR")
+
+
 def rebuild_hint(export_dir: Any = None) -> str:
-    where = str(export_dir) if export_dir is not None else "DIR"
-    return f"rebuild with `hms-export --engines {where} --engine trt`"
+    """The end of an error whose ``remedy`` is :func:`plan_remedy` of ``export_dir``."""
+    return f"rebuild with `{plan_remedy(export_dir).text}`"
 
 
 def check_plan_compatible(
@@ -135,7 +141,8 @@ def check_plan_compatible(
     gpu_name: str | None = None,
     export_dir: Any = None,
 ) -> str | None:
-    """None if ``entry``'s plan can load here; otherwise one line that says how to rebuild.
+    """None if ``entry``'s plan can load here; otherwise one line that says how to rebuild
+    (an error made of it takes ``remedy=plan_remedy(export_dir)``).
 
     ``entry`` is a :class:`~hms_deploy.runtime.manifest.PartEntry` (or its JSON dict).
     A plan is used only on the exact TensorRT version, GPU name (when ``gpu_name`` is
@@ -147,8 +154,8 @@ def check_plan_compatible(
     hashes = getattr(entry, "sha256", None) if not isinstance(entry, dict) else entry.get("sha256")
     label = f"{name}: " if name else ""
     if not meta:
-        return f"{label}no TensorRT plan in the export: build one with `hms-export --engines " \
-               f"{export_dir if export_dir is not None else 'DIR'} --engine trt`"
+        return f"{label}no TensorRT plan in the export: build one with " \
+               f"`{plan_remedy(export_dir).text}`"
     built_v = str(meta.get("tensorrt_version", "?"))
     built_gpu = str(meta.get("gpu", "?"))
     try:

@@ -210,3 +210,13 @@ def make_videos(folder: Path, n: int, *, corrupt: tuple[int, ...] = ()) -> list[
             p.write_bytes(src)
         paths.append(p)
     return paths
+
+
+def ordered(obj):
+    """``obj`` with every dict as its (key, value) list and every leaf with its type name:
+    equal only if keys, key order, values and types are (``1 == 1.0 == True`` otherwise)."""
+    if isinstance(obj, dict):
+        return [(k, ordered(v)) for k, v in obj.items()]
+    if isinstance(obj, list):
+        return [ordered(v) for v in obj]
+    return (type(obj).__name__, obj)

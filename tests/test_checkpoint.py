@@ -125,8 +125,9 @@ def test_baseline_checkpoint_cannot_build_an_hms_model(tiny_ckpt):
 
 
 def test_labels_count_must_match():
-    with pytest.raises(ConfigError, match="labels file has 2 classes, but --num-classes is 6"):
+    with pytest.raises(ConfigError, match="labels file has 2 classes, but num_classes is 6") as e:
         init_checkpoint(make_config("tiny", 6), labels=["a", "b"])
+    assert e.value.settings == ("num_classes",)  # hms-init words it as --num-classes (below)
 
 
 # ------------------------------------------------------------------- pretrained weights

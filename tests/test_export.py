@@ -16,6 +16,7 @@ import torch
 from helpers import call_part
 
 from hms_deploy.checkpoint import init_checkpoint, load_checkpoint, save_checkpoint
+from hms_deploy.cli.common import flag_advice
 from hms_deploy.config import tiny_config
 from hms_deploy.errors import ExportError
 from hms_deploy.export import validate as V
@@ -319,10 +320,14 @@ def test_out_dir_rules(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"other: output directory is not empty; use --force"):
+    # the library names the setting (force); hms-export words it as --force
+    with pytest.raises(ExportError, match=r"other: output directory is not empty; use force") as e:
         check_out_dir(other, force=False)
-    with pytest.raises(ExportError, match=r"not an hms-export directory .* even with --force"):
+    assert e.value.settings == ("force",)
+    assert "use --force to replace" in flag_advice(e.value, {"force": "--force"})
+    with pytest.raises(ExportError, match=r"not an hms-export directory .* even with force$") as e:
         check_out_dir(other, force=True)
+    assert flag_advice(e.value, {"force": "--force"}).endswith("even with --force")
     (other / "manifest.json").write_text("{}")
     check_out_dir(other, force=True)
     (tmp_path / "file").write_text("x")

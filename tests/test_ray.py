@@ -23,13 +23,20 @@ from runtime_helpers import (  # noqa: F401 - one_torch_thread is an autouse fix
     assets,
     make_videos,
     one_torch_thread,
+    ordered,
 )
 
 pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
 psutil = pytest.importorskip("psutil")  # Ray vendors it (on sys.path once ray is imported)
 
 from hms_deploy.runtime.ray_batch import classify_ray
-from hms_deploy.runtime.ray_cluster import LOOPBACK_ENV, RayLayout, pool_size, ray_instance
+from hms_deploy.runtime.ray_cluster import (
+    LOOPBACK_ENV,
+    RayLayout,
+    map_rows,
+    pool_size,
+    ray_instance,
+)
 from hms_deploy.runtime.session import Session
 
 POLICY = "rates:0.6,0.3"
@@ -170,6 +177,83 @@ def test_cli_no_audio_options_reach_the_actors(ray_local, tmp_path):
             assert ray_rec["fallback"] == plain_rec["fallback"] is not None
             assert ray_rec["warnings"] == plain_rec["warnings"]
             assert ray_rec["decisions"]["appearance"] == [1] * ray_rec["steps"]
+
+
+# Ray Data's line when a column cannot be Arrow and is stored as pickled Python objects
+PICKLED = "pickled python objects"
+# values that differ between two runs of one video: wall times, the decoder's read-ahead
+# counters (docs/record.md), and probabilities (compared to 1e-6 apart: the actor runs ONNX
+# Runtime on 1 thread, the plain run on every core); their keys, order and types are still
+# compared
+RUN_DEPENDENT = {"timing_ms", "frames_walked", "frames_skipped", "score", "topk"}
+
+
+def _pickle_warnings(ray) -> int:
+    """How many times the instance's logs (Ray Data's and the workers') say a column
+    was pickled."""
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(f.read_text(errors="replace").count(PICKLED)
+               for f in logs.rglob("*") if f.is_file() and f.suffix in (".log", ".err", ".out"))
+
+
+def _masked(obj):
+    if isinstance(obj, dict):
+        return {k: (_type_only(v) if k in RUN_DEPENDENT else _masked(v)) for k, v in obj.items()}
+    return obj
+
+
+def _type_only(obj):
+    if isinstance(obj, dict):
+        return {k: _type_only(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_type_only(v) for v in obj]
+    return type(obj).__name__
+
+
+def test_cli_ray_records_are_the_plain_runs_key_for_key_and_nothing_is_pickled(
+        ray_local, tmp_path, monkeypatch):
+    """``--ray`` prints and stores the plain run's records: same keys in the same order,
+    same values of the same types (a classified video and a failing one); the actors'
+    columns are Arrow's own (no pickle fallback in the instance's logs, which do show one
+    when an actor returns a record as a Python dict)."""
+    from hms_deploy.cli.run import main
+
+    monkeypatch.chdir(tmp_path)
+    make_videos(tmp_path / "vids", 2, corrupt=(1,))
+    before = _pickle_warnings(ray_local)
+    runs = []
+    for mode in ("--ray", None):
+        out = tmp_path / f"{mode or 'plain'}.jsonl"
+        r = CliRunner().invoke(main, ["vids", "--engines", str(assets().engines), "--json",
+                                      "--output", str(out), "--policy", POLICY, "--no-progress",
+                                      *([mode] if mode else [])], catch_exceptions=False)
+        assert r.exit_code == 1, r.stderr  # one video failed
+        printed = sorted(x for x in r.stdout.splitlines() if x.startswith("{"))
+        runs.append((printed, sorted(out.read_text().splitlines())))
+    assert _pickle_warnings(ray_local) == before
+    (ray_printed, ray_stored), (plain_printed, plain_stored) = runs
+    for got, want in zip(ray_printed + ray_stored, plain_printed + plain_stored, strict=True):
+        g, w = json.loads(got), json.loads(want)
+        assert g["video"] == w["video"]
+        assert ordered(_masked(g)) == ordered(_masked(w)), g["video"]
+        if "error" in w:
+            assert got == want  # the same JSON line, byte for byte
+        else:
+            assert list(g["timing_ms"]) == list(w["timing_ms"])
+            assert [t[0] for t in g["topk"]] == [t[0] for t in w["topk"]]
+            np.testing.assert_allclose([g["score"]] + [t[1] for t in g["topk"]],
+                                       [w["score"]] + [t[1] for t in w["topk"]], rtol=0, atol=1e-6)
+    assert sum("error" in x for x in ray_printed) == 1
+
+    # the check above can see a fallback: an actor returning the record as a dict is pickled
+    record = json.loads(ray_printed[0])
+
+    class AsDict:  # local: Ray ships it by value
+        def __call__(self, batch):
+            return {"index": batch["index"], "record": [record]}
+
+    assert list(map_rows(ray_local, AsDict, [{"index": 0}], RayLayout(workers=1), {}))
+    assert _pickle_warnings(ray_local) > before
 
 
 def test_cli_rejects_ray_with_online(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hms_deploy.runtime.results import ResultsFile, SerialisedRecord, record_json
+from hms_deploy.runtime.results import ResultsFile, record_json
 
 S = {"model": "abc", "policy": "every:2", "T": 16, "budget": None}
 
@@ -25,12 +25,3 @@ def test_stored_line_is_the_printed_text_plus_source_and_settings(tmp_path):
     assert line.startswith(text[:-1] + ", \"source\": ")
     assert stored["source"]["path"] == str(video.resolve())
 
-
-def test_a_received_record_keeps_its_text(tmp_path):
-    text = '{"video": "v.mp4", "error": "broken",  "odd spacing": 1}'
-    rec = SerialisedRecord(text)
-    assert rec["error"] == "broken" and record_json(rec) == text  # not serialised again
-    with ResultsFile(tmp_path / "r.jsonl", settings=S) as r:
-        r.append(rec)
-    line = (tmp_path / "r.jsonl").read_text().splitlines()[0]
-    assert line.startswith(text[:-1] + ", \"source\": ")

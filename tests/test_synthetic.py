@@ -160,7 +160,7 @@ def test_videos_vary_but_are_reproducible(tmp_path: Path) -> None:
 
 
 def test_dataset_rendered_by_two_processes_is_the_same(tmp_path: Path) -> None:
-    kw = dict(per_class=2, seed=3, classes=["tone_low", "move_left"], duration_s=0.4)
+    kw = {"per_class": 2, "seed": 3, "classes": ["tone_low", "move_left"], "duration_s": 0.4}
     one = make_dataset(tmp_path / "one", workers=1, **kw).parent
     two = make_dataset(tmp_path / "two", workers=2, **kw).parent
     files = sorted(f.relative_to(one) for f in one.rglob("*") if f.is_file())

@@ -28,6 +28,7 @@ import pytest
 import torch
 from engine_assets import export_dir, specs, torch_engine, trt_unavailable_reason
 
+from hms_deploy.cli.common import flag_advice
 from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, PartSpec, random_inputs
 from hms_deploy.runtime.backends import trt as trt_backend
@@ -315,7 +316,7 @@ def test_unloadable_or_mismatched_plans_say_how_to_rebuild(tmp_path: Path, fake_
     broken = TrtEngine(specs()["head"], _plan(tmp_path, "head", b"garbage"), CPU, stream=_Stream(),  # type: ignore[arg-type]
                        export_dir=tmp_path)
     with pytest.raises(EngineError, match=r"^head: TensorRT 10.13.0.35 cannot load head.plan .*"
-                       r"rebuild with `hms-export --engines .* --engine trt`"), broken:
+                       r"rebuild with `hms_deploy.export.add_trt_plans\('.*'\)`"), broken:
         pass
     assert broken._context is None
     other_part = TrtEngine(specs()["head"], _plan(tmp_path, "x", b"fake:audio_cell"), CPU, stream=_Stream())  # type: ignore[arg-type]
@@ -384,9 +385,11 @@ def test_trt_engines_refuse_plans_built_elsewhere(tmp_path: Path, fake_gpu, vers
 
     fake_gpu()
     m = load_manifest(_export_with_plans(tmp_path, version=version, cc=cc))
-    with pytest.raises(EngineError, match=rf"^audio_backbone: .*{why}.*: rebuild with `hms-export --engines .* "
-                       r"--engine trt` \(and 8 more parts\)"):
+    with pytest.raises(EngineError, match=rf"^audio_backbone: .*{why}.*: rebuild with "
+                       r"`hms_deploy.export.add_trt_plans\('.*'\)` \(and 8 more parts\)") as e:
         trt_engines(m, CPU, stream=_Stream())  # type: ignore[arg-type]
+    assert flag_advice(e.value, {}).endswith(  # the CLI shows the command, not the call
+        f": rebuild with `hms-export --engines {m.dir} --engine trt` (and 8 more parts)")
 
 
 def test_trt_engines_build_missing_plans_once(tmp_path: Path, fake_gpu) -> None:

@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from hms_deploy.cli.common import flag_advice
 from hms_deploy.config import paper_config, tiny_config
 from hms_deploy.errors import BackendUnavailable, EngineError
 from hms_deploy.parts import PART_NAMES, part_specs
@@ -139,12 +140,16 @@ def test_plan_incompatible_version_says_how_to_rebuild():
     assert msg is not None
     assert "motion_gate: plan built for TensorRT 10.13.0.35 on GPU NVIDIA A100-SXM4-80GB (sm_80)" in msg
     assert "this machine has TensorRT 11.0.0.1 on GPU NVIDIA H100 (sm_90)" in msg
-    assert msg.endswith("rebuild with `hms-export --engines /srv/engines --engine trt`")
+    assert msg.endswith("rebuild with `hms_deploy.export.add_trt_plans('/srv/engines')`")
+    # the library names its call; the CLI shows the command instead
+    err = EngineError(msg, remedy=trt_plan.plan_remedy("/srv/engines"))
+    assert flag_advice(err, {}).endswith(
+        "rebuild with `hms-export --engines /srv/engines --engine trt`")
 
 
 def test_plan_incompatible_gpu_only():
     msg = trt_plan.check_plan_compatible(_entry(), "10.13.0.35", (8, 6))
-    assert msg is not None and "(sm_80)" in msg and "(sm_86)" in msg and "--engine trt" in msg
+    assert msg is not None and "(sm_80)" in msg and "(sm_86)" in msg and "add_trt_plans('DIR')" in msg
 
 
 def test_plan_built_from_other_onnx():
@@ -157,7 +162,11 @@ def test_no_plan():
     bare = PartEntry(entry.name, {"onnx": "x.onnx"}, {"onnx": "a" * 64}, entry.inputs,
                      entry.outputs, 1.0)
     msg = trt_plan.check_plan_compatible(bare, "10.13", (8, 0), export_dir="E")
-    assert msg == "motion_gate: no TensorRT plan in the export: build one with `hms-export --engines E --engine trt`"
+    assert msg == ("motion_gate: no TensorRT plan in the export: build one with "
+                   "`hms_deploy.export.add_trt_plans('E')`")
+    assert flag_advice(EngineError(msg, remedy=trt_plan.plan_remedy("E")), {}) == (
+        "motion_gate: no TensorRT plan in the export: build one with "
+        "`hms-export --engines E --engine trt`")
     # the JSON form of an entry works too
     assert trt_plan.check_plan_compatible({"name": "head", "trt": entry.trt, "sha256": entry.sha256},
                                           "10.13.0.35", (8, 0)) is None

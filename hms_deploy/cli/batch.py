@@ -27,6 +27,7 @@ from hms_deploy.cli.common import (
     EXIT_STOPPED,
     fail,
     flag_advice,
+    record_error_advice,
 )
 from hms_deploy.cli.inputs import Inputs
 from hms_deploy.errors import ConfigError
@@ -141,6 +142,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
 
     def emit(rec: dict[str, Any]) -> None:
         nonlocal finished, failed
+        if "error" in rec:  # the library names settings; this command's records name flags
+            rec = {**rec, "error": record_error_advice(str(rec["error"]))}
         partial = rec.get("partial", False)
         if job.collect is not None and "error" not in rec:
             job.collect.append(rec)

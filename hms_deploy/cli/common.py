@@ -58,19 +58,52 @@ def _flags() -> dict[str, str]:
             if isinstance(p, click.Option) and p.name}
 
 
-def flag_advice(e: BaseException, flags: dict[str, str] | None = None) -> str:
-    """The message of ``e`` with the command's flag for each setting it is about.
+# the command line of each library remedy step (hms_deploy.errors.REMEDY_CALLS)
+REMEDY_COMMANDS = {
+    "trt_plans": "hms-export --engines {path} --engine trt",
+}
 
-    For a setting (:attr:`HMSError.settings`) whose flag is its own name
-    (``batch_size`` -> ``--batch-size``) the first mention of the name is replaced by the
-    flag; any other flag the message does not show is added in parentheses
-    (``budget`` -> ``... (--budget-gflops)``).
+
+def flag_advice(e: BaseException | str, flags: dict[str, str] | None = None) -> str:
+    """The message of ``e`` (an error, or a warning: a :class:`~hms_deploy.errors.Note`)
+    with the command's flag for each setting it is about, and its remedy as a command line.
+
+    For a setting (:attr:`HMSError.settings`, :attr:`Note.settings`) whose flag is its
+    own name (``batch_size`` -> ``--batch-size``) the first mention of the name is replaced
+    by the flag; any other flag the message does not show is added in parentheses
+    (``budget`` -> ``... (--budget-gflops)``). A remedy (:attr:`HMSError.remedy`) shown as
+    its library call is shown as its command (:data:`REMEDY_COMMANDS`).
     """
+    text = str(e)
+    remedy = getattr(e, "remedy", None)
+    if remedy is not None and remedy.step in REMEDY_COMMANDS:
+        text = text.replace(remedy.text, REMEDY_COMMANDS[remedy.step].format(path=remedy.path))
+    text, missing = _name_flags(text, getattr(e, "settings", ()),
+                                _flags() if flags is None else flags)
+    return f"{text} ({', '.join(missing)})" if missing else text
+
+
+def record_error_advice(text: str, flags: dict[str, str] | None = None) -> str:
+    """An error record's line (``{"video", "error"}``, made by the library from an error
+    whose settings it no longer carries) with the command's flags: every setting of the
+    command whose name has an underscore and is its flag's (``no_audio_policy`` ->
+    ``--no-audio-policy``) is replaced where the text after the leading ``path: `` names it.
+    """
+    flags = _flags() if flags is None else flags
+    head, sep, rest = text.partition(": ")
+    if not sep:
+        head, rest = "", text
+    named = [name for name in flags if "_" in name]
+    rest, _ = _name_flags(rest, named, {n: flags[n] for n in named}, only_own=True)
+    return head + sep + rest
+
+
+def _name_flags(text: str, settings: Any, flags: dict[str, str], *, only_own: bool = False
+                ) -> tuple[str, list[str]]:
+    """``text`` with the first mention of each setting replaced by its flag where the flag
+    is the setting's own name; the flags it could not place (none with ``only_own``)."""
     import re
 
-    text = str(e)
-    settings = e.settings if isinstance(e, HMSError) else ()
-    flags = _flags() if flags is None else flags
     missing = []
     for name in settings:
         flag = flags.get(name)
@@ -79,9 +112,9 @@ def flag_advice(e: BaseException, flags: dict[str, str] | None = None) -> str:
         pattern = rf"(?<![\w'-]){re.escape(name)}(?![\w'-])"
         if flag == "--" + name.replace("_", "-") and re.search(pattern, text):
             text = re.sub(pattern, flag, text, count=1)
-        else:
+        elif not only_own:
             missing.append(flag)
-    return f"{text} ({', '.join(missing)})" if missing else text
+    return text, missing
 
 
 def settings_from_flags(**overrides: Any) -> Any:

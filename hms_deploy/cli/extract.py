@@ -141,7 +141,7 @@ def main(
         _stopped(e, dataset, out)
     click.echo(f"{out}: {report.summary()}")
     for w in report.warnings:
-        click.echo(f"hms-extract: warning: {w}", err=True)
+        click.echo(f"hms-extract: warning: {flag_advice(w)}", err=True)
     if report.failed:
         for key, error in report.failed[:10]:
             click.echo(f"  failed: {error}", err=True)

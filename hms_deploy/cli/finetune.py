@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+from hms_deploy.cli.common import debug_option, flag_advice, handle_errors, set_threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +91,7 @@ def main(
     new, report = finetune_backbones(ckpt, train_entries, cfg, val_entries=val_entries,
                                      steps=steps, progress=not quiet)
     save_checkpoint(new, out)
+    report["warnings"] = [flag_advice(w) for w in report["warnings"]]
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2) + "\n")

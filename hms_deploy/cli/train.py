@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+from hms_deploy.cli.common import debug_option, flag_advice, handle_errors, set_threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +127,7 @@ def main(
         out=out, log_path=log_path, progress=not quiet,
     )
     for w in result.warnings:
-        click.echo(f"hms-train: warning: {w}", err=True)
+        click.echo(f"hms-train: warning: {flag_advice(w)}", err=True)
     best = result.log[result.best_epoch - 1]
     what = policy if policy == "hms" else f"early_fusion {modalities_tag(cfg.modalities)}"
     click.echo(

@@ -62,7 +62,8 @@ def check_truncation(info: Any, *, allow_truncated: bool = False, container: Any
     if not allow_truncated:
         raise VideoError(
             f"{info.path}: truncated file: its streams end at {end:.2f} s but the container "
-            f"declares {declared:.2f} s (--allow-truncated classifies the decodable part)"
+            f"declares {declared:.2f} s (allow_truncated classifies the decodable part)",
+            setting="allow_truncated", value=False,
         )
     info = decodable_part(info, container=container)
     end = info.duration_s

@@ -27,7 +27,7 @@ from hms_deploy.config import MODALITIES, HMSConfig
 from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.data.store_meta import DEFAULT_SHARD_SIZE, DTYPES, StoreMeta, backbone_hash
-from hms_deploy.errors import DatasetError, first_line
+from hms_deploy.errors import DatasetError, Note, first_line
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
 
@@ -342,7 +342,7 @@ def extract(
                          warnings)
 
 
-def _float16_warnings(feats: dict[str, NDArray[np.float32]]) -> list[str]:
+def _float16_warnings(feats: dict[str, NDArray[np.float32]]) -> list[Note]:
     """Modalities whose typical |feature| is below float16's smallest normal number
     (6.1e-5), where float16 storage keeps only a few significant bits (e.g. random-init
     EfficientNet-B3 features, ~1e-5)."""
@@ -350,8 +350,9 @@ def _float16_warnings(feats: dict[str, NDArray[np.float32]]) -> list[str]:
     for m, a in feats.items():
         typical = float(np.median(np.abs(a)))
         if 0.0 < typical < float(np.finfo(np.float16).tiny):
-            out.append(f"{m} features are ~{typical:.1e}, below float16's normal range: "
-                       "stored with few significant bits; use --dtype float32")
+            out.append(Note(f"{m} features are ~{typical:.1e}, below float16's normal range: "
+                            "stored with few significant bits; use dtype float32",
+                            settings=("dtype",)))
     return out
 
 

@@ -323,9 +323,11 @@ def finetune_backbones(
     if val is not None:
         from hms_deploy.train.presets import small_validation_warning
 
-        w = small_validation_warning(val[1], list(ckpt.labels))
+        w = small_validation_warning(val[1], list(ckpt.labels), setting="val_list")
         report["warnings"] += [] if w is None else [w]
     report["seconds"] = time.perf_counter() - t0
+    # the checkpoint keeps the report with the warnings as plain text (builtins only)
+    out.extra["finetune"] = {**report, "warnings": [str(w) for w in report["warnings"]]}
     return out, report
 
 

@@ -220,7 +220,7 @@ def train(
     from hms_deploy.train.presets import small_validation_warning
 
     small_val = small_validation_warning(val_src.labels.numpy(), list(store.labels))
-    warnings = [] if small_val is None else [small_val]
+    warnings: list[str] = [] if small_val is None else [small_val]
     # Standardise features with training statistics; folded into the projections on save.
     stats = train_src.statistics()
     train_src.set_normalizer(stats)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from hms_deploy.errors import Note
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"hms": {}, "early_fusion": {}},
     "small": {
@@ -53,10 +55,12 @@ def preset_values(name: str, policy: str) -> dict[str, Any]:
     return dict(PRESETS[name][policy])
 
 
-def small_validation_warning(labels: NDArray[np.int64], class_names: list[str]) -> str | None:
+def small_validation_warning(labels: NDArray[np.int64], class_names: list[str], *,
+                             setting: str = "val_store") -> Note | None:
     """A one-line warning when the validation set (``labels``: class index per video) has
     fewer than :data:`MIN_VAL_VIDEOS` videos or a class with fewer than
-    :data:`MIN_VAL_VIDEOS_PER_CLASS`; else None."""
+    :data:`MIN_VAL_VIDEOS_PER_CLASS`; else None. It names ``setting``, where the caller
+    takes its validation videos from."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
     thin = [f"{class_names[c]} ({int(n)})" for c, n in enumerate(counts)
             if n < MIN_VAL_VIDEOS_PER_CLASS]
@@ -66,6 +70,6 @@ def small_validation_warning(labels: NDArray[np.int64], class_names: list[str]) 
     if thin:
         shown = ", ".join(thin[:6]) + (f" and {len(thin) - 6} more" if len(thin) > 6 else "")
         what += f"; fewer than {MIN_VAL_VIDEOS_PER_CLASS} for {shown}"
-    return (f"validation set too small to mean much ({what}; want >= {MIN_VAL_VIDEOS} videos "
-            f"and >= {MIN_VAL_VIDEOS_PER_CLASS} per class): its mAP/accuracy and the epoch "
-            "kept are noise; give more videos (--val-store / --val-list)")
+    return Note(f"validation set too small to mean much ({what}; want >= {MIN_VAL_VIDEOS} "
+                f"videos and >= {MIN_VAL_VIDEOS_PER_CLASS} per class): its mAP/accuracy and the "
+                f"epoch kept are noise; give more videos ({setting})", settings=(setting,))

@@ -58,7 +58,7 @@ GPU_INSTALL_HINT = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 TRT_EP_HINT = (
     "ONNX Runtime's TensorRT provider needs TensorRT 10's libraries (libnvinfer.so.10) next to "
     "onnxruntime-gpu: pip install 'tensorrt>=10,<11' (NVIDIA's index); `pip install tensorrt` "
-    "brings TensorRT 11, which this provider cannot load (TensorRT 11 plans: --engine trt)"
+    "brings TensorRT 11, which this provider cannot load (TensorRT 11 plans: engine trt)"
 )
 
 CPU_EP = "CPUExecutionProvider"
@@ -156,7 +156,8 @@ def check_available(ort: ModuleType, providers: Sequence[str]) -> None:
     else:
         hint = "install an onnxruntime build that has them"
     raise BackendUnavailable(
-        f"ONNX Runtime has no {', '.join(missing)} (available: {', '.join(available)}); {hint}"
+        f"ONNX Runtime has no {', '.join(missing)} (available: {', '.join(available)}); {hint}",
+        setting="engine" if hint is TRT_EP_HINT else None,
     )
 
 
