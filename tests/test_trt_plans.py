@@ -86,7 +86,13 @@ def test_plans_are_keyed_on_the_gpu_name_too():
     assert same is None
     msg = trt_plan.check_plan_compatible(entry, "11.0.0", (9, 0), gpu_name="NVIDIA H200")
     assert msg is not None and "GPU NVIDIA H100 80GB HBM3 (sm_90)" in msg and "NVIDIA H200" in msg
-    assert "--engine trt" in msg
+    # the library names its own call; the CLI words the same error as the command to run
+    assert "add_trt_plans('DIR')" in msg and "--engine" not in msg
+    from hms_deploy.cli.common import flag_advice
+    from hms_deploy.errors import EngineError
+
+    advice = flag_advice(EngineError(msg, remedy=trt_plan.plan_remedy()))
+    assert "hms-export --engines DIR --engine trt" in advice and "add_trt_plans" not in advice
 
 
 def test_an_export_for_another_card_of_the_same_capability_is_refused(tmp_path):
