@@ -188,8 +188,9 @@ class DemoResult(NamedTuple):
               help="Seed of the synthetic set, the initialisation and the training.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Decoding processes.")
 @click.option("--threads", type=int, default=DEMO_THREADS, show_default=True,
-              help="torch intra-op threads (fixed so that the demo's training does not "
-                   "depend on the machine's core count).")
+              help="torch intra-op threads of the extraction and the runs (fixed so that the "
+                   "demo does not depend on the machine's core count; the HMS training "
+                   "runs on 1).")
 @click.option("--deterministic", is_flag=True,
               help="torch.use_deterministic_algorithms(True): torch's deterministic CPU "
                    "kernels instead of its default ones.")
