@@ -132,7 +132,7 @@ def hms_decode(path: str, s: DecodeSettings, read_ahead: int | None, skip: bool,
                 out.append(vi.appearance(step))
             if plan_m[step]:
                 out.append(vi.motion(step))
-        stats = dict(vi.decode_stats, read_ahead=vi.source.read_ahead)
+        stats = dict(vi.decode_stats, read_ahead=vi.source.options.read_ahead)
     finally:
         vi.close()
     return time.perf_counter() - t, out, stats

@@ -332,7 +332,7 @@ def test_the_decoder_reads_ahead_a_chunk_when_frames_run_ahead(onnx_session):
     sizes = {}
     for k in (2, 16, 10_000):
         inputs = open_video(assets().long, cfg, STEPS, steps_ahead=k)
-        sizes[k] = inputs.source.read_ahead
+        sizes[k] = inputs.source.options.read_ahead
         frame_bytes = inputs.info.width * inputs.info.height * 3 // 2
         inputs.close()
     assert sizes[2] < sizes[16] < sizes[10_000] == READ_AHEAD_BYTES // frame_bytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,18 @@ from hms_deploy.data.frame_walk import (
 from hms_deploy.data.plan_ahead import Crop, Passed, ReadPlan, Seeked, to_rgb
 from hms_deploy.data.video import ProbedVideo, VideoInfo, open_media, probe_open
 from hms_deploy.errors import VideoError, first_line
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """A :class:`FrameSource`'s options (its keyword arguments; see its docstring)."""
+
+    seek_threshold: int = 16
+    cache_frames: int = 64
+    threads: int = 0
+    retain_frames: int = 0
+    read_ahead: int = 0
+    read_ahead_bytes: int = 0
 
 
 class FrameSource:
@@ -105,12 +118,10 @@ class FrameSource:
         self.info = path if isinstance(path, VideoInfo) else path.info
         # the probe's open container, read after a seek back to the first frame
         self._probed = path if isinstance(path, ProbedVideo) else None
-        self.seek_threshold = int(seek_threshold)
-        self.cache_frames = int(cache_frames)
-        self.threads = int(threads)
-        self.retain_frames = int(retain_frames)
-        self.read_ahead = int(read_ahead)
-        self.read_ahead_bytes = int(read_ahead_bytes)
+        self.options = ReaderOptions(
+            seek_threshold=int(seek_threshold), cache_frames=int(cache_frames),
+            threads=int(threads), retain_frames=int(retain_frames), read_ahead=int(read_ahead),
+            read_ahead_bytes=int(read_ahead_bytes))
         self.stats = DecodeStats()
         self._index = {int(p): i for i, p in enumerate(self.info.frame_pts.tolist())}
         self._plan: ReadPlan | None = None  # expect(): the frames reads may ask for
@@ -136,7 +147,7 @@ class FrameSource:
         if self._container is None:
             probed, self._probed = self._probed, None
             adopted = probed.take() if probed is not None else None
-            if adopted is not None and self.threads:
+            if adopted is not None and self.options.threads:
                 adopted.close()  # its decoder is open: the thread count can no longer change
                 adopted = None
             self._container = adopted if adopted is not None else open_media(self.path)
@@ -144,8 +155,8 @@ class FrameSource:
                 self.close()
                 raise VideoError(f"{self.path}: no video stream")
             self._stream = self._container.streams.video[0]
-            if self.threads:
-                self._stream.codec_context.thread_count = self.threads
+            if self.options.threads:
+                self._stream.codec_context.thread_count = self.options.threads
             if adopted is not None:
                 seek_to(self._container, self._stream, self.info.frame_pts, 0)
                 self._rewound = True
@@ -220,7 +231,7 @@ class FrameSource:
             raise RuntimeError(f"{self.path}: expect() must come before the first read")
         self._plan = None if new is None or sure_set is None else ReadPlan(
             self.info, self._index, new, sure_set, crops,
-            seek_threshold=self.seek_threshold, stats=self.stats,
+            seek_threshold=self.options.seek_threshold, stats=self.stats,
         )
         if self._container is not None:
             self._stop_frames()
@@ -231,15 +242,16 @@ class FrameSource:
         """The decode walk from the container's position (see the module docstring)."""
         if self._plan is not None:
             frames, self._thread_seeks = self._plan.walk(
-                self._container, self._stream, read_ahead=self.read_ahead,
-                read_ahead_bytes=self.read_ahead_bytes, seek_ok=self._seek_ok,
+                self._container, self._stream, read_ahead=self.options.read_ahead,
+                read_ahead_bytes=self.options.read_ahead_bytes, seek_ok=self._seek_ok,
                 pass_all=self._pass_all,
             )
             return frames
         self._thread_seeks = False
         frames = walk_frames(self._container, self._stream, self.stats, index=self._index)
-        if self.read_ahead > 0:
-            return ReadAhead(frames, self.read_ahead, name=f"hms-decode:{Path(self.path).name}")
+        if self.options.read_ahead > 0:
+            return ReadAhead(frames, self.options.read_ahead,
+                             name=f"hms-decode:{Path(self.path).name}")
         return frames
 
     def _keyframe_at_or_before(self, index: int) -> int:
@@ -251,7 +263,7 @@ class FrameSource:
         if not self._seek_ok:
             return False
         return seek_key(self._pos, target, self.info.keyframe_indices,
-                        self.seek_threshold) is not None
+                        self.options.seek_threshold) is not None
 
     def _seek(self, target: int) -> None:
         if not self._seek_ok:
@@ -303,21 +315,21 @@ class FrameSource:
         return None if self._plan is None else self._plan.take_crop(index, key)
 
     def _remember(self, index: int, rgb: NDArray[np.uint8]) -> None:
-        if self.cache_frames <= 0:
+        if self.options.cache_frames <= 0:
             return
         self._cache[index] = rgb
         self._cache.move_to_end(index)
-        while len(self._cache) > self.cache_frames:
+        while len(self._cache) > self.options.cache_frames:
             self._cache.popitem(last=False)
 
     def _retain(self, frame: Any) -> None:
-        if self.retain_frames <= 0 or frame.pts is None:
+        if self.options.retain_frames <= 0 or frame.pts is None:
             return
         i = self._index.get(int(frame.pts))
         if i is not None:
             self._window[i] = frame
             self._window.move_to_end(i)
-            while len(self._window) > self.retain_frames:
+            while len(self._window) > self.options.retain_frames:
                 self._window.popitem(last=False)
 
     def read(self, frame_indices: Sequence[int] | NDArray[np.integer[Any]]

@@ -102,7 +102,7 @@ class VideoInputs:
         """Start decoding now (after :meth:`plan`, when the planned read-ahead is on and
         the plan has frames to decode), so that the thread works while the audio path runs."""
         src = self.source
-        if src is None or src.read_ahead <= 0 or src.read_ahead_bytes <= 0 or not src.expected:
+        if src is None or src.options.read_ahead <= 0 or src.options.read_ahead_bytes <= 0 or not src.expected:
             return
         src.start()
 
