@@ -6,7 +6,7 @@ goes), so the demo is the README workflow at a small size:
 
     hms-synth dataset OUT/data --per-class N --split
     hms-init --variant tiny --steps 8 ...            (T = 8, as the synthetic study)
-    hms-extract (train, val) ; hms-train --preset small
+    hms-extract (train, val) ; hms-train --preset small --gamma-m 0
     hms-export --checkpoint trained.pt --out OUT/engines
     hms-run sample.mp4 --engines OUT/engines --engine onnx   (one new sample per class)
     hms-run <test split> --engines OUT/engines --engine onnx
@@ -39,9 +39,10 @@ from hms_deploy.cli.common import debug_option, handle_errors, set_threads
 # The demo's size: 36 train / 12 val / 12 test videos per class.
 DEMO_PER_CLASS = 60
 DEMO_DURATION_S = 4.0
-# torch threads: training results move with the thread count (reduction order) and with
-# the CPU's kernels; what the demo gets over seeds and thread counts, and on which CPU, is
-# in benchmarks/results/demo_seeds.md (benchmarks/demo_seeds.py).
+# torch threads of the extraction and the runs (the HMS training runs on 1): features move
+# with the thread count (reduction order) and with the CPU's kernels; what the demo gets
+# over seeds and thread counts, and on which CPU, is in benchmarks/results/demo_seeds.md
+# (benchmarks/demo_seeds.py).
 DEMO_THREADS = 2
 DEMO_STEPS = 8
 # processes that render the synthetic set (each video depends only on its seed and index);
@@ -50,7 +51,7 @@ DEMO_SYNTH_WORKERS = 2
 # The motion usage target: 0, not the default 0.05. The usage loss is per video; at T = 8 a
 # target of 0.05 (0.4 steps) charges one motion step barely more than none
 # ((1/8 - 0.05)^2 vs 0.05^2), so nothing moves a gate that ran motion once on a video that
-# does not need it; with 0 the step costs five times as much, still far less than what
+# does not need it; with 0 the step costs five times that difference, still far less than what
 # the drift classes lose without it (benchmarks/results/demo_diagnosis.md).
 DEMO_GAMMA_M = 0.0
 
