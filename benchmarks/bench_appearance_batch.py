@@ -26,7 +26,7 @@ from benchmarks.common import (
     header_lines,
     provenance,
     summarize,
-    write_json,
+    write_report,
 )
 
 PART = "appearance_backbone"
@@ -99,8 +99,7 @@ def run(variant: str, batches: list[int], threads: list[int], frames: int, round
             "engine": "onnx", "part": PART, "frames_per_case": frames, "rounds": rounds,
             "loadavg_1m": load, "cases": res, "per_frame_over_batch_1": ratios}
     name = f"appearance_batch_cpu_{variant}_onnx"
-    write_json(out / f"{name}.json", data)
-    (out / f"{name}.md").write_text(markdown(data))
+    write_report(out / f"{name}.json", data, markdown)
     log(f"wrote {out / name}.json/.md")
     return data
 

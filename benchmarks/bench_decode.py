@@ -51,7 +51,7 @@ from benchmarks.common import (
     header_lines,
     provenance,
     summarize,
-    write_json,
+    write_report,
 )
 
 LONG_GOP = MEDIA_DIR / "long_gop_120s_1280x720.mp4"
@@ -278,8 +278,7 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
     }
     out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     outdir = Path(s.out)
-    write_json(outdir / f"{s.name}.json", out)
-    (outdir / f"{s.name}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.name}.json", out, markdown)
     log(f"hms_decode_over_full_decode = {ratio:.3f} (target <= {TARGET}); "
         f"wrote {outdir / s.name}.json/.md")
     return out

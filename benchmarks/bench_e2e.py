@@ -43,7 +43,7 @@ from benchmarks.common import (
     open_session,
     ort_spinning,
     provenance,
-    write_json,
+    write_report,
 )
 from benchmarks.e2e_report import markdown, plot, rebuild_report, summary
 from benchmarks.e2e_runs import (
@@ -122,8 +122,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     }
     out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     outdir = Path(s.out)
-    write_json(outdir / f"{s.stem}.json", out)
-    (outdir / f"{s.stem}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.stem}.json", out, markdown)
     if s.plot:
         plot(out, outdir / f"{s.stem}.png")
     log(f"wrote {outdir / s.stem}.json/.md{'/.png' if s.plot else ''} "

@@ -46,6 +46,7 @@ from benchmarks.common import (
     provenance,
     summarize,
     write_json,
+    write_report,
 )
 
 LABELS = ("before", "after", "after, plan_ahead=False", "after, appearance_batch=1",
@@ -219,8 +220,7 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
            "summary": summary(results, s), "seconds": round(time.perf_counter() - t0, 1)}
     out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     outdir = Path(s.out)
-    write_json(outdir / f"{s.name}.json", out)
-    (outdir / f"{s.name}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.name}.json", out, markdown)
     (outdir / f"{s.name}.partial.json").unlink(missing_ok=True)
     log(f"wrote {outdir / s.name}.json/.md ({out['seconds']:.0f} s)")
     return out
@@ -274,8 +274,7 @@ def from_partial(s: OverlapSettings, log: Callable[[str], None] = print) -> dict
            "T": T, "video": "reference_60s_640x360.mp4", "settings": asdict(s),
            "runs": results, "summary": summary(results, s), "cut_short": True}
     out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(outdir / f"{s.name}.json", out)
-    (outdir / f"{s.name}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.name}.json", out, markdown)
     return out
 
 

@@ -29,7 +29,7 @@ from benchmarks.common import (
     ort_spinning,
     provenance,
     summarize,
-    write_json,
+    write_report,
 )
 
 
@@ -116,8 +116,7 @@ def run(s: PairSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     outdir = Path(s.out)
-    write_json(outdir / f"{s.stem}.json", out)
-    (outdir / f"{s.stem}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.stem}.json", out, markdown)
     log(f"wrote {outdir / s.stem}.json/.md")
     return out
 

@@ -30,7 +30,7 @@ from benchmarks.common import (
     provenance,
     set_threads,
     summarize,
-    write_json,
+    write_report,
 )
 
 BACKBONES = ("audio_backbone", "appearance_backbone", "motion_backbone")
@@ -170,8 +170,7 @@ def run(s: PartsSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     outdir = Path(s.out)
-    write_json(outdir / f"{s.stem}.json", out)
-    (outdir / f"{s.stem}.md").write_text(markdown(out))
+    write_report(outdir / f"{s.stem}.json", out, markdown)
     log(f"wrote {outdir / s.stem}.json/.md ({out['seconds']:.0f} s)")
     return out
 

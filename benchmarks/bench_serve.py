@@ -51,7 +51,7 @@ from benchmarks.common import (
     header_lines,
     percentile,
     provenance,
-    write_json,
+    write_report,
 )
 from hms_deploy.runtime.serve.client import request_inputs
 
@@ -267,8 +267,7 @@ def run(s: ServeSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     out = {"provenance": prov, "settings": asdict(s), "video": str(video),
            "loadavg_at_end": load_end, "results": results}
     out_dir = Path(s.out)
-    write_json(out_dir / f"{s.name}.json", out)
-    (out_dir / f"{s.name}.md").write_text(markdown(out))
+    write_report(out_dir / f"{s.name}.json", out, markdown)
     log(f"wrote {out_dir / s.name}.json and .md")
     return out
 

@@ -41,7 +41,7 @@ from benchmarks.common import (
     header_lines,
     percentile,
     provenance,
-    write_json,
+    write_report,
 )
 from hms_deploy.runtime.serve.client import request_inputs
 
@@ -235,8 +235,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "left_at_end": left,
     }
     out_dir = Path(s.out)
-    write_json(out_dir / f"{s.name}.json", out)
-    (out_dir / f"{s.name}.md").write_text(markdown(out))
+    write_report(out_dir / f"{s.name}.json", out, markdown)
     log(f"wrote {out_dir / s.name}.json and .md")
     return out
 

@@ -49,7 +49,7 @@ from benchmarks.common import (
     open_session,
     provenance,
     verdict,
-    write_json,
+    write_report,
 )
 
 TARGET = 0.9
@@ -236,8 +236,7 @@ def run(s: ThroughputSettings, log: Callable[[str], None] = print) -> dict[str, 
     }
     out["summary"] = summarize(out)
     out_dir = Path(s.out)
-    path = write_json(out_dir / f"{s.stem}.json", out)
-    (out_dir / f"{s.stem}.md").write_text(markdown(out))
+    path = write_report(out_dir / f"{s.stem}.json", out, markdown)
     log(f"wrote {path}")
     for line in markdown(out).splitlines()[-8:]:
         log(line)
@@ -325,8 +324,7 @@ def rebuild_report(path: str | Path, note: str | None = None) -> dict[str, Any]:
     if note:
         out["note"] = note
     out["summary"] = summarize(out)
-    write_json(path, out)
-    path.with_suffix(".md").write_text(markdown(out))
+    write_report(path, out, markdown)
     return out
 
 

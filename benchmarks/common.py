@@ -305,6 +305,14 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def write_report(path: Path, data: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> Path:
+    """A benchmark's results: ``path`` (JSON, :func:`write_json`) and beside it the same
+    name with ``.md``, ``markdown(data)``. Returns ``path``."""
+    write_json(path, data)
+    path.with_suffix(".md").write_text(markdown(data))
+    return path
+
+
 def fmt_gmac(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, header_lines, provenance, write_json
+from benchmarks.common import RESULTS_DIR, header_lines, provenance, write_report
 
 LINES = {
     "demo": re.compile(r"^demo: (\d+)/(\d+) correct$", re.MULTILINE),
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run = one_run(seed, threads, work, a.deterministic)
         result["runs"].append(run)
-        write_json(path, result)
-        path.with_suffix(".md").write_text(markdown(result))
+        write_report(path, result, markdown)
         print(json.dumps({k: v for k, v in run.items() if k != "sample_lines"}), flush=True)
     return 0
 

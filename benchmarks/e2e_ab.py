@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS_DIR, fmt_ms, write_json
+from benchmarks.common import REPO, RESULTS_DIR, fmt_ms, write_report
 
 SUMMARY_KEYS = ("wall_ratio_hms_over_dense", "wall_ratio_over_gmac_ratio",
                 "cpu_ratio_over_gmac_ratio", "speedup_over_mask", "overhead_fraction")
@@ -167,11 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         res["records_equal"] = all(
             r["base"]["runs"][n]["record"] == r["this"]["runs"][n]["record"]
             for r in res["rounds"] for n in r["base"]["runs"])
-        write_json(out / f"{args.name}.json", res)
-        (out / f"{args.name}.md").write_text(sessions_markdown(res))
+        write_report(out / f"{args.name}.json", res, sessions_markdown)
     else:
-        write_json(out / f"{args.name}.json", res)
-        (out / f"{args.name}.md").write_text(markdown(res))
+        write_report(out / f"{args.name}.json", res, markdown)
     print(f"wrote {out / args.name}.json/.md")
     return 0
 

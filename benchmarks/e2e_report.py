@@ -9,7 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SMOKE_NOTE, fmt_gmac, fmt_ms, header_lines, verdict, write_json
+from benchmarks.common import (
+    SMOKE_NOTE,
+    fmt_gmac,
+    fmt_ms,
+    header_lines,
+    verdict,
+    write_report,
+)
 from benchmarks.e2e_runs import FIXED_RUN, E2ESettings
 from hms_deploy.runtime.timing import TIMING_KEYS
 
@@ -242,7 +249,6 @@ def rebuild_report(path: str | Path) -> dict[str, Any]:
     settings = E2ESettings(**{k: (tuple(v) if isinstance(v, list) else v)
                               for k, v in out["settings"].items() if k in fields})
     out["summary"] = summary(out["runs"], settings, out["summary"]["mask_decisions_equal_hms"])
-    write_json(path, out)
-    path.with_suffix(".md").write_text(markdown(out))
+    write_report(path, out, markdown)
     plot(out, path.with_suffix(".png"))
     return out
