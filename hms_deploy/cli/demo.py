@@ -182,7 +182,7 @@ class DemoResult(NamedTuple):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="demo_out")
 @click.option("--per-class", type=int, default=DEMO_PER_CLASS, show_default=True,
-              help="Synthetic videos per class (train/val/test 60/20/20).")
+              help="Synthetic videos per class (split 60/20/20 % into train/val/test: 36/12/12 at 60).")
 @click.option("--duration", type=float, default=DEMO_DURATION_S, show_default=True,
               help="Seconds per video.")
 @click.option("--seed", type=int, default=0, show_default=True,
