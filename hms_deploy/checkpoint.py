@@ -127,10 +127,13 @@ def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
     a pickle: text, for instance) is "not a <what>"; anything else unreadable is "not a
     readable <what>".
     """
-    with path.open("rb") as f:
-        head = f.read(4)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise error(f"{path}: not a readable {what} ({first_line(e, typed=False, limit=160)})") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):
-        kind = ("empty" if not head else "text" if _looks_like_text(path)
+        kind = ("empty" if not head else "text" if _is_text(head)
                 else "another kind of file")
         raise error(f"{path}: not a {what} (it is {kind}, not a file written by torch.save)")
     try:
@@ -148,10 +151,8 @@ def safe_torch_load(path: Path, error: type[Exception], what: str) -> Any:
         raise error(f"{path}: not a readable {what} ({first_line(e, typed=False, limit=160)})") from None
 
 
-def _looks_like_text(path: Path) -> bool:
-    """The first 4 KiB decode as UTF-8 and hold no NUL byte."""
-    with path.open("rb") as f:
-        chunk = f.read(4096)
+def _is_text(chunk: bytes) -> bool:
+    """``chunk`` (a file's first 4 KiB) decodes as UTF-8 and holds no NUL byte."""
     try:
         chunk.decode("utf-8")
     except UnicodeDecodeError:
