@@ -103,10 +103,11 @@ class FeatureSource:
 
 
 def stratified_split(
-    labels: NDArray[np.int64], fraction: float, seed: int
+    labels: NDArray[np.int64], fraction: float, seed: int, *, setting: str = "val_store"
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Indices (train, val): ``round(fraction * n_c)`` videos of every class c go to validation
-    (at least 1 where the class has >= 2 videos), drawn with ``seed``."""
+    (at least 1 where the class has >= 2 videos), drawn with ``seed``. An empty validation
+    split is refused naming ``setting``, the caller's way to give a validation set."""
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -122,6 +123,8 @@ def stratified_split(
         val.extend(idx[:k].tolist())
         train.extend(idx[k:].tolist())
     if not val:
-        raise DatasetError("validation split is empty: the store is too small; use val_store",
-                           setting="val_store", expected="a validation store")
+        raise DatasetError(f"validation split is empty: the store is too small; use {setting}",
+                           setting=setting,
+                           expected="a validation list" if setting == "val_list" else
+                           "a validation store")
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
