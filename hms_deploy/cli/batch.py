@@ -11,11 +11,12 @@ Whatever the outcome, ``--output`` is left valid and a rerun resumes.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -79,8 +80,8 @@ def coverage_warning(recs: list[dict[str, Any]]) -> str:
     """One line for the videos of :func:`low_coverage`, suggesting more steps."""
     rec = min(recs, key=lambda r: r["coverage"]["share"])
     cov, steps = rec["coverage"], int(rec["T"])
-    more = steps * max(2, -(-int(LOW_COVERAGE * cov["duration_s"] / max(cov["audio_s"], 1e-9)
-                                 * steps) // steps))
+    # the audio seen grows with the steps: this many times T covers LOW_COVERAGE
+    more = steps * max(2, math.ceil(LOW_COVERAGE * cov["duration_s"] / max(cov["audio_s"], 1e-9)))
     return (f"{len(recs)} video(s) of {LONG_VIDEO_S:g} s or more had under "
             f"{LOW_COVERAGE:.0%} of their audio seen by T={steps} steps (least: {rec['video']}, "
             f"{cov['share']:.1%} of {cov['duration_s']:g} s); the audio between steps is "
@@ -94,11 +95,16 @@ def lock_output_or_exit(output: Path, mode: str, total: int) -> Any:
 
     try:
         return lock_output(output, mode=mode, command=PROG)
-    except ConfigError as e:
-        fail(PROG, f"{e}; {total} input(s) not attempted", EXIT_STOPPED)
-    except OSError as e:
-        fail(PROG, f"cannot write {e.filename or output}: {e.strerror or e}; "
-                   f"{total} input(s) not attempted", EXIT_STOPPED)
+    except (ConfigError, OSError) as e:
+        output_not_started(e, output, total)
+
+
+def output_not_started(e: ConfigError | OSError, output: Path, total: int) -> NoReturn:
+    """``--output`` cannot be locked or opened: one line, nothing attempted, exit 3."""
+    if isinstance(e, ConfigError):
+        fail(PROG, f"{flag_advice(e)}; {total} input(s) not attempted", EXIT_STOPPED)
+    fail(PROG, f"cannot write {e.filename or output}: {e.strerror or e}; "
+               f"{total} input(s) not attempted", EXIT_STOPPED)
 
 
 def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
@@ -112,12 +118,8 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
         try:
             results = ResultsFile(job.output, settings=run_settings(session, opts),
                                   mode=job.output_mode, command=PROG, lock=job.lock)
-        except ConfigError as e:
-            fail(PROG, f"{flag_advice(e)}; {total} input(s) not attempted", EXIT_STOPPED)
-        except OSError as e:
-            fail(PROG, f"cannot write {e.filename or job.output}: {e.strerror or e}; "
-                       f"{total} input(s) not attempted", EXIT_STOPPED)
-        assert results is not None
+        except (ConfigError, OSError) as e:
+            output_not_started(e, job.output, total)
         for w in results.warnings:
             warn(w)
         results.warnings.clear()

@@ -21,7 +21,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -31,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK = 0
 EXIT_FAILED_INPUTS = 1  # a failure; for a batch: some inputs failed, each has an error record
-EXIT_USAGE = USAGE_EXIT = 2  # click's code for usage errors
+EXIT_USAGE = 2  # click's code for usage errors
 EXIT_STOPPED = 3  # a backend unavailable, a run stopped before every input, a bug
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -143,7 +143,7 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
 
 
-def fail(prog: str, message: str, code: int = 1) -> None:
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
     """Print ``prog: error: message`` (one line) on stderr and exit with ``code``."""
     first = " ".join(str(message).split())
     click.echo(f"{prog}: error: {first}", err=True)
