@@ -114,17 +114,9 @@ class OutputLock:
             f"finish or use another output (lock: {self.path})"
         )
 
-    def holder(self, fd: int | None = None) -> str:
-        """`` (pid N) on HOST since TIME`` from the lock file ("" if it says nothing)."""
-        if fd is None:
-            try:
-                own = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return ""
-            try:
-                return self.holder(own)
-            finally:
-                os.close(own)
+    def _holder(self, fd: int) -> str:
+        """`` (pid N) on HOST since TIME`` from the lock file open as ``fd`` ("" if it says
+        nothing)."""
         fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
         if not fields or not fields[0].isdigit():
             return ""
@@ -144,12 +136,12 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 if not wait:
-                    holder = self.holder(fd)
+                    holder = self._holder(fd)
                     os.close(fd)
                     raise self._refusal(holder) from None
                 if on_wait is not None:
                     on_wait(f"{self.output}: waiting for another {self.command}"
-                            f"{self.holder(fd)} to finish (lock: {self.path})")
+                            f"{self._holder(fd)} to finish (lock: {self.path})")
                     on_wait = None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)

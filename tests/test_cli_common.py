@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from runtime_helpers import assets
 
-from hms_deploy.cli.common import BROKEN_PIPE_EXIT, USAGE_EXIT, handle_errors
+from hms_deploy.cli.common import BROKEN_PIPE_EXIT, EXIT_USAGE, handle_errors
 from hms_deploy.errors import ConfigError, VideoError
 
 BIN = Path(sys.executable).parent
@@ -27,7 +27,7 @@ def _command(exc: BaseException):
 
 
 @pytest.mark.parametrize(("exc", "code"), [
-    (ConfigError("--steps must be >= 1, got 0"), USAGE_EXIT),
+    (ConfigError("--steps must be >= 1, got 0"), EXIT_USAGE),
     (VideoError("a.mp4: no such file"), 1),
     (KeyboardInterrupt(), 130),
 ])
@@ -85,5 +85,5 @@ def test_usage_errors_exit_2_before_loading(module, args):
 
     main = importlib.import_module(f"hms_deploy.cli.{module}").main
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == USAGE_EXIT, r.output
+    assert r.exit_code == EXIT_USAGE, r.output
     assert "not found" not in r.output and "no such" not in r.output.lower()

@@ -29,7 +29,6 @@ from hms_deploy.cli.common import (
     settings_from_flags,
 )
 from hms_deploy.cli.inputs import expand, expand_inputs
-from hms_deploy.data.datasets import VIDEO_EXTENSIONS
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
 
@@ -39,7 +38,7 @@ NO_AUDIO_HELP = (
     f"(default {DEFAULT_NO_AUDIO_POLICY}: appearance on every step, motion by its gate)."
 )
 
-__all__ = ["VIDEO_EXTENSIONS", "expand_inputs", "main", "strip", "summary"]
+__all__ = ["expand_inputs", "main", "strip", "summary"]
 
 
 def strip(decisions: dict[str, list[int]]) -> str:

@@ -42,14 +42,15 @@ from hms_deploy.errors import VideoError, first_line
 
 @dataclass(frozen=True)
 class ReaderOptions:
-    """A :class:`FrameSource`'s options (its keyword arguments; see its docstring)."""
+    """A :class:`FrameSource`'s options: its keyword arguments (defaults and meaning: its
+    docstring)."""
 
-    seek_threshold: int = 16
-    cache_frames: int = 64
-    threads: int = 0
-    retain_frames: int = 0
-    read_ahead: int = 0
-    read_ahead_bytes: int = 0
+    seek_threshold: int
+    cache_frames: int
+    threads: int
+    retain_frames: int
+    read_ahead: int
+    read_ahead_bytes: int
 
 
 class FrameSource:

@@ -116,7 +116,7 @@ def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".encoder." not in n and p.requires_grad]
 
 
-def validate(model: HMS | EarlyFusion, source: FeatureSource, costs: dict[str, float], policy: str) -> dict[str, Any]:
+def validate(model: HMS | EarlyFusion, source: FeatureSource, costs: dict[str, float]) -> dict[str, Any]:
     """mAP, top-1, GMAC/video and usage with argmax decisions."""
     from hms_deploy.eval.predict import predict_early_fusion, predict_hms
 
@@ -265,7 +265,7 @@ def train(
             seen += len(y)
         sched.step()
         model.eval()
-        val = validate(model, val_src, costs, cfg.policy)
+        val = validate(model, val_src, costs)
         entry: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "tau": tau if cfg.policy == "hms" else None,
             "loss": sums["loss"] / seen, "ce": sums["ce"] / seen, "usage": sums["usage"] / seen,
