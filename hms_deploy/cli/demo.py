@@ -20,9 +20,8 @@ The workflow's backbone fine-tune (``hms-finetune``) is left out: the tiny model
 encoders already tell the six classes apart (the motion encoder's structured start,
 :class:`~hms_deploy.model.backbones.TinySlowFast`), and what HMS needs from the data is
 enough training videos per class that it cannot tell them apart by their look alone
-(36 here; with 12 it fitted the two drift classes by look and ran motion on every class:
-``benchmarks/results/demo_diagnosis.md``; the runs over seeds and thread counts:
-``benchmarks/results/demo_seeds.md``).
+(36 training videos per class here; why, and the runs over seeds and thread counts:
+``benchmarks/results/demo_diagnosis.md``, ``benchmarks/results/demo_seeds.md``).
 """
 
 from __future__ import annotations
@@ -187,7 +186,9 @@ class DemoResult(NamedTuple):
               help="Seconds per video.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the synthetic set, the initialisation and the training.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Decoding processes.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Decoding processes; the synthetic set is rendered by at least 2 (0: both "
+                   "in this process).")
 @click.option("--threads", type=int, default=DEMO_THREADS, show_default=True,
               help="torch intra-op threads of the extraction and the runs (fixed so that the "
                    "demo does not depend on the machine's core count; the HMS training "

@@ -225,9 +225,9 @@ def make_dataset(
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     workers: int = 1,
 ) -> Path:
-    """Write the synthetic dataset and its lists (``workers`` processes render the videos;
-    each video's content depends only on its seed, class and index, so not on
-    ``workers``).
+    """Write the synthetic dataset and its lists (``workers`` processes render the videos,
+    1: this process; each video's content depends only on its seed, class and index, so
+    not on ``workers``).
 
     Layout of ``out_dir``::
 
@@ -254,7 +254,7 @@ def make_dataset(
         _split_rows([("", c) for c in classes for _ in range(per_class)], classes, per_class,
                     seed, split_fractions)  # refuse an impossible split before writing
     if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}", setting="workers")
     out = Path(out_dir)
     jobs = [(f"videos/{label}/{label}_{k:04d}.mp4", label, k)
             for label in classes for k in range(per_class)]

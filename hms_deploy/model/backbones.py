@@ -174,7 +174,8 @@ class TinySlowFast(nn.Module):
         :func:`motion_filters` at the mean norm of the current (default-initialised)
         filters, the later fast convolutions pass those channels through, and the last
         :data:`ENERGY_FEATURES` rows of ``fc`` read the motion energies (the last two
-        only when the fast pathway holds the whole bank of 8 filters). Called after any
+        only when the fast pathway holds the whole bank of 8 filters and ``fc`` has at
+        least ``2 * ENERGY_FEATURES`` outputs). Called after any
         re-draw of the random weights (see :func:`hms_deploy.train.finetune._restart`)."""
         convs = [m for m in self.fast.net if isinstance(m, nn.Conv3d)]
         first = convs[0]

@@ -2,13 +2,10 @@
 
 - ``paper``: docs/method.md §4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
   1e-4 decayed by 0.92 per epoch, 30 epochs, usage weight lambda 2), made for tens of
-  thousands of videos (FCVID, ActivityNet). On a few hundred videos it barely moves
-  from its initialisation in 30 epochs (the comparison with ``small`` is in
-  ``benchmarks/synthetic_quality.py``'s results).
-- ``small``: the synthetic quality study's settings (``benchmarks/synthetic_quality.py``,
-  30 training videos per class): lr 1e-3 decayed
-  by 0.97, 60 epochs (early fusion: 40), lambda 5 (with lambda 2 every video ran motion
-  on exactly one step, whatever its class; see the study's docstring).
+  thousands of videos (FCVID, ActivityNet).
+- ``small``: for a few hundred videos, the synthetic quality study's settings
+  (``benchmarks/synthetic_quality.py``, where the comparison with ``paper`` is): lr 1e-3
+  decayed by 0.97, 60 epochs (early fusion: 40), lambda 5.
 - ``auto`` (``hms-train``'s default): ``small`` when the training videos number fewer
   than :data:`SMALL_DATA_VIDEOS`, else ``paper``.
 
