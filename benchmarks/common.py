@@ -331,11 +331,16 @@ def fmt_ms(x: float | None) -> str:
     return f"{1000 * x:.0f} us"
 
 
+def fmt_commit(git: dict[str, Any]) -> str:
+    """:func:`git_commit`'s answer as text: the commit's first 12 digits (+ " (dirty)")."""
+    return (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+
+
 def header_lines(prov: dict[str, Any]) -> list[str]:
     m, v, g = prov["machine"], prov["versions"], prov["git"]
     dev = m["gpu"] or f"CPU: {m['cpu_model']} ({m['usable_cores']} cores usable)"
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    commit = (g["commit"] or "unknown")[:12] + (" (dirty)" if g.get("dirty") else "")
+    commit = fmt_commit(g)
     return [
         f"- device: {m['device']}; {dev}",
         f"- date: {prov['date']}; git {commit}",

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS_DIR, fmt_ms, write_report
+from benchmarks.common import REPO, RESULTS_DIR, fmt_commit, fmt_ms, write_report
 
 SUMMARY_KEYS = ("wall_ratio_hms_over_dense", "wall_ratio_over_gmac_ratio",
                 "cpu_ratio_over_gmac_ratio", "speedup_over_mask", "overhead_fraction")
@@ -77,7 +77,8 @@ def compare_table(compare: dict[str, Any]) -> list[str]:
 def sessions_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# Side by side, Session runs only: this tree vs {res['base_label']}", "",
-        f"- date: {res['date']}; this tree: git {res['this_git']}; machine: {res['machine']}",
+        (f"- date: {res['date']}; this tree: git {fmt_commit(res['this_git'])}; machine: CPU "
+         f"{res['machine']['cpu_model']} ({res['machine']['usable_cores']} cores usable)"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
         f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
         (f"- {len(res['rounds'])} rounds (the order of the two versions flipped every round); "
@@ -113,7 +114,8 @@ def markdown(res: dict[str, Any]) -> str:
         (f"# Side by side: this tree vs {res['base_label']} (e2e, {first['variant']}, "
         f"{first['engine']}, T = {first['T']})"), "",
         f"- device: {first['machine']['device']}; CPU: {first['machine']['cpu_model']}",
-        f"- date: {res['date']}; this tree: git {res['this_git']}; baseline: {res['base_label']}",
+        (f"- date: {res['date']}; this tree: git {fmt_commit(res['this_git'])}; "
+         f"baseline: {res['base_label']}"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
         f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']}",
         (f"- {len(res['rounds'])} rounds, the order of the two versions flipped every round; "
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                            "base_label": args.base_label or args.base_site,
                            "bench_args": args.bench_args,
                            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "rounds": []}
+    if args.sessions_only:  # bench_e2e records its own machine; the Session runs do not
+        res["machine"], res["versions"] = machine("cpu"), versions()
     paths = {"base": f"{args.base_site}{os.pathsep}{REPO}", "this": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.rounds):
@@ -163,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     res["compare"] = compare(res["rounds"])
     out = Path(args.out)
     if args.sessions_only:
-        res["machine"], res["versions"] = machine("cpu"), versions()
         res["records_equal"] = all(
             r["base"]["runs"][n]["record"] == r["this"]["runs"][n]["record"]
             for r in res["rounds"] for n in r["base"]["runs"])
