@@ -245,7 +245,7 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [(f"# Soak: {s['requests']} requests ({100 // s['bad_every']} % bad) from {s['clients']} "
              f"clients against hms-serve ({s['variant']}, T={s['steps']})"), ""]
     lines += header_lines(out["provenance"])
-    lines += [(f"- load average when the load began: {out['loadavg_at_start']}, at the end: "
+    lines += [(f"- load average before the server started: {out['loadavg_at_start']}, at the end: "
               f"{out['loadavg_at_end']}"),
               (f"- policy {s['policy']}; ONNX Runtime {s['threads']} thread(s); --max-batch "
               f"{s['max_batch']}, --max-queue-delay-us {s['max_queue_delay_us']}"), "",
