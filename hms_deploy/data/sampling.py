@@ -134,6 +134,7 @@ class StepSampler:
         self.appearance_resize, self.appearance_crop = appearance_resize, appearance_crop
         self.motion_resize, self.motion_crop = motion_resize, motion_crop
         self.centers = step_centers(info.duration_s, self.steps)
+        self._coverage: dict[str, float] | None = None
         self.appearance_indices = nearest_frames(info.frame_times, self.centers)
         self.motion_indices = nearest_frames(
             info.frame_times, clip_times(self.centers, self.clip)
@@ -176,7 +177,13 @@ class StepSampler:
     def audio_coverage(self) -> dict[str, float]:
         """How much of the video the steps' audio windows see: ``audio_s`` (seconds of the
         video inside some step's window), ``duration_s`` and ``share`` (their ratio, 1.0
-        for an empty video). Videos longer than T windows are seen in part (docs/method.md §8)."""
+        for an empty video). Videos longer than T windows are seen in part (docs/method.md §8).
+        Computed once per sampler (every partial record of an online run asks for it)."""
+        if self._coverage is None:
+            self._coverage = self._compute_coverage()
+        return dict(self._coverage)
+
+    def _compute_coverage(self) -> dict[str, float]:
         fe = self.front_end
         window = fe.patch_frames * fe.hop_length / fe.sample_rate
         duration = float(self.info.duration_s)
