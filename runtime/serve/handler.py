@@ -20,7 +20,6 @@ Session reruns the batch's other videos one by one).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from numpy.typing import NDArray
 
 from hms_deploy.errors import ConfigError, HMSError
 from hms_deploy.runtime.options import RunSettings
+from hms_deploy.runtime.results import record_json
 from hms_deploy.runtime.session import Session
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 << 20  # 512 MiB
@@ -237,8 +237,7 @@ class Handler:
 def outputs(records: list[dict[str, Any]]) -> Outputs:
     """The model's outputs for the records of one request: (k, 1) arrays."""
     return {
-        "record": np.array([[json.dumps(r, separators=(", ", ": ")).encode()] for r in records],
-                           dtype=object),
+        "record": np.array([[record_json(r).encode()] for r in records], dtype=object),
         "label": np.array([[str(r["label"]).encode()] for r in records], dtype=object),
         "score": np.array([[r["score"]] for r in records], dtype=np.float32),
     }
