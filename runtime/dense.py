@@ -50,14 +50,13 @@ import torch
 from numpy.typing import NDArray
 
 from hms_deploy import gating
-from hms_deploy.costs import video_cost
-from hms_deploy.errors import ConfigError
+from hms_deploy.costs import dense_cost
 from hms_deploy.runtime.audio_path import run_audio_path
 from hms_deploy.runtime.cells import EngineCells
 from hms_deploy.runtime.checks import plan_video, probe_checked
 from hms_deploy.runtime.engines import EngineSet
 from hms_deploy.runtime.frames import open_video
-from hms_deploy.runtime.options import RunSettings, resolve_options
+from hms_deploy.runtime.options import RunSettings, int_at_least, resolve_options
 from hms_deploy.runtime.policy import GATE, Policy
 from hms_deploy.runtime.records import RunStats, VideoRun, build_record
 from hms_deploy.runtime.timing import Timer
@@ -67,12 +66,6 @@ Tensor = torch.Tensor
 
 EXECUTORS = ("dense_batched", "compute_then_mask")
 DEFAULT_BATCH = 4
-
-
-def _check_batch(batch: int, what: str) -> int:
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {batch!r}")
-    return int(batch)
 
 
 class _Features:
@@ -178,7 +171,7 @@ def _record(es: EngineSet, feats: _Features, opts: RunSettings, executor: str, p
     video = VideoRun(feats.inputs.path, feats.inputs, steps_done=T, appearance=list(g_i),
                      motion=list(g_m), plan=feats.plan)
     run = RunStats(engine_calls={p: calls[p] - calls0[p] for p in calls}, **stats)
-    launched = video_cost(es.costs, steps=T, appearance=T, motion=T)
+    launched = dense_cost(es.costs, T)
     return build_record(es, opts, video, probs, timing, stats=run, executor=executor,
                         launched=launched)
 
@@ -206,8 +199,8 @@ def classify_dense_batched(
     """
     es = engine_set
     opts = resolve_options(es, steps=steps, policy="dense", topk=topk)
-    batch = _check_batch(batch, "batch")
-    audio_batch = batch if audio_batch is None else _check_batch(audio_batch, "audio_batch")
+    batch = int_at_least("batch", batch, 1)
+    audio_batch = batch if audio_batch is None else int_at_least("audio_batch", audio_batch, 1)
     calls0 = es.calls()
     timer = Timer(es.device)
     feats = _Features(es, video, opts, batch, audio_batch, timer)
@@ -249,8 +242,8 @@ def classify_compute_then_mask(
     """
     es = engine_set
     opts = resolve_options(es, steps=steps, policy=policy, topk=topk)
-    batch = _check_batch(batch, "batch")
-    audio_batch = batch if audio_batch is None else _check_batch(audio_batch, "audio_batch")
+    batch = int_at_least("batch", batch, 1)
+    audio_batch = batch if audio_batch is None else int_at_least("audio_batch", audio_batch, 1)
     calls0 = es.calls()
     timer = Timer(es.device)
     feats = _Features(es, video, opts, batch, audio_batch, timer)

@@ -31,7 +31,7 @@ DEFAULT_APPEARANCE_BATCH = 8  # measured: benchmarks/results/appearance_batch_cp
 KEY = "key"  # field metadata: the name under which the field enters the resume key
 
 
-def _int_at_least(name: str, value: Any, low: int, what: str = "an integer ") -> int:
+def int_at_least(name: str, value: Any, low: int, what: str = "an integer ") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ConfigError(f"{name} must be {what}>= {low}, got {value!r}", setting=name,
                           value=value, expected=f"an integer >= {low}")
@@ -75,7 +75,7 @@ class RunSettings:
             object.__setattr__(self, name, value)
 
         if self.steps is not None:
-            put("steps", _int_at_least("steps", self.steps, 1))
+            put("steps", int_at_least("steps", self.steps, 1))
         put("policy", parse_policy(self.policy))
         no_audio = parse_no_audio_policy(self.no_audio_policy)
         put("no_audio_policy", "error" if no_audio is None else no_audio)
@@ -92,10 +92,10 @@ class RunSettings:
             put("budget", b)
         put("online", bool(self.online))
         put("allow_truncated", bool(self.allow_truncated))
-        put("topk", _int_at_least("topk", self.topk, 1))
-        put("batch_size", _int_at_least("batch_size", self.batch_size, 1, ""))
-        put("appearance_batch", _int_at_least("appearance_batch", self.appearance_batch, 1))
-        put("audio_batch", _int_at_least("audio_batch", self.audio_batch, 1))
+        put("topk", int_at_least("topk", self.topk, 1))
+        put("batch_size", int_at_least("batch_size", self.batch_size, 1, ""))
+        put("appearance_batch", int_at_least("appearance_batch", self.appearance_batch, 1))
+        put("audio_batch", int_at_least("audio_batch", self.audio_batch, 1))
 
     # -- derived -------------------------------------------------------------------------
     @property
