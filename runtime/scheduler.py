@@ -86,6 +86,7 @@ class EngineStepOps(EngineCells):
 
     def __init__(self, run: _BatchRun):
         self.run = run
+        self.es, self.timer = run.es, run.timer  # the cells' (EngineCells)
         self.active = torch.arange(len(run.videos))
 
     # -- decisions -----------------------------------------------------------------------
@@ -136,15 +137,6 @@ class EngineStepOps(EngineCells):
             x = to_device(clips, run.es.device)
         with run.timer.device_section("motion"):
             return run.es.engines["motion_backbone"]({"clip": x})["feat"]
-
-    # the cells: EngineCells, over the run's engines and timer
-    @property
-    def es(self) -> EngineSet:  # type: ignore[override]
-        return self.run.es
-
-    @property
-    def timer(self) -> Timer:  # type: ignore[override]
-        return self.run.timer
 
 
 # ------------------------------------------------------------------------------- the run
@@ -344,14 +336,11 @@ def engine_streams(engine_set: EngineSet) -> DeviceStreams:
 def engine_stream(engine_set: EngineSet) -> Any:
     """The stream the engines run on (theirs if they have one, else a new CUDA one); None
     on a CPU device with no stream of their own."""
-    if engine_set.device.type != "cuda":
-        return next((s for e in engine_set.engines.values()
-                     if (s := getattr(e, "stream", None)) is not None), None)
-    for e in engine_set.engines.values():
-        stream = getattr(e, "stream", None)
-        if stream is not None:
-            return stream
-    return torch.cuda.Stream(engine_set.device)
+    stream = next((s for e in engine_set.engines.values()
+                   if (s := getattr(e, "stream", None)) is not None), None)
+    if stream is not None or engine_set.device.type != "cuda":
+        return stream
+    return engine_streams(engine_set).new_stream(engine_set.device)
 
 
 def run_batch(
