@@ -130,24 +130,13 @@ class ModelControl:
         except (urllib.error.URLError, OSError) as e:
             return 0, str(e).encode()
 
-    def ready(self) -> bool:
-        return self.answer_ready() is True
+    def ready(self, timeout: float = 5.0) -> bool:
+        return self.answer_ready(timeout) is True
 
-    def answer_ready(self) -> bool | None:
+    def answer_ready(self, timeout: float = 5.0) -> bool | None:
         """Whether the model says it is ready; None when the server did not answer."""
-        code = self._call(f"/v2/models/{self.model}/ready")[0]
+        code = self._call(f"/v2/models/{self.model}/ready", timeout=timeout)[0]
         return None if code == 0 else code == 200
-
-    def state(self) -> str:
-        """The model's state in the repository index (READY, UNAVAILABLE, LOADING, ...)."""
-        code, body = self._call("/v2/repository/index", post=True)
-        if code != 200:
-            return "UNKNOWN"
-        with contextlib.suppress(ValueError, TypeError):
-            for m in json.loads(body):
-                if m.get("name") == self.model:
-                    return str(m.get("state") or "UNKNOWN")
-        return "UNAVAILABLE"
 
     def unload(self, timeout_s: float = 5.0) -> bool:
         """Ask Triton to unload; True once the model no longer says READY. (An instance whose

@@ -40,8 +40,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -244,12 +242,9 @@ class TritonProcess:
                 sink.flush()
 
     def ready(self) -> bool:
-        url = f"http://{self.ends.http_url}/v2/models/{MODEL_NAME}/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        from hms_deploy.runtime.serve.health import ModelControl
+
+        return ModelControl(self.ends.http_url).ready(timeout=2.0)
 
     def wait_ready(self, timeout_s: float) -> None:
         assert self.proc is not None
