@@ -33,7 +33,7 @@ import torch
 from hms_deploy.dtypes import ONNX_ELEM_TYPES
 from hms_deploy.errors import ExportError, first_line
 from hms_deploy.export.modules import ExportPart
-from hms_deploy.outputs import DISK_FULL
+from hms_deploy.outputs import disk_full
 from hms_deploy.parts import PartSpec, random_inputs
 
 DEFAULT_OPSET = 17
@@ -138,10 +138,9 @@ def export_part(
     try:
         _torch_export(part, path, opset, dynamo=False)
     except Exception as legacy_error:  # any exporter failure: try the other one
-        if isinstance(legacy_error, OSError) and legacy_error.errno in DISK_FULL:
+        if (full := disk_full(legacy_error)) is not None:
             # a full disk: the other exporter would fail the same way; name the file
-            raise OSError(legacy_error.errno, legacy_error.strerror,
-                          legacy_error.filename or str(path)) from legacy_error
+            raise OSError(full.errno, full.strerror, full.filename or str(path)) from legacy_error
         exporter = "torch.onnx dynamo"
         try:
             _torch_export(part, path, opset, dynamo=True)

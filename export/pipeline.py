@@ -31,7 +31,7 @@ from typing import Any
 from hms_deploy.errors import ExportError
 from hms_deploy.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
 from hms_deploy.export.validate import ValidationOptions
-from hms_deploy.outputs import DISK_FULL, OutputLock
+from hms_deploy.outputs import OutputLock, disk_full
 from hms_deploy.runtime import manifest as mf
 from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
 
@@ -127,18 +127,6 @@ def export_lock(out: str | os.PathLike[str], *, wait: bool = False, log: Log | N
         wait=wait, on_wait=log)
 
 
-def _disk_full(e: BaseException) -> OSError | None:
-    """The disk-full ``OSError`` behind ``e`` (its cause chain), if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
 def _commit(staging: Path, out: Path) -> None:
     """Move the finished staging dir to ``out`` (replacing an old export)."""
     old = None
@@ -165,9 +153,10 @@ def export_checkpoint(
     write ``out/manifest.json``. Returns the loaded (verified) manifest.
 
     Raises :class:`~hms_deploy.errors.CheckpointError` for a missing/corrupt checkpoint,
-    :class:`ExportError` for a refused target, a baseline checkpoint, a failed part or an
-    out-of-tolerance parity figure, :class:`~hms_deploy.errors.BackendUnavailable` for
-    ``engine="trt"`` without TensorRT or a GPU (also for a full disk: naming the file),
+    :class:`ExportError` for a refused target, a baseline checkpoint, a failed part, an
+    out-of-tolerance parity figure or a full disk (naming the file),
+    :class:`~hms_deploy.errors.BackendUnavailable` for ``engine="trt"`` without TensorRT or
+    a GPU,
     :class:`~hms_deploy.outputs.OutputLocked` if another export holds ``out`` (unless
     ``options.wait``). Nothing is left at ``out`` on failure.
     """
@@ -267,7 +256,7 @@ def _export_locked(ckpt_path: Path, out: Path, opts: ExportOptions, say: Log) ->
         _commit(staging, out)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        full = _disk_full(e)
+        full = disk_full(e)
         if full is not None:
             raise ExportError(
                 f"{out}: cannot write the export: {full.strerror or full} (writing "

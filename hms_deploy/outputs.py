@@ -39,6 +39,19 @@ from hms_deploy.errors import ConfigError
 DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a full disk, a size limit
 
 
+def disk_full(e: BaseException) -> OSError | None:
+    """The disk-full ``OSError`` (:data:`DISK_FULL`) that is ``e`` or behind it (its cause
+    chain), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class OutputLocked(ConfigError):
     """Another process holds the lock of this output."""
 
