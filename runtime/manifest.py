@@ -173,8 +173,8 @@ _HASHED: dict[tuple[int, int, int, int], str] = {}
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """:func:`sha256_file`, read once per process per file: a file whose identity (device,
     inode, size, modification time in ns) is unchanged since it was hashed is not read
-    again, so every Session (a Ray driver and its actors, a server's instances) of one
-    export in a process hashes it once; a rewritten file is hashed anew."""
+    again, so the Sessions of one export in one process (a driver's validating Session and
+    its run, benchmarks opening several) hash it once; a rewritten file is hashed anew."""
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _HASHED:

@@ -22,7 +22,7 @@ key for key (:mod:`~hms_deploy.runtime.ray_columns`). ``output`` is a
 failed ones retried.
 
 Layout (:class:`~hms_deploy.runtime.ray_cluster.RayLayout`): by default one actor per
-CPU with one intra-op thread each (on this 2-core machine: 2 actors x 1 thread), which
+CPU with one intra-op thread each (2 cores: 2 actors x 1 thread), which
 keeps every core busy with whole videos instead of splitting one video's small calls
 across threads. On GPU machines give ``gpus_per_worker=1`` (``--device cuda``): one
 actor per GPU. Without ``address`` a loopback-only local Ray instance is started for the

@@ -17,8 +17,8 @@ dashboard, and ``tests/test_ray.py`` checks that no process of the instance list
 non-loopback address. A cluster given by address is the user's to secure.
 
 **Nothing outlives the driver.** A local instance's GCS and raylet die with the driver
-(Ray sets them to), but its workers and agents used to linger for up to a minute and
-a half after the driver's exit. :func:`ray_instance` starts :mod:`ray_reaper` beside a
+(Ray sets them to), but not its workers and agents. :func:`ray_instance` starts
+:mod:`ray_reaper` beside a
 local instance: when the driver ends, however (normal exit, exception, SIGTERM,
 SIGKILL), it stops every process of the instance within seconds. SIGTERM stays the
 caller's (Ray's core worker would install a handler that aborts the driver).

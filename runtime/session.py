@@ -27,24 +27,15 @@ Opening verifies the export's hashes (each file read once per process while it i
 (or on first use) and freed by ``close()`` / ``__exit__``.
 
 ``classify(video, options=None, **settings)``: ``options`` is a
-:class:`~hms_deploy.runtime.options.RunSettings` (default: its defaults) and ``settings``
-override its fields by name: ``steps`` = T (default: the model's); ``policy`` = ``learned |
-dense | audio-only | dense-appearance | every:KI[,KM] | rates:PI,PM[,SEED]``
-(:mod:`hms_deploy.runtime.policy`); ``no_audio_policy`` = what a video without audio runs
-when the gates would decide (a policy, default ``dense-appearance``, or ``"error"``;
-:mod:`hms_deploy.runtime.checks`); ``allow_truncated`` classifies the decodable part of a
-truncated file (with a warning); ``appearance_batch`` (default 8): appearance frames per
-backbone call where every plan is forced and there is no budget
-(:mod:`hms_deploy.runtime.appearance_ahead`; 1 = one step at a time; records equal to
-float tolerance, same decisions and usage); ``budget`` in GMAC
-(:mod:`hms_deploy.runtime.scheduler` for the exact rule); ``online`` runs the head after
-every step (``classify`` returns only the final record; ``classify_many`` yields the
-partial ones too: as each step finishes with ``batch_size=1``; with ``batch_size > 1``
-only once the whole batch has finished, because a failure reruns the batch video by
-video and partials already yielded could not be taken back); ``topk`` = how many (label,
-probability) pairs. An unknown name or a bad value raises
-:class:`~hms_deploy.errors.ConfigError` (its ``setting`` names the field);
-:class:`~hms_deploy.errors.VideoError` for a video that cannot be read.
+:class:`~hms_deploy.runtime.options.RunSettings` (default: its defaults; its docstring
+says what each field means) and ``settings`` override its fields by name (``steps``,
+``policy``, ``budget``, ``online``, ...). With ``online``, ``classify`` returns only the
+final record; ``classify_many`` yields the partial ones too: as each step finishes with
+``batch_size=1``; with ``batch_size > 1`` only once the whole batch has finished, because
+a failure reruns the batch video by video and partials already yielded could not be taken
+back. An unknown name or a bad value raises :class:`~hms_deploy.errors.ConfigError` (its
+``setting`` names the field); :class:`~hms_deploy.errors.VideoError` for a video that
+cannot be read.
 
 ``classify_many(videos, options=None, **settings)`` validates the settings first (raising
 at the call, not at the first ``next``), then yields one record per video, in order; a

@@ -47,7 +47,7 @@ from ..bindings import (
 )
 from ..engine import Engine, output_shapes
 from ..streams import CUDA, ordered
-from ..trt_plan import DEFAULT_MAX_BATCH as PLAN_MAX_BATCH
+from ..trt_plan import DEFAULT_MAX_BATCH
 
 if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
@@ -71,8 +71,8 @@ PROVIDER_ALIASES = {
     "trt": TRT_EP,
 }
 
-# TensorRT EP profile: N in [1, max_batch] (the TensorRT plans' one maximum); larger N rebuilds
-DEFAULT_MAX_BATCH = PLAN_MAX_BATCH
+# TensorRT EP profile: N in [1, DEFAULT_MAX_BATCH] (the TensorRT plans' one maximum, trt_plan);
+# larger N rebuilds
 
 
 def import_onnxruntime() -> ModuleType:
