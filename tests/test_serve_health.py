@@ -74,6 +74,8 @@ def wait_serving(log: Path) -> None:
         if "hms-serve: model 'hms' ready" in log.read_text(errors="replace"):
             return
         time.sleep(0.1)
+    raise AssertionError("hms-serve never said the model is ready: "
+                         + log.read_text(errors="replace")[-2000:])
 
 
 def recovery_budget_s() -> float:
@@ -158,7 +160,11 @@ def test_killed_stub_under_load_is_reloaded_and_probes_say_so(tmp_path):
         assert s.ready() and probe(probes["readiness"]) == 0
         assert len(lines) == 1 and "reloaded in" in lines[0], lines
         # nothing of the dead stub is left: no upload, one region (the new stub's)
-        time.sleep(0.5)
+        for _ in range(100):  # the cleanup runs in hms-serve's watchdog: bounded, 10 s
+            if (not list((work / "uploads").rglob("*.mp4"))
+                    and len(list(SHM.glob(f"{prefix}*"))) == 1):
+                break
+            time.sleep(0.1)
         assert not list((work / "uploads").rglob("*.mp4"))
         assert len(list(SHM.glob(f"{prefix}*"))) == 1, list(SHM.glob(f"{prefix}*"))
         assert not stray_uploads(tmp_before)
