@@ -31,7 +31,9 @@ weight (lambda 5-10) makes an unneeded motion step cost more than it saves: moti
 runs on one step of motion-group videos and on (almost) none elsewhere. At T = 16 that
 step is 6.25 % of the steps, under the 10 % target, so the study uses T = 8 (the paper
 also reports T = 10), where one step is 12.5 %. lr 1e-3 instead of 1e-4 (six batches
-per epoch), 60 epochs (40 for early fusion): hms-train's ``small`` preset.
+per epoch), 60 epochs (40 for early fusion): hms-train's ``small`` preset (whose motion
+usage target is 0 since 2026-12-07; ``results/synthetic_quality.json`` was made with
+0.05, the value then).
 
 Seeds (``--seeds 0,1,2,3,4``, the default): every seed's figures under ``per_seed``
 (each entry has the keys a single-seed result had), their mean / standard deviation

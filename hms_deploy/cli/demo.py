@@ -6,7 +6,7 @@ goes), so the demo is the README workflow at a small size:
 
     hms-synth dataset OUT/data --per-class N --split
     hms-init --variant tiny --steps 8 ...            (T = 8, as the synthetic study)
-    hms-extract (train, val) ; hms-train --preset small --gamma-m 0
+    hms-extract (train, val) ; hms-train --preset small
     hms-export --checkpoint trained.pt --out OUT/engines
     hms-run sample.mp4 --engines OUT/engines --engine onnx   (one new sample per class)
     hms-run <test split> --engines OUT/engines --engine onnx
@@ -47,12 +47,6 @@ DEMO_STEPS = 8
 # processes that render the synthetic set (each video depends only on its seed and index);
 # 1 (in this process) with --workers 0
 DEMO_SYNTH_WORKERS = 2
-# The motion usage target: 0, not the default 0.05. The usage loss is per video; at T = 8 a
-# target of 0.05 (0.4 steps) charges one motion step barely more than none
-# ((1/8 - 0.05)^2 vs 0.05^2), so nothing moves a gate that ran motion once on a video that
-# does not need it; with 0 the step costs five times that difference, still far less than what
-# the drift classes lose without it (benchmarks/results/demo_diagnosis.md).
-DEMO_GAMMA_M = 0.0
 
 
 def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = DEMO_DURATION_S,
@@ -99,12 +93,10 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
         stores[name] = open_store(out / f"store_{name}")
 
     stage(f"hms-train --store {out / 'store_train'} --val-store {out / 'store_val'} "
-          f"--checkpoint {out / 'init.pt'} --preset small --gamma-m {DEMO_GAMMA_M:g} "
-          f"--out {out / 'trained.pt'}")
+          f"--checkpoint {out / 'init.pt'} --preset small --out {out / 'trained.pt'}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is faster than two contending
-    config = TrainConfig(seed=seed, **{**preset_values("small", "hms"), "gamma_m": DEMO_GAMMA_M})
-    result = train(ckpt, stores["train"], config,
+    result = train(ckpt, stores["train"], TrainConfig(seed=seed, **preset_values("small", "hms")),
                    val_store=stores["val"], out=out / "trained.pt", progress=progress)
     torch.set_num_threads(threads)
     best = result.log[result.best_epoch - 1]

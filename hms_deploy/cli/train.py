@@ -43,8 +43,9 @@ from hms_deploy.cli.common import debug_option, flag_advice, handle_errors, set_
               help="Weight of the usage loss (default: the preset's).")
 @click.option("--gamma-i", type=float, default=0.6, show_default=True,
               help="Target fraction of steps that run appearance.")
-@click.option("--gamma-m", type=float, default=0.05, show_default=True,
-              help="Target fraction of steps that run motion.")
+@click.option("--gamma-m", type=float, default=None,
+              help="Target fraction of steps that run motion (default: the preset's: paper 0.05, "
+                   "small 0).")
 @click.option("--hidden", type=int, default=None,
               help="early_fusion: LSTM hidden size (default: the model's H_M).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
@@ -74,7 +75,7 @@ def main(
     tau_decay: float,
     lam: float | None,
     gamma_i: float,
-    gamma_m: float,
+    gamma_m: float | None,
     hidden: int | None,
     val_fraction: float,
     val_store: Path | None,
@@ -91,7 +92,7 @@ def main(
     from hms_deploy.train.loop import TrainConfig, train
     from hms_deploy.train.presets import preset_values, resolve_preset
 
-    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam}
+    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam, "gamma_m": gamma_m}
 
     def config(base: dict[str, Any]) -> TrainConfig:
         values = {**base, **{k: v for k, v in given.items() if v is not None}}
@@ -100,7 +101,7 @@ def main(
             else ["audio", "appearance", "motion"],
             epochs=values["epochs"], batch_size=batch_size, lr=values["lr"],
             lr_decay=values["lr_decay"], tau=tau, tau_decay=tau_decay, lam=values["lam"],
-            gamma_i=gamma_i, gamma_m=gamma_m, val_fraction=val_fraction, seed=seed, hidden=hidden,
+            gamma_i=gamma_i, gamma_m=values["gamma_m"], val_fraction=val_fraction, seed=seed, hidden=hidden,
         )
 
     config(asdict(TrainConfig())).check()  # option errors (exit 2) before anything is loaded
@@ -114,7 +115,8 @@ def main(
         click.echo(f"hms-train: preset {chosen}"
                    + (f" (auto: ~{n_train} training videos)" if preset == "auto" else "")
                    + f": {cfg.epochs} epochs, lr {cfg.lr:g} x{cfg.lr_decay:g}/epoch"
-                   + (f", lambda {cfg.lam:g}" if policy == "hms" else ""), err=True)
+                   + (f", lambda {cfg.lam:g}, gamma_M {cfg.gamma_m:g}" if policy == "hms" else ""),
+                   err=True)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.policy != "hms":
         from hms_deploy.errors import CheckpointError

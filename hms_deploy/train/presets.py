@@ -5,7 +5,12 @@
   thousands of videos (FCVID, ActivityNet).
 - ``small``: for a few hundred videos, the synthetic quality study's settings
   (``benchmarks/synthetic_quality.py``, where the comparison with ``paper`` is): lr 1e-3
-  decayed by 0.97, 60 epochs (early fusion: 40), lambda 5.
+  decayed by 0.97, 60 epochs (early fusion: 40), lambda 5, and a motion usage target
+  gamma_M of 0. The usage loss is per video, so at a small T a target of 0.05 (0.4 steps
+  at T = 8) charges one motion step barely more than none ((1/8 - 0.05)^2 vs 0.05^2) and
+  nothing moves a gate that runs motion once on every video whatever its class; with 0
+  one step costs five times that difference, still far less than what a class that needs
+  motion loses without it (``benchmarks/results/demo_diagnosis.md`` section 5).
 - ``auto`` (``hms-train``'s default): ``small`` when the training videos number fewer
   than :data:`SMALL_DATA_VIDEOS`, else ``paper``.
 
@@ -23,7 +28,7 @@ from hms_deploy.errors import Note
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"hms": {}, "early_fusion": {}},
     "small": {
-        "hms": {"epochs": 60, "lr": 1e-3, "lr_decay": 0.97, "lam": 5.0},
+        "hms": {"epochs": 60, "lr": 1e-3, "lr_decay": 0.97, "lam": 5.0, "gamma_m": 0.0},
         "early_fusion": {"epochs": 40, "lr": 1e-3, "lr_decay": 0.97},
     },
 }
