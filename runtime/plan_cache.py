@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hms_deploy.errors import EngineError
 from hms_deploy.parts import PART_NAMES
-from hms_deploy.runtime.trt_plan import plan_remedy, rebuild_hint
+from hms_deploy.runtime.trt_plan import plan_error
 
 if TYPE_CHECKING:
     from hms_deploy.runtime.manifest import Manifest
@@ -40,10 +39,9 @@ def build_missing_plans(manifest: Manifest, device: torch.device, max_batch: int
     try:
         lock = open(root / BUILD_LOCK, "a+b")  # noqa: SIM115 - closed by the with below
     except OSError as e:
-        raise EngineError(
-            f"{root}: the export has no TensorRT plans and they cannot be built there ({e}); "
-            f"{rebuild_hint(root)} where the directory is writable", remedy=plan_remedy(root)
-        ) from None
+        raise plan_error(
+            f"{root}: the export has no TensorRT plans and they cannot be built there ({e}); ",
+            root, " where the directory is writable") from None
     with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
         fresh = load_manifest(root, verify=True)

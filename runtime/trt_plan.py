@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hms_deploy.errors import Remedy
+from hms_deploy.errors import EngineError, Remedy
 from hms_deploy.parts import PartSpec
 
 # The one optimisation-profile maximum of TensorRT plans and of ONNX Runtime's TensorRT
@@ -131,6 +131,14 @@ def plan_remedy(export_dir: Any = None) -> Remedy:
 def rebuild_hint(export_dir: Any = None) -> str:
     """The end of an error whose ``remedy`` is :func:`plan_remedy` of ``export_dir``."""
     return f"rebuild with `{plan_remedy(export_dir).text}`"
+
+
+def plan_error(message: str, export_dir: Any = None, after: str = "") -> EngineError:
+    """The error of a plan that is missing or cannot be used: ``message``, then how to
+    (re)build the plans (:func:`rebuild_hint`, then ``after``), with that step as its
+    ``remedy``."""
+    return EngineError(f"{message}{rebuild_hint(export_dir)}{after}",
+                       remedy=plan_remedy(export_dir))
 
 
 def check_plan_compatible(

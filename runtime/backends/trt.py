@@ -42,8 +42,8 @@ from hms_deploy.parts import PART_NAMES, PartSpec
 from hms_deploy.runtime.trt_plan import (
     DEFAULT_MAX_BATCH,
     check_plan_compatible,
+    plan_error,
     plan_remedy,
-    rebuild_hint,
 )
 
 from ..bindings import OutputBuffers, bindable, torch_dtype_from_trt
@@ -155,17 +155,14 @@ class TrtEngine(Engine):
         if self.streams.cuda:
             self.device = require_cuda(self.device)
         if not self.path.is_file():
-            raise EngineError(f"{self.name}: TensorRT plan {self.path} not found; {rebuild_hint(self.export_dir)}",
-                              remedy=plan_remedy(self.export_dir))
+            raise plan_error(f"{self.name}: TensorRT plan {self.path} not found; ", self.export_dir)
         runtime = trt.Runtime(trt_logger())
         with self.streams.guard(self.device):
             engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:
-                raise EngineError(
+                raise plan_error(
                     f"{self.name}: TensorRT {trt.__version__} cannot load {self.path.name} (built by "
-                    f"another TensorRT version or for another GPU?): {rebuild_hint(self.export_dir)}",
-                    remedy=plan_remedy(self.export_dir),
-                )
+                    f"another TensorRT version or for another GPU?): ", self.export_dir)
             context: trt.IExecutionContext | None = engine.create_execution_context()
             if context is None:
                 raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
@@ -194,22 +191,18 @@ class TrtEngine(Engine):
         got_in = [n for n, v in found.items() if v[0]]
         got_out = [n for n, v in found.items() if not v[0]]
         if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-            raise EngineError(
+            raise plan_error(
                 f"{self.name}: plan {self.path.name} has inputs {got_in} and outputs {got_out}, "
-                f"expected {want_in} and {want_out}: {rebuild_hint(self.export_dir)}",
-                remedy=plan_remedy(self.export_dir),
-            )
+                f"expected {want_in} and {want_out}: ", self.export_dir)
         ins: dict[str, torch.dtype] = {}
         outs: dict[str, torch.dtype] = {}
         for t in (*self.spec.inputs, *self.spec.outputs):
             is_input, dtype, shape = found[t.name]
             kind = "input" if is_input else "output"
             if len(shape) != len(t.shape) + 1 or shape[1:] != t.shape:
-                raise EngineError(
+                raise plan_error(
                     f"{self.name}: {kind} '{t.name}' of {self.path.name} has shape {shape}, "
-                    f"expected {t.describe()}: {rebuild_hint(self.export_dir)}",
-                    remedy=plan_remedy(self.export_dir),
-                )
+                    f"expected {t.describe()}: ", self.export_dir)
             want = TORCH_DTYPES[t.dtype]
             # other float precision at the I/O is bridged by a cast; anything else is wrong
             if dtype != want and not (dtype.is_floating_point and want.is_floating_point) and not (
@@ -356,8 +349,7 @@ def trt_engines(
         raise EngineError("TensorRT engines need a non-default CUDA stream (the default one adds device syncs)")
     if not any("trt" in manifest.parts[name].files for name in PART_NAMES):
         if build_plans is None:
-            raise EngineError(f"{manifest.dir}: the export has no TensorRT plans: {rebuild_hint(manifest.dir)}",
-                              remedy=plan_remedy(manifest.dir))
+            raise plan_error(f"{manifest.dir}: the export has no TensorRT plans: ", manifest.dir)
         build_missing_plans(manifest, device, max_batch, build_plans)
     cc, gpu = streams.gpu(device)
     problems = [
