@@ -62,11 +62,8 @@ class Terminated(BaseException):
 
 def file_identity(path: str | os.PathLike[str]) -> dict[str, int] | None:
     """``{"size": bytes, "mtime_ns": ns}`` of the file ``path`` resolves to; None if unreadable."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    stamp = file_stamp(path)
+    return None if stamp is None else {"size": stamp["size"], "mtime_ns": stamp["mtime_ns"]}
 
 
 def file_stamp(path: str | os.PathLike[str]) -> dict[str, int] | None:

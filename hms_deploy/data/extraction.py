@@ -202,7 +202,7 @@ def local_features(
         yield e, feats, error
 
 
-FeatureSource = Callable[
+FeatureProducer = Callable[
     [Sequence[Any], HMSConfig, int], Iterable[tuple[Any, VideoFeatures | None, str | None]]
 ]
 """``source(entries, config, steps)``: see :func:`extract`."""
@@ -242,7 +242,7 @@ def extract(
     batch_size: int = 16,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
-    source: FeatureSource | None = None,
+    source: FeatureProducer | None = None,
     lock: Any = None,
 ) -> ExtractReport:
     """Extract raw features of every video of ``dataset`` into the store ``out``.

@@ -383,10 +383,6 @@ def lock_store(root: str | os.PathLike[str]) -> OutputLock:
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root}: exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    return _lock(root)
-
-
-def _lock(root: Path) -> OutputLock:
     try:
         return OutputLock(root / ".lock", root, "hms-extract").acquire()
     except OutputLocked as e:
