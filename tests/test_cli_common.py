@@ -13,6 +13,7 @@ from runtime_helpers import assets
 
 from hms_deploy.cli.common import BROKEN_PIPE_EXIT, EXIT_USAGE, handle_errors
 from hms_deploy.errors import ConfigError, VideoError
+from hms_deploy.outputs import OutputLocked
 
 BIN = Path(sys.executable).parent
 
@@ -30,6 +31,7 @@ def _command(exc: BaseException):
     (ConfigError("--steps must be >= 1, got 0"), EXIT_USAGE),
     (VideoError("a.mp4: no such file"), 1),
     (KeyboardInterrupt(), 130),
+    (OutputLocked("out.jsonl: another hms-run is writing it"), 3),  # a ConfigError, but a stop
 ])
 def test_exit_codes(exc, code):
     r = CliRunner().invoke(_command(exc), [])

@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from hms_deploy.errors import BackendUnavailable, ConfigError, HMSError
+from hms_deploy.outputs import OutputLocked
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,7 +42,10 @@ RECOVERY_FAILED_EXIT = 5  # hms-serve: the model could not be reloaded (3 tries 
 
 
 def exit_code(e: HMSError) -> int:
-    """The exit code of a library error that ends a command."""
+    """The exit code of a library error that ends a command: another writer holding the
+    output is a stop (3), not a usage error."""
+    if isinstance(e, OutputLocked):
+        return EXIT_STOPPED
     if isinstance(e, ConfigError):
         return EXIT_USAGE
     if isinstance(e, BackendUnavailable):
