@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,21 +110,30 @@ def _infer(client: Any, module: Any, path: str, policy: str) -> dict[str, Any]:
     return json.loads(client.infer("hms", ins, client_timeout=600).as_numpy("record")[0, 0])
 
 
-@contextlib.contextmanager
 def served(engines: Path, root: Path, s: ServeSettings, steps: int, work: Path,
-           max_batch: int) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``hms-serve`` on free loopback ports, ready: (process, gRPC url); stopped on exit."""
+           max_batch: int) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
+    """:func:`start_serve` with this benchmark's settings."""
+    return start_serve(engines, work, [
+        "--allowed-root", str(root), "--threads", str(s.threads), "--steps", str(steps),
+        "--max-batch", str(max_batch), "--max-queue-delay-us", str(s.max_queue_delay_us)])
+
+
+@contextlib.contextmanager
+def start_serve(engines: Path, work: Path, args: Sequence[str] = (), env: dict[str, str] | None = None
+                ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``hms-serve --engines ENGINES ARGS`` on free loopback ports (its log in
+    ``work/hms-serve.log``), ready: (process, gRPC url); stopped on exit. A server that
+    exits or is not ready within 300 s raises, with its log's end."""
     import tritonclient.grpc as tgrpc
 
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "hms_deploy.cli.serve", "--engines", str(engines),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--allowed-root", str(root), "--threads", str(s.threads),
-           "--steps", str(steps), "--max-batch", str(max_batch),
-           "--max-queue-delay-us", str(s.max_queue_delay_us), "--drain-s", "1"]
+           *args, "--drain-s", "1"]
     log_path = work / "hms-serve.log"
     with open(log_path, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
     try:
         url = f"127.0.0.1:{grpc}"
         deadline = time.monotonic() + 300

@@ -13,11 +13,10 @@ split of ``tritonserver``'s RSS (heap, files, shared memory) at the end. With
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,15 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.bench_serve import start_serve
 from benchmarks.bench_soak import rss_kb, serve_processes
-from benchmarks.common import (
-    RESULTS_DIR,
-    ensure_model,
-    free_ports,
-    header_lines,
-    provenance,
-    write_json,
-)
+from benchmarks.common import RESULTS_DIR, ensure_model, header_lines, provenance, write_report
+from hms_deploy.runtime.serve.client import request_inputs
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -51,22 +45,14 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
 
     prov = provenance("cpu")
     _, engines = ensure_model("tiny", log=print)
-    http, grpc, metrics = free_ports(3)
     env = dict(os.environ)
     if arena:
         env["MALLOC_ARENA_MAX"] = str(arena)
-    cmd = [sys.executable, "-m", "hms_deploy.cli.serve", "--engines", str(engines), "--threads",
-           "1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--max-upload-mb", str(2 * upload_mb), "--drain-s", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"127.0.0.1:{grpc}"
+    args = ["--threads", "1", "--max-upload-mb", str(2 * upload_mb)]
     samples: list[dict[str, Any]] = []
-    try:
-        for _ in range(600):  # bounded wait for the model
-            with contextlib.suppress(Exception):  # not up yet
-                if tgrpc.InferenceServerClient(url).is_model_ready("hms"):
-                    break
-            time.sleep(0.5)
+    failed: list[str] = []  # answers other than the refusal of a non-video
+    with tempfile.TemporaryDirectory(prefix="bench-upload-") as work, \
+            start_serve(engines, Path(work), args, env) as (proc, url):
         data = np.random.default_rng(0).bytes(int(upload_mb * 2**20))
         done = [0]
         lock = threading.Lock()
@@ -81,12 +67,12 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
         def client(n: int) -> None:
             c = tgrpc.InferenceServerClient(url)
             for _ in range(n):
-                x = tgrpc.InferInput("video", [1, 1], "BYTES")
-                x.set_data_from_numpy(np.array([[data]], dtype=object))
                 try:
-                    c.infer("hms", [x], client_timeout=300)
-                except InferenceServerException:
-                    pass  # refused: not a video
+                    c.infer("hms", request_inputs(tgrpc, video=data),
+                            client_timeout=300)
+                except InferenceServerException as e:
+                    if "INVALID_ARGUMENT" not in str(e.status()):  # refused: not a video
+                        failed.append(" ".join(str(e).split())[:200])
                 with lock:
                     done[0] += 1
                     if done[0] % max(1, requests // 5) == 0:
@@ -99,27 +85,35 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
         for t in threads:
             t.join()
         split = _status(serve_processes(proc.pid)["tritonserver"])
-    finally:
-        proc.terminate()
-        proc.wait(60)
     key = "tritonserver_rss_mb"
     growth = round((samples[-1][key] - samples[-2][key]) / samples[-2][key], 4) if len(samples) > 2 else None
     out = {"provenance": prov, "requests": requests, "clients": clients, "upload_mb": upload_mb,
-           "malloc_arena_max": arena, "samples": samples, "tritonserver_split_mb": split,
-           "tritonserver_last_fifth_growth": growth,
+           "malloc_arena_max": arena, "server_args": args, "samples": samples,
+           "tritonserver_split_mb": split, "tritonserver_last_fifth_growth": growth,
+           "failed_other": len(failed), "failed_examples": failed[:5],
            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
-    write_json(RESULTS_DIR / f"{name}.json", out)
-    lines = [(f"# tritonserver RSS under {requests} uploads of {upload_mb} MiB from {clients} clients "
-             f"(MALLOC_ARENA_MAX={arena or 'unset'})"), "", *header_lines(prov),
-             f"- load average at end: {out['loadavg_at_end']}", "",
-             "| done | elapsed s | hms-serve MB | tritonserver MB | stub MB |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {s['done']} | {s['elapsed_s']} | {s.get('hms-serve_rss_mb')} | {s.get(key)} | "
-              f"{s.get('stub_rss_mb')} |" for s in samples]
-    lines += ["", f"tritonserver at the end: {split}; growth over the last fifth: {growth}."]
-    (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_report(RESULTS_DIR / f"{name}.json", out, markdown)
     print(json.dumps({"samples": samples, "split": split}))
     return out
+
+
+def markdown(out: dict[str, Any]) -> str:
+    key = "tritonserver_rss_mb"
+    lines = [(f"# tritonserver RSS under {out['requests']} uploads of {out['upload_mb']} MiB from "
+              f"{out['clients']} clients (MALLOC_ARENA_MAX={out['malloc_arena_max'] or 'unset'})"),
+             "", *header_lines(out["provenance"]),
+             f"- load average at end: {out['loadavg_at_end']}"]
+    if "server_args" in out:
+        lines += [(f"- uploads: random bytes (not a video: each refused with INVALID_ARGUMENT); "
+                   f"hms-serve {' '.join(out['server_args'])}; other failures: "
+                   f"{out['failed_other']}")]
+    lines += ["", "| done | elapsed s | hms-serve MB | tritonserver MB | stub MB |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {s['done']} | {s['elapsed_s']} | {s.get('hms-serve_rss_mb')} | {s.get(key)} | "
+              f"{s.get('stub_rss_mb')} |" for s in out["samples"]]
+    lines += ["", (f"tritonserver at the end: {out['tritonserver_split_mb']}; growth over the "
+                   f"last fifth: {out['tritonserver_last_fifth_growth']}.")]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
