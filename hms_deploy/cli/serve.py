@@ -99,6 +99,7 @@ def main(
     debug: bool,
 ) -> None:
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
+    from hms_deploy.runtime.options import RunSettings
     from hms_deploy.runtime.serve.launch import (
         QUIET_ALWAYS,
         QUIET_ON_CPU,
@@ -120,8 +121,8 @@ def main(
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
     options = RepositoryOptions(
         engine=engine, device=device, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-        instances=instances, allowed_root=allowed_root, threads=threads, steps=steps,
-        max_upload_bytes=int(max_upload_mb * 2**20),
+        instances=instances, allowed_root=allowed_root, threads=threads,
+        run=RunSettings(steps=steps), max_upload_bytes=int(max_upload_mb * 2**20),
     )
     stop = threading.Event()
 

@@ -18,7 +18,7 @@ import json
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hms_deploy.errors import ConfigError
@@ -53,8 +53,7 @@ class RepositoryOptions:
     allowed_root: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     threads: int | None = None
-    topk: int = 5
-    steps: int | None = None  # T of every request (None: the model's)
+    run: RunSettings = field(default_factory=RunSettings)  # its topk and steps (T; None: the model's)
     stop_file: Path | None = None  # hms-serve's drain signal (see triton_model)
     upload_dir: Path | None = None  # where uploads are written (None: the stub's temp dir)
 
@@ -67,7 +66,6 @@ class RepositoryOptions:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}", setting=name,
                                   value=value, expected=f">= {low}")
-        RunSettings(topk=self.topk, steps=self.steps)  # the run settings' own checks
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.allowed_root is not None and not Path(self.allowed_root).is_dir():
@@ -88,8 +86,8 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
         "engines_dir": engines_dir, "engine": o.engine, "device": o.device,
         "allowed_root": str(Path(o.allowed_root).resolve()) if o.allowed_root else "",
         "max_upload_bytes": str(o.max_upload_bytes), "threads": str(o.threads or ""),
-        "topk": str(o.topk), "stop_file": str(o.stop_file or ""),
-        "steps": str(o.steps or ""), "upload_dir": str(o.upload_dir or ""),
+        "topk": str(o.run.topk), "stop_file": str(o.stop_file or ""),
+        "steps": str(o.run.steps or ""), "upload_dir": str(o.upload_dir or ""),
     }
     # on a GPU Triton places one instance per GPU and tells it model_instance_device_id
     kind = "KIND_GPU" if o.device.startswith("cuda") else "KIND_CPU"
