@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from hms_deploy.config import HMSConfig
 from hms_deploy.errors import BackendUnavailable, ExportError
+from hms_deploy.outputs import replace_atomically
 from hms_deploy.parts import PART_NAMES, PartSpec, part_specs
 from hms_deploy.runtime import manifest as mf
 from hms_deploy.runtime.backends.trt import require_tensorrt
@@ -111,10 +112,7 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     if cache is None:  # nothing usable to keep (TensorRT returns None after a rejected cache)
         warnings.warn(f"TensorRT returned no timing cache to save to {path}", RuntimeWarning, stacklevel=3)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(cache.serialize()))
-    os.replace(tmp, path)
+    replace_atomically(path, memoryview(cache.serialize()))
 
 
 def build_plan(
@@ -173,10 +171,7 @@ def build_plan(
     if serialized is None:
         raise ExportError(f"{spec.name}: TensorRT build failed (see the TensorRT log above)")
     seconds = time.perf_counter() - t0
-    tmp = plan_path.with_name(plan_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))
-    os.replace(tmp, plan_path)
+    replace_atomically(plan_path, memoryview(serialized))
     if timing_cache is not None:
         _save_timing_cache(config, timing_cache)
     io_dtypes = {network.get_input(i).name: trt_dtype_name(network.get_input(i).dtype)

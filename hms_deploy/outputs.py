@@ -237,7 +237,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
+def replace_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
 
     A crash at any moment leaves either the old file or the new one (plus, at worst, a
