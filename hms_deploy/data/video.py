@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from hms_deploy.data.audio_frames import MonoAt
 from hms_deploy.errors import VideoError, first_line
 
 
@@ -221,20 +222,24 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
     streams = [vs]
     if container.streams.audio:
         streams.append(container.streams.audio[0])
+    audio_index = streams[-1].index if len(streams) > 1 else -1
+    audio_tb = streams[-1].time_base if len(streams) > 1 else None
     pts_list: list[int] = []
     key_list: list[bool] = []
     dur_list: list[int] = []
-    first_audio: float | None = None
-    audio_end = 0.0
+    first_audio_pts: int | None = None  # in the audio stream's time base
+    audio_end_pts: int | None = None
     first_frame = None
     decode_failed: str | None = None
     for packet in container.demux(*streams):
-        if packet.stream.type == "audio":
-            if first_audio is None and packet.pts is not None and not packet.is_discard:
-                first_audio = float(packet.pts * packet.time_base)
-            if packet.pts is not None and packet.time_base is not None:
-                end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-                audio_end = max(audio_end, end)
+        if packet.stream_index == audio_index:
+            p = packet.pts
+            if p is not None and audio_tb is not None:
+                if first_audio_pts is None and not packet.is_discard:
+                    first_audio_pts = p
+                end = p + (packet.duration or 0)
+                if audio_end_pts is None or end > audio_end_pts:
+                    audio_end_pts = end
             continue
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None or packet.size == 0 or packet.is_discard:
@@ -250,6 +255,12 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
             else:
                 if frames:
                     first_frame = frames[0]
+    first_audio: float | None = None
+    audio_end: float | None = None
+    if audio_tb is not None and first_audio_pts is not None:
+        first_audio = float(first_audio_pts * audio_tb)
+    if audio_tb is not None and audio_end_pts is not None:
+        audio_end = float(audio_end_pts * audio_tb)
     if not pts_list:
         raise VideoError(f"{path}: the video stream has no frames")
     if first_frame is None and decode_failed is None:
@@ -313,7 +324,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
         keyframe_indices=key_idx,
         time_base=Fraction(tb),
         declared_duration_s=declared,
-        streams_end_s=max(start_s + float(duration_s), audio_end) - container_start,
+        streams_end_s=max(start_s + float(duration_s), audio_end or 0.0, 0.0) - container_start,
     )
 
 
@@ -329,7 +340,8 @@ def decode_audio(
     ``round(info.duration_s * sample_rate)`` samples: audio past the video's end is cut,
     missing audio is zero (which the front end turns into log(0.01), the silence value).
     Resampling: ``av.AudioResampler(format='flt', layout='mono', rate=sample_rate)``,
-    flushed with ``resample(None)``.
+    flushed with ``resample(None)``; :class:`~hms_deploy.data.audio_frames.MonoAt` gives
+    its samples for less work.
 
     ``keep_partial``: a decoding error after some audio was decoded ends the stream
     there instead of raising (a truncated file whose decodable part is classified).
@@ -349,29 +361,30 @@ def decode_audio(
     info = info or probe(path)
     n = round(info.duration_s * sample_rate)
     silent = np.zeros(n, dtype=np.float32)
+    shift = _shift(info, None, sample_rate)  # until a decoded frame has a time
+    timed = False
     container = open_media(path)
+    chunks: list[NDArray[np.float32]] = []
+    mono = MonoAt(sample_rate, str(path))
     try:
         if not container.streams.audio:
             return silent, False
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        chunks: list[NDArray[np.float32]] = []
-        first_time: float | None = None
         given = 0  # samples out of the resampler
-        for frame in container.decode(stream):
-            if first_time is None and frame.pts is not None and frame.time_base is not None:
-                first_time = float(frame.pts * frame.time_base)
-            for out in resampler.resample(frame):
-                # PyAV types to_ndarray as every sample format's array; "flt" is float32
-                chunks.append(out.to_ndarray().reshape(-1))  # type: ignore[arg-type]
-                given += chunks[-1].size
-            if needed is not None and chunks and given + _shift(info, first_time, sample_rate) >= needed:
+        for frame in container.decode(container.streams.audio[0]):
+            if not timed and frame.pts is not None and frame.time_base is not None:
+                shift, timed = _shift(info, float(frame.pts * frame.time_base), sample_rate), True
+            out = mono.add(frame)
+            if needed is not None and given + sum(x.size for x in out) + mono.held_output() + shift >= needed:
+                out += mono.drain()
+            chunks += out
+            given += sum(x.size for x in out)
+            if needed is not None and chunks and given + shift >= needed:
                 break  # the samples after these are never read
         else:
-            for out in resampler.resample(None):
-                # PyAV types to_ndarray as every sample format's array; "flt" is float32
-                chunks.append(out.to_ndarray().reshape(-1))  # type: ignore[arg-type]
+            chunks += mono.flush()
     except av.FFmpegError as e:
+        if keep_partial:
+            chunks += mono.drain()  # what the frames decoded before the error give
         if not (keep_partial and chunks):
             raise VideoError(f"{path}: cannot decode audio ({first_line(e, typed=False)})") from e
     finally:
@@ -379,7 +392,6 @@ def decode_audio(
     if not chunks:
         return silent, False
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
-    shift = _shift(info, first_time, sample_rate)
     if shift > 0:
         wave = np.concatenate([np.zeros(shift, dtype=np.float32), wave])
     elif shift < 0:
