@@ -28,11 +28,11 @@ rm -f "$DIR"/*.whl
   -d "$DIR" "av==18.1.0"
 # pure-Python packages (some are published only as source): built into py3-none-any wheels.
 # pytorchvideo's model code imports fvcore -> iopath -> portalocker, tabulate, termcolor;
-# yacs and parameterized complete pytorchvideo's declared dependencies.
+# yacs and parameterized complete pytorchvideo's declared dependencies; threadpoolctl is ours.
 "$PY" -m pip wheel -q --no-deps -w "$DIR" \
   "pytorchvideo==0.1.5" "fvcore==0.1.5.post20221221" "iopath==0.1.10" "portalocker==3.2.0" \
   "tabulate==0.9.0" "termcolor==3.1.0" "yacs==0.1.8" "parameterized==0.9.0" \
-  "polygraphy==0.53.6"
+  "polygraphy==0.53.6" "threadpoolctl==3.8.0"
 # this project (with the local setuptools + wheel where they import; else pip fetches them)
 isolation=(--no-build-isolation)
 "$PY" -c "import setuptools, wheel" 2>/dev/null || isolation=()

@@ -171,3 +171,47 @@ def test_sixty_seconds_is_fast() -> None:
     elapsed = time.perf_counter() - t0
     assert logmel.shape == (5998, 64)
     assert elapsed < 2.0
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return min(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_the_projection_runs_on_one_blas_thread_and_the_pool_is_restored() -> None:
+    import threading
+
+    from hms_deploy.data.audio import ONE_BLAS_THREAD
+
+    before = _blas_threads()
+    with ONE_BLAS_THREAD:
+        with ONE_BLAS_THREAD:  # nested
+            assert _blas_threads() == 1
+        assert _blas_threads() == 1
+    assert _blas_threads() == before
+    # from several threads at once: each call limits and restores in turn, and the pool
+    # the main thread sees afterwards is the one it had
+    x = chirp_and_noise(SR, seed=5)
+    want = log_mel_spectrogram(x)
+    got: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: got.extend(log_mel_spectrogram(x) for _ in range(20)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        got.append(log_mel_spectrogram(x))
+    for t in threads:
+        t.join(60)
+    assert len(got) == 80 and all(np.array_equal(g, want) for g in got)
+    assert _blas_threads() == before
+
+
+def test_the_one_thread_projection_equals_the_pools_bit_for_bit() -> None:
+    from hms_deploy.data.audio import mel_matrix, periodic_hann
+
+    x = chirp_and_noise(3 * SR + 77, seed=3)
+    frames = 1 + (x.size - 400) // 160
+    windows = np.lib.stride_tricks.sliding_window_view(x, 400)[::160][:frames] * periodic_hann(400)
+    mel = np.abs(np.fft.rfft(windows, n=512, axis=-1)) @ mel_matrix()  # the BLAS pool as it is
+    np.testing.assert_array_equal(log_mel_spectrogram(x), np.log(mel + 0.01).astype(np.float32))
