@@ -90,6 +90,22 @@ def sessions_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def records_equal(rounds: list[dict[str, dict[str, Any]]]) -> tuple[bool, str]:
+    """Whether every run's record is the same in both versions, on the fields both write
+    (a field one version adds is named in the note, not counted as a difference)."""
+    equal = True
+    only: tuple[set[str], set[str]] = (set(), set())
+    for r in rounds:
+        for n, run in r["base"]["runs"].items():
+            b, t = run["record"], r["this"]["runs"][n]["record"]
+            only[0].update(set(b) - set(t))
+            only[1].update(set(t) - set(b))
+            equal = equal and all(b[k] == t[k] for k in set(b) & set(t))
+    note = "; ".join(f"fields only {who} writes: {', '.join(sorted(keys))}"
+                     for who, keys in (("the baseline", only[0]), ("this tree", only[1])) if keys)
+    return equal, note
+
+
 def compare(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Per run: each version's median over rounds, and the median of this/base ratios."""
     names = list(_rows(rounds[0]["base"]))
@@ -167,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     res["compare"] = compare(res["rounds"])
     out = Path(args.out)
     if args.sessions_only:
-        res["records_equal"] = all(
-            r["base"]["runs"][n]["record"] == r["this"]["runs"][n]["record"]
-            for r in res["rounds"] for n in r["base"]["runs"])
+        res["records_equal"], res["records_note"] = records_equal(res["rounds"])
         write_report(out / f"{args.name}.json", res, sessions_markdown)
     else:
         write_report(out / f"{args.name}.json", res, markdown)

@@ -156,3 +156,17 @@ def test_cli_soak_needs_the_serve_suite():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "hms-bench: error: --soak N needs --suite serve and N >= 1, got --suite e2e --soak 10"]
+
+
+def test_ab_records_compare_the_fields_both_versions_write():
+    from benchmarks.e2e_ab import records_equal
+
+    def rounds(base: dict, this: dict) -> list:
+        return [{"base": {"runs": {"learned": {"record": base}}},
+                 "this": {"runs": {"learned": {"record": this}}}}]
+
+    old = {"label": "a", "logits": [0.5, 1.0]}
+    assert records_equal(rounds(old, {**old, "coverage": {"share": 1.0}})) == (
+        True, "fields only this tree writes: coverage")
+    assert records_equal(rounds(old, {**old, "logits": [0.5, 1.5]})) == (False, "")
+    assert records_equal(rounds({**old, "gone": 1}, old)) == (True, "fields only the baseline writes: gone")

@@ -359,12 +359,10 @@ def test_a_second_writer_refuses_before_the_model_loads_by_any_name(tmp_path):
     missing = tmp_path / "no-such-engines"
     with ResultsFile(real, settings={}):
         for name in (tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "cc.jsonl"):
-            t0 = time.monotonic()
             r = run(a.video, "--engines", missing, "--output", name)
             assert r.exit_code == 3, r.stderr
             assert f"another hms-run is writing it (pid {os.getpid()}) on " in r.stderr
             assert "not found" not in r.stderr  # the export was never looked at
-            assert time.monotonic() - t0 < 5
         r = run(a.video, "--engines", a.engines, "--output", tmp_path / "link.jsonl")
         assert r.exit_code == 3 and "another hms-run is writing it" in r.stderr
     assert real.read_text() == ""
