@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from hms_deploy.dtypes import ONNX_ELEM_TYPES
-from hms_deploy.errors import ExportError, first_line
+from hms_deploy.errors import ConfigError, ExportError, first_line
 from hms_deploy.export.modules import ExportPart
 from hms_deploy.outputs import disk_full
 from hms_deploy.parts import PartSpec, random_inputs
@@ -114,6 +114,16 @@ def _torch_export(part: ExportPart, path: Path, opset: int, dynamo: bool) -> Non
             )
 
 
+def check_onnx_settings(opset: int, precision: str) -> None:
+    """The one check of the ONNX settings (a :class:`ConfigError` naming the setting)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+                          setting="precision", value=precision, expected=" or ".join(PRECISIONS))
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}", setting="opset",
+                          value=opset, expected=f"{MIN_OPSET}..{MAX_OPSET}")
+
+
 def export_part(
     part: ExportPart,
     out_dir: Path,
@@ -128,10 +138,7 @@ def export_part(
     :data:`EXTERNAL_DATA_BYTES`. Raises :class:`ExportError` naming the part when both
     exporters fail or the graph does not pass :func:`check_onnx`.
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    check_onnx_settings(opset, precision)
     t0 = time.perf_counter()
     path = Path(out_dir) / f"{part.name}.onnx"
     exporter = "torch.onnx legacy (dynamo=False)"

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hms_deploy.errors import ExportError
-from hms_deploy.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS
+from hms_deploy.errors import ConfigError, ExportError
+from hms_deploy.export.onnx import DEFAULT_OPSET, check_onnx_settings
 from hms_deploy.export.validate import ValidationOptions
 from hms_deploy.outputs import OutputLock, disk_full
 from hms_deploy.runtime import manifest as mf
-from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES
+from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_BYTES, check_build
 
 ENGINES = ("onnx", "trt")
 Log = Callable[[str], None]
@@ -54,6 +54,17 @@ class ExportOptions:
     wait: bool = False  # another export holds the target: wait for it instead of refusing
     external_data: bool | None = None
     validation: ValidationOptions = field(default_factory=ValidationOptions)
+
+    def check(self) -> None:
+        """The one check of these options (a :class:`ConfigError` naming the setting)."""
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}",
+                              setting="engine", value=self.engine, expected=" or ".join(ENGINES))
+        check_onnx_settings(self.opset, self.precision)
+        check_build(self.max_batch, self.opt_batch, self.workspace_bytes)
+        if self.validation.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.validation.steps}", setting="steps",
+                              value=self.validation.steps, expected=">= 1")
 
 
 def _now() -> str:
@@ -163,14 +174,7 @@ def export_checkpoint(
 
     opts = options or ExportOptions()
     say = log or (lambda s: None)
-    if opts.engine not in ENGINES:
-        raise ExportError(f"engine must be one of {ENGINES}, got {opts.engine!r}")
-    if opts.precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
-    if not MIN_OPSET <= opts.opset <= MAX_OPSET:
-        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opts.opset}")
-    if opts.max_batch < 1:
-        raise ExportError(f"max batch must be >= 1, got {opts.max_batch}")
+    opts.check()
     out = Path(out)
     ckpt_path = Path(checkpoint)
     if opts.engine == "trt":
@@ -285,6 +289,7 @@ def add_trt_plans(
     """
     from hms_deploy.export.tensorrt import check_available
 
+    check_build(max_batch, opt_batch, workspace_bytes)
     check_available()
     lock = export_lock(export_dir, wait=wait, log=log)
     try:

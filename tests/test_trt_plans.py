@@ -156,7 +156,8 @@ def test_one_logger_per_process(tmp_path):
 
 
 def test_the_triton_model_runs_on_the_gpu_triton_gives_it():
-    from hms_deploy.runtime.serve.repository import RepositoryOptions, config_pbtxt
+    from hms_deploy.runtime.serve.options import RepositoryOptions
+    from hms_deploy.runtime.serve.repository import config_pbtxt
     from hms_deploy.runtime.serve.triton_model import instance_device
 
     assert "kind: KIND_GPU" in config_pbtxt("engines", RepositoryOptions(engine="trt", device="cuda"))

@@ -12,7 +12,7 @@ import torch
 
 from hms_deploy.cli.common import flag_advice
 from hms_deploy.config import paper_config, tiny_config
-from hms_deploy.errors import BackendUnavailable, EngineError
+from hms_deploy.errors import BackendUnavailable, ConfigError, EngineError
 from hms_deploy.parts import PART_NAMES, part_specs
 from hms_deploy.runtime import trt_plan
 from hms_deploy.runtime.backends.trt import TRT_MISSING, require_tensorrt
@@ -45,9 +45,9 @@ def test_profile_shapes_cover_every_input(variant):
 
 def test_profile_shapes_reject_bad_batches():
     spec = part_specs(tiny_config(6))["head"]
-    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+    with pytest.raises(ConfigError, match="max_batch must be >= 1"):
         trt_plan.profile_shapes(spec, 0)
-    with pytest.raises(ValueError, match=r"opt_batch must be in 1\.\.4"):
+    with pytest.raises(ConfigError, match=r"opt_batch must be in 1\.\.4"):
         trt_plan.profile_shapes(spec, 4, 5)
     assert [trt_plan.default_opt_batch(n) for n in (1, 2, 3, 8, 9)] == [1, 1, 2, 4, 5]
 

@@ -15,7 +15,12 @@ from typing import Any
 import click
 
 from hms_deploy.cli.common import EXIT_STOPPED, debug_option, fail, handle_errors
+from hms_deploy.errors import ConfigError
+from hms_deploy.export.onnx import MAX_OPSET, MIN_OPSET
+from hms_deploy.export.pipeline import ExportOptions
 from hms_deploy.outputs import OutputLocked, sigterm_raises
+
+_EXPORT = ExportOptions()  # the defaults of the export's settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,22 +28,26 @@ from hms_deploy.outputs import OutputLocked, sigterm_raises
               help="ckpt.pt to export (not needed with --engines).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
               show_default=True, help="Export directory (must be empty or absent unless --force).")
-@click.option("--engine", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
-              help="onnx: ONNX files only; trt: also build TensorRT plans on this GPU.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: half-precision graphs with fp32 inputs/outputs (validate on a GPU).")
+@click.option("--engine", default=None,
+              help=f"onnx: ONNX files only; trt: also build TensorRT plans on this GPU. "
+                   f"[default: {_EXPORT.engine}]")
+@click.option("--precision", default=None,
+              help=f"fp32 or fp16 (half-precision graphs with fp32 inputs/outputs; validate on "
+                   f"a GPU). [default: {_EXPORT.precision}]")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="With --engine trt: add TensorRT plans to this existing ONNX export.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=None,
-              help="TensorRT profile: largest batch N (smallest is 1; default: the runtime's one "
-                   "profile maximum, trt_plan.DEFAULT_MAX_BATCH, enough for lockstep N = 32).")
-@click.option("--opt-batch", type=click.IntRange(min=1), default=None,
+@click.option("--max-batch", type=int, default=None,
+              help=f"TensorRT profile: largest batch N (smallest is 1; the runtime's one profile "
+                   f"maximum, enough for lockstep N = 32). Given with --triton-repo, also the served "
+                   f"model's max_batch_size. [default: {_EXPORT.max_batch}]")
+@click.option("--opt-batch", type=int, default=None,
               help="TensorRT profile: batch to tune for (default: half of --max-batch).")
-@click.option("--workspace-gb", type=float, default=4.0, show_default=True,
-              help="TensorRT builder workspace limit in GiB.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17-20).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Steps T of the end-to-end parity check.")
+@click.option("--workspace-gb", type=float, default=None,
+              help=f"TensorRT builder workspace limit in GiB. [default: {_EXPORT.workspace_bytes / 2**30:g}]")
+@click.option("--opset", type=int, default=None,
+              help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}). [default: {_EXPORT.opset}]")
+@click.option("--steps", type=int, default=None,
+              help=f"Steps T of the end-to-end parity check. [default: {_EXPORT.validation.steps}]")
 @click.option("--video", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Video for the realistic and end-to-end checks (default: a generated clip).")
 @click.option("--force", is_flag=True, default=False,
@@ -55,14 +64,14 @@ from hms_deploy.outputs import OutputLocked, sigterm_raises
 def main(
     checkpoint: Path | None,
     out: Path,
-    engine: str,
-    precision: str,
+    engine: str | None,
+    precision: str | None,
     engines_dir: Path | None,
-    max_batch: int,
+    max_batch: int | None,
     opt_batch: int | None,
-    workspace_gb: float,
-    opset: int,
-    steps: int,
+    workspace_gb: float | None,
+    opset: int | None,
+    steps: int | None,
     video: Path | None,
     force: bool,
     wait: bool,
@@ -83,27 +92,35 @@ def main(
         if not quiet:
             click.echo(msg, err=True)
 
-    serve_batch = max_batch  # the Triton model's max_batch_size: its own default unless given
-    if max_batch is None:
-        from hms_deploy.runtime.trt_plan import DEFAULT_MAX_BATCH
+    from hms_deploy.export.validate import ValidationOptions
 
-        max_batch = DEFAULT_MAX_BATCH
+    if workspace_gb is not None and not workspace_gb > 0:  # GiB: the command's unit
+        raise ConfigError(f"--workspace-gb must be > 0, got {workspace_gb:g}")
+    given: dict[str, Any] = {"engine": engine, "precision": precision, "opset": opset, "max_batch": max_batch,
+             "opt_batch": opt_batch,
+             "workspace_bytes": None if workspace_gb is None else int(workspace_gb * 2**30)}
+    options = ExportOptions(  # its defaults and checks are the only ones
+        force=force, wait=wait,
+        validation=ValidationOptions(video=video, steps=ValidationOptions.steps if steps is None else steps),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    options.check()
     # SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up
     with sigterm_raises(KeyboardInterrupt):
-        if triton_repo is not None and engines_dir is not None and engine == "onnx":
+        if triton_repo is not None and engines_dir is not None and options.engine == "onnx":
             done = engines_dir  # an existing export: only the repository
         else:
             try:
-                done = _main(checkpoint, out, engine, precision, engines_dir, max_batch,
-                             opt_batch, workspace_gb, opset, steps, video, force, wait, log)
+                done = _main(checkpoint, out, engines_dir, options, log)
             except OutputLocked as e:
                 fail("hms-export", f"{e}; --wait waits for it", EXIT_STOPPED)
-        if triton_repo is not None:
-            _triton_repo(done, triton_repo, engine, serve_batch, force)
+        if triton_repo is not None:  # the model's max_batch_size: its own default unless given
+            _triton_repo(done, triton_repo, options.engine, max_batch, force)
 
 
 def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int | None, force: bool) -> None:
-    from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
+    from hms_deploy.runtime.serve.options import RepositoryOptions
+    from hms_deploy.runtime.serve.repository import write_repository
 
     batch: dict[str, Any] = {"max_batch": max_batch} if max_batch else {}
     options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu", **batch)
@@ -112,43 +129,24 @@ def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int | No
                f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")
 
 
-def _main(checkpoint: Path | None, out: Path, engine: str, precision: str,
-          engines_dir: Path | None, max_batch: int, opt_batch: int | None, workspace_gb: float,
-          opset: int, steps: int, video: Path | None, force: bool, wait: bool,
+def _main(checkpoint: Path | None, out: Path, engines_dir: Path | None, options: ExportOptions,
           log: Callable[[str], None]) -> Path:
     """Export (or add plans); returns the export directory."""
-    from hms_deploy.errors import ConfigError
-    from hms_deploy.export.onnx import MAX_OPSET, MIN_OPSET
-    from hms_deploy.export.pipeline import (
-        ExportOptions,
-        add_trt_plans,
-        export_checkpoint,
-    )
-    from hms_deploy.export.validate import ValidationOptions
+    from hms_deploy.export.pipeline import add_trt_plans, export_checkpoint
 
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ConfigError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    workspace = int(workspace_gb * (1 << 30))
     if engines_dir is not None:
-        if engine != "trt":
+        if options.engine != "trt":
             raise ConfigError("--engines DIR adds TensorRT plans to an export: use it with --engine trt")
         if checkpoint is not None:
             raise ConfigError("--engines DIR works on an existing export: drop --checkpoint")
-        man = add_trt_plans(engines_dir, max_batch=max_batch, opt_batch=opt_batch,
-                            workspace_bytes=workspace, log=log, wait=wait)
+        man = add_trt_plans(engines_dir, max_batch=options.max_batch, opt_batch=options.opt_batch,
+                            workspace_bytes=options.workspace_bytes, log=log, wait=options.wait)
         trt = man.tensorrt or {}
         click.echo(f"added TensorRT {trt.get('version')} plans for {trt.get('gpu')} "
                    f"(sm {trt.get('compute_capability')}) to {man.dir}; manifest {man.sha256[:12]}")
         return Path(engines_dir)
     if checkpoint is None:
         raise ConfigError("--checkpoint is required (or --engines DIR --engine trt)")
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    options = ExportOptions(
-        engine=engine, precision=precision, opset=opset, max_batch=max_batch, opt_batch=opt_batch,
-        workspace_bytes=workspace, force=force, wait=wait,
-        validation=ValidationOptions(steps=steps, video=video),
-    )
     man = export_checkpoint(checkpoint, out, options, log=log)
     parity = man.parity
     kinds = "ONNX + TensorRT" if man.has("trt") else "ONNX"

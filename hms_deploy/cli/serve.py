@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -43,6 +44,9 @@ from hms_deploy.runtime.serve.health import (
     Watchdog,
     sweep_stale,
 )
+from hms_deploy.runtime.serve.options import RepositoryOptions
+
+_SERVED = RepositoryOptions()  # the defaults of the served model's settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,17 +61,17 @@ from hms_deploy.runtime.serve.health import (
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
-@click.option("--max-batch", type=int, default=8, show_default=True,
-              help="Largest dynamic batch (requests stepped in lockstep).")
-@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True,
-              help="How long Triton waits to fill a dynamic batch.")
+@click.option("--max-batch", type=int, default=None,
+              help=f"Largest dynamic batch (requests stepped in lockstep). [default: {_SERVED.max_batch}]")
+@click.option("--max-queue-delay-us", type=int, default=None,
+              help=f"How long Triton waits to fill a dynamic batch. [default: {_SERVED.max_queue_delay_us}]")
 @click.option("--allowed-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Accept 'path' inputs naming files under this folder (default: uploads only).")
-@click.option("--max-upload-mb", type=float, default=512.0, show_default=True,
-              help="Largest 'video' upload in MiB.")
+@click.option("--max-upload-mb", type=float, default=None,
+              help=f"Largest 'video' upload in MiB. [default: {_SERVED.max_upload_bytes / 2**20:g}]")
 @click.option("--steps", type=int, default=None, help="Steps T of every request (default: the model's).")
-@click.option("--instances", type=int, default=1, show_default=True,
-              help="Model instances (each opens the engines once).")
+@click.option("--instances", type=int, default=None,
+              help=f"Model instances (each opens the engines once). [default: {_SERVED.instances}]")
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime intra-op threads per instance (default: all cores).")
 @click.option("--drain-s", type=float, default=10.0, show_default=True,
@@ -86,12 +90,12 @@ def main(
     http_port: int,
     grpc_port: int,
     metrics_port: int,
-    max_batch: int,
-    max_queue_delay_us: int,
+    max_batch: int | None,
+    max_queue_delay_us: int | None,
     allowed_root: Path | None,
-    max_upload_mb: float,
+    max_upload_mb: float | None,
     steps: int | None,
-    instances: int,
+    instances: int | None,
     threads: int | None,
     drain_s: float,
     exit_timeout_s: int,
@@ -106,7 +110,7 @@ def main(
         Endpoints,
         TritonProcess,
     )
-    from hms_deploy.runtime.serve.repository import RepositoryOptions, write_repository
+    from hms_deploy.runtime.serve.repository import write_repository
 
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port),
                        ("--metrics-port", metrics_port)):
@@ -117,13 +121,16 @@ def main(
     if not 0 <= drain_s < exit_timeout_s:
         raise ConfigError(f"--drain-s must be >= 0 and below --exit-timeout-s ({exit_timeout_s}), "
                           f"got {drain_s:g}")
-    if not max_upload_mb > 0:
+    if max_upload_mb is not None and not max_upload_mb > 0:  # MiB: the command's unit
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
-    options = RepositoryOptions(
-        engine=engine, device=device, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-        instances=instances, allowed_root=allowed_root, threads=threads,
-        run=RunSettings(steps=steps), max_upload_bytes=int(max_upload_mb * 2**20),
+    given: dict[str, Any] = {"max_batch": max_batch, "max_queue_delay_us": max_queue_delay_us,
+             "instances": instances, "threads": threads,
+             "max_upload_bytes": None if max_upload_mb is None else int(max_upload_mb * 2**20)}
+    options = RepositoryOptions(  # its defaults and checks are the only ones
+        engine=engine, device=device, allowed_root=allowed_root, run=RunSettings(steps=steps),
+        **{k: v for k, v in given.items() if v is not None},
     )
+    options.check()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -146,7 +153,7 @@ def main(
                                filtered=True, quiet=quiet)
         (Path(work) / "pid").write_text(f"{os.getpid()} {server.shm_prefix}\n")
         watchdog = Watchdog(ModelControl(ends.http_url), lambda: server.proc.pid if server.alive()
-                            and server.proc else None, instances=instances, upload_dir=uploads,
+                            and server.proc else None, instances=options.instances, upload_dir=uploads,
                             shm_prefix=server.shm_prefix, log=_say, stopping=stop.is_set)
         try:
             server.start()

@@ -36,9 +36,9 @@ from numpy.typing import NDArray
 from hms_deploy.errors import ConfigError, HMSError
 from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.results import record_json
+from hms_deploy.runtime.serve.options import DEFAULT_MAX_UPLOAD_BYTES
 from hms_deploy.runtime.session import Session
 
-DEFAULT_MAX_UPLOAD_BYTES = 512 << 20  # 512 MiB
 INTERNAL_PREFIX = "internal error"  # answers that are the server's fault, not the request's
 
 Request = dict[str, "NDArray[np.generic] | None"]  # Triton's arrays (BYTES are object arrays)

@@ -31,13 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from hms_deploy.runtime.serve import INPUTS
-from hms_deploy.runtime.serve.handler import (
-    DEFAULT_MAX_UPLOAD_BYTES,
-    INTERNAL_PREFIX,
-    Handler,
-    ServeOptions,
-)
+from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, ServeOptions
 from hms_deploy.runtime.serve.metrics import ServeMetrics
+from hms_deploy.runtime.serve.options import DEFAULT_MAX_UPLOAD_BYTES
 
 
 def parameters(model_config: dict[str, Any]) -> dict[str, str]:
