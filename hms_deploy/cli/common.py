@@ -234,6 +234,12 @@ RAY_WORKERS_HELP = ("With --ray: actors (default: one per CPU / threads per work
                     "GPU with --device cuda).")
 
 
+def _ray_default(name: str) -> Any:
+    from hms_deploy.runtime.ray_cluster import RayLayout
+
+    return getattr(RayLayout(), name)
+
+
 def ray_options(f: F, workers_help: str = RAY_WORKERS_HELP, workers_min: int = 1) -> F:
     """``--ray [--ray-address ADDR] [--workers K] [--threads-per-worker J]`` (hms-run, hms-extract).
 
@@ -248,9 +254,9 @@ def ray_options(f: F, workers_help: str = RAY_WORKERS_HELP, workers_min: int = 1
                           "nodes must see the model and the videos at the same paths."),
         click.option("--workers", type=click.IntRange(min=workers_min), default=None,
                      help=workers_help),
-        click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+        click.option("--threads-per-worker", type=int, default=None,
                      help="With --ray: intra-op threads (= CPUs reserved) per actor "
-                          "[default: 1]."),
+                          f"[default: {_ray_default('threads_per_worker')}]."),
     ]):
         f = opt(f)
     return f
@@ -272,7 +278,7 @@ def ray_layout(ray: bool, address: str | None, workers: int | None, threads: int
         return None
     from hms_deploy.runtime.ray_cluster import RayLayout
 
-    layout = RayLayout(address=address, workers=workers,
-                       threads_per_worker=1 if threads is None else threads)
+    layout = RayLayout(address=address, workers=workers,  # its defaults and check
+                       **({} if threads is None else {"threads_per_worker": threads}))
     layout.check()
     return layout
