@@ -159,6 +159,7 @@ def test_cli_soak_needs_the_serve_suite():
 
 
 def test_ab_records_compare_the_fields_both_versions_write():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.e2e_ab import records_equal
 
     def rounds(base: dict, this: dict) -> list:
