@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import shutil
 from pathlib import Path
 
@@ -182,6 +183,134 @@ def test_chunks_above_the_profile_are_deferred_and_ordered(trt):
         out = engine(x)
         assert device.launches == launches + 2 and device.pending() == 0
     _close(out, _reference("audio_cell", x))
+
+
+# ------------------------------------------------- the backend's binding sequence
+
+
+def test_every_part_runs_through_the_binding_sequence(trt):
+    for part in PART_NAMES:
+        if part == "motion_backbone":
+            continue  # slow on the CPU; the same code path as the other backbones
+        x1, x3 = (random_inputs(specs()[part], n, seed=n) for n in (1, 3))
+        engine = _engine(part)
+        with engine:
+            assert engine.max_batch == DEFAULT_MAX_BATCH
+            _close(engine(x1), _reference(part, x1))
+            _close(engine(x3), _reference(part, x3))
+        assert engine._context is None and engine._engine is None and engine._runtime is None
+
+
+def _with_io_dtype(src: Path, dst: Path, name: str, dtype: str) -> Path:
+    """A copy of the emulated plan ``src`` whose header declares ``name`` as ``dtype`` (what a
+    TensorRT 10 build that is not strongly typed may do with an INT64 output)."""
+    from trt_emulator import MAGIC
+
+    data = src.read_bytes()
+    n = int.from_bytes(data[len(MAGIC):len(MAGIC) + 8], "little")
+    header = json.loads(data[len(MAGIC) + 8:len(MAGIC) + 8 + n])
+    for t in header["io"]:
+        if t["name"] == name:
+            t["dtype"] = dtype
+    h = json.dumps(header).encode()
+    dst.write_bytes(MAGIC + len(h).to_bytes(8, "little") + h + data[len(MAGIC) + 8 + n:])
+    return dst
+
+
+def test_decision_dtype_is_read_from_the_plan_and_cast_to_int64(tmp_path, trt):
+    _with_io_dtype(emulated_export_dir() / "motion_gate.plan", tmp_path / "motion_gate.plan",
+                   "decision", "INT32")
+    x = random_inputs(specs()["motion_gate"], 3, seed=0)
+    with _engine("motion_gate", root=tmp_path) as engine:
+        out = engine(x)
+        assert engine._out_dtypes["decision"] == torch.int32  # what the plan declares
+    assert out["decision"].dtype == torch.int64 and out["decision"].shape == (3,)
+    _close(out, _reference("motion_gate", x))
+
+
+def test_shapes_and_addresses_are_set_only_when_they_change(trt):
+    spec = specs()["appearance_cell"]
+    x = random_inputs(spec, 2, seed=1)
+    with _engine("appearance_cell") as engine:
+        first = engine(x)
+        kept = {k: v.clone() for k, v in first.items()}
+        log = engine._context.log
+        assert [e for e in log if e[0] == "shape"] == [("shape", (t.name, (2, *t.shape))) for t in spec.inputs]
+        del log[:]
+        engine(x)  # same N, same input tensors, same output buffers: nothing to set
+        assert log == [("launch", engine.stream.cuda_stream)]
+        del log[:]
+        again = engine({**x, "h": first["h_next"], "c": first["c_next"]})  # fed its own outputs
+        assert [e for e in log if e[0] == "shape"] == []
+        assert {e[1] for e in log if e[0] == "address"} == {"h", "c", "h_next", "c_next"}
+        assert again["h_next"].data_ptr() != first["h_next"].data_ptr()  # second buffer set
+        for k, v in kept.items():
+            assert torch.equal(first[k], v), f"{k} was overwritten while it was an input"
+        _close(again, _reference("appearance_cell", {**x, "h": kept["h_next"], "c": kept["c_next"]}))
+        assert engine._buffers is not None and engine._buffers.allocations == 2
+
+
+def test_non_contiguous_inputs_are_copied_and_held(trt):
+    x = random_inputs(specs()["head"], 3, seed=4)
+    strided = {"h": torch.stack([x["h"], -x["h"]], dim=2).flatten(1)[:, ::2]}
+    assert not strided["h"].is_contiguous()
+    with _engine("head") as engine:
+        out = engine(strided)
+        held = engine._held
+        assert len(held) == 1 and held[0].is_contiguous() and torch.equal(held[0], x["h"])
+    _close(out, _reference("head", x))
+
+
+def test_unloadable_or_mismatched_plans_say_how_to_rebuild(tmp_path, trt):
+    device = trt.emulated_device
+
+    def engine(plan: Path, **kw: object) -> TrtEngine:
+        return TrtEngine(specs()["head"], plan, CPU, stream=device.new_stream(CPU), streams=device, **kw)
+
+    (tmp_path / "head.plan").write_bytes(b"garbage")
+    broken = engine(tmp_path / "head.plan", export_dir=tmp_path)
+    with pytest.raises(EngineError, match=r"^head: TensorRT 11.0.0 cannot load head.plan .*"
+                       r"rebuild with `hms_deploy.export.add_trt_plans\('.*'\)`"), broken:
+        pass
+    assert broken._context is None
+    shutil.copy(emulated_export_dir() / "audio_cell.plan", tmp_path / "x.plan")
+    with pytest.raises(EngineError, match=r"^head: plan x.plan has inputs \['x_a', 'h', 'c'\] .*expected \['h'\]"), \
+            engine(tmp_path / "x.plan"):
+        pass
+    with pytest.raises(EngineError, match=r"^head: TensorRT plan .*none.plan not found"), \
+            engine(tmp_path / "none.plan"):
+        pass
+
+
+def _plans_built_elsewhere(tmp_path: Path, **meta: str) -> Path:
+    """A copy of the emulated export whose manifest says its plans were built with ``meta``
+    (``tensorrt_version``, ``compute_capability``)."""
+    from hms_deploy.runtime import manifest as mf
+
+    root = tmp_path / "engines"
+    shutil.copytree(emulated_export_dir(), root)
+    data = json.loads((root / "manifest.json").read_text())
+    for rec in data["parts"].values():
+        rec["trt"].update(meta)
+    data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    mf.write_manifest(root, data)
+    return root
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    ({"tensorrt_version": "10.0.1"}, r"plan built for TensorRT 10.0.1 .*this machine has TensorRT 11.0.0"),
+    ({"compute_capability": "8.6"}, r"\(sm_86\); this machine has TensorRT 11.0.0 on GPU .* \(sm_90\)"),
+])
+def test_trt_engines_refuse_plans_built_elsewhere(tmp_path, trt, meta, why):
+    from hms_deploy.cli.common import flag_advice
+    from hms_deploy.runtime.manifest import load_manifest
+
+    m = load_manifest(_plans_built_elsewhere(tmp_path, **meta))
+    with pytest.raises(EngineError, match=rf"^audio_backbone: .*{why}.*: rebuild with "
+                       r"`hms_deploy.export.add_trt_plans\('.*'\)` \(and 8 more parts\)") as e:
+        trt_engines(m, CPU, streams=trt.emulated_device)
+    assert flag_advice(e.value, {}).endswith(  # the CLI shows the command, not the call
+        f": rebuild with `hms-export --engines {m.dir} --engine trt` (and 8 more parts)")
 
 
 # ----------------------------------------------------------------- building plans
