@@ -197,6 +197,10 @@ class Handler:
     # -- answering -----------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> list[Outputs | str]:
         """Outputs (or one line of error text) for every request, in order."""
+        return [a if isinstance(a, str) else outputs(a) for a in self.answer(requests)]
+
+    def answer(self, requests: Sequence[Request]) -> list[list[dict[str, Any]] | str]:
+        """The records (or one line of error text) of every request, in order."""
         answers = [_Answer() for _ in requests]
         tmp = Path(tempfile.mkdtemp(prefix=f"hms-serve-{os.getpid()}-", dir=self.options.upload_dir))
         try:
@@ -231,7 +235,7 @@ class Handler:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return [" ".join(a.error.split()) if a.error is not None
-                else outputs([a.records[j] for j in sorted(a.records)]) for a in answers]
+                else [a.records[j] for j in sorted(a.records)] for a in answers]
 
 
 def outputs(records: list[dict[str, Any]]) -> Outputs:

@@ -11,18 +11,17 @@ without Triton).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Outputs
+from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX
 
 OUTCOMES = ("ok", "bad", "error", "refused")
 MODALITIES = ("audio", "appearance", "motion")
 STAGES = ("total", "decode", "audio", "appearance", "motion", "cells_gates", "other")
 
 
-def outcome(answer: Outputs | str) -> str:
-    """``ok`` (outputs), ``error`` (the server's fault) or ``bad`` (the request's)."""
+def outcome(answer: list[dict[str, Any]] | str) -> str:
+    """``ok`` (records), ``error`` (the server's fault) or ``bad`` (the request's)."""
     if not isinstance(answer, str):
         return "ok"
     return "error" if answer.startswith(INTERNAL_PREFIX) else "bad"
@@ -88,13 +87,12 @@ class ServeMetrics:
             except Exception:  # noqa: BLE001 - counting never fails a request
                 self.metrics.pop(key, None)
 
-    def count(self, answer: Outputs | str) -> None:
-        """Count one request's answer (its records' figures when it has records)."""
+    def count(self, answer: list[dict[str, Any]] | str) -> None:
+        """Count one request's answer: its records' figures, or its error."""
         self.add(f"outcome:{outcome(answer)}", 1.0)
         if isinstance(answer, str):
             return
-        records = [json.loads(bytes(b)) for b in answer["record"].reshape(-1)]
-        for key, value in totals(records).items():
+        for key, value in totals(answer).items():
             self.add(key, value)
 
     def refused(self, n: int) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hms_deploy.runtime.serve import INPUTS
-from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, ServeOptions
+from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, ServeOptions, outputs
 from hms_deploy.runtime.serve.metrics import ServeMetrics
 from hms_deploy.runtime.serve.options import DEFAULT_MAX_UPLOAD_BYTES
 
@@ -126,14 +126,14 @@ class TritonPythonModel:
                 inputs[name] = None if t is None else t.as_numpy()
             batch.append(inputs)
         responses = []
-        for answer in self.handler.run(batch):
+        for answer in self.handler.answer(batch):
             if self.metrics is not None:
-                self.metrics.count(answer)
+                self.metrics.count(answer)  # from the records, before they are serialised
             if isinstance(answer, str):
                 responses.append(pb_utils.InferenceResponse(error=_error(pb_utils, answer)))
             else:
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.items()]
+                    output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs(answer).items()]
                 ))
         return responses
 
