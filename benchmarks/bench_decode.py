@@ -36,7 +36,6 @@ skipped and converted come from the decoder's counters.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from benchmarks.common import (
     MEDIA_DIR,
     RESULTS_DIR,
     header_lines,
+    loadavg,
     provenance,
     summarize,
     write_report,
@@ -276,7 +276,7 @@ def run(s: DecodeSettings, log: Callable[[str], None] = print) -> dict[str, Any]
                         "over_full_decode")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["machine"]["loadavg_at_end"] = loadavg()
     outdir = Path(s.out)
     write_report(outdir / f"{s.name}.json", out, markdown)
     log(f"hms_decode_over_full_decode = {ratio:.3f} (target <= {TARGET}); "

@@ -28,7 +28,6 @@ the reports :mod:`benchmarks.e2e_report`; this module runs them and is the CLI.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -40,6 +39,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     bench_video,
     ensure_model,
+    loadavg,
     open_session,
     ort_spinning,
     provenance,
@@ -120,7 +120,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
         "summary": summ,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["machine"]["loadavg_at_end"] = loadavg()
     outdir = Path(s.out)
     write_report(outdir / f"{s.stem}.json", out, markdown)
     if s.plot:

@@ -32,7 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, ensure_model, provenance, write_json
+from benchmarks.common import (
+    RESULTS_DIR,
+    ensure_model,
+    loadavg,
+    proc_status_kb,
+    provenance,
+    write_json,
+)
 
 SAMPLE_EVERY_S = 0.2
 
@@ -52,17 +59,6 @@ def make_videos(folder: Path, n: int) -> list[Path]:
                                size=(96, 64))
             tmp.replace(p)
         out.append(p)
-    return out
-
-
-def _status_kb(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1])
-    except OSError:
-        pass
     return out
 
 
@@ -87,7 +83,7 @@ def measure(videos: list[Path], engines: Path, batch_size: int, policy: str, wor
             break
         n = out.read_bytes().count(b"\n") if out.exists() else 0
         if n != last:
-            st = _status_kb(proc.pid)
+            st = proc_status_kb(proc.pid, "VmRSS", "VmHWM")
             if st:
                 curve.append((n, st.get("VmRSS", 0) / 1024, st.get("VmHWM", 0) / 1024))
             last = n
@@ -138,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"batch_size": b, "ratio": round(ratio, 3), "within_target": ok})
         print(f"batch {b:3d}: peak({hi}) / peak({lo}) = {ratio:.3f} "
               f"({'within' if ok else 'OVER'} the {args.tolerance:.0%} target)")
-    prov["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    prov["loadavg_at_end"] = loadavg()
     path = write_json(RESULTS_DIR / f"{args.name}.json",
                       {"provenance": prov, "settings": vars(args) | {"media": str(args.media)},
                        "runs": runs, "verdicts": verdicts})

@@ -43,6 +43,7 @@ from benchmarks.common import (
     ensure_model,
     fmt_ms,
     header_lines,
+    loadavg,
     provenance,
     summarize,
     write_json,
@@ -218,7 +219,7 @@ def run(s: OverlapSettings, log: Callable[[str], None] = print) -> dict[str, Any
     out = {"benchmark": "overlap", "schema": 1, **prov, "variant": s.variant, "engine": "onnx",
            "T": s.steps, "video": video, "settings": asdict(s), "runs": results,
            "summary": summary(results, s), "seconds": round(time.perf_counter() - t0, 1)}
-    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["machine"]["loadavg_at_end"] = loadavg()
     outdir = Path(s.out)
     write_report(outdir / f"{s.name}.json", out, markdown)
     (outdir / f"{s.name}.partial.json").unlink(missing_ok=True)
@@ -273,7 +274,7 @@ def from_partial(s: OverlapSettings, log: Callable[[str], None] = print) -> dict
     out = {"benchmark": "overlap", "schema": 1, **prov, "variant": s.variant, "engine": "onnx",
            "T": T, "video": "reference_60s_640x360.mp4", "settings": asdict(s),
            "runs": results, "summary": summary(results, s), "cut_short": True}
-    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["machine"]["loadavg_at_end"] = loadavg()
     write_report(outdir / f"{s.name}.json", out, markdown)
     return out
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from benchmarks.common import (
     ensure_model,
     free_ports,
     header_lines,
+    loadavg,
     percentile,
     provenance,
     write_report,
@@ -272,7 +272,7 @@ def run(s: ServeSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"{summary['requests_per_s']} req/s ({results[variant]['serve_over_offline_best']} of "
             f"the better offline run), p50 {summary['latency_ms']['p50']} ms, "
             f"p99 {summary['latency_ms']['p99']} ms; records agree: {ok}")
-    load_end = [round(x, 2) for x in os.getloadavg()]
+    load_end = loadavg()
     out = {"provenance": prov, "settings": asdict(s), "video": str(video),
            "loadavg_at_end": load_end, "results": results}
     out_dir = Path(s.out)

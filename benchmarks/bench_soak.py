@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -39,7 +38,9 @@ from benchmarks.common import (
     bench_video,
     ensure_model,
     header_lines,
+    loadavg,
     percentile,
+    proc_status_kb,
     provenance,
     write_report,
 )
@@ -77,13 +78,7 @@ def bad_kinds(data: bytes) -> list[dict[str, Any]]:
 
 def rss_kb(pid: int) -> int | None:
     """Resident set size of process ``pid`` (kB; None if gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return proc_status_kb(pid, "VmRSS").get("VmRSS")
 
 
 def serve_processes(serve_pid: int) -> dict[str, int]:
@@ -122,7 +117,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
     prov = provenance("cpu")
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = loadavg()
     video = bench_video(s.video, s.work_dir, smoke=True, log=log)
     root_models = Path(s.work_dir) / "models" / s.variant if s.work_dir else None
     _, engines = ensure_model(s.variant, root=root_models, log=log)
@@ -149,7 +144,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
             def sample(done: int) -> None:
                 pids = serve_processes(proc.pid)
                 rss.append({"done": done, "elapsed_s": round(time.monotonic() - t0, 1),
-                            "loadavg": [round(x, 2) for x in os.getloadavg()],
+                            "loadavg": loadavg(),
                             **{f"{k}_rss_mb": round((rss_kb(p) or 0) / 1024, 1) for k, p in pids.items()}})
                 log(f"  {done}/{s.requests}: {rss[-1]}")
 
@@ -223,7 +218,7 @@ def run(s: SoakSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
                 growth[k[:-7]] = round((rss[-1][k] - q3[k]) / q3[k], 4)
     out = {
         "provenance": prov, "settings": asdict(s), "video": str(video),
-        "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_at_start": load_start, "loadavg_at_end": loadavg(),
         "sent": tally.done, "wall_s": round(wall, 1), "good": tally.good,
         "good_answered": tally.good_answered, "good_different": tally.good_wrong,
         "bad": tally.bad, "bad_refused": tally.bad_refused, "other": tally.other[:20],

@@ -46,6 +46,7 @@ from benchmarks.common import (
     SMOKE_NOTE,
     ensure_model,
     header_lines,
+    loadavg,
     open_session,
     provenance,
     verdict,
@@ -232,7 +233,7 @@ def run(s: ThroughputSettings, log: Callable[[str], None] = print) -> dict[str, 
         "videos": videos,
         "hms": {k: _median_run(v) for k, v in hms.items()},
         "dense": dense_runs,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_at_end": loadavg(),
     }
     out["summary"] = summarize(out)
     out_dir = Path(s.out)

@@ -26,17 +26,16 @@ import numpy as np
 
 from benchmarks.bench_serve import start_serve
 from benchmarks.bench_soak import rss_kb, serve_processes
-from benchmarks.common import RESULTS_DIR, ensure_model, header_lines, provenance, write_report
+from benchmarks.common import (
+    RESULTS_DIR,
+    ensure_model,
+    header_lines,
+    loadavg,
+    proc_status_kb,
+    provenance,
+    write_report,
+)
 from hms_deploy.runtime.serve.client import request_inputs
-
-
-def _status(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-            k, v = line.split(":")
-            out[k] = round(int(v.split()[0]) / 1024, 1)
-    return out
 
 
 def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: str) -> dict[str, Any]:
@@ -84,14 +83,15 @@ def run(requests: int, clients: int, upload_mb: float, arena: int | None, name: 
             t.start()
         for t in threads:
             t.join()
-        split = _status(serve_processes(proc.pid)["tritonserver"])
+        split = {k: round(v / 1024, 1) for k, v in proc_status_kb(
+            serve_processes(proc.pid)["tritonserver"], "RssAnon", "RssFile", "RssShmem").items()}
     key = "tritonserver_rss_mb"
     growth = round((samples[-1][key] - samples[-2][key]) / samples[-2][key], 4) if len(samples) > 2 else None
     out = {"provenance": prov, "requests": requests, "clients": clients, "upload_mb": upload_mb,
            "malloc_arena_max": arena, "server_args": args, "samples": samples,
            "tritonserver_split_mb": split, "tritonserver_last_fifth_growth": growth,
            "failed_other": len(failed), "failed_examples": failed[:5],
-           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+           "loadavg_at_end": loadavg()}
     write_report(RESULTS_DIR / f"{name}.json", out, markdown)
     print(json.dumps({"samples": samples, "split": split}))
     return out

@@ -107,6 +107,25 @@ def machine(device: str) -> dict[str, Any]:
     }
 
 
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def proc_status_kb(pid: int, *keys: str) -> dict[str, int]:
+    """Fields of ``/proc/PID/status`` given in kB (``VmRSS``, ``VmHWM``, ``RssAnon``...):
+    ``{key: kB}`` for those of ``keys`` present; empty when the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, header_lines, provenance, write_report
+from benchmarks.common import RESULTS_DIR, header_lines, loadavg, provenance, write_report
 
 LINES = {
     "demo": re.compile(r"^demo: (\d+)/(\d+) correct$", re.MULTILINE),
@@ -60,7 +60,7 @@ def one_run(seed: int, threads: int, work: Path, deterministic: bool) -> dict[st
         "exit_code": proc.returncode, "wall_s": round(wall, 1),
         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1),
         "loadavg_before": [round(x, 2) for x in load0],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_after": loadavg(),
     }
     demo, usage, test = (LINES[k].search(proc.stdout) for k in ("demo", "usage", "test"))
     if proc.returncode != 0 or not (demo and usage and test):

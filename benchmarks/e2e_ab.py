@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS_DIR, fmt_commit, fmt_ms, write_report
+from benchmarks.common import REPO, RESULTS_DIR, fmt_commit, fmt_ms, loadavg, write_report
 
 SUMMARY_KEYS = ("wall_ratio_hms_over_dense", "wall_ratio_over_gmac_ratio",
                 "cpu_ratio_over_gmac_ratio", "speedup_over_mask", "overhead_fraction")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"benchmark": "e2e_ab", "date": now_utc(), "this_git": git_commit(),
                            "base_label": args.base_label or args.base_site,
                            "bench_args": args.bench_args,
-                           "loadavg_start": [round(x, 2) for x in os.getloadavg()], "rounds": []}
+                           "loadavg_start": loadavg(), "rounds": []}
     if args.sessions_only:  # bench_e2e records its own machine; the Session runs do not
         res["machine"], res["versions"] = machine("cpu"), versions()
     paths = {"base": f"{args.base_site}{os.pathsep}{REPO}", "this": str(REPO)}
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.sessions_only else
                     _bench(paths[which], args.bench_args, Path(tmp) / f"{which}{k}"))
             res["rounds"].append(rnd)
-    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["loadavg_end"] = loadavg()
     res["compare"] = compare(res["rounds"])
     out = Path(args.out)
     if args.sessions_only:

@@ -65,6 +65,7 @@ HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import loadavg
 from benchmarks.quality_summary import summarize
 from hms_deploy.train.presets import preset_values
 
@@ -249,7 +250,7 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
 
 def _load() -> list[float] | None:
     try:
-        return [round(x, 2) for x in os.getloadavg()]
+        return loadavg()
     except OSError:
         return None
 
