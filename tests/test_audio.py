@@ -180,11 +180,11 @@ def _blas_threads() -> int:
 def test_the_projection_runs_on_one_blas_thread_and_the_pool_is_restored() -> None:
     import threading
 
-    from hms_deploy.data.audio import ONE_BLAS_THREAD
+    from hms_deploy.data.audio import one_blas_thread
 
     before = _blas_threads()
-    with ONE_BLAS_THREAD:
-        with ONE_BLAS_THREAD:  # nested
+    with one_blas_thread():
+        with one_blas_thread():  # nested
             assert _blas_threads() == 1
         assert _blas_threads() == 1
     assert _blas_threads() == before

@@ -23,8 +23,9 @@ the waveform they read, so that the audio decoder can stop there.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -63,38 +64,23 @@ def _mel_matrix_cached(
     return weights
 
 
-class _OneBlasThread:
+_BLAS_LOCK = threading.RLock()
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
     """A context in which NumPy's BLAS runs on the calling thread only.
 
     The mel projection is a small matrix product that OpenBLAS would split over its
     thread pool, whose threads then spin on a core for a while after it returns: CPU time
-    taken from the decode thread and the engines, per video. The pool is limited on entry
-    and restored on exit by the same thread, one thread at a time (a lock: OpenBLAS does
-    not take a limit set by another thread, and called from a thread other than the main
-    one it may ignore the limit, which then changes nothing). The result is the same bit
-    for bit (each output element is summed in the same order whichever thread computes it).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._limiter: Any = None
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        if self._depth == 0:
-            self._limiter = _blas_controller().limit(limits=1, user_api="blas")
-        self._depth += 1
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self._depth -= 1
-            if self._depth == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-        finally:
-            self._lock.release()
+    taken from the decode thread and the engines, per video. threadpoolctl's limiter sets
+    the limit on entry and restores the pool on exit; the lock makes the same thread do
+    both, one thread at a time (OpenBLAS does not take a limit set by another thread, and
+    called from a thread other than the main one it may ignore the limit, which then
+    changes nothing). The result is the same bit for bit (each output element is summed
+    in the same order whichever thread computes it)."""
+    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
+        yield
 
 
 @lru_cache(maxsize=1)
@@ -102,9 +88,6 @@ def _blas_controller() -> Any:
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()  # finds the loaded BLAS libraries once per process
-
-
-ONE_BLAS_THREAD = _OneBlasThread()
 
 
 def mel_matrix(front_end: AudioFrontEnd | None = None) -> NDArray[np.float64]:
@@ -190,7 +173,7 @@ def log_mel_spectrogram(
     windows = np.lib.stride_tricks.sliding_window_view(x, fe.win_length)[:: fe.hop_length]
     windows = windows[:frames] * periodic_hann(fe.win_length)
     magnitude = np.abs(np.fft.rfft(windows, n=fe.n_fft, axis=-1))
-    with ONE_BLAS_THREAD:
+    with one_blas_thread():
         mel = magnitude @ mel_matrix(fe)
     logmel: NDArray[np.float32] = np.log(mel + fe.log_offset).astype(np.float32)
     return logmel
