@@ -22,6 +22,8 @@ from numpy.typing import NDArray
 
 from hms_deploy.errors import VideoError
 
+# samples the resampler may hold back for its filter (more than its half-length at any rate)
+_FILTER_DELAY = 64
 # the sample formats av.AudioFrame.from_ndarray builds a frame from
 _JOINABLE = frozenset({"dbl", "dblp", "flt", "fltp", "s16", "s16p", "s32", "s32p", "u8", "u8p"})
 
@@ -30,7 +32,8 @@ class MonoAt:
     """Mono float32 samples at ``rate`` from a stream's decoded frames, in order.
 
     :meth:`add` each frame and collect what it returns; :meth:`drain` gives what the frames
-    held back for the next batch make now; :meth:`flush` ends the stream. The first frame
+    held back for the next batch make now; :meth:`flush` ends the stream; :attr:`given`
+    counts the samples returned so far. The first frame
     decides the route; a later frame of another format, layout or rate is a
     :class:`VideoError` naming ``path`` (the resampler refuses such a frame too)."""
 
@@ -43,6 +46,7 @@ class MonoAt:
         self.joined = False  # batches of frames (else one frame at a time)
         self._held: list[NDArray[Any]] = []
         self._held_samples = 0
+        self.given = 0
 
     def add(self, frame: Any) -> list[NDArray[np.float32]]:
         import av
@@ -58,7 +62,7 @@ class MonoAt:
         elif kind != self.first:
             raise VideoError(f"{self.path}: the audio changes format mid-stream ({self.first} -> {kind})")
         if self.resampler is None:
-            return [np.frombuffer(frame.planes[0], dtype=np.float32, count=frame.samples).copy()]
+            return self._give([np.frombuffer(frame.planes[0], dtype=np.float32, count=frame.samples).copy()])
         if not self.joined:
             return self._resample(frame)
         self._held.append(frame.to_ndarray())
@@ -70,7 +74,7 @@ class MonoAt:
         resampler's filter delay in hand)."""
         if self.first is None or not self._held_samples:
             return 0
-        return math.ceil(self._held_samples * self.rate / self.first[2]) + 64
+        return math.ceil(self._held_samples * self.rate / self.first[2]) + _FILTER_DELAY
 
     def drain(self) -> list[NDArray[np.float32]]:
         """The samples of the held frames (what the resampler gives for them now)."""
@@ -93,4 +97,8 @@ class MonoAt:
 
     def _resample(self, frame: Any) -> list[NDArray[np.float32]]:
         # the resampler gives "flt" frames: float32
-        return [o.to_ndarray().reshape(-1) for o in self.resampler.resample(frame)]
+        return self._give([o.to_ndarray().reshape(-1) for o in self.resampler.resample(frame)])
+
+    def _give(self, chunks: list[NDArray[np.float32]]) -> list[NDArray[np.float32]]:
+        self.given += sum(c.size for c in chunks)
+        return chunks

@@ -369,17 +369,14 @@ def decode_audio(
     try:
         if not container.streams.audio:
             return silent, False
-        given = 0  # samples out of the resampler
         for frame in container.decode(container.streams.audio[0]):
             if not timed and frame.pts is not None and frame.time_base is not None:
                 shift, timed = _shift(info, float(frame.pts * frame.time_base), sample_rate), True
-            out = mono.add(frame)
-            if needed is not None and given + sum(x.size for x in out) + mono.held_output() + shift >= needed:
-                out += mono.drain()
-            chunks += out
-            given += sum(x.size for x in out)
-            if needed is not None and chunks and given + shift >= needed:
-                break  # the samples after these are never read
+            chunks += mono.add(frame)
+            if needed is not None and mono.given + mono.held_output() + shift >= needed:
+                chunks += mono.drain()  # the frames held for a batch may reach ``needed``
+                if chunks and mono.given + shift >= needed:
+                    break  # the samples after these are never read
         else:
             chunks += mono.flush()
     except av.FFmpegError as e:
