@@ -48,9 +48,10 @@ def default_opt_batch(max_batch: int) -> int:
     return max(1, (max_batch + 1) // 2)
 
 
-def check_build(max_batch: int, opt_batch: int | None = None, workspace_bytes: int = 1) -> int:
-    """The one check of a plan build's settings (a :class:`ConfigError` naming the setting);
-    returns the profile's optimisation batch (``opt_batch`` or :func:`default_opt_batch`)."""
+def check_build(max_batch: int, opt_batch: int | None = None, workspace_bytes: int | None = None) -> int:
+    """The one check of a plan build's settings (a :class:`ConfigError` naming the setting;
+    ``workspace_bytes`` only when given); returns the profile's optimisation batch
+    (``opt_batch`` or :func:`default_opt_batch`)."""
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}", setting="max_batch",
                           value=max_batch, expected=">= 1")
@@ -58,7 +59,7 @@ def check_build(max_batch: int, opt_batch: int | None = None, workspace_bytes: i
     if not 1 <= opt <= max_batch:
         raise ConfigError(f"opt_batch must be in 1..{max_batch}, got {opt}", setting="opt_batch",
                           value=opt, expected=f"1..{max_batch}")
-    if workspace_bytes < 1:
+    if workspace_bytes is not None and workspace_bytes < 1:
         raise ConfigError(f"workspace_bytes must be >= 1, got {workspace_bytes}",
                           setting="workspace_bytes", value=workspace_bytes, expected=">= 1")
     return opt

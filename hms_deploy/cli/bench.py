@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.cli.common import debug_option, given, handle_errors
 from hms_deploy.errors import ConfigError
 
 
@@ -119,7 +119,7 @@ def main(
         "variant": variant, "device": device, "checkpoint": checkpoint, "threads": threads,
         "engines_dir": engines_dir, "work_dir": work_dir, "out": out, "name": name,
     }
-    common = {k: v for k, v in common.items() if v is not None}
+    common = given(**common)
     for opt, value in (("--steps", steps), ("--repeats", repeats), ("--batch", batch),
                        ("--heavy-repeats", heavy_repeats),
                        ("--throughput-videos", throughput_videos),
@@ -130,64 +130,55 @@ def main(
         raise ConfigError(f"--soak N needs --suite serve and N >= 1, got --suite {suite} --soak {soak}")
     if suite == "decode":
         dec = _bench_module("bench_decode")
-        given: dict[str, Any] = {k: v for k, v in (("video", video), ("steps", steps), ("repeats", repeats),
-                                   ("out", out), ("name", name)) if v is not None}
-        dec.run(dec.DecodeSettings(**given), log=click.echo)
+        dec.run(dec.DecodeSettings(**given(video=video, steps=steps, repeats=repeats, out=out,
+                                           name=name)), log=click.echo)
         return
     if suite in ("e2e", "all"):
         e2e = _bench_module("bench_e2e")
-        given = dict(common)
-        for k, v in (("engine", engine), ("steps", steps), ("repeats", repeats),
-                     ("heavy_repeats", heavy_repeats), ("batch", batch),
-                     ("throughput_videos", throughput_videos),
-                     ("throughput_repeats", throughput_repeats), ("video", video)):
-            if v is not None:
-                given[k] = v
+        kw = {**common, **given(engine=engine, steps=steps, repeats=repeats,
+                                heavy_repeats=heavy_repeats, batch=batch,
+                                throughput_videos=throughput_videos,
+                                throughput_repeats=throughput_repeats, video=video)}
         if no_plot:
-            given["plot"] = False
+            kw["plot"] = False
         if ort_spinning is not None:
-            given["ort_spinning"] = ort_spinning == "on"
+            kw["ort_spinning"] = ort_spinning == "on"
         if suite == "all" and name:
-            given["name"] = f"{name}_e2e"
+            kw["name"] = f"{name}_e2e"
         if smoke:
-            given.setdefault("out", str(Path(e2e.MEDIA_DIR) / "smoke"))
-            settings = e2e.smoke_settings(**given)
+            kw.setdefault("out", str(Path(e2e.MEDIA_DIR) / "smoke"))
+            settings = e2e.smoke_settings(**kw)
         else:
-            settings = e2e.E2ESettings(**given)
+            settings = e2e.E2ESettings(**kw)
         e2e.run(settings, log=click.echo)
     if suite == "serve" and soak is not None:
         sk = _bench_module("bench_soak")
-        given = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
-        given.update({k: v for k, v in (("steps", steps), ("video", video), ("variant", variant),
-                                        ("max_s", soak_max_s)) if v is not None})
-        sk.run(sk.SoakSettings(requests=soak, **given), log=click.echo)
+        kw = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
+        kw.update(given(steps=steps, video=video, variant=variant, max_s=soak_max_s))
+        sk.run(sk.SoakSettings(requests=soak, **kw), log=click.echo)
     elif suite == "serve":
         _serve_suite(variant, steps, smoke, common, video)
     if suite == "throughput":
         tp = _bench_module("bench_throughput")
-        given = {k: v for k, v in common.items() if k not in ("threads",)}
-        for k, v in (("engine", engine), ("steps", steps), ("videos", throughput_videos),
-                     ("hms_repeats", throughput_repeats), ("video", video)):
-            if v is not None:
-                given[k] = v
+        kw = {k: v for k, v in common.items() if k not in ("threads",)}
+        kw.update(given(engine=engine, steps=steps, videos=throughput_videos,
+                        hms_repeats=throughput_repeats, video=video))
         if smoke:
-            given.setdefault("out", str(Path(tp.MEDIA_DIR) / "smoke"))
-        tp.run(tp.smoke_settings(**given) if smoke else tp.ThroughputSettings(**given),
+            kw.setdefault("out", str(Path(tp.MEDIA_DIR) / "smoke"))
+        tp.run(tp.smoke_settings(**kw) if smoke else tp.ThroughputSettings(**kw),
                log=click.echo)
     if suite in ("parts", "all"):
         parts = _bench_module("bench_parts")
-        given = dict(common)
-        if repeats is not None:
-            given["repeats"] = repeats
+        kw = {**common, **given(repeats=repeats)}
         if backends:
-            given["backends"] = tuple(b.strip() for b in backends.split(",") if b.strip())
+            kw["backends"] = tuple(b.strip() for b in backends.split(",") if b.strip())
         if suite == "all" and name:
-            given["name"] = f"{name}_parts"
+            kw["name"] = f"{name}_parts"
         if smoke:
-            given.setdefault("out", str(Path(parts.MEDIA_DIR) / "smoke"))
-            settings = parts.smoke_settings(**given)
+            kw.setdefault("out", str(Path(parts.MEDIA_DIR) / "smoke"))
+            settings = parts.smoke_settings(**kw)
         else:
-            settings = parts.PartsSettings(**given)
+            settings = parts.PartsSettings(**kw)
         parts.run(settings, log=click.echo)
     if smoke:
         click.echo(f"hms-bench: {_bench_module('common').SMOKE_NOTE}")
@@ -197,12 +188,12 @@ def _serve_suite(variant: str | None, steps: int | None, smoke: bool, common: di
                  video: str | None) -> None:
     """``--suite serve``: benchmarks/bench_serve.py (tiny and paper unless --variant)."""
     serve = _bench_module("bench_serve")
-    given = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
+    kw = {k: v for k, v in common.items() if k in ("threads", "work_dir", "out", "name")}
     if variant:
-        given["variants"] = (variant,)
+        kw["variants"] = (variant,)
     if steps:
-        given["steps"] = {"tiny": steps, "paper": steps}
+        kw["steps"] = {"tiny": steps, "paper": steps}
     if video:
-        given["video"] = video
-    settings = serve.smoke_settings(**given) if smoke else serve.ServeSettings(**given)
+        kw["video"] = video
+    settings = serve.smoke_settings(**kw) if smoke else serve.ServeSettings(**kw)
     serve.run(settings, log=click.echo)

@@ -121,6 +121,12 @@ def _name_flags(text: str, settings: Any, flags: dict[str, str], *, only_own: bo
     return text, missing
 
 
+def given(**values: Any) -> dict[str, Any]:
+    """The flags the user gave, by the options object's field names: a flag left at None
+    is left out, so that the options object's default applies."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def settings_from_flags(**overrides: Any) -> Any:
     """The :class:`~hms_deploy.runtime.options.RunSettings` of the running command: every
     parameter named as one of its fields (a flag left at None keeps the field's default),
@@ -129,8 +135,8 @@ def settings_from_flags(**overrides: Any) -> Any:
     from hms_deploy.runtime.options import FIELD_NAMES, RunSettings
 
     params = click.get_current_context().params
-    given = {k: v for k, v in params.items() if k in FIELD_NAMES and v is not None}
-    return RunSettings(**{**given, **overrides})
+    fields = given(**{k: v for k, v in params.items() if k in FIELD_NAMES})
+    return RunSettings(**{**fields, **overrides})
 
 
 def setting_default(name: str) -> Any:
@@ -269,16 +275,16 @@ def ray_layout(ray: bool, address: str | None, workers: int | None, threads: int
     --ray-address, --threads-per-worker, and --workers unless ``local_workers`` (a
     command whose --workers also means something without Ray)."""
     if not ray:
-        given = [flag for flag, value in (("--ray-address", address),
+        extra = [flag for flag, value in (("--ray-address", address),
                                           ("--workers", None if local_workers else workers),
                                           ("--threads-per-worker", threads)) if value is not None]
-        if given:
-            raise click.UsageError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} "
+        if extra:
+            raise click.UsageError(f"{' and '.join(extra)} need{'s' if len(extra) == 1 else ''} "
                                    "--ray")
         return None
     from hms_deploy.runtime.ray_cluster import RayLayout
 
     layout = RayLayout(address=address, workers=workers,  # its defaults and check
-                       **({} if threads is None else {"threads_per_worker": threads}))
+                       **given(threads_per_worker=threads))
     layout.check()
     return layout

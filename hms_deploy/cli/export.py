@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import EXIT_STOPPED, debug_option, fail, handle_errors
+from hms_deploy.cli.common import EXIT_STOPPED, debug_option, fail, given, handle_errors
 from hms_deploy.errors import ConfigError
 from hms_deploy.export.onnx import MAX_OPSET, MIN_OPSET
 from hms_deploy.export.pipeline import ExportOptions
@@ -96,13 +96,11 @@ def main(
 
     if workspace_gb is not None and not workspace_gb > 0:  # GiB: the command's unit
         raise ConfigError(f"--workspace-gb must be > 0, got {workspace_gb:g}")
-    given: dict[str, Any] = {"engine": engine, "precision": precision, "opset": opset, "max_batch": max_batch,
-             "opt_batch": opt_batch,
-             "workspace_bytes": None if workspace_gb is None else int(workspace_gb * 2**30)}
     options = ExportOptions(  # its defaults and checks are the only ones
-        force=force, wait=wait,
-        validation=ValidationOptions(video=video, steps=ValidationOptions.steps if steps is None else steps),
-        **{k: v for k, v in given.items() if v is not None},
+        force=force, wait=wait, validation=ValidationOptions(video=video, **given(steps=steps)),
+        **given(engine=engine, precision=precision, opset=opset, max_batch=max_batch,
+                opt_batch=opt_batch,
+                workspace_bytes=None if workspace_gb is None else int(workspace_gb * 2**30)),
     )
     options.check()
     # SIGTERM -> KeyboardInterrupt while exporting, so that the staging dir is cleaned up

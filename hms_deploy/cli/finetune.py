@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, flag_advice, handle_errors, set_threads
+from hms_deploy.cli.common import debug_option, flag_advice, given, handle_errors, set_threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,10 +77,9 @@ def main(
 
     set_threads(threads)
     mods = parse_modalities(modalities)
-    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
     cfg = FinetuneConfig(**{**asdict(FinetuneConfig()), "modalities": mods, "seed": seed,
                             "workers": workers, "augment": not no_jitter,
-                            **{k: v for k, v in given.items() if v is not None}})
+                            **given(epochs=epochs, lr=lr, batch_size=batch_size)})
     cfg.check()
     ckpt = load_checkpoint(checkpoint)
     entries = read_list(list_path).entries

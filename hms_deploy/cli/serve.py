@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -34,6 +33,7 @@ from hms_deploy.cli.common import (
     RECOVERY_FAILED_EXIT,
     SERVER_STOPPED_EXIT,
     debug_option,
+    given,
     handle_errors,
 )
 from hms_deploy.errors import ConfigError, HMSError
@@ -123,12 +123,11 @@ def main(
                           f"got {drain_s:g}")
     if max_upload_mb is not None and not max_upload_mb > 0:  # MiB: the command's unit
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
-    given: dict[str, Any] = {"max_batch": max_batch, "max_queue_delay_us": max_queue_delay_us,
-             "instances": instances, "threads": threads,
-             "max_upload_bytes": None if max_upload_mb is None else int(max_upload_mb * 2**20)}
     options = RepositoryOptions(  # its defaults and checks are the only ones
         engine=engine, device=device, allowed_root=allowed_root, run=RunSettings(steps=steps),
-        **{k: v for k, v in given.items() if v is not None},
+        **given(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
+                threads=threads,
+                max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 2**20)),
     )
     options.check()
     stop = threading.Event()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import debug_option, flag_advice, handle_errors, set_threads
+from hms_deploy.cli.common import debug_option, flag_advice, given, handle_errors, set_threads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,10 +92,10 @@ def main(
     from hms_deploy.train.loop import TrainConfig, train
     from hms_deploy.train.presets import preset_values, resolve_preset
 
-    given = {"epochs": epochs, "lr": lr, "lr_decay": lr_decay, "lam": lam, "gamma_m": gamma_m}
+    flags = given(epochs=epochs, lr=lr, lr_decay=lr_decay, lam=lam, gamma_m=gamma_m)
 
     def config(base: dict[str, Any]) -> TrainConfig:
-        values = {**base, **{k: v for k, v in given.items() if v is not None}}
+        values = {**base, **flags}
         return TrainConfig(
             policy=policy, modalities=parse_modalities(modalities) if policy == "early_fusion"
             else ["audio", "appearance", "motion"],
