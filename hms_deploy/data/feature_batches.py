@@ -103,11 +103,13 @@ class FeatureSource:
 
 
 def stratified_split(
-    labels: NDArray[np.int64], fraction: float, seed: int, *, setting: str = "val_store"
+    labels: NDArray[np.int64], fraction: float, seed: int, *, setting: str = "val_store",
+    expected: str = "a validation store",
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Indices (train, val): ``round(fraction * n_c)`` videos of every class c go to validation
     (at least 1 where the class has >= 2 videos), drawn with ``seed``. An empty validation
-    split is refused naming ``setting``, the caller's way to give a validation set."""
+    split is refused naming ``setting``, the caller's way to give a validation set
+    (``expected``: what that setting takes)."""
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -124,7 +126,5 @@ def stratified_split(
         train.extend(idx[k:].tolist())
     if not val:
         raise DatasetError(f"validation split is empty: the store is too small; use {setting}",
-                           setting=setting,
-                           expected="a validation list" if setting == "val_list" else
-                           "a validation store")
+                           setting=setting, expected=expected)
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))

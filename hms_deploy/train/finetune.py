@@ -169,7 +169,8 @@ def split_entries(entries: Sequence[ListEntry], fraction: float, seed: int
     names = sorted({e.label for e in entries})
     labels = np.array([names.index(e.label) for e in entries], dtype=np.int64)
     try:
-        tr, va = stratified_split(labels, fraction, seed, setting="val_list")
+        tr, va = stratified_split(labels, fraction, seed, setting="val_list",
+                                  expected="a validation list")
     except DatasetError as e:
         raise DatasetError(f"fine-tuning: {e}", setting=e.setting, expected=e.expected) from None
     return [entries[i] for i in tr], [entries[i] for i in va]

@@ -1,7 +1,8 @@
 """The settings of a served model, declared once: what ``config.pbtxt`` holds
 (:class:`RepositoryOptions`, the defaults and checks hms-serve and hms-export
-``--triton-repo`` use) and the upload limit the handler enforces. Imports nothing heavy,
-so that the commands show these defaults in their help."""
+``--triton-repo`` use and show in their help) and the upload limit the handler enforces.
+Apart from the run settings (:mod:`hms_deploy.runtime.options`), it imports none of the
+serving code."""
 
 from __future__ import annotations
 
