@@ -275,3 +275,20 @@ def sigterm_raises(exc: type[BaseException] = Terminated) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait: they are delivered (and their handlers
+    raise) when it ends, so that what the block does happens whole, e.g. a record written
+    and counted. Off the main thread (where Python runs signal handlers): no change."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -368,3 +368,23 @@ def test_a_bind_mount_is_another_name_of_the_same_output_and_video(tmp_path):
     finally:
         for dst in reversed(mounted):
             subprocess.run(["umount", "-l", str(dst)], check=False)  # even if a file is open
+
+
+def test_a_signal_during_a_held_block_comes_after_it():
+    """hms-run writes a record and counts it inside signals_held: SIGTERM (and SIGINT) sent
+    in the middle raise only once both are done, so the count it prints on the way out
+    matches the output file."""
+    from hms_deploy.outputs import Terminated, signals_held, sigterm_raises
+
+    done = []
+    with pytest.raises(Terminated), sigterm_raises():
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("written")
+            done.append("counted")
+        done.append("after the block")  # not reached: the held signal raises first
+    assert done == ["written", "counted"]
+    with pytest.raises(KeyboardInterrupt), signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("still held")
+    assert done[-1] == "still held"

@@ -32,7 +32,7 @@ from hms_deploy.cli.common import (
 )
 from hms_deploy.cli.inputs import Inputs
 from hms_deploy.errors import ConfigError
-from hms_deploy.outputs import Terminated, sigterm_raises
+from hms_deploy.outputs import Terminated, signals_held, sigterm_raises
 
 PROG = "hms-run"
 PROGRESS_MIN_INPUTS = 20  # show progress on a non-TTY stderr only for this many videos
@@ -163,13 +163,14 @@ def run_job(session: Any, opts: Any, inputs: Inputs, job: JobOptions,
         sys.stdout.flush()
         if partial:
             return
-        if results is not None:
-            try:
-                results.append(rec, line)  # serialised once, above
-            except OSError as e:
-                raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
-        finished += 1
-        failed += "error" in rec
+        with signals_held():  # a signal now comes after the record is both written and counted
+            if results is not None:
+                try:
+                    results.append(rec, line)  # serialised once, above
+                except OSError as e:
+                    raise _Stopped(f"cannot write {results.path}: {e.strerror or e}") from None
+            finished += 1
+            failed += "error" in rec
         if low_coverage(rec):
             sparse.append(rec)
         if bar is not None:
