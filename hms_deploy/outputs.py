@@ -281,14 +281,31 @@ def sigterm_raises(exc: type[BaseException] = Terminated) -> Iterator[None]:
 def signals_held() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM wait: they are delivered (and their handlers
     raise) when it ends, so that what the block does happens whole, e.g. a record written
-    and counted. Off the main thread (where Python runs signal handlers): no change."""
+    and counted. Off the main thread (where Python runs signal handlers): no change.
+
+    A signal mask would not do: the kernel gives a signal sent to the process to any thread
+    that does not block it (a decode or ONNX Runtime thread), and Python then runs the
+    handler in the main thread at once. So the block's handlers note the signal, and on the
+    way out the previous handlers are put back and each noted signal is raised again.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        noted.append(signum)
+
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not None:  # None: a handler not set from Python; left alone
+            previous[s] = signal.signal(s, note)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)

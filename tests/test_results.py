@@ -394,3 +394,30 @@ def test_a_signal_during_a_held_block_comes_after_it():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert done[-1] == "still held"
+
+
+def test_a_signal_taken_by_another_thread_still_waits_for_the_held_block():
+    """hms-run has other threads (decode read-ahead, ONNX Runtime): the kernel may hand a
+    process-directed SIGTERM to one of them, and Python runs the handler in the main thread
+    at once. Here the main thread is the only one busy in the block; another thread exists
+    that does not block signals."""
+    import threading
+
+    from hms_deploy.outputs import Terminated, signals_held, sigterm_raises
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    done = []
+    try:
+        with pytest.raises(Terminated), sigterm_raises():
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecodes enough for a pending handler to run
+                    done.append("written")
+                done.append("counted")
+            done.append("after the block")
+    finally:
+        stop.set()
+        other.join()
+    assert done[-1] == "counted" and len(done) == 1001
