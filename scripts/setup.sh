@@ -13,6 +13,10 @@ stamp=.venv/.hms-deploy-installed
 want=$(sha256sum pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into .venv (a few minutes the first time; log in .venv/setup.log)"
+  free_gib=$(df -Pk .venv | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
+  if [ "${free_gib:-0}" -lt 8 ]; then  # the environment takes about 7 GiB (torch with CUDA)
+    echo "setup: warning: ${free_gib} GiB free on the disk of .venv; the install needs about 8 GiB" >&2
+  fi
   {
     .venv/bin/pip install --upgrade pip &&
     .venv/bin/pip install -c scripts/constraints.txt -e ".[dev,serve,ray]" &&
