@@ -134,8 +134,9 @@ def run(settings: Settings, work: Path, *, finetune: bool = True, progress: bool
     from hms_deploy.data.features import open_store
     from hms_deploy.data.synthetic import make_dataset
     from hms_deploy.eval.evaluate import evaluate
-    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones
-    from hms_deploy.train.loop import TrainConfig, train
+    from hms_deploy.train.config import FinetuneConfig, TrainConfig
+    from hms_deploy.train.finetune import finetune_backbones
+    from hms_deploy.train.loop import train
 
     s = settings
     timings: dict[str, float] = {}

@@ -7,12 +7,39 @@ part inputs lives here, is stored in the checkpoint and copied into the export m
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hms_deploy.errors import ConfigError
 
 MODALITIES = ("audio", "appearance", "motion")
+MODALITY_LETTERS = {"A": "audio", "I": "appearance", "M": "motion"}
+
+
+def parse_modalities(text: str | Sequence[str]) -> list[str]:
+    """``"A+I+M"`` / ``"audio+motion"`` / ``["audio", "motion"]`` -> names in canonical order."""
+    parts = text.split("+") if isinstance(text, str) else list(text)
+    names = []
+    for p in parts:
+        p = p.strip()
+        name = MODALITY_LETTERS.get(p.upper(), p.lower()) if p else ""
+        if name not in MODALITIES:
+            raise ConfigError(
+                f"unknown modality {p!r} in {text!r}; expected a '+'-joined subset of "
+                "A, I, M (or audio, appearance, motion)", setting="modalities", value=text
+            )
+        names.append(name)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"modalities {text!r}: need a non-empty subset without repeats",
+                          setting="modalities", value=text)
+    return [m for m in MODALITIES if m in names]
+
+
+def modalities_tag(modalities: Sequence[str]) -> str:
+    """``["audio", "motion"]`` -> ``"A+M"``."""
+    inv = {v: k for k, v in MODALITY_LETTERS.items()}
+    return "+".join(inv[m] for m in MODALITIES if m in modalities)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""hms-export and hms-serve declare each setting once: the flag's default is None (the
-options object's default is the one used and shown in --help) and the options object's
-check is the only one; a bad value on the command line gives that check's error, with the
+"""hms-export, hms-serve, hms-train and hms-finetune declare each setting once: the flag's
+default is None (the options object's default is the one used and shown in --help) and
+the options object's check is the only one; a bad value on the command line gives that check's error, with the
 flag, before any file is looked at."""
 
 from __future__ import annotations
@@ -80,3 +80,126 @@ def test_hms_serve_reports_the_options_own_check(name, tmp_path):
     r = CliRunner().invoke(serve_main, ["--engines", str(tmp_path / "none"), flags[name], str(bad)])
     assert r.exit_code == 2, r.output
     assert r.stderr.strip() == f"hms-serve: error: {flag_advice(info.value, flags)}"
+
+
+# hms-train / hms-finetune: flag name -> (config field, bad value)
+TRAIN_SETTINGS = {
+    "policy": ("policy", "dense"), "epochs": ("epochs", 0), "batch_size": ("batch_size", 0),
+    "lr": ("lr", 0.0), "lr_decay": ("lr_decay", 0.0), "tau": ("tau", -1.0),
+    "tau_decay": ("tau_decay", 0.0), "lam": ("lam", -1.0), "gamma_i": ("gamma_i", 1.5),
+    "gamma_m": ("gamma_m", -0.1), "val_fraction": ("val_fraction", 1.0), "seed": ("seed", None),
+}
+PRESET_FIELDS = ("epochs", "lr", "lr_decay", "lam", "gamma_m")
+FINETUNE_SETTINGS = {
+    "epochs": ("epochs", 0), "lr": ("lr", 0.0), "batch_size": ("batch_size", 0),
+    "workers": ("workers", -1), "seed": ("seed", None),
+}
+
+
+def _help(param: click.Parameter) -> str:
+    return " ".join((param.help or "").split())
+
+
+def test_hms_train_flags_leave_defaults_to_train_config():
+    from hms_deploy.cli.train import main as train_main
+    from hms_deploy.train.config import TrainConfig
+    from hms_deploy.train.presets import PRESETS
+
+    params = {p.name: p for p in train_main.params}
+    ctx = click.Context(train_main)
+    base = TrainConfig()
+    for name, (field, _) in TRAIN_SETTINGS.items():
+        p = params[name]
+        assert p.get_default(ctx, call=False) is None, f"{p.opts[0]} declares its own default"
+        assert type(p.type) in PLAIN_TYPES, f"{p.opts[0]} is checked by click ({p.type})"
+        value = getattr(base, field)
+        if field in PRESET_FIELDS:  # each preset's value, the paper preset being the defaults
+            assert f"paper {value:g}" in _help(p), p.opts[0]
+            small = PRESETS["small"]["hms"][field]
+            assert f"small {small:g}" in _help(p), p.opts[0]
+        else:
+            shown = value if isinstance(value, str) else f"{value:g}"
+            assert f"[default: {shown}]" in _help(p), p.opts[0]
+    assert params["modalities"].get_default(ctx, call=False) is None
+
+
+def _train_args(tmp_path):
+    return ["--store", str(tmp_path / "no-store"), "--checkpoint", str(tmp_path / "none.pt"),
+            "--out", str(tmp_path / "out.pt")]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, bad) in TRAIN_SETTINGS.items()
+                                        if bad is not None))
+def test_hms_train_reports_the_configs_own_check(name, tmp_path):
+    """A bad value gets TrainConfig.check's error with the flag, exit 2, before the store
+    (absent here) is opened."""
+    from hms_deploy.cli.train import main as train_main
+    from hms_deploy.train.config import TrainConfig
+
+    field, bad = TRAIN_SETTINGS[name]
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{field: bad}).check()
+    flags = {p.name: max(p.opts, key=len) for p in train_main.params}
+    r = CliRunner().invoke(train_main, [*_train_args(tmp_path), flags[name], str(bad)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == f"hms-train: error: {flag_advice(info.value, flags)}"
+    assert flags[name] in r.stderr
+
+
+@pytest.mark.parametrize(("policy", "args", "named"), [
+    ("hms", ["--hidden", "16"], "--hidden"),
+    ("hms", ["--modalities", "A+M"], "--modalities"),
+    ("early_fusion", ["--lambda", "3"], "--lambda"),
+    ("early_fusion", ["--tau", "2", "--gamma-i", "0.5"], "--gamma-i"),
+])
+def test_hms_train_refuses_a_setting_the_policy_does_not_have(policy, args, named, tmp_path):
+    from hms_deploy.cli.train import main as train_main
+
+    r = CliRunner().invoke(train_main, [*_train_args(tmp_path), "--policy", policy, *args])
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip()
+    assert line.startswith("hms-train: error: ") and len(line.splitlines()) == 1
+    assert named in line and "--policy" in line and f"policy {policy}" in line
+
+
+def test_hms_train_refuses_val_fraction_beside_val_store(tmp_path):
+    from hms_deploy.cli.train import main as train_main
+
+    r = CliRunner().invoke(train_main, [*_train_args(tmp_path), "--val-store", str(tmp_path),
+                                        "--val-fraction", "0.3"])
+    assert r.exit_code == 2, r.output
+    assert "--val-fraction" in r.stderr and "--val-store" in r.stderr
+
+
+def test_hms_finetune_flags_leave_defaults_to_the_recipe():
+    from hms_deploy.cli.finetune import main as ft_main
+    from hms_deploy.train.config import VAL_FRACTION, FinetuneConfig
+
+    params = {p.name: p for p in ft_main.params}
+    ctx = click.Context(ft_main)
+    recipe = FinetuneConfig()
+    for name, (field, _) in {**FINETUNE_SETTINGS, "val_fraction": ("val_fraction", None)}.items():
+        p = params[name]
+        assert p.get_default(ctx, call=False) is None, f"{p.opts[0]} declares its own default"
+        assert type(p.type) in PLAIN_TYPES, f"{p.opts[0]} is checked by click ({p.type})"
+        value = VAL_FRACTION if field == "val_fraction" else getattr(recipe, field)
+        assert f"[default: {value:g}]" in _help(p), p.opts[0]
+    assert recipe.modalities == ["motion"] and "[default: M]" in _help(params["modalities"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, bad) in FINETUNE_SETTINGS.items()
+                                        if bad is not None))
+def test_hms_finetune_reports_the_configs_own_check(name, tmp_path):
+    from hms_deploy.cli.finetune import main as ft_main
+    from hms_deploy.train.config import FinetuneConfig
+
+    field, bad = FINETUNE_SETTINGS[name]
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig(**{field: bad}).check()
+    flags = {p.name: max(p.opts, key=len) for p in ft_main.params}
+    r = CliRunner().invoke(ft_main, ["--checkpoint", str(tmp_path / "none.pt"), "--list",
+                                     str(tmp_path / "none.csv"), "--out", str(tmp_path / "o.pt"),
+                                     flags[name], str(bad)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == f"hms-finetune: error: {flag_advice(info.value, flags)}"
+    assert not (tmp_path / "o.pt").exists()

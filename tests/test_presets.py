@@ -13,7 +13,8 @@ from test_train import C, write_store
 from hms_deploy.checkpoint import init_checkpoint, save_checkpoint
 from hms_deploy.config import tiny_config
 from hms_deploy.errors import ConfigError
-from hms_deploy.train.loop import TrainConfig, train
+from hms_deploy.train.config import TrainConfig
+from hms_deploy.train.loop import train
 from hms_deploy.train.presets import (
     SMALL_DATA_VIDEOS,
     preset_values,

@@ -12,13 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from hms_deploy.checkpoint import CheckpointError, init_checkpoint, load_checkpoint, save_checkpoint
-from hms_deploy.config import tiny_config
+from hms_deploy.config import parse_modalities, tiny_config
 from hms_deploy.data.feature_batches import FeatureSource, stratified_split
 from hms_deploy.data.features import FeatureStore, StoreMeta, backbone_hash, open_store
 from hms_deploy.errors import DatasetError
 from hms_deploy.metrics import mean_average_precision
-from hms_deploy.model.baselines import build_early_fusion, early_fusion_cost, parse_modalities
-from hms_deploy.train.loop import TrainConfig, fold_normalization, train
+from hms_deploy.model.baselines import build_early_fusion, early_fusion_cost
+from hms_deploy.train.config import TrainConfig
+from hms_deploy.train.loop import fold_normalization, train
 
 C, T = 3, 6
 

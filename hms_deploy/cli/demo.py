@@ -64,7 +64,8 @@ def run_demo(out: Path, *, per_class: int = DEMO_PER_CLASS, duration_s: float = 
     from hms_deploy.data.synthetic import DEFAULT_CLASSES, make_dataset, make_sample_video
     from hms_deploy.export.pipeline import ExportOptions, export_checkpoint
     from hms_deploy.runtime import Session
-    from hms_deploy.train.loop import TrainConfig, train
+    from hms_deploy.train.config import TrainConfig
+    from hms_deploy.train.loop import train
     from hms_deploy.train.presets import preset_values
 
     progress = not quiet

@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.common import debug_option, flag_advice, given, handle_errors, set_threads
+from hms_deploy.config import modalities_tag
+from hms_deploy.train.config import VAL_FRACTION, FinetuneConfig, check_val_fraction
+
+_FINETUNE = FinetuneConfig()  # the recipe's defaults
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,25 +22,30 @@ from hms_deploy.cli.common import debug_option, flag_advice, given, handle_error
 @click.option("--val-list", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Validation CSV (early stopping, kept epoch); default: a stratified "
                    "--val-fraction of --list.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True,
-              help="Held out of --list for validation when --val-list is not given.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Held out of --list for validation when --val-list is not given. "
+                   f"[default: {VAL_FRACTION:g}]")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the checkpoint with the fine-tuned backbones.")
-@click.option("--modalities", default="M", show_default=True,
-              help="'+'-joined backbones to fine-tune: A (audio), I (appearance), M (motion).")
+@click.option("--modalities", default=None,
+              help="'+'-joined backbones to fine-tune: A (audio), I (appearance), M (motion). "
+                   f"[default: {modalities_tag(_FINETUNE.modalities)}]")
 @click.option("--epochs", type=int, default=None,
-              help="At most this many epochs (default: the recipe's, "
-                   "hms_deploy.train.finetune.FinetuneConfig).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default: the recipe's).")
-@click.option("--batch-size", type=int, default=None, help="Steps per batch (default: the recipe's).")
+              help="At most this many epochs (the recipe: hms_deploy.train.config.FinetuneConfig). "
+                   f"[default: {_FINETUNE.epochs}]")
+@click.option("--lr", type=float, default=None,
+              help=f"Adam learning rate (cosine decay). [default: {_FINETUNE.lr:g}]")
+@click.option("--batch-size", type=int, default=None,
+              help=f"Steps per batch. [default: {_FINETUNE.batch_size}]")
 @click.option("--steps", type=int, default=None,
               help="Steps T per video to draw training steps from (default: the checkpoint's).")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Decoding processes; 0 decodes in this process.")
+@click.option("--workers", type=int, default=None,
+              help=f"Decoding processes; 0 decodes in this process. [default: {_FINETUNE.workers}]")
 @click.option("--no-colour-jitter", "no_jitter", is_flag=True,
               help="Do not jitter the colours of the visual inputs in training (the recipe "
                    "does; turn it off when colour shades tell your classes apart).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None,
+              help=f"Seed of the split, initialisation and sampling. [default: {_FINETUNE.seed}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="JSON report: per-epoch loss and step accuracies.")
 @click.option("--threads", type=int, default=None,
@@ -48,16 +57,16 @@ def main(
     checkpoint: Path,
     list_path: Path,
     val_list: Path | None,
-    val_fraction: float,
+    val_fraction: float | None,
     out: Path,
-    modalities: str,
+    modalities: str | None,
     epochs: int | None,
     lr: float | None,
     batch_size: int | None,
     steps: int | None,
-    workers: int,
+    workers: int | None,
     no_jitter: bool,
-    seed: int,
+    seed: int | None,
     report_path: Path | None,
     threads: int | None,
     quiet: bool,
@@ -68,25 +77,29 @@ def main(
     apart). The recipe (linear probe, schedule, colour jitter, early stopping, kept epoch,
     BatchNorm recalibration) is the one the synthetic quality study uses; bad videos are skipped and listed.
     """
-    from dataclasses import asdict
-
     from hms_deploy.checkpoint import load_checkpoint, save_checkpoint
+    from hms_deploy.config import parse_modalities
     from hms_deploy.data.datasets import read_list
-    from hms_deploy.model.baselines import parse_modalities
-    from hms_deploy.train.finetune import FinetuneConfig, finetune_backbones, split_entries
+    from hms_deploy.errors import ConfigError
+    from hms_deploy.train.finetune import finetune_backbones, split_entries
 
-    set_threads(threads)
-    mods = parse_modalities(modalities)
-    cfg = FinetuneConfig(**{**asdict(FinetuneConfig()), "modalities": mods, "seed": seed,
-                            "workers": workers, "augment": not no_jitter,
-                            **given(epochs=epochs, lr=lr, batch_size=batch_size)})
+    settings = given(seed=seed, workers=workers, epochs=epochs, lr=lr, batch_size=batch_size)
+    if modalities is not None:
+        settings["modalities"] = parse_modalities(modalities)
+    cfg = FinetuneConfig(**settings, augment=not no_jitter)
     cfg.check()
+    if val_list is not None and val_fraction is not None:
+        raise ConfigError("val_fraction applies when no val_list is given",
+                          setting=("val_fraction", "val_list"))
+    held_out = VAL_FRACTION if val_fraction is None else val_fraction
+    check_val_fraction(held_out)
+    set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     entries = read_list(list_path).entries
     if val_list is not None:
         train_entries, val_entries = entries, read_list(val_list).entries
     else:
-        train_entries, val_entries = split_entries(entries, val_fraction, seed)
+        train_entries, val_entries = split_entries(entries, held_out, cfg.seed)
     new, report = finetune_backbones(ckpt, train_entries, cfg, val_entries=val_entries,
                                      steps=steps, progress=not quiet)
     save_checkpoint(new, out)
@@ -103,7 +116,7 @@ def main(
     trained = [e for e in run["epochs"] if "epoch" in e]
     acc = run.get("val_step_accuracy")
     click.echo(
-        f"wrote {out} ({'+'.join(mods)} fine-tuned on {report['videos']} videos): "
+        f"wrote {out} ({'+'.join(cfg.modalities)} fine-tuned on {report['videos']} videos): "
         + (f"kept epoch {kept} of {len(trained)} run (at most {cfg.epochs}), "
            f"val step accuracy {acc:.4f} on {report['val_videos']} videos"
            if acc is not None else f"{len(trained)} epochs, no validation")

@@ -90,7 +90,8 @@ def evaluate(
         "interpolated": bool(interpolated), "labels": list(ckpt.labels),
     }
     if ckpt.policy == "early_fusion":
-        from hms_deploy.model.baselines import build_early_fusion, modalities_tag
+        from hms_deploy.config import modalities_tag
+        from hms_deploy.model.baselines import build_early_fusion
 
         fusion = build_early_fusion(ckpt)
         source = FeatureSource(store, None, fusion.modalities)

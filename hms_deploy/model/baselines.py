@@ -21,38 +21,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hms_deploy.config import MODALITIES, HMSConfig
-from hms_deploy.errors import CheckpointError, ConfigError
+from hms_deploy.config import HMSConfig, parse_modalities
+from hms_deploy.errors import CheckpointError
 from hms_deploy.model.hms import CellPart, HeadPart, Projection
 
 PREFIX = "early_fusion."
-SHORT = {"A": "audio", "I": "appearance", "M": "motion"}
-
-
-def parse_modalities(text: str | Sequence[str]) -> list[str]:
-    """``"A+I+M"`` / ``"audio+motion"`` / ``["audio", "motion"]`` -> names in canonical order."""
-    parts = text.split("+") if isinstance(text, str) else list(text)
-    names = []
-    for p in parts:
-        p = p.strip()
-        name = SHORT.get(p.upper(), p.lower()) if p else ""
-        if name not in MODALITIES:
-            raise ConfigError(
-                f"unknown modality {p!r} in {text!r}; expected a '+'-joined subset of "
-                "A, I, M (or audio, appearance, motion)"
-            )
-        names.append(name)
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"modalities {text!r}: need a non-empty subset without repeats")
-    return [m for m in MODALITIES if m in names]
-
-
-def modalities_tag(modalities: Sequence[str]) -> str:
-    """``["audio", "motion"]`` -> ``"A+M"``."""
-    inv = {v: k for k, v in SHORT.items()}
-    return "+".join(inv[m] for m in MODALITIES if m in modalities)
-
-
 class EarlyFusion(nn.Module):
     """Projections of the subset (Linear + ReLU, as HMS), an LSTM cell over their
     concatenation, and a linear head. Input: raw features ``{modality: (N, T, D)}``."""

@@ -31,7 +31,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,8 @@ from hms_deploy.config import MODALITIES
 from hms_deploy.data.datasets import ListEntry
 from hms_deploy.data.extraction import build_encoders, iter_inputs
 from hms_deploy.data.inputs import VideoInputs
-from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.errors import DatasetError
+from hms_deploy.train.config import FinetuneConfig
 from hms_deploy.train.step_classifier import (
     StepClassifier,
     StepData,
@@ -54,80 +55,6 @@ from hms_deploy.train.step_classifier import (
     recalibrate_batchnorm,
     step_accuracy,
 )
-
-
-@dataclass
-class FinetuneConfig:
-    """Which encoders to fine-tune and how (single-step inputs, Adam).
-
-    The defaults are the recipe (``hms-finetune``'s, the synthetic study's), measured on
-    the study's data (tiny variant, T = 8, 30 train / 10 val videos per class, motion
-    encoder), 2-core CPU shared with other jobs, so with few runs:
-
-    - the previous recipe (random classifier, constant lr 3e-3, 5 epochs, no early
-      stopping) reached 0.97 validation step accuracy on seed 0 but 0.73 on seed 1 (the
-      issue saw 0.66-0.69): move_left / move_right at chance on *training* steps too, so
-      an optimisation failure, not overfitting; a second sampling order failed alike;
-    - a linear probe first (``probe_epochs``, LP-FT): on the initial random features it
-      already fits the audio and appearance classes (train step accuracy 0.98-1.0), so
-      the encoder's first updates go to the classes it must learn, and ``focus``
-      sampling starts at once; seed 0 then reached 0.90 after two epochs (0.84 after one);
-    - cosine decay over ``epochs`` with early stopping on validation step accuracy
-      (``patience`` 3, or ``stop_accuracy`` 0.97 reached), the best epoch's weights kept:
-      the epoch count adapts to the data instead of a fixed 5;
-    - a try that ends below ``restart_below`` (0.9) is tried once more from a new random
-      initialisation (``tiny``; other variants from their given weights), the better
-      try kept: seed 1's stall looked tied to its initialisation (LP-FT did not move it
-      in two epochs: 0.72, 0.71);
-    - after training, BatchNorm statistics are recomputed ("precise BN"), since running
-      averages lag the weights (on colour-jittered inputs, as in training);
-    - with LP-FT alone two seeds of five still stalled (motion val step accuracy 0.71-0.75
-      on seed 1, 0.83-0.87 on seed 2, over 7 epochs of 18 s). What fixed them, measured on
-      those seeds: the ``tiny`` motion encoder's fast pathway starts from oriented motion
-      filters (:class:`~hms_deploy.model.backbones.TinySlowFast`; 0.979 and 0.992), and
-      ``augment`` (colour jitter, :func:`~hms_deploy.train.step_classifier.colour_jitter`)
-      against shortcuts through colour on small sets. With both, and the audio encoder
-      fine-tuned too (``--modalities A+M``: random tiny audio features let tone_high slip
-      on validation videos), the study's five seeds reached 1.000 / 0.992 / 0.925 / 0.996 /
-      0.992 (``benchmarks/results/synthetic_quality.json``, ``finetune_val_step_accuracy``).
-    """
-
-    modalities: list[str] = field(default_factory=lambda: ["motion"])
-    epochs: int = 10  # at most; early stopping usually ends sooner
-    steps_per_video: int = 4  # random steps drawn per video and epoch
-    batch_size: int = 8
-    lr: float = 3e-3
-    schedule: str = "cosine"  # "cosine": lr * (1 + cos(pi * update / updates)) / 2; "constant"
-    warmup_epochs: float = 0.0  # linear lr warm-up over this many epochs (then the schedule)
-    probe_epochs: int = 30  # fit the classifier alone first (LP-FT), 0: start from a random one
-    restarts: int = 1  # tries again (see _restart) while the kept val step accuracy is below
-    restart_below: float = 0.9  # this; the best try is kept
-    patience: int = 3  # stop after this many epochs without a better val step accuracy
-    stop_accuracy: float = 0.97  # ... or once val step accuracy reaches this
-    seed: int = 0
-    workers: int = 1  # decoding processes
-    bn_recalibration_steps: int = 2  # random steps per video for the final BatchNorm statistics
-    head: str = "joint"  # "joint": one classifier over all three modalities' features;
-    #                      "separate": one classifier per fine-tuned modality, on its own
-    augment: bool = True  # colour jitter of the trained visual encoders' inputs
-    #                       (step_classifier.colour_jitter: why, and what it measured)
-    focus: bool = True  # after the first epoch, draw videos of class c with probability
-    #                     proportional to max(1 - train accuracy of c, 0.05)
-
-    def check(self) -> None:
-        bad = [m for m in self.modalities if m not in MODALITIES]
-        if bad or not self.modalities:
-            raise ConfigError(f"fine-tune modalities {self.modalities}: expected names from "
-                              f"{MODALITIES}")
-        if self.head not in ("joint", "separate"):
-            raise ConfigError(f"fine-tune head {self.head!r}, expected 'joint' or 'separate'")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"fine-tune schedule {self.schedule!r}, expected 'cosine' or "
-                              "'constant'")
-        if min(self.epochs, self.steps_per_video, self.batch_size, self.patience) < 1 \
-                or not self.lr > 0:
-            raise ConfigError("fine-tune epochs, steps_per_video, batch_size, patience and lr "
-                              "must be > 0")
 
 
 def decode_dataset(entries: Sequence[ListEntry], ckpt: Checkpoint, steps: int, workers: int,

@@ -33,52 +33,12 @@ from hms_deploy.config import MODALITIES
 from hms_deploy.data.feature_batches import FeatureSource, stratified_split
 from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.store_meta import backbone_hash
-from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.errors import DatasetError
 from hms_deploy.metrics import mean_average_precision, top1_accuracy
 from hms_deploy.model.baselines import EarlyFusion
 from hms_deploy.model.hms import HMS
+from hms_deploy.train.config import TrainConfig
 from hms_deploy.train.losses import hms_loss
-
-POLICIES = ("hms", "early_fusion")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of ``hms-train`` (defaults: docs/method.md §4)."""
-
-    policy: str = "hms"
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-4
-    lr_decay: float = 0.92
-    tau: float = 5.0
-    tau_decay: float = 0.965
-    lam: float = 2.0
-    gamma_i: float = 0.6
-    gamma_m: float = 0.05
-    val_fraction: float = 0.2
-    seed: int = 0
-    hidden: int | None = None  # early fusion: LSTM width (default H_M)
-    weight_decay: float = 0.0
-
-    def check(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy {self.policy!r}, expected one of {POLICIES}")
-        if self.policy == "hms" and list(self.modalities) != list(MODALITIES):
-            raise ConfigError("modalities applies to policy early_fusion; HMS uses A+I+M",
-                              setting=("modalities", "policy"), value=list(self.modalities))
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "tau"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gamma_i", "gamma_m"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Named training settings for ``hms-train`` (``--preset``), and the small-validation check.
 
-- ``paper``: docs/method.md §4 (:class:`~hms_deploy.train.loop.TrainConfig`'s defaults: lr
+- ``paper``: docs/method.md §4 (:class:`~hms_deploy.train.config.TrainConfig`'s defaults: lr
   1e-4 decayed by 0.92 per epoch, 30 epochs, usage weight lambda 2), made for tens of
   thousands of videos (FCVID, ActivityNet).
 - ``small``: for a few hundred videos, the synthetic quality study's settings
@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from hms_deploy.errors import Note
+from hms_deploy.train.config import TrainConfig
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"hms": {}, "early_fusion": {}},
@@ -50,6 +51,20 @@ def resolve_preset(name: str, n_train_videos: int) -> str:
 
         raise ConfigError(f"preset {name!r}, expected auto or one of {sorted(PRESETS)}")
     return name
+
+
+def preset_defaults(name: str) -> str:
+    """A :class:`~hms_deploy.train.config.TrainConfig` field's value under each preset, for
+    ``--help`` (``the preset's: paper 30, small 60 (early fusion 40)``)."""
+    default = getattr(TrainConfig(), name)
+    parts = []
+    for preset, policies in PRESETS.items():
+        value = policies["hms"].get(name, default)
+        text = f"{preset} {value:g}"
+        if policies["early_fusion"].get(name, value) != value:
+            text += f" (early fusion {policies['early_fusion'][name]:g})"
+        parts.append(text)
+    return "the preset's: " + ", ".join(parts)
 
 
 def preset_values(name: str, policy: str) -> dict[str, Any]:
