@@ -7,10 +7,10 @@ projections' Linear layers when a checkpoint is written, so the model graph (and
 export) is unchanged and the checkpoint consumes raw features. Adam, lr multiplied by ``lr_decay``
 after every epoch, Gumbel temperature ``tau * tau_decay**epoch``; after every epoch the
 model is validated with argmax decisions and the checkpoint with the best validation mAP
-(ties: the lower validation cross-entropy, then the earlier epoch) is kept. On small
-validation sets mAP saturates at 1.0 within a few epochs, while the model still puts
-~0.2 on every class; the former tie-break (lower GMAC/video) then kept such an early,
-barely-trained epoch (the first-hour demo: 3/6 new samples right, scores ~0.19).
+(ties: the lower validation cross-entropy, then the earlier epoch) is kept. The
+cross-entropy breaks ties because on a small validation set mAP saturates at 1.0 within
+a few epochs while the model still spreads its probability over every class; a tie-break
+on cost would keep such an early, barely-trained epoch.
 """
 
 from __future__ import annotations
