@@ -21,16 +21,25 @@ from hms_deploy.parts import PART_NAMES, part_specs
 from hms_deploy.runtime.engine import Engine
 
 BACKENDS = ("torch", "onnx", "trt")
+DEFAULT_DEVICE = "cpu"  # the device a model runs on unless told
+
+
+def device_of(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device, without asking whether it exists
+    here (a model repository may be written for another machine)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}, expected cpu, cuda or cuda:N",
+                          value=device, expected="cpu, cuda or cuda:N")
+    return dev
 
 
 def parse_device(device: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device, with a clear error if CUDA is missing."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}, expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}, expected cpu, cuda or cuda:N")
+    dev = device_of(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device!r} requested but no CUDA device is available")
@@ -75,7 +84,7 @@ class EngineSet:
         return {name: e.calls for name, e in self.engines.items()}
 
 
-def engines_from_checkpoint(checkpoint: str | Path, device: str = "cpu") -> EngineSet:
+def engines_from_checkpoint(checkpoint: str | Path, device: str = DEFAULT_DEVICE) -> EngineSet:
     """Torch engines over a checkpoint's modules."""
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.runtime.backends.torch import TorchEngine
@@ -94,7 +103,7 @@ def engines_from_checkpoint(checkpoint: str | Path, device: str = "cpu") -> Engi
 
 
 def engines_from_export(
-    engines_dir: str | Path, backend: str = "onnx", device: str = "cpu", **options: Any
+    engines_dir: str | Path, backend: str = "onnx", device: str = DEFAULT_DEVICE, **options: Any
 ) -> EngineSet:
     """ONNX Runtime or TensorRT engines over an ``hms-export`` directory (hashes verified).
 
@@ -126,7 +135,7 @@ def open_engine_set(
     *,
     engines_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     **options: object,
 ) -> EngineSet:
     """The one entry point: ``torch`` needs ``checkpoint``; ``onnx``/``trt`` need ``engines_dir``."""

@@ -83,7 +83,7 @@ from typing_extensions import Self
 
 from hms_deploy.errors import ConfigError, HMSError, first_line
 from hms_deploy.outputs import file_stamp
-from hms_deploy.runtime.engines import EngineSet, open_engine_set
+from hms_deploy.runtime.engines import DEFAULT_DEVICE, EngineSet, open_engine_set
 from hms_deploy.runtime.manifest import file_sha256
 from hms_deploy.runtime.options import RunSettings, resolve_options
 from hms_deploy.runtime.scheduler import engine_stream, run_batch
@@ -97,7 +97,7 @@ class Session:
         engines_dir: str | Path | None = None,
         checkpoint: str | Path | None = None,
         engine: str | None = None,
-        device: str = "cpu",
+        device: str = DEFAULT_DEVICE,
         **engine_options: object,
     ):
         if engine is None:

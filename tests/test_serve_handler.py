@@ -14,7 +14,7 @@ from runtime_helpers import assets, one_torch_thread  # noqa: F401 - autouse fix
 
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.options import RunSettings
-from hms_deploy.runtime.serve.handler import Handler, RequestError, ServeOptions, resolve_path
+from hms_deploy.runtime.serve.handler import Handler, RequestError, resolve_path
 from hms_deploy.runtime.serve.launch import Endpoints, server_command, server_env
 from hms_deploy.runtime.serve.repository import (
     RepositoryOptions,
@@ -63,7 +63,7 @@ def test_resolve_path(root):
 
 
 def test_handler_answers_each_request_of_a_batch(session, root):
-    h = Handler(session, ServeOptions(allowed_root=root, max_upload_bytes=1 << 20, run=RunSettings(topk=3)))
+    h = Handler(session, RepositoryOptions(allowed_root=root, max_upload_bytes=1 << 20, run=RunSettings(topk=3)))
     ref = session.classify(assets().video, topk=3)
     data = assets().video.read_bytes()
     answers = h.run([
@@ -106,7 +106,7 @@ def test_handler_answers_each_request_of_a_batch(session, root):
 
 
 def test_handler_rejects_malformed_inputs(session, root):
-    h = Handler(session, ServeOptions(allowed_root=root))
+    h = Handler(session, RepositoryOptions(allowed_root=root))
     answers = h.run([
         {},
         {"video": b(b"x"), "path": b("sub/a.mp4")},
@@ -140,6 +140,32 @@ def test_config_and_repository(tmp_path):
         RepositoryOptions(max_batch=0).check()
     with pytest.raises(ConfigError, match="not found"):
         write_repository(tmp_path / "r2", tmp_path / "missing")
+
+
+def _pbtxt_parameters(text: str) -> dict[str, str]:
+    """The ``parameters`` of a config.pbtxt, read as Triton hands them to the model."""
+    import re
+
+    return {k: json.loads(v) for k, v in
+            re.findall(r'key: "(\w+)" value: \{ string_value: (".*?") \}', text)}
+
+
+def test_the_model_reads_back_the_settings_the_repository_wrote(tmp_path):
+    """config.pbtxt's parameters are written and read by one pair of methods: every
+    setting the model uses comes back as it was given, and one left out is the default."""
+    import dataclasses
+
+    given = RepositoryOptions(engine="trt", device="cuda:1", allowed_root=tmp_path,
+                              max_upload_bytes=1234, threads=3, run=RunSettings(topk=2, steps=12),
+                              stop_file=tmp_path / "stop", upload_dir=tmp_path / "up")
+    params = _pbtxt_parameters(config_pbtxt("engines", given))
+    assert params["engines_dir"] == "engines"
+    back = RepositoryOptions.from_params(params)
+    # max_batch, max_queue_delay_us and instances are Triton's (outside parameters)
+    assert back == dataclasses.replace(given, allowed_root=tmp_path.resolve())
+    defaults = RepositoryOptions()
+    assert RepositoryOptions.from_params(_pbtxt_parameters(config_pbtxt("e", defaults))) == defaults
+    assert RepositoryOptions.from_params({}) == defaults
 
 
 def test_launcher_binds_every_port_to_host_and_fixes_the_stub_env():

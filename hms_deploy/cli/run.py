@@ -22,6 +22,7 @@ from hms_deploy.cli.batch import (
 )
 from hms_deploy.cli.common import (
     debug_option,
+    given,
     handle_errors,
     ray_layout,
     ray_options,
@@ -31,6 +32,7 @@ from hms_deploy.cli.common import (
 from hms_deploy.cli.inputs import expand, expand_inputs
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
+from hms_deploy.runtime.engines import DEFAULT_DEVICE
 
 NO_AUDIO_HELP = (
     "Policy for videos without an audio track when the gates would decide (they need "
@@ -90,7 +92,7 @@ def open_session(session_cls: type, kwargs: dict[str, Any]) -> Any:
               help="Run a checkpoint with the torch engine instead of an export.")
 @click.option("--engine", type=click.Choice(["torch", "onnx", "trt"]), default=None,
               help="Backend (default: onnx, or torch with --checkpoint).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default=None, help=f"cpu, cuda or cuda:N. [default: {DEFAULT_DEVICE}]")
 @click.option("--steps", type=int, default=None, help="Steps T (default: the model's).")
 @click.option("--budget-gflops", "--budget-gmacs", "budget", type=float, default=None,
               help="Per-video budget in GMAC (the paper's 'GFLOPs').")
@@ -126,7 +128,7 @@ def open_session(session_cls: type, kwargs: dict[str, Any]) -> Any:
 @debug_option
 @handle_errors("hms-run")
 def main(videos: tuple[str, ...], engines_dir: Path | None, checkpoint: Path | None,
-         engine: str | None, device: str, steps: int | None, budget: float | None, policy: str,
+         engine: str | None, device: str | None, steps: int | None, budget: float | None, policy: str,
          no_audio_policy: str | None, allow_truncated: bool, explain: Path | None, online: bool,
          as_json: bool, output: Path | None, output_mode: str, topk: int, batch_size: int,
          progress: bool | None, ray: bool, ray_address: str | None, workers: int | None,
@@ -173,7 +175,7 @@ def main(videos: tuple[str, ...], engines_dir: Path | None, checkpoint: Path | N
     if lock is not None:  # released at the end even if the model fails to load
         click.get_current_context().call_on_close(lock.release)
     session_kwargs = {"engines_dir": engines_dir, "checkpoint": checkpoint, "engine": engine,
-                      "device": device, **options}
+                      **given(device=device), **options}
     session = open_session(Session, session_kwargs)
     opts = session.options(settings)
     explained: list[dict[str, Any]] = []  # with --explain: the partial records, then the final one

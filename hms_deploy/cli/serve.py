@@ -52,9 +52,9 @@ _SERVED = RepositoryOptions()  # the defaults of the served model's settings
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("engines"), show_default=True, help="Export directory from hms-export.")
-@click.option("--engine", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
-              help="Backend of the engines.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--engine", default=None,
+              help=f"Backend of the engines: onnx or trt. [default: {_SERVED.engine}]")
+@click.option("--device", default=None, help=f"cpu, cuda or cuda:N. [default: {_SERVED.device}]")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address EVERY port binds to (Triton has no authentication: keep loopback "
                    "unless a proxy in front of it authenticates).")
@@ -84,8 +84,8 @@ _SERVED = RepositoryOptions()  # the defaults of the served model's settings
 @handle_errors("hms-serve")
 def main(
     engines_dir: Path,
-    engine: str,
-    device: str,
+    engine: str | None,
+    device: str | None,
     host: str,
     http_port: int,
     grpc_port: int,
@@ -124,9 +124,9 @@ def main(
     if max_upload_mb is not None and not max_upload_mb > 0:  # MiB: the command's unit
         raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb:g}")
     options = RepositoryOptions(  # its defaults and checks are the only ones
-        engine=engine, device=device, allowed_root=allowed_root, run=RunSettings(steps=steps),
-        **given(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
-                threads=threads,
+        allowed_root=allowed_root, run=RunSettings(steps=steps),
+        **given(engine=engine, device=device, max_batch=max_batch,
+                max_queue_delay_us=max_queue_delay_us, instances=instances, threads=threads,
                 max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 2**20)),
     )
     options.check()
@@ -147,7 +147,7 @@ def main(
         repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
                                 copy_engines=False)
         ends = Endpoints(host, http_port, grpc_port, metrics_port)
-        quiet = QUIET_ALWAYS + (QUIET_ON_CPU if device == "cpu" else ())
+        quiet = QUIET_ALWAYS + (QUIET_ON_CPU if options.device == "cpu" else ())
         server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s,
                                filtered=True, quiet=quiet)
         (Path(work) / "pid").write_text(f"{os.getpid()} {server.shm_prefix}\n")

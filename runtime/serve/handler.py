@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from hms_deploy.errors import ConfigError, HMSError
 from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.results import record_json
-from hms_deploy.runtime.serve.options import DEFAULT_MAX_UPLOAD_BYTES
+from hms_deploy.runtime.serve.options import RepositoryOptions
 from hms_deploy.runtime.session import Session
 
 INTERNAL_PREFIX = "internal error"  # answers that are the server's fault, not the request's
@@ -47,17 +47,6 @@ Outputs = dict[str, NDArray[np.generic]]
 
 class RequestError(HMSError):
     """A request that cannot be served; the message is the one line the client gets."""
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """What the server enforces on every request."""
-
-    allowed_root: Path | None = None
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    # the settings of every request; each request may set its policy and budget
-    run: RunSettings = field(default_factory=RunSettings)
-    upload_dir: Path | None = None  # where a batch's uploads are written (None: the temp dir)
 
 
 @dataclass
@@ -123,9 +112,9 @@ def resolve_path(text: str, root: Path | None) -> Path:
 class Handler:
     """Answers dynamic batches of requests with one open :class:`Session`."""
 
-    def __init__(self, session: Session, options: ServeOptions | None = None):
+    def __init__(self, session: Session, options: RepositoryOptions | None = None):
         self.session = session
-        self.options = options or ServeOptions()
+        self.options = options or RepositoryOptions()
         self._opts: dict[tuple[str, float | None], RunSettings] = {}
 
     # -- parsing -------------------------------------------------------------------------

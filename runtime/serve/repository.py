@@ -49,13 +49,7 @@ def config_pbtxt(engines_dir: str, o: RepositoryOptions) -> str:
     inputs = [("video", "TYPE_STRING"), ("path", "TYPE_STRING"), ("policy", "TYPE_STRING"),
               ("budget_gflops", "TYPE_FP64"), ("name", "TYPE_STRING")]
     outputs = [("record", "TYPE_STRING"), ("label", "TYPE_STRING"), ("score", "TYPE_FP32")]
-    params = {
-        "engines_dir": engines_dir, "engine": o.engine, "device": o.device,
-        "allowed_root": str(Path(o.allowed_root).resolve()) if o.allowed_root else "",
-        "max_upload_bytes": str(o.max_upload_bytes), "threads": str(o.threads or ""),
-        "topk": str(o.run.topk), "stop_file": str(o.stop_file or ""),
-        "steps": str(o.run.steps or ""), "upload_dir": str(o.upload_dir or ""),
-    }
+    params = o.to_params(engines_dir)
     # on a GPU Triton places one instance per GPU and tells it model_instance_device_id
     kind = "KIND_GPU" if o.device.startswith("cuda") else "KIND_CPU"
     lines = [

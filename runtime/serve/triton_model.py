@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from hms_deploy.runtime.serve import INPUTS
-from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, ServeOptions, outputs
+from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, outputs
 from hms_deploy.runtime.serve.metrics import ServeMetrics
-from hms_deploy.runtime.serve.options import DEFAULT_MAX_UPLOAD_BYTES
+from hms_deploy.runtime.serve.options import RepositoryOptions
 
 
 def parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -51,27 +51,18 @@ def instance_device(device: str, instance_device_id: str | None) -> str:
 
 def open_handler(params: dict[str, str], version_dir: Path, instance_device_id: str | None = None) -> Handler:
     """An opened Session and its Handler from the model's parameters (on the instance's GPU)."""
-    from hms_deploy.runtime.options import RunSettings
     from hms_deploy.runtime.session import Session
 
-    engines = Path(params.get("engines_dir") or "engines")
+    options = RepositoryOptions.from_params(params)
+    engines = Path(params.get("engines_dir") or ".")
     if not engines.is_absolute():
         engines = version_dir / engines
-    engine = params.get("engine") or "onnx"
     extra: dict[str, Any] = {}
-    if params.get("threads") and engine == "onnx":
-        extra["threads"] = int(params["threads"])
-    device = instance_device(params.get("device") or "cpu", instance_device_id)
-    session = Session(engines_dir=engines, engine=engine, device=device, **extra)
+    if options.threads is not None and options.engine == "onnx":
+        extra["threads"] = options.threads
+    device = instance_device(options.device, instance_device_id)
+    session = Session(engines_dir=engines, engine=options.engine, device=device, **extra)
     session.open()
-    root = params.get("allowed_root") or None
-    options = ServeOptions(
-        allowed_root=Path(root) if root else None,
-        max_upload_bytes=int(params.get("max_upload_bytes") or DEFAULT_MAX_UPLOAD_BYTES),
-        run=RunSettings(topk=int(params.get("topk") or 5),
-                        steps=int(params["steps"]) if params.get("steps") else None),
-        upload_dir=Path(params["upload_dir"]) if params.get("upload_dir") else None,
-    )
     return Handler(session, options)
 
 
@@ -89,8 +80,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         params = parameters(config)
-        self.stop_file = Path(params["stop_file"]) if params.get("stop_file") else None
         self.handler = open_handler(params, version_dir, args.get("model_instance_device_id"))
+        self.stop_file = self.handler.options.stop_file
         self.metrics = None
         with contextlib.suppress(ImportError):
             import triton_python_backend_utils as pb_utils  # only inside the backend's stub
