@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from hms_deploy.runtime.engines import DEFAULT_DEVICE
 from hms_deploy.runtime.options import RunSettings
 from hms_deploy.runtime.ray_cluster import (
     RayLayout,
@@ -107,7 +108,7 @@ def classify_ray(
     engines_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
     engine: str | None = None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     options: RunSettings | None = None,
     layout: RayLayout | None = None,
     output: str | Path | Any | None = None,
@@ -164,7 +165,7 @@ def ray_records(session_kwargs: dict[str, Any], options: RunSettings, layout: Ra
     kwargs = dict(session_kwargs)
     for k in ("engines_dir", "checkpoint"):
         kwargs[k] = _abs(kwargs.get(k))
-    device = str(kwargs.get("device") or "cpu")
+    device = str(kwargs.get("device") or DEFAULT_DEVICE)
     if device.startswith("cuda"):
         # one actor per GPU; Ray makes the GPU it assigns the actor's only visible one
         layout = dataclasses.replace(layout, gpus_per_worker=layout.gpus_per_worker or 1.0)
@@ -267,16 +268,18 @@ class ExtractActor:
 
 
 def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, *,
-                       batch_size: int = 16) -> Any:
+                       batch_size: int | None = None) -> Any:
     """A ``source`` for :func:`hms_deploy.data.extraction.extract` that runs on Ray Data.
 
     Each actor loads ``checkpoint``'s encoders once, then decodes and encodes whole
     videos; the driver (``extract``) writes the store, its index and its error list
     exactly as in the single-process path. Features come back in the order videos
     finish (store slots follow that order; the features of a video are the same).
+    ``batch_size``: steps per backbone call (None: extract's).
     """
-    from hms_deploy.data.extraction import VideoFeatures
+    from hms_deploy.data.extraction import ENCODE_BATCH, VideoFeatures
 
+    encode_batch = ENCODE_BATCH if batch_size is None else batch_size
     layout = layout or RayLayout()
     layout.check()
     ckpt_path = os.path.abspath(checkpoint)
@@ -286,7 +289,7 @@ def ray_feature_source(checkpoint: str | Path, layout: RayLayout | None = None, 
                 for i, e in enumerate(entries)]
         if not rows:
             return
-        kwargs = {"checkpoint": ckpt_path, "steps": steps, "batch_size": batch_size,
+        kwargs = {"checkpoint": ckpt_path, "steps": steps, "batch_size": encode_batch,
                   "threads": layout.threads_per_worker, "cwd": os.getcwd()}
         with ray_instance(layout) as ray:
             for row in map_rows(ray, ExtractActor, rows, layout, kwargs):

@@ -27,7 +27,7 @@ EXPORT_SETTINGS = {
     "max_batch": ("max_batch", 0), "opt_batch": ("opt_batch", 40), "steps": ("steps", 0),
 }
 SERVE_SETTINGS = {
-    "max_batch": ("max_batch", 0), "max_queue_delay_us": ("max_queue_delay_us", -1),
+    "engine": ("engine", "torch"), "device": ("device", "tpu"), "max_batch": ("max_batch", 0), "max_queue_delay_us": ("max_queue_delay_us", -1),
     "instances": ("instances", 0), "threads": ("threads", 0),
 }
 
@@ -203,3 +203,34 @@ def test_hms_finetune_reports_the_configs_own_check(name, tmp_path):
     assert r.exit_code == 2, r.output
     assert r.stderr.strip() == f"hms-finetune: error: {flag_advice(info.value, flags)}"
     assert not (tmp_path / "o.pt").exists()
+
+
+# hms-extract: flag name -> (extract's parameter, bad value)
+EXTRACT_SETTINGS = {"dtype": ("dtype", "float8"), "batch_size": ("batch_size", 0),
+                    "shard_size": ("shard_size", 0), "steps": ("steps", 0)}
+
+
+def test_hms_extract_flags_leave_defaults_and_checks_to_extract(tmp_path):
+    import inspect
+
+    from hms_deploy.cli.extract import main as extract_main
+    from hms_deploy.data.extraction import check_extract_settings, extract
+
+    params = {p.name: p for p in extract_main.params}
+    ctx = click.Context(extract_main)
+    defaults = inspect.signature(extract).parameters
+    flags = {p.name: max(p.opts, key=len) for p in extract_main.params}
+    for name, (field, bad) in EXTRACT_SETTINGS.items():
+        p = params[name]
+        assert p.get_default(ctx, call=False) is None, f"{p.opts[0]} declares its own default"
+        assert type(p.type) in PLAIN_TYPES, f"{p.opts[0]} is checked by click ({p.type})"
+        if defaults[field].default is not None:
+            assert f"[default: {defaults[field].default}]" in _help(p), p.opts[0]
+        with pytest.raises(ConfigError) as info:
+            check_extract_settings(**{field: bad})
+        r = CliRunner().invoke(extract_main, ["--checkpoint", str(tmp_path / "none.pt"), "--list",
+                                              str(tmp_path / "none.csv"), "--out",
+                                              str(tmp_path / "store"), flags[name], str(bad)])
+        assert r.exit_code == 2, r.output
+        assert r.stderr.strip() == f"hms-extract: error: {flag_advice(info.value, flags)}"
+        assert not (tmp_path / "store").exists()

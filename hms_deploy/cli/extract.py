@@ -14,11 +14,14 @@ from hms_deploy.cli.common import (
     debug_option,
     fail,
     flag_advice,
+    given,
     handle_errors,
     ray_layout,
     ray_options,
     set_threads,
 )
+from hms_deploy.data.extraction import ENCODE_BATCH, check_extract_settings
+from hms_deploy.data.store_meta import DEFAULT_DTYPE, DEFAULT_SHARD_SIZE, DTYPES
 from hms_deploy.errors import HMSError
 from hms_deploy.outputs import Terminated, sigterm_raises
 
@@ -58,13 +61,14 @@ def _stopped(e: BaseException, dataset: object, out: Path) -> None:
               help="CSV with a header 'path,label'; relative paths resolve against its folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Feature store directory (created, or resumed if it exists).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps T per video (default: the checkpoint's).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Storage precision of the features.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Steps per backbone call.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Videos per shard file (new stores only).")
+@click.option("--steps", type=int, default=None, help="Steps T per video (default: the checkpoint's).")
+@click.option("--dtype", default=None,
+              help=f"Storage precision of the features: {' or '.join(DTYPES)}. "
+                   f"[default: {DEFAULT_DTYPE}]")
+@click.option("--batch-size", type=int, default=None,
+              help=f"Steps per backbone call. [default: {ENCODE_BATCH}]")
+@click.option("--shard-size", type=int, default=None,
+              help=f"Videos per shard file (new stores only). [default: {DEFAULT_SHARD_SIZE}]")
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads in this process (default: torch's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -79,9 +83,9 @@ def main(
     list_path: Path,
     out: Path,
     steps: int | None,
-    dtype: str,
-    batch_size: int,
-    shard_size: int,
+    dtype: str | None,
+    batch_size: int | None,
+    shard_size: int | None,
     threads: int | None,
     quiet: bool,
     ray: bool,
@@ -113,6 +117,8 @@ def main(
     from hms_deploy.data.extraction import extract
     from hms_deploy.data.features import StoreLocked, lock_store
 
+    settings = given(dtype=dtype, batch_size=batch_size, shard_size=shard_size)
+    check_extract_settings(steps=steps, **settings)  # before anything is opened
     set_threads(threads)
     layout = ray_layout(ray, ray_address, workers, threads_per_worker, local_workers=True)
     source = None
@@ -130,10 +136,8 @@ def main(
     try:
         with sigterm_raises():
             report = extract(
-                ckpt, dataset, out, steps=steps,
-                workers=1 if workers is None else workers, dtype=dtype,
-                batch_size=batch_size, shard_size=shard_size, progress=not quiet, source=source,
-                lock=lock,
+                ckpt, dataset, out, steps=steps, **given(workers=workers), **settings,
+                progress=not quiet, source=source, lock=lock,
             )
     except (KeyboardInterrupt, Terminated, OSError, HMSError) as e:
         if debug and not isinstance(e, (KeyboardInterrupt, Terminated)):

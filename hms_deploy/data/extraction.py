@@ -26,10 +26,18 @@ from numpy.typing import NDArray
 from hms_deploy.config import MODALITIES, HMSConfig
 from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.inputs import VideoInputs
-from hms_deploy.data.store_meta import DEFAULT_SHARD_SIZE, DTYPES, StoreMeta, backbone_hash
-from hms_deploy.errors import DatasetError, Note, first_line
+from hms_deploy.data.store_meta import (
+    DEFAULT_DTYPE,
+    DEFAULT_SHARD_SIZE,
+    DTYPES,
+    StoreMeta,
+    backbone_hash,
+)
+from hms_deploy.errors import ConfigError, DatasetError, Note, first_line
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
+
+ENCODE_BATCH = 16  # steps per backbone call
 
 
 @dataclass
@@ -72,7 +80,7 @@ def build_encoders(config: HMSConfig, state_dict: dict[str, Any]) -> dict[str, A
 
 
 def encode_video(
-    encoders: dict[str, Any], inputs: VideoInputs, batch_size: int = 16
+    encoders: dict[str, Any], inputs: VideoInputs, batch_size: int = ENCODE_BATCH
 ) -> dict[str, NDArray[np.float32]]:
     """Raw features of one video: ``{modality: (T, D) float32}``, in chunks of ``batch_size`` steps.
 
@@ -231,6 +239,20 @@ class ExtractReport:
         return s
 
 
+def check_extract_settings(*, steps: int | None = None, workers: int | None = None,
+                           dtype: str | None = None, batch_size: int | None = None,
+                           shard_size: int | None = None) -> None:
+    """The settings of :func:`extract` (one left at None is not checked)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}, expected one of {DTYPES}", setting="dtype",
+                          value=dtype, expected=" or ".join(DTYPES))
+    for name, value, low in (("steps", steps, 1), ("workers", workers, 0),
+                             ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}", setting=name, value=value,
+                              expected=f">= {low}")
+
+
 def extract(
     ckpt: Any,
     dataset: Any,
@@ -238,8 +260,8 @@ def extract(
     *,
     steps: int | None = None,
     workers: int = 1,
-    dtype: str = "float16",
-    batch_size: int = 16,
+    dtype: str = DEFAULT_DTYPE,
+    batch_size: int = ENCODE_BATCH,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
     source: FeatureProducer | None = None,
@@ -266,14 +288,10 @@ def extract(
     labels, missing or undecodable files) are recorded in ``errors.jsonl`` and returned,
     and the other videos still run.
     """
-    if dtype not in DTYPES:
-        raise DatasetError(f"dtype {dtype!r}, expected one of {DTYPES}")
-    if workers < 0 or batch_size < 1:
-        raise DatasetError(f"need workers >= 0 and batch_size >= 1, got {workers}, {batch_size}")
+    check_extract_settings(steps=steps, workers=workers, dtype=dtype, batch_size=batch_size,
+                           shard_size=shard_size)
     cfg = ckpt.config
     steps = int(steps or cfg.steps)
-    if steps < 1:
-        raise DatasetError(f"steps must be >= 1, got {steps}")
     meta = StoreMeta(
         steps=steps, dtype=dtype, dims={m: cfg.backbone(m).feat_dim for m in MODALITIES},
         labels=list(ckpt.labels), backbone_hash=backbone_hash(cfg, ckpt.state_dict),

@@ -18,6 +18,7 @@ from hms_deploy.errors import DatasetError
 FORMAT = "hms-feature-store"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
+DEFAULT_DTYPE = "float16"  # half the disk of float32
 DEFAULT_SHARD_SIZE = 256
 
 
