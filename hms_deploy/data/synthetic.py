@@ -48,6 +48,10 @@ CLASS_GROUPS: dict[str, str] = {
     "move_right": "motion",
 }
 DEFAULT_CLASSES: tuple[str, ...] = tuple(CLASS_GROUPS)
+CLIP_DURATION_S = 4.0  # a dataset video's length
+CLIP_FPS = 15.0
+REFERENCE_DURATION_S = 60.0  # the benchmark video's length
+RENDER_WORKERS = 1  # processes that render a dataset (1: this one)
 
 
 
@@ -154,8 +158,8 @@ def render_class_video(
     *,
     seed: int,
     index: int = 0,
-    duration_s: float = 4.0,
-    fps: float = 15.0,
+    duration_s: float = CLIP_DURATION_S,
+    fps: float = CLIP_FPS,
     size: tuple[int, int] = (160, 120),
 ) -> Path:
     """Write video ``index`` of class ``label`` (one of :data:`CLASS_GROUPS`) for ``seed``."""
@@ -218,12 +222,12 @@ def make_dataset(
     per_class: int,
     seed: int,
     classes: Sequence[str] | None = None,
-    duration_s: float = 4.0,
-    fps: float = 15.0,
+    duration_s: float = CLIP_DURATION_S,
+    fps: float = CLIP_FPS,
     size: tuple[int, int] = (160, 120),
     split: bool = False,
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-    workers: int = 1,
+    workers: int = RENDER_WORKERS,
 ) -> Path:
     """Write the synthetic dataset and its lists (``workers`` processes render the videos,
     1: this process; each video's content depends only on its seed, class and index, so
@@ -324,7 +328,7 @@ def _speech_like(t: NDArray[np.float64], rng: np.random.Generator) -> NDArray[np
 def make_reference_video(
     path: str | Path,
     *,
-    duration_s: float = 60.0,
+    duration_s: float = REFERENCE_DURATION_S,
     fps: float = 30.0,
     size: tuple[int, int] = (640, 360),
     gop: int = 60,
