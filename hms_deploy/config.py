@@ -15,6 +15,7 @@ from hms_deploy.errors import ConfigError
 
 MODALITIES = ("audio", "appearance", "motion")
 MODALITY_LETTERS = {"A": "audio", "I": "appearance", "M": "motion"}
+MOTION_CROPS = (224, 256)  # the paper variant's SlowFast crop sizes (pixels); the first is the default
 
 
 def parse_modalities(text: str | Sequence[str]) -> list[str]:
@@ -155,10 +156,12 @@ KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
 
 
-def paper_config(num_classes: int, *, steps: int = 128, motion_crop: int = 224) -> HMSConfig:
+def paper_config(num_classes: int, *, steps: int = 128, motion_crop: int = MOTION_CROPS[0]
+                 ) -> HMSConfig:
     """The paper's model: MobileNetV1 audio, EfficientNet-B3 appearance, SlowFast R50 motion."""
-    if motion_crop not in (224, 256):
-        raise ConfigError(f"motion crop must be 224 or 256, got {motion_crop}")
+    if motion_crop not in MOTION_CROPS:
+        raise ConfigError(f"motion crop must be 224 or 256, got {motion_crop}",
+                          setting="motion_crop", value=motion_crop, expected="224 or 256")
     return HMSConfig(
         variant="paper",
         num_classes=num_classes,
@@ -204,10 +207,18 @@ VARIANTS = {"paper": paper_config, "tiny": tiny_config}
 
 
 def make_config(variant: str, num_classes: int, **kwargs: Any) -> HMSConfig:
+    """The config of ``variant`` (:data:`VARIANTS`) with its settings ``kwargs`` (e.g.
+    ``steps``; ``motion_crop`` for paper); a setting the variant does not have is refused."""
+    import inspect
+
     try:
         builder = VARIANTS[variant]
     except KeyError:
         raise ConfigError(
-            f"unknown variant {variant!r}, expected one of {sorted(VARIANTS)}"
+            f"unknown variant {variant!r}, expected one of {sorted(VARIANTS)}", value=variant
         ) from None
+    foreign = sorted(set(kwargs) - set(inspect.signature(builder).parameters))
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: not a setting of variant {variant}",
+                          setting=(*foreign, "variant"), value=variant)
     return builder(num_classes, **kwargs)

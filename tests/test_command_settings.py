@@ -234,3 +234,49 @@ def test_hms_extract_flags_leave_defaults_and_checks_to_extract(tmp_path):
         assert r.exit_code == 2, r.output
         assert r.stderr.strip() == f"hms-extract: error: {flag_advice(info.value, flags)}"
         assert not (tmp_path / "store").exists()
+
+
+def test_hms_synth_flags_leave_defaults_to_the_library():
+    import inspect
+
+    from hms_deploy.cli.synth import main as synth_main
+    from hms_deploy.data.synthetic import make_dataset, make_reference_video, make_sample_video
+
+    commands = {  # subcommand -> (the library function, {flag: its parameter})
+        "dataset": (make_dataset, {"duration": "duration_s", "fps": "fps", "workers": "workers"}),
+        "reference": (make_reference_video, {"duration": "duration_s"}),
+        "sample": (make_sample_video, {"seed": "seed"}),
+    }
+    for name, (function, flags) in commands.items():
+        command = synth_main.commands[name]
+        params = {p.name: p for p in command.params}
+        ctx = click.Context(command)
+        defaults = inspect.signature(function).parameters
+        for flag, parameter in flags.items():
+            p = params[flag]
+            assert p.get_default(ctx, call=False) is None, f"{name} {p.opts[0]}"
+            assert f"[default: {defaults[parameter].default:g}]" in _help(p), f"{name} {p.opts[0]}"
+
+
+def test_hms_init_leaves_defaults_to_the_variant_and_refuses_a_setting_it_lacks(tmp_path):
+    import inspect
+
+    from hms_deploy.cli.init import main as init_main
+    from hms_deploy.config import make_config, paper_config
+
+    params = {p.name: p for p in init_main.params}
+    ctx = click.Context(init_main)
+    for name in ("motion_crop", "seed", "steps"):
+        assert params[name].get_default(ctx, call=False) is None, name
+    crop = inspect.signature(paper_config).parameters["motion_crop"].default
+    assert f"[default: {crop}]" in _help(params["motion_crop"])
+    with pytest.raises(ConfigError) as info:
+        make_config("tiny", 3, motion_crop=256)
+    assert info.value.settings == ("motion_crop", "variant")
+    out = tmp_path / "ckpt.pt"
+    r = CliRunner().invoke(init_main, ["--variant", "tiny", "--num-classes", "3", "--out", str(out),
+                                       "--motion-size", "256"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == ("hms-init: error: motion_crop: not a setting of --variant tiny "
+                                "(--motion-size)")
+    assert not out.exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors
+from hms_deploy.cli.common import debug_option, given, handle_errors
+from hms_deploy.config import MOTION_CROPS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,15 +19,17 @@ from hms_deploy.cli.common import debug_option, handle_errors
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file, one class name a line (count must equal --num-classes).")
 @click.option("--steps", type=int, default=None, help="Steps T (default: the variant's).")
-@click.option("--motion-size", type=click.Choice(["224", "256"]), default="224",
-              help="paper variant: SlowFast crop size in pixels.")
+@click.option("--motion-size", "motion_crop", type=int, default=None,
+              help="paper variant: SlowFast crop size in pixels, "
+                   f"{' or '.join(map(str, MOTION_CROPS))}. [default: {MOTION_CROPS[0]}]")
 @click.option("--audio-weights", type=click.Path(path_type=Path), default=None,
               help="timm checkpoint for MobileNetV1 (3-channel stems are adapted to 1 channel).")
 @click.option("--appearance-weights", type=click.Path(path_type=Path), default=None,
               help="timm checkpoint for EfficientNet-B3.")
 @click.option("--motion-weights", type=click.Path(path_type=Path), default=None,
               help="pytorchvideo SlowFast R50 .pyth or state dict.")
-@click.option("--seed", type=int, default=0, help="Seed for the random initialisation.")
+@click.option("--seed", type=int, default=None,
+              help="Seed for the random initialisation. [default: 0]")
 @debug_option
 @handle_errors("hms-init")
 def main(
@@ -35,27 +38,22 @@ def main(
     out: Path,
     labels: Path | None,
     steps: int | None,
-    motion_size: str,
+    motion_crop: int | None,
     audio_weights: Path | None,
     appearance_weights: Path | None,
     motion_weights: Path | None,
-    seed: int,
+    seed: int | None,
     debug: bool,
 ) -> None:
     """Create an untrained HMS checkpoint with its config, labels and measured part costs."""
     from hms_deploy.checkpoint import init_checkpoint, read_labels, save_checkpoint
     from hms_deploy.config import make_config
 
-    kwargs = {}
-    if steps is not None:
-        kwargs["steps"] = steps
-    if variant == "paper":
-        kwargs["motion_crop"] = int(motion_size)
-    config = make_config(variant, num_classes, **kwargs)
+    config = make_config(variant, num_classes, **given(steps=steps, motion_crop=motion_crop))
     names = read_labels(labels) if labels else None
     t0 = time.perf_counter()
     ckpt = init_checkpoint(
-        config, labels=names, seed=seed,
+        config, labels=names, **given(seed=seed),
         weights={"audio": audio_weights, "appearance": appearance_weights,
                  "motion": motion_weights},
     )
