@@ -280,3 +280,24 @@ def test_hms_init_leaves_defaults_to_the_variant_and_refuses_a_setting_it_lacks(
     assert r.stderr.strip() == ("hms-init: error: motion_crop: not a setting of --variant tiny "
                                 "(--motion-size)")
     assert not out.exists()
+
+
+def test_hms_eval_and_hms_init_show_the_librarys_defaults(tmp_path):
+    """Where --help names a library default as text (the library would be a heavy import
+    for --help), it is the library's."""
+    import inspect
+
+    from hms_deploy.checkpoint import init_checkpoint
+    from hms_deploy.cli.evaluate import main as eval_main
+    from hms_deploy.cli.init import main as init_main
+    from hms_deploy.eval.evaluate import evaluate
+
+    for command, function, name in ((eval_main, evaluate, "sample_videos"),
+                                    (init_main, init_checkpoint, "seed")):
+        p = next(p for p in command.params if p.name == name)
+        assert p.get_default(click.Context(command), call=False) is None, p.opts[0]
+        default = inspect.signature(function).parameters[name].default
+        assert f"[default: {default}]" in _help(p), p.opts[0]
+    r = CliRunner().invoke(eval_main, ["--store", str(tmp_path / "none"), "--checkpoint",
+                                       str(tmp_path / "none.pt"), "--samples", "-1"])
+    assert r.exit_code == 2, r.output

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from hms_deploy.cli.common import debug_option, handle_errors, set_threads
+from hms_deploy.cli.common import debug_option, given, handle_errors, set_threads
 
 
 def _budgets(text: str | None) -> list[float] | None:
@@ -59,8 +59,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
               help="eval.json of another model (e.g. early fusion) to add to the cost plot.")
 @click.option("--groups", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON {class: group} (e.g. the synthetic groups.json): usage per group.")
-@click.option("--samples", type=click.IntRange(min=0), default=12, show_default=True,
-              help="Videos in the per-step usage heat map.")
+@click.option("--samples", "sample_videos", type=int, default=None,
+              help="Videos in the per-step usage heat map. [default: 12]")
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads (default: torch's choice).")
 @debug_option
@@ -73,21 +73,23 @@ def main(
     interpolated: bool,
     compare: tuple[Path, ...],
     groups: Path | None,
-    samples: int,
+    sample_videos: int | None,
     threads: int | None,
     debug: bool,
 ) -> None:
     """Evaluate a checkpoint on a feature store (GMAC = multiply-accumulates, the paper's GFLOPs)."""
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.data.features import open_store
-    from hms_deploy.eval.evaluate import evaluate
+    from hms_deploy.eval.evaluate import check_evaluate_settings, evaluate
 
+    check_evaluate_settings(**given(sample_videos=sample_videos))
     set_threads(threads)
     budget_list = _budgets(budgets)  # option errors (exit 2) before anything is loaded
     group_map = _read_json(groups, "groups") if groups else None
     others = [_read_json(p, "--compare result") for p in compare]
     result = evaluate(load_checkpoint(checkpoint), open_store(store), budgets=budget_list,
-                      interpolated=interpolated, groups=group_map, sample_videos=samples)
+                      interpolated=interpolated, groups=group_map,
+                      **given(sample_videos=sample_videos))
     result["checkpoint"] = str(checkpoint)
     text = json.dumps(result, indent=2)
     if out is not None:

@@ -56,6 +56,16 @@ def default_budgets(costs: dict[str, float], used: NDArray[np.float64]) -> list[
     return [float(b) for b in np.geomspace(lo, hi, 8)]
 
 
+SAMPLE_VIDEOS = 12  # videos in the per-step usage heat map
+
+
+def check_evaluate_settings(*, sample_videos: int | None = None) -> None:
+    """The settings of :func:`evaluate` (one left at None is not checked)."""
+    if sample_videos is not None and sample_videos < 0:
+        raise ConfigError(f"sample_videos must be >= 0, got {sample_videos}",
+                          setting="sample_videos", value=sample_videos, expected=">= 0")
+
+
 def evaluate(
     ckpt: Checkpoint,
     store: FeatureStore,
@@ -63,7 +73,7 @@ def evaluate(
     budgets: Sequence[float] | None = None,
     interpolated: bool = False,
     groups: dict[str, str] | None = None,
-    sample_videos: int = 12,
+    sample_videos: int = SAMPLE_VIDEOS,
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate ``ckpt`` (HMS or early fusion) on every video of ``store``.
@@ -75,6 +85,7 @@ def evaluate(
     per budget, plus ``inf``), ``samples`` (per-step decisions of some videos) and, with
     ``groups`` ({class: group}), ``usage_by_group``.
     """
+    check_evaluate_settings(sample_videos=sample_videos)
     t0 = time.perf_counter()
     store.check_backbones(backbone_hash(ckpt.config, ckpt.state_dict))
     if store.labels != list(ckpt.labels):
