@@ -301,3 +301,32 @@ def test_hms_eval_and_hms_init_show_the_librarys_defaults(tmp_path):
     r = CliRunner().invoke(eval_main, ["--store", str(tmp_path / "none"), "--checkpoint",
                                        str(tmp_path / "none.pt"), "--samples", "-1"])
     assert r.exit_code == 2, r.output
+
+
+def test_hms_serve_endpoints_and_launch_sh_take_endpoints_defaults_and_check(capsys):
+    from hms_deploy.runtime.serve.launch import Endpoints
+    from hms_deploy.runtime.serve.launch import main as launch_main
+
+    params = {p.name: p for p in serve_main.params}
+    ctx = click.Context(serve_main)
+    default = Endpoints()
+    for name in ("host", "http_port", "grpc_port", "metrics_port"):
+        assert params[name].get_default(ctx, call=False) is None, name
+        assert f"[default: {getattr(default, name)}]" in _help(params[name]), name
+    for args, setting in ((["--http-port", "0"], ("http_port",)),
+                          (["--grpc-port", str(default.http_port)],
+                           ("http_port", "grpc_port", "metrics_port"))):
+        r = CliRunner().invoke(serve_main, ["--engines", "none", *args])
+        assert r.exit_code == 2, r.output
+        with pytest.raises(ConfigError) as info:
+            Endpoints(**{f.replace("-", "_").lstrip("_"): int(v)
+                         for f, v in zip(args[::2], args[1::2])}).check()
+        assert info.value.settings == setting
+        assert r.stderr.strip() == f"hms-serve: error: {flag_advice(info.value, _serve_flags())}"
+    # launch.sh (a repository's own launcher) runs the same check before anything else
+    assert launch_main(["no-repository", "--metrics-port", "70000"]) == 1
+    assert "launch: error: metrics_port must be a TCP port" in capsys.readouterr().err
+
+
+def _serve_flags() -> dict[str, str]:
+    return {p.name: max(p.opts, key=len) for p in serve_main.params}

@@ -44,9 +44,11 @@ from hms_deploy.runtime.serve.health import (
     Watchdog,
     sweep_stale,
 )
+from hms_deploy.runtime.serve.launch import EXIT_TIMEOUT_S, Endpoints
 from hms_deploy.runtime.serve.options import RepositoryOptions
 
 _SERVED = RepositoryOptions()  # the defaults of the served model's settings
+_ENDS = Endpoints()  # where it listens by default
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,12 +57,12 @@ _SERVED = RepositoryOptions()  # the defaults of the served model's settings
 @click.option("--engine", default=None,
               help=f"Backend of the engines: onnx or trt. [default: {_SERVED.engine}]")
 @click.option("--device", default=None, help=f"cpu, cuda or cuda:N. [default: {_SERVED.device}]")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default=None,
               help="Address EVERY port binds to (Triton has no authentication: keep loopback "
-                   "unless a proxy in front of it authenticates).")
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True)
+                   f"unless a proxy in front of it authenticates). [default: {_ENDS.host}]")
+@click.option("--http-port", type=int, default=None, help=f"[default: {_ENDS.http_port}]")
+@click.option("--grpc-port", type=int, default=None, help=f"[default: {_ENDS.grpc_port}]")
+@click.option("--metrics-port", type=int, default=None, help=f"[default: {_ENDS.metrics_port}]")
 @click.option("--max-batch", type=int, default=None,
               help=f"Largest dynamic batch (requests stepped in lockstep). [default: {_SERVED.max_batch}]")
 @click.option("--max-queue-delay-us", type=int, default=None,
@@ -77,7 +79,7 @@ _SERVED = RepositoryOptions()  # the defaults of the served model's settings
 @click.option("--drain-s", type=float, default=10.0, show_default=True,
               help="After SIGINT/SIGTERM: seconds during which queued and new requests on open "
                    "connections are still answered; later ones are refused (UNAVAILABLE).")
-@click.option("--exit-timeout-s", type=int, default=20, show_default=True,
+@click.option("--exit-timeout-s", type=int, default=EXIT_TIMEOUT_S, show_default=True,
               help="After SIGINT/SIGTERM: the longest Triton waits for open connections.")
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="Triton log level.")
 @debug_option
@@ -86,10 +88,10 @@ def main(
     engines_dir: Path,
     engine: str | None,
     device: str | None,
-    host: str,
-    http_port: int,
-    grpc_port: int,
-    metrics_port: int,
+    host: str | None,
+    http_port: int | None,
+    grpc_port: int | None,
+    metrics_port: int | None,
     max_batch: int | None,
     max_queue_delay_us: int | None,
     allowed_root: Path | None,
@@ -104,20 +106,12 @@ def main(
 ) -> None:
     """Serve the export in --engines with Triton Inference Server (model 'hms')."""
     from hms_deploy.runtime.options import RunSettings
-    from hms_deploy.runtime.serve.launch import (
-        QUIET_ALWAYS,
-        QUIET_ON_CPU,
-        Endpoints,
-        TritonProcess,
-    )
+    from hms_deploy.runtime.serve.launch import QUIET_ALWAYS, QUIET_ON_CPU, TritonProcess
     from hms_deploy.runtime.serve.repository import write_repository
 
-    for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port),
-                       ("--metrics-port", metrics_port)):
-        if not 0 < port < 65536:
-            raise ConfigError(f"{name} must be a TCP port (1-65535), got {port}")
-    if len({http_port, grpc_port, metrics_port}) < 3:
-        raise ConfigError("--http-port, --grpc-port and --metrics-port must differ")
+    ends = Endpoints(**given(host=host, http_port=http_port, grpc_port=grpc_port,
+                             metrics_port=metrics_port))
+    ends.check()
     if not 0 <= drain_s < exit_timeout_s:
         raise ConfigError(f"--drain-s must be >= 0 and below --exit-timeout-s ({exit_timeout_s}), "
                           f"got {drain_s:g}")
@@ -146,7 +140,6 @@ def main(
         options = dataclasses.replace(options, stop_file=stop_file, upload_dir=uploads)
         repo = write_repository(Path(work) / "repository", engines_dir.resolve(), options,
                                 copy_engines=False)
-        ends = Endpoints(host, http_port, grpc_port, metrics_port)
         quiet = QUIET_ALWAYS + (QUIET_ON_CPU if options.device == "cpu" else ())
         server = TritonProcess(repo, ends, workdir=work, exit_timeout_s=exit_timeout_s,
                                filtered=True, quiet=quiet)
@@ -156,8 +149,8 @@ def main(
                             shm_prefix=server.shm_prefix, log=_say, stopping=stop.is_set)
         try:
             server.start()
-            _say(f"model 'hms' ready: HTTP {host}:{http_port}, gRPC {host}:{grpc_port}, metrics "
-                 f"{host}:{metrics_port} (pid {server.proc.pid if server.proc else '?'})")
+            _say(f"model 'hms' ready: HTTP {ends.host}:{ends.http_port}, gRPC "
+                 f"{ends.host}:{ends.grpc_port}, metrics {ends.host}:{ends.metrics_port} (pid {server.proc.pid if server.proc else '?'})")
             while not stop.wait(0.5):
                 if not server.alive():
                     code = server.proc.returncode if server.proc else "?"

@@ -61,6 +61,17 @@ class Endpoints:
     grpc_port: int = 8001
     metrics_port: int = 8002
 
+    def check(self) -> None:
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port,
+                 "metrics_port": self.metrics_port}
+        for name, port in ports.items():
+            if not 0 < port < 65536:
+                raise ConfigError(f"{name} must be a TCP port (1-65535), got {port}", setting=name,
+                                  value=port, expected="1-65535")
+        if len(set(ports.values())) < len(ports):
+            raise ConfigError("http_port, grpc_port and metrics_port must differ",
+                              setting=tuple(ports), value=tuple(ports.values()))
+
     @property
     def probe_host(self) -> str:
         """The address a local client uses (a wildcard host is probed on loopback)."""
@@ -302,14 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="launch.sh", description="Serve a Triton model repository "
                                  "written by hms-export --triton-repo (every port on --host).")
     ap.add_argument("repo")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--metrics-port", type=int, default=8002)
+    default = Endpoints()
+    ap.add_argument("--host", default=default.host)
+    ap.add_argument("--http-port", type=int, default=default.http_port)
+    ap.add_argument("--grpc-port", type=int, default=default.grpc_port)
+    ap.add_argument("--metrics-port", type=int, default=default.metrics_port)
     ap.add_argument("--log-verbose", type=int, default=0)
     a = ap.parse_args(argv)
     repo = Path(a.repo)
     try:
+        ends = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
+        ends.check()  # the options before the repository
         if not (repo / MODEL_NAME / "config.pbtxt").is_file():
             raise ConfigError(f"'{repo}' holds no {MODEL_NAME}/config.pbtxt (not a repository "
                               "written by hms-export --triton-repo)")
@@ -317,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hms-deploy" / (
             f"triton-py{sys.version_info[0]}.{sys.version_info[1]}")
         cache.mkdir(parents=True, exist_ok=True)
-        ends = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
         cmd = server_command(repo, ends, prepare_backends(cache, binary), binary=binary,
                              log_verbose=a.log_verbose)
     except HMSError as e:
