@@ -9,7 +9,7 @@ import click
 
 from hms_deploy.cli.common import debug_option, flag_advice, given, handle_errors, set_threads
 from hms_deploy.config import modalities_tag
-from hms_deploy.train.config import VAL_FRACTION, FinetuneConfig, check_val_fraction
+from hms_deploy.train.config import VAL_FRACTION, FinetuneConfig, held_out_fraction
 
 _FINETUNE = FinetuneConfig()  # the recipe's defaults
 
@@ -80,7 +80,6 @@ def main(
     from hms_deploy.checkpoint import load_checkpoint, save_checkpoint
     from hms_deploy.config import parse_modalities
     from hms_deploy.data.datasets import read_list
-    from hms_deploy.errors import ConfigError
     from hms_deploy.train.finetune import finetune_backbones, split_entries
 
     settings = given(seed=seed, workers=workers, epochs=epochs, lr=lr, batch_size=batch_size)
@@ -88,17 +87,14 @@ def main(
         settings["modalities"] = parse_modalities(modalities)
     cfg = FinetuneConfig(**settings, augment=not no_jitter)
     cfg.check()
-    if val_list is not None and val_fraction is not None:
-        raise ConfigError("val_fraction applies when no val_list is given",
-                          setting=("val_fraction", "val_list"))
-    held_out = VAL_FRACTION if val_fraction is None else val_fraction
-    check_val_fraction(held_out)
+    held_out = held_out_fraction(val_fraction, val_list, "val_list")
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     entries = read_list(list_path).entries
     if val_list is not None:
         train_entries, val_entries = entries, read_list(val_list).entries
     else:
+        assert held_out is not None
         train_entries, val_entries = split_entries(entries, held_out, cfg.seed)
     new, report = finetune_backbones(ckpt, train_entries, cfg, val_entries=val_entries,
                                      steps=steps, progress=not quiet)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from hms_deploy.cli.common import debug_option, flag_advice, given, handle_errors, set_threads
-from hms_deploy.train.config import POLICIES, TrainConfig
+from hms_deploy.train.config import POLICIES, TrainConfig, held_out_fraction
 from hms_deploy.train.presets import PRESETS, SMALL_DATA_VIDEOS, preset_defaults
 
 _TRAIN = TrainConfig()  # the defaults of the training settings
@@ -98,7 +98,6 @@ def main(
     from hms_deploy.checkpoint import load_checkpoint
     from hms_deploy.config import modalities_tag, parse_modalities
     from hms_deploy.data.features import open_store
-    from hms_deploy.errors import ConfigError
     from hms_deploy.train.loop import train
     from hms_deploy.train.presets import preset_values, resolve_preset
 
@@ -107,14 +106,11 @@ def main(
                   hidden=hidden, val_fraction=val_fraction, seed=seed)
     if modalities is not None:
         flags["modalities"] = parse_modalities(modalities)
-    if val_store is not None and val_fraction is not None:
-        raise ConfigError("val_fraction applies when no val_store is given",
-                          setting=("val_fraction", "val_store"))
+    held_out = held_out_fraction(val_fraction, val_store, "val_store")
     TrainConfig.from_settings(flags)  # option errors (exit 2) before anything is loaded
     set_threads(threads)
     train_store = open_store(store)
-    held_out = flags.get("val_fraction", _TRAIN.val_fraction)
-    n_train = len(train_store) if val_store else round(len(train_store) * (1 - held_out))
+    n_train = len(train_store) if held_out is None else round(len(train_store) * (1 - held_out))
     chosen = resolve_preset(preset, n_train)
     cfg = TrainConfig.from_settings(flags, preset_values(chosen, flags.get("policy", _TRAIN.policy)))
     if not quiet:

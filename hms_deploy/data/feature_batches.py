@@ -107,11 +107,10 @@ def stratified_split(
     expected: str = "a validation store",
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Indices (train, val): ``round(fraction * n_c)`` videos of every class c go to validation
-    (at least 1 where the class has >= 2 videos), drawn with ``seed``. An empty validation
-    split is refused naming ``setting``, the caller's way to give a validation set
-    (``expected``: what that setting takes)."""
-    if not 0.0 < fraction < 1.0:
-        raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
+    (at least 1 where the class has >= 2 videos), drawn with ``seed``; ``fraction`` in (0, 1)
+    (the callers' settings check it: :func:`hms_deploy.train.config.check_val_fraction`).
+    An empty validation split is refused naming ``setting``, the caller's way to give a
+    validation set (``expected``: what that setting takes)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):

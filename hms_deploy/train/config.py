@@ -36,6 +36,21 @@ def check_val_fraction(value: float) -> None:
                           value=value)
 
 
+def held_out_fraction(val_fraction: float | None, validation_set: object, setting: str
+                      ) -> float | None:
+    """The fraction of the training videos to hold out for validation (``val_fraction``,
+    None: :data:`VAL_FRACTION`), checked; None when a validation set is given
+    (``validation_set``, the setting ``setting``), beside which a val_fraction is refused."""
+    if validation_set is not None:
+        if val_fraction is not None:
+            raise ConfigError(f"val_fraction applies when no {setting} is given",
+                              setting=("val_fraction", setting))
+        return None
+    value = VAL_FRACTION if val_fraction is None else val_fraction
+    check_val_fraction(value)
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of ``hms-train`` (defaults: docs/method.md §4; a preset of

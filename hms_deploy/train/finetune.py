@@ -45,7 +45,7 @@ from hms_deploy.data.datasets import ListEntry
 from hms_deploy.data.extraction import build_encoders, iter_inputs
 from hms_deploy.data.inputs import VideoInputs
 from hms_deploy.errors import DatasetError
-from hms_deploy.train.config import FinetuneConfig
+from hms_deploy.train.config import FinetuneConfig, check_val_fraction
 from hms_deploy.train.step_classifier import (
     StepClassifier,
     StepData,
@@ -93,6 +93,7 @@ def split_entries(entries: Sequence[ListEntry], fraction: float, seed: int
     """Stratified (train, val) split of dataset rows by label (as ``hms-train``'s)."""
     from hms_deploy.data.feature_batches import stratified_split
 
+    check_val_fraction(fraction)
     names = sorted({e.label for e in entries})
     labels = np.array([names.index(e.label) for e in entries], dtype=np.int64)
     try:
