@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -120,8 +119,8 @@ def _triton_repo(engines_dir: Path, repo: Path, engine: str, max_batch: int | No
     from hms_deploy.runtime.serve.options import RepositoryOptions
     from hms_deploy.runtime.serve.repository import write_repository
 
-    batch: dict[str, Any] = {"max_batch": max_batch} if max_batch else {}
-    options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu", **batch)
+    options = RepositoryOptions(engine=engine, device="cuda" if engine == "trt" else "cpu",
+                                **given(max_batch=max_batch))
     write_repository(repo, engines_dir, options, force=force)
     click.echo(f"wrote Triton model repository {repo} (model 'hms', max_batch_size {options.max_batch}); "
                f"serve it with `tritonserver --model-repository {repo}` or {repo}/launch.sh")

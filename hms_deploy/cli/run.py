@@ -32,7 +32,7 @@ from hms_deploy.cli.common import (
 from hms_deploy.cli.inputs import expand, expand_inputs
 from hms_deploy.errors import ConfigError
 from hms_deploy.runtime.checks import DEFAULT_NO_AUDIO_POLICY
-from hms_deploy.runtime.engines import DEFAULT_DEVICE
+from hms_deploy.runtime.engines import BACKENDS, DEFAULT_DEVICE
 
 NO_AUDIO_HELP = (
     "Policy for videos without an audio track when the gates would decide (they need "
@@ -90,7 +90,7 @@ def open_session(session_cls: type, kwargs: dict[str, Any]) -> Any:
               help="Export directory from hms-export (default: engines/).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Run a checkpoint with the torch engine instead of an export.")
-@click.option("--engine", type=click.Choice(["torch", "onnx", "trt"]), default=None,
+@click.option("--engine", type=click.Choice(BACKENDS), default=None,
               help="Backend (default: onnx, or torch with --checkpoint).")
 @click.option("--device", default=None, help=f"cpu, cuda or cuda:N. [default: {DEFAULT_DEVICE}]")
 @click.option("--steps", type=int, default=None, help="Steps T (default: the model's).")
