@@ -17,5 +17,6 @@ inside the backend's stub process.
 """
 
 MODEL_NAME = "hms"
+ENGINES_DIR = "engines"  # a repository's copy of the export, in the model's version folder
 INPUTS = ("video", "path", "policy", "budget_gflops", "name")
 OUTPUTS = ("record", "label", "score")

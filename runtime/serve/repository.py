@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from hms_deploy.errors import ConfigError
-from hms_deploy.runtime.serve import MODEL_NAME
+from hms_deploy.runtime.serve import ENGINES_DIR, MODEL_NAME
 from hms_deploy.runtime.serve.options import RepositoryOptions
 
 MODEL_PY = '''"""Triton Python-backend model "hms", written by hms-deploy: the runtime behind Triton.
@@ -99,9 +99,9 @@ def write_repository(
     version = repo / MODEL_NAME / "1"
     version.mkdir(parents=True)
     if copy_engines:
-        shutil.copytree(src, version / "engines",
+        shutil.copytree(src, version / ENGINES_DIR,
                         ignore=shutil.ignore_patterns("ort_trt_cache", "*.tmp"))
-        where = "engines"
+        where = ENGINES_DIR
     else:
         where = str(src.resolve())
     (repo / MODEL_NAME / "config.pbtxt").write_text(config_pbtxt(where, o))

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hms_deploy.runtime.serve import INPUTS
+from hms_deploy.runtime.serve import ENGINES_DIR, INPUTS
 from hms_deploy.runtime.serve.handler import INTERNAL_PREFIX, Handler, outputs
 from hms_deploy.runtime.serve.metrics import ServeMetrics
 from hms_deploy.runtime.serve.options import RepositoryOptions
@@ -54,7 +54,7 @@ def open_handler(params: dict[str, str], version_dir: Path, instance_device_id: 
     from hms_deploy.runtime.session import Session
 
     options = RepositoryOptions.from_params(params)
-    engines = Path(params.get("engines_dir") or ".")
+    engines = Path(params.get("engines_dir") or ENGINES_DIR)
     if not engines.is_absolute():
         engines = version_dir / engines
     extra: dict[str, Any] = {}
