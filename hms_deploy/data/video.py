@@ -324,7 +324,7 @@ def _probe_open(container: Any, path: str) -> VideoInfo:
         keyframe_indices=key_idx,
         time_base=Fraction(tb),
         declared_duration_s=declared,
-        streams_end_s=max(start_s + float(duration_s), audio_end or 0.0, 0.0) - container_start,
+        streams_end_s=max(start_s + float(duration_s), audio_end or 0.0) - container_start,
     )
 
 
