@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hms_deploy.errors import ConfigError, ExportError
+from hms_deploy.errors import ConfigError, ExportError, require_at_least
 from hms_deploy.export.onnx import DEFAULT_OPSET, check_onnx_settings
 from hms_deploy.export.validate import ValidationOptions
 from hms_deploy.outputs import OutputLock, disk_full
@@ -62,9 +62,7 @@ class ExportOptions:
                               setting="engine", value=self.engine, expected=" or ".join(ENGINES))
         check_onnx_settings(self.opset, self.precision)
         check_build(self.max_batch, self.opt_batch, self.workspace_bytes)
-        if self.validation.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.validation.steps}", setting="steps",
-                              value=self.validation.steps, expected=">= 1")
+        require_at_least("steps", self.validation.steps, 1)
 
 
 def _now() -> str:

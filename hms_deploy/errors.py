@@ -73,6 +73,16 @@ class ConfigError(HMSError):
     """An unknown variant, an inconsistent option or a labels file that does not fit."""
 
 
+def require_at_least(name: str, value: float | None, low: float, *, strict: bool = False) -> None:
+    """The one wording of a setting's lower bound: a :class:`ConfigError` naming setting
+    ``name`` unless ``value`` >= ``low`` (> with ``strict``); None (not given) passes."""
+    if value is None or (value > low if strict else value >= low):
+        return
+    bound = f"{'>' if strict else '>='} {low:g}"
+    raise ConfigError(f"{name} must be {bound}, got {value}", setting=name, value=value,
+                      expected=bound)
+
+
 class CheckpointError(HMSError):
     """A checkpoint that is missing, corrupt, holds pickled objects or has the wrong keys."""
 

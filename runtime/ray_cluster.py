@@ -45,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hms_deploy.errors import ConfigError
+from hms_deploy.errors import ConfigError, require_at_least
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -75,15 +75,9 @@ class RayLayout:
     num_cpus: int | None = None
 
     def check(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}", setting="workers",
-                              value=self.workers, expected=">= 1")
-        if self.threads_per_worker < 1:
-            raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}",
-                              setting="threads_per_worker", value=self.threads_per_worker,
-                              expected=">= 1")
-        if self.gpus_per_worker < 0:
-            raise ConfigError(f"gpus per worker must be >= 0, got {self.gpus_per_worker}")
+        require_at_least("workers", self.workers, 1)
+        require_at_least("threads_per_worker", self.threads_per_worker, 1)
+        require_at_least("gpus_per_worker", self.gpus_per_worker, 0)
 
 
 def import_ray(*, loopback: bool | None = None) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hms_deploy.errors import ConfigError, EngineError, Remedy
+from hms_deploy.errors import ConfigError, EngineError, Remedy, require_at_least
 from hms_deploy.parts import PartSpec
 
 # The one optimisation-profile maximum of TensorRT plans and of ONNX Runtime's TensorRT
@@ -52,16 +52,12 @@ def check_build(max_batch: int, opt_batch: int | None = None, workspace_bytes: i
     """The one check of a plan build's settings (a :class:`ConfigError` naming the setting;
     ``workspace_bytes`` only when given); returns the profile's optimisation batch
     (``opt_batch`` or :func:`default_opt_batch`)."""
-    if max_batch < 1:
-        raise ConfigError(f"max_batch must be >= 1, got {max_batch}", setting="max_batch",
-                          value=max_batch, expected=">= 1")
+    require_at_least("max_batch", max_batch, 1)
     opt = default_opt_batch(max_batch) if opt_batch is None else opt_batch
     if not 1 <= opt <= max_batch:
         raise ConfigError(f"opt_batch must be in 1..{max_batch}, got {opt}", setting="opt_batch",
                           value=opt, expected=f"1..{max_batch}")
-    if workspace_bytes is not None and workspace_bytes < 1:
-        raise ConfigError(f"workspace_bytes must be >= 1, got {workspace_bytes}",
-                          setting="workspace_bytes", value=workspace_bytes, expected=">= 1")
+    require_at_least("workspace_bytes", workspace_bytes, 1)
     return opt
 
 

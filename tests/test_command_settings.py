@@ -330,3 +330,16 @@ def test_hms_serve_endpoints_and_launch_sh_take_endpoints_defaults_and_check(cap
 
 def _serve_flags() -> dict[str, str]:
     return {p.name: max(p.opts, key=len) for p in serve_main.params}
+
+
+def test_a_lower_bound_has_one_wording():
+    from hms_deploy.errors import require_at_least
+
+    require_at_least("steps", None, 1)  # not given
+    require_at_least("steps", 1, 1)
+    with pytest.raises(ConfigError) as info:
+        require_at_least("steps", 0, 1)
+    assert str(info.value) == "steps must be >= 1, got 0"
+    assert (info.value.settings, info.value.value, info.value.expected) == (("steps",), 0, ">= 1")
+    with pytest.raises(ConfigError, match=r"^lr must be > 0, got 0.0$"):
+        require_at_least("lr", 0.0, 0, strict=True)

@@ -33,7 +33,7 @@ from hms_deploy.data.store_meta import (
     StoreMeta,
     backbone_hash,
 )
-from hms_deploy.errors import ConfigError, DatasetError, Note, first_line
+from hms_deploy.errors import ConfigError, DatasetError, Note, first_line, require_at_least
 from hms_deploy.outputs import file_identity
 from hms_deploy.version import __version__
 
@@ -248,9 +248,7 @@ def check_extract_settings(*, steps: int | None = None, workers: int | None = No
                           value=dtype, expected=" or ".join(DTYPES))
     for name, value, low in (("steps", steps, 1), ("workers", workers, 0),
                              ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}", setting=name, value=value,
-                              expected=f">= {low}")
+        require_at_least(name, value, low)
 
 
 def extract(

@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from hms_deploy.data.media_writer import AudioFn, FrameFn, write_video
-from hms_deploy.errors import ConfigError
+from hms_deploy.errors import ConfigError, require_at_least
 
 CLASS_GROUPS: dict[str, str] = {
     "tone_low": "audio",
@@ -257,8 +257,7 @@ def make_dataset(
     if split:
         _split_rows([("", c) for c in classes for _ in range(per_class)], classes, per_class,
                     seed, split_fractions)  # refuse an impossible split before writing
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}", setting="workers")
+    require_at_least("workers", workers, 1)
     out = Path(out_dir)
     jobs = [(f"videos/{label}/{label}_{k:04d}.mp4", label, k)
             for label in classes for k in range(per_class)]

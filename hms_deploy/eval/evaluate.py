@@ -17,7 +17,7 @@ from hms_deploy.costs import UNIT, dense_cost, step_costs
 from hms_deploy.data.feature_batches import FeatureSource
 from hms_deploy.data.features import FeatureStore
 from hms_deploy.data.store_meta import backbone_hash
-from hms_deploy.errors import ConfigError, DatasetError
+from hms_deploy.errors import ConfigError, DatasetError, require_at_least
 from hms_deploy.eval.predict import (
     Predictions,
     predict_budgeted,
@@ -61,9 +61,7 @@ SAMPLE_VIDEOS = 12  # videos in the per-step usage heat map
 
 def check_evaluate_settings(*, sample_videos: int | None = None) -> None:
     """The settings of :func:`evaluate` (one left at None is not checked)."""
-    if sample_videos is not None and sample_videos < 0:
-        raise ConfigError(f"sample_videos must be >= 0, got {sample_videos}",
-                          setting="sample_videos", value=sample_videos, expected=">= 0")
+    require_at_least("sample_videos", sample_videos, 0)
 
 
 def evaluate(

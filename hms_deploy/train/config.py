@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hms_deploy.config import MODALITIES
-from hms_deploy.errors import ConfigError
+from hms_deploy.errors import ConfigError, require_at_least
 
 POLICIES = ("hms", "early_fusion")
 FINETUNE_HEADS = ("joint", "separate")
@@ -18,15 +18,6 @@ FINETUNE_SCHEDULES = ("cosine", "constant")
 VAL_FRACTION = 0.2  # held out for validation when no validation set is given
 HMS_ONLY = ("tau", "tau_decay", "lam", "gamma_i", "gamma_m")  # settings of the gates
 EARLY_FUSION_ONLY = ("modalities", "hidden")
-
-
-def _at_least(cfg: object, names: tuple[str, ...], low: float, *, strict: bool = False,
-              prefix: str = "") -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and (value <= low if strict else value < low):
-            raise ConfigError(f"{prefix}{name} must be {'>' if strict else '>='} {low:g}, "
-                              f"got {value}", setting=name, value=value)
 
 
 def check_val_fraction(value: float) -> None:
@@ -98,9 +89,12 @@ class TrainConfig:
         if self.policy == "hms" and self.hidden is not None:
             raise ConfigError("hidden applies to policy early_fusion", setting=("hidden", "policy"),
                               value=self.hidden)
-        _at_least(self, ("epochs", "batch_size", "hidden"), 1)
-        _at_least(self, ("lr", "lr_decay", "tau", "tau_decay"), 0, strict=True)
-        _at_least(self, ("lam", "weight_decay"), 0)
+        for name in ("epochs", "batch_size", "hidden"):
+            require_at_least(name, getattr(self, name), 1)
+        for name in ("lr", "lr_decay", "tau", "tau_decay"):
+            require_at_least(name, getattr(self, name), 0, strict=True)
+        for name in ("lam", "weight_decay"):
+            require_at_least(name, getattr(self, name), 0)
         for name in ("gamma_i", "gamma_m"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}",
@@ -164,8 +158,9 @@ class FinetuneConfig:
         if self.schedule not in FINETUNE_SCHEDULES:
             raise ConfigError(f"fine-tune schedule {self.schedule!r}, expected one of "
                               f"{FINETUNE_SCHEDULES}", setting="schedule", value=self.schedule)
-        _at_least(self, ("epochs", "steps_per_video", "batch_size", "patience"), 1,
-                  prefix="fine-tune ")
-        _at_least(self, ("lr",), 0, strict=True, prefix="fine-tune ")
-        _at_least(self, ("warmup_epochs", "probe_epochs", "restarts", "workers",
-                         "bn_recalibration_steps"), 0, prefix="fine-tune ")
+        for name in ("epochs", "steps_per_video", "batch_size", "patience"):
+            require_at_least(name, getattr(self, name), 1)
+        require_at_least("lr", self.lr, 0, strict=True)
+        for name in ("warmup_epochs", "probe_epochs", "restarts", "workers",
+                     "bn_recalibration_steps"):
+            require_at_least(name, getattr(self, name), 0)

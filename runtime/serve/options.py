@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hms_deploy.errors import ConfigError
+from hms_deploy.errors import ConfigError, require_at_least
 from hms_deploy.runtime.engines import DEFAULT_DEVICE, device_of
 from hms_deploy.runtime.options import RunSettings
 
@@ -79,12 +79,8 @@ class RepositoryOptions:
         device_of(self.device)
         for name, value, low in (("max_batch", self.max_batch, 1), ("instances", self.instances, 1),
                                  ("max_queue_delay_us", self.max_queue_delay_us, 0),
-                                 ("max_upload_bytes", self.max_upload_bytes, 1)):
-            if value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}", setting=name,
-                                  value=value, expected=f">= {low}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}", setting="threads",
-                              value=self.threads, expected=">= 1")
+                                 ("max_upload_bytes", self.max_upload_bytes, 1),
+                                 ("threads", self.threads, 1)):
+            require_at_least(name, value, low)
         if self.allowed_root is not None and not Path(self.allowed_root).is_dir():
             raise ConfigError(f"allowed root '{self.allowed_root}' is not a directory")
