@@ -42,6 +42,13 @@ def held_out_fraction(val_fraction: float | None, validation_set: object, settin
     return value
 
 
+def _refuse_foreign(policy: str, names: list[str]) -> None:
+    """Settings ``names`` given to a policy that does not have them: refused, not ignored."""
+    if names:
+        raise ConfigError(f"{', '.join(names)}: not a setting of policy {policy}",
+                          setting=(*names, "policy"), value=policy)
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of ``hms-train`` (defaults: docs/method.md §4; a preset of
@@ -70,11 +77,8 @@ class TrainConfig:
         values) over the defaults. A given setting that does not apply to the policy
         (:data:`HMS_ONLY`, :data:`EARLY_FUSION_ONLY`) is refused, not ignored."""
         policy = settings.get("policy", cls.policy)
-        foreign = [n for n in (EARLY_FUSION_ONLY if policy == "hms" else HMS_ONLY)
-                   if n in settings]
-        if foreign:
-            raise ConfigError(f"{', '.join(foreign)}: not a setting of policy {policy}",
-                              setting=(*foreign, "policy"), value=policy)
+        _refuse_foreign(policy, [n for n in (EARLY_FUSION_ONLY if policy == "hms" else HMS_ONLY)
+                                 if n in settings])
         cfg = cls(**{**(base or {}), **settings})
         cfg.check()
         return cfg
@@ -83,12 +87,10 @@ class TrainConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r}, expected one of {POLICIES}",
                               setting="policy", value=self.policy)
-        if self.policy == "hms" and list(self.modalities) != list(MODALITIES):
-            raise ConfigError("modalities applies to policy early_fusion; HMS uses A+I+M",
-                              setting=("modalities", "policy"), value=list(self.modalities))
-        if self.policy == "hms" and self.hidden is not None:
-            raise ConfigError("hidden applies to policy early_fusion", setting=("hidden", "policy"),
-                              value=self.hidden)
+        if self.policy == "hms":  # HMS runs A+I+M with its own widths
+            _refuse_foreign("hms", [n for n, other in (
+                ("modalities", list(self.modalities) != list(MODALITIES)),
+                ("hidden", self.hidden is not None)) if other])
         for name in ("epochs", "batch_size", "hidden"):
             require_at_least(name, getattr(self, name), 1)
         for name in ("lr", "lr_decay", "tau", "tau_decay"):
